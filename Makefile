@@ -1,0 +1,55 @@
+# The commands a person types. Each target that needs Python first makes/updates .venv from
+# pyproject.toml, and skips that when pyproject.toml has not changed since the last install.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+ARTIFACTS_DIR ?= artifacts
+ARGS ?=
+PORT ?= 6006
+# The real MNIST, read through TFDS's manual dir, when this checkout sits beside ../shared.
+SHARED_MNIST := $(abspath ../shared/datasets/mnist)
+MNIST_MANUAL_DIR ?= $(if $(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),$(SHARED_MNIST),)
+export ARTIFACTS_DIR MNIST_MANUAL_DIR
+
+.DEFAULT_GOAL := help
+.PHONY: help venv train test test-slow test-all tensorboard report clean distclean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: ARGS=\"--epochs 1 ...\" (flags for train), ARTIFACTS_DIR=$(ARTIFACTS_DIR), PORT=$(PORT)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create/update .venv from pyproject.toml (the other targets do this first)
+
+train: $(STAMP) ## train, evaluate, gate, publish and report the documented model (ARGS=... for flags)
+	$(PY) -m pipeline train $(ARGS)
+
+test: $(STAMP) ## the test suite: fast tests, plus the end-to-end test when ../shared/datasets/mnist exists
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## the slow tests (subprocess kills, real multi-process runs); CI runs them
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] # 5: none collected
+
+test-all: $(STAMP) ## every test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+tensorboard: $(STAMP) ## serve the TensorBoard logs of every run on http://127.0.0.1:PORT (default 6006)
+	$(VENV)/bin/tensorboard --logdir $(ARTIFACTS_DIR)/tensorboard --host 127.0.0.1 --port $(PORT)
+
+report: $(STAMP) ## rebuild the report of a run (RUN=path, default the latest run)
+	$(PY) -m pipeline report $(or $(RUN),$(ARTIFACTS_DIR)/runs/latest)
+
+clean: ## delete the artifacts dir (runs, TensorBoard logs, published models) and caches
+	rm -rf $(ARTIFACTS_DIR) .pytest_cache *.egg-info
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean ## clean, and delete .venv
+	rm -rf $(VENV)

@@ -1,0 +1,212 @@
+"""Data: MNIST from TensorFlow Datasets (offline through its manual dir), validation, tf.data input.
+
+The one `preprocess` below is used by the training input pipeline and by every serving signature
+(components/exporter.py), so training and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+DATASET = "mnist"
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+EXPECTED_COUNTS = {"train": 60_000, "test": 10_000}
+
+
+class DataError(RuntimeError):
+    """The data cannot be had or is not what the pipeline expects. The message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split in memory: images uint8 [N, 28, 28], labels int64 [N]."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, n: int | None) -> "Split":
+        if n is None or n >= len(self):
+            return self
+        return Split(self.name, self.images[:n], self.labels[:n])
+
+
+def preprocess(images: tf.Tensor) -> tf.Tensor:
+    """uint8 pixels 0..255 -> float32 in [0, 1]. The only normalisation in the project."""
+    return tf.cast(images, tf.float32) / 255.0
+
+
+# --------------------------------------------------------------------------------------------
+# Ingest
+
+
+def _registered_files() -> dict[str, tuple[int, str]]:
+    """{filename: (size, sha256)} as TFDS registers them for its mnist builder."""
+    import tensorflow_datasets as tfds
+
+    infos = tfds.builder_cls(DATASET).url_infos or {}
+    return {info.filename or url.rsplit("/", 1)[-1]: (int(info.size), info.checksum)
+            for url, info in infos.items()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_manual_dir(manual_dir: Path) -> None:
+    """Check the four MNIST files in `manual_dir` against TFDS's registered sizes and SHA-256.
+
+    TFDS does this too, but its NonMatchingChecksumError is long and names URLs; this names the
+    file, what it is and what it should be, before anything is prepared.
+    """
+    manual_dir = Path(manual_dir)
+    if not manual_dir.is_dir():
+        raise DataError(f"MNIST manual dir {manual_dir} does not exist or is not a folder")
+    for name, (size, checksum) in sorted(_registered_files().items()):
+        path = manual_dir / name
+        if not path.is_file():
+            raise DataError(f"MNIST manual dir {manual_dir} lacks {name}; it needs the four "
+                            f"official files (train/t10k images and labels, .gz)")
+        actual_size = path.stat().st_size
+        if actual_size != size:
+            raise DataError(f"{path} is {actual_size} bytes, expected {size} "
+                            f"(sha256 {checksum}): the file is truncated or not the official one")
+        actual = _sha256(path)
+        if actual != checksum:
+            raise DataError(f"{path} has sha256 {actual}, expected {checksum}: the file is "
+                            f"corrupt or not the official one")
+
+
+def load_split(split: str, *, data_dir: Path | None = None, manual_dir: Path | None = None,
+               limit: int | None = None) -> Split:
+    """Load one MNIST split through `tfds.load(..., as_supervised=True)` into memory.
+
+    The first call prepares the dataset into `data_dir` (TFDS's default when None), taking the
+    raw files from `manual_dir` when given; later calls read the prepared files.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(DATASET, data_dir=str(data_dir) if data_dir else None)
+    kwargs = {}
+    if not builder.is_prepared():
+        if manual_dir is not None:
+            verify_manual_dir(Path(manual_dir))
+            kwargs["download_and_prepare_kwargs"] = {
+                "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))}
+        log.info("preparing TFDS %s into %s (first run only)", DATASET, builder.data_dir)
+    try:
+        ds = tfds.load(DATASET, split=split, as_supervised=True,
+                       data_dir=str(data_dir) if data_dir else None, **kwargs)
+    except Exception as e:  # TFDS raises many kinds (download, checksum, IO); all end here
+        raise DataError(_explain_load_failure(e, manual_dir)) from e
+    images, labels = _to_numpy(ds)
+    split_data = Split(split, images, labels)
+    log.info("loaded %s: %d examples", split, len(split_data))
+    return split_data.take(limit)
+
+
+def _to_numpy(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    # Large batches: decoding is per example inside TFDS, but the host round-trips are not.
+    for x, y in ds.batch(16384).prefetch(2).as_numpy_iterator():
+        images.append(x)
+        labels.append(y)
+    if not images:
+        return np.zeros((0, *IMAGE_SHAPE, 1), np.uint8), np.zeros((0,), np.int64)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _explain_load_failure(error: Exception, manual_dir: Path | None) -> str:
+    kind = type(error).__name__
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    if manual_dir is None:
+        return (f"could not download or prepare TFDS '{DATASET}' ({kind}: {first_line}). "
+                f"Without network access, point --tfds-manual-dir (or MNIST_MANUAL_DIR) at a "
+                f"folder holding the four official MNIST .gz files, e.g. ../shared/datasets/mnist")
+    return (f"could not prepare TFDS '{DATASET}' from manual dir {manual_dir} "
+            f"({kind}: {first_line})")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_split(split: Split, *, expected_count: int | None = None) -> Split:
+    """Check what was ingested; return the split with images squeezed to [N, 28, 28].
+
+    Raises DataError naming the first violation: dtype, shape, label range, example count.
+    """
+    images, labels = np.asarray(split.images), np.asarray(split.labels)
+    where = f"{split.name} split"
+    if images.dtype != np.uint8:
+        raise DataError(f"{where}: images are {images.dtype}, expected uint8")
+    if images.ndim != 4 or images.shape[1:] != (*IMAGE_SHAPE, 1):
+        raise DataError(f"{where}: images have shape {tuple(images.shape[1:])} per example, "
+                        f"expected (28, 28, 1)")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{where}: {labels.shape[0] if labels.ndim else 0} labels for "
+                        f"{images.shape[0]} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels are {labels.dtype}, expected integers")
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{where}: {bad.size} labels outside 0..9, first at index {i} "
+                        f"(label {int(labels[i])})")
+    if expected_count is not None and images.shape[0] != expected_count:
+        raise DataError(f"{where}: {images.shape[0]} examples, expected {expected_count}")
+    if images.shape[0] == 0:
+        raise DataError(f"{where}: no examples")
+    return Split(split.name, images.reshape(-1, *IMAGE_SHAPE), labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# tf.data
+
+
+def make_dataset(split: Split, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 repeat: bool = False) -> tf.data.Dataset:
+    """map(preprocess) -> cache -> seeded shuffle -> batch -> prefetch(AUTOTUNE)."""
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    # Preprocessing is vectorised over blocks of examples rather than called per example, then
+    # unbatched: same function, same values, a fraction of the per-element overhead.
+    ds = ds.batch(4096).map(lambda x, y: (preprocess(x), y),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    # unbatch() forgets the length; Keras needs it to size epochs under steps_per_execution.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(split)))
+    ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out `fraction` of a split with a fixed seed: (rest, held_out)."""
+    n = len(split)
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return (Split(split.name, split.images[train_idx], split.labels[train_idx]),
+            Split(f"{split.name}-validation", split.images[val_idx], split.labels[val_idx]))

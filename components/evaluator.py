@@ -1,0 +1,80 @@
+"""Evaluator: test-split metrics from one batched prediction pass (loss, accuracy, per class)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from components.data import NUM_CLASSES, Split, preprocess
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What the evaluator produced: the metrics and the raw outputs they came from."""
+
+    metrics: dict[str, Any]
+    probabilities: np.ndarray  # float32 [N, 10]
+    labels: np.ndarray  # int64 [N]
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 2048
+                          ) -> np.ndarray:
+    """Class probabilities for uint8 images [N, 28, 28], normalised by the shared preprocess."""
+    x = preprocess(images).numpy()
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision/recall/F1/support and the confusion matrix."""
+    labels = np.asarray(labels, dtype=np.int64)
+    predicted = probabilities.argmax(axis=1)
+    # Same clipping as Keras's sparse categorical cross-entropy on probabilities.
+    p_true = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    true_pos = np.diag(confusion).astype(np.float64)
+    predicted_count = confusion.sum(axis=0)
+    support = confusion.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted_count > 0, true_pos / predicted_count, 0.0)
+        recall = np.where(support > 0, true_pos / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    per_class = {
+        str(c): {"precision": float(precision[c]), "recall": float(recall[c]),
+                 "f1": float(f1[c]), "support": int(support[c])}
+        for c in range(NUM_CLASSES)
+    }
+    return {
+        "test_loss": float(-np.log(p_true).mean()),
+        "test_accuracy": float((predicted == labels).mean()),
+        "test_examples": int(len(labels)),
+        "macro_f1": float(f1.mean()),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def evaluate(model: keras.Model, test: Split) -> Evaluation:
+    probabilities = predict_probabilities(model, test.images)
+    return Evaluation(compute_metrics(probabilities, test.labels), probabilities, test.labels)
+
+
+def save_predictions(path: Path, evaluation: Evaluation, test: Split, train_sample: Split
+                     ) -> dict[str, np.ndarray]:
+    """Save what the report is drawn from, so it never needs the model or a second pass."""
+    arrays = {"images": test.images, "labels": evaluation.labels,
+              "probabilities": evaluation.probabilities,
+              "train_images": train_sample.images, "train_labels": train_sample.labels}
+    np.savez(path, **arrays)
+    return arrays
+
+
+def load_predictions(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}

@@ -1,0 +1,263 @@
+"""Exporter: SavedModel with the serving contract, warmup records, publish gate, atomic versions.
+
+A version folder appears under the models base path only when complete: it is written under a
+non-numeric temporary name (TF Serving ignores those) and renamed into place, all under a file
+lock so that concurrent runs get distinct, strictly increasing versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from components.data import IMAGE_SHAPE, preprocess
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "mnist"
+TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".publish.lock"
+WARMUP_FILE = "tf_serving_warmup_requests"
+METRICS_FILE = "metrics.json"
+
+
+class PublishError(RuntimeError):
+    """Export or publish failed; nothing was published."""
+
+
+# --------------------------------------------------------------------------------------------
+# The serving graph
+
+
+class ServingModule(tf.Module):
+    """The exported graph: preprocess + model, behind the two signatures of the contract."""
+
+    def __init__(self, model: keras.Model):
+        super().__init__()
+        self.model = model
+
+    def _predict(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities = tf.cast(self.model(preprocess(images), training=False), tf.float32)
+        return {"probabilities": tf.identity(probabilities, name="probabilities"),
+                "class_ids": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
+    def serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        # TF Serving feeds whatever the request holds; the declared shape is not enforced there,
+        # so the graph checks it at run time and fails with InvalidArgument.
+        shape = tf.shape(images)
+        ok = tf.logical_and(tf.equal(tf.size(shape), 3),
+                            tf.reduce_all(tf.equal(tf.concat([shape, [0, 0, 0]], 0)[1:3],
+                                                   IMAGE_SHAPE)))
+        with tf.control_dependencies([tf.debugging.Assert(
+                ok, ["images must be uint8 [N, 28, 28]; got shape", shape])]):
+            images = tf.reshape(images, [-1, *IMAGE_SHAPE])
+        return self._predict(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_png(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        def decode(data: tf.Tensor) -> tf.Tensor:
+            image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
+            shape = tf.shape(image)
+            with tf.control_dependencies([tf.debugging.Assert(
+                    tf.reduce_all(tf.equal(shape[:2], IMAGE_SHAPE)),
+                    ["image must be 28x28 pixels; got", shape[:2]])]):
+                return tf.reshape(image, IMAGE_SHAPE)
+
+        images = tf.map_fn(decode, image_bytes,
+                           fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8))
+        return self._predict(images)
+
+    def signatures(self) -> dict[str, Any]:
+        return {"serving_default": self.serve_images.get_concrete_function(),
+                "predict_png": self.serve_png.get_concrete_function()}
+
+
+def write_warmup(path: Path, model_name: str = MODEL_NAME) -> None:
+    """A few PredictionLog records per signature, which TF Serving replays on load."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    blank = np.zeros((1, *IMAGE_SHAPE), np.uint8)
+    stroke = blank.copy()
+    stroke[0, 4:24, 13:15] = 255  # a "1"
+    batches = [blank, stroke, np.concatenate([blank, stroke] * 4)]
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for batch in batches:
+            for signature in ("serving_default", "predict_png"):
+                request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
+                    name=model_name, signature_name=signature))
+                if signature == "serving_default":
+                    request.inputs["images"].CopyFrom(tf.make_tensor_proto(batch))
+                else:
+                    pngs = [tf.io.encode_png(img[..., None]).numpy() for img in batch]
+                    request.inputs["image_bytes"].CopyFrom(
+                        tf.make_tensor_proto(pngs, dtype=tf.string, shape=[len(pngs)]))
+                log_record = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log_record.SerializeToString())
+
+
+def export_saved_model(model: keras.Model, export_dir: Path, metrics: dict[str, Any] | None = None
+                       ) -> Path:
+    """Write a complete SavedModel (signatures, warmup, metrics) into `export_dir`."""
+    module = ServingModule(model)
+    tf.saved_model.save(module, str(export_dir), signatures=module.signatures())
+    extra = Path(export_dir) / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    write_warmup(extra / WARMUP_FILE)
+    if metrics is not None:
+        (extra / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return Path(export_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Versions, gate, publish
+
+
+def published_versions(base: Path) -> list[int]:
+    """Complete versions under `base`, ascending (numeric folder names only)."""
+    if not Path(base).is_dir():
+        return []
+    return sorted(int(p.name) for p in Path(base).iterdir() if p.is_dir() and p.name.isdigit()
+                  and int(p.name) > 0)
+
+
+def latest_version_dir(base: Path) -> Path | None:
+    versions = published_versions(base)
+    return Path(base) / str(versions[-1]) if versions else None
+
+
+@dataclasses.dataclass(frozen=True)
+class GateDecision:
+    blessed: bool
+    reason: str
+    baseline_version: int | None = None
+    baseline_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def gate(accuracy: float, base: Path, *, min_accuracy: float, max_regression: float
+         ) -> GateDecision:
+    """TFX-Evaluator-style blessing: an absolute threshold, then no regression vs the latest."""
+    if not accuracy >= min_accuracy:  # also refuses NaN
+        return GateDecision(False, f"test accuracy {accuracy:.4f} is below --min-accuracy "
+                                   f"{min_accuracy:.4f}")
+    latest = latest_version_dir(base)
+    if latest is None:
+        return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}; "
+                                  f"first version, no baseline")
+    baseline = _version_accuracy(latest)
+    if baseline is None:
+        return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}; "
+                                  f"version {latest.name} has no metrics to compare with",
+                            baseline_version=int(latest.name))
+    if accuracy < baseline - max_regression:
+        return GateDecision(False, f"test accuracy {accuracy:.4f} is more than "
+                                   f"{max_regression:.4f} below version {latest.name}'s "
+                                   f"{baseline:.4f}", int(latest.name), baseline)
+    return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f} and within "
+                              f"{max_regression:.4f} of version {latest.name}'s {baseline:.4f}",
+                        int(latest.name), baseline)
+
+
+def _version_accuracy(version_dir: Path) -> float | None:
+    try:
+        value = json.loads((version_dir / "assets.extra" / METRICS_FILE).read_text())
+        return float(value["test_accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def publish_lock(base: Path) -> Iterator[None]:
+    """An exclusive lock on the models folder, held while a version is chosen and written."""
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / LOCK_FILE, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_leftovers(base: Path) -> list[str]:
+    """Delete temporary folders left by killed exports. Call with the publish lock held: only
+    the lock holder writes temporary folders, so any found then belongs to a dead run."""
+    removed = []
+    if Path(base).is_dir():
+        for p in Path(base).iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    if removed:
+        log.warning("removed leftovers of interrupted exports: %s", ", ".join(sorted(removed)))
+    return removed
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishResult:
+    decision: GateDecision
+    version: int | None
+    path: Path | None
+    pruned: list[int]
+
+
+def publish(model: keras.Model, metrics: dict[str, Any], base: Path, *, run_id: str,
+            min_accuracy: float, max_regression: float, keep_versions: int = 0) -> PublishResult:
+    """Gate the model and, if blessed, write it as the next version under `base` atomically."""
+    base = Path(base)
+    with publish_lock(base):
+        remove_leftovers(base)
+        decision = gate(metrics["test_accuracy"], base, min_accuracy=min_accuracy,
+                        max_regression=max_regression)
+        if not decision.blessed:
+            return PublishResult(decision, None, None, [])
+        versions = published_versions(base)
+        version = (versions[-1] if versions else 0) + 1
+        tmp = base / f"{TMP_PREFIX}{run_id}"
+        final = base / str(version)
+        try:
+            export_saved_model(model, tmp, {**metrics, "version": version, "run_id": run_id})
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise PublishError(f"could not write version {version} under {base}: {e}") from e
+            raise
+        pruned = prune_versions(base, keep_versions) if keep_versions else []
+    return PublishResult(decision, version, final, pruned)
+
+
+def prune_versions(base: Path, keep: int) -> list[int]:
+    """Keep the newest `keep` versions; delete the rest (renamed away first, so TF Serving never
+    sees a half-deleted version)."""
+    versions = published_versions(base)
+    doomed = versions[:-keep] if keep < len(versions) else []
+    for v in doomed:
+        trash = base / f"{TMP_PREFIX}pruned-{v}"
+        os.rename(base / str(v), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if doomed:
+        log.info("pruned versions %s (keeping %d)", doomed, keep)
+    return doomed
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())

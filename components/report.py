@@ -1,0 +1,183 @@
+"""Report: the figures a person looks at, drawn from the evaluation outputs (no model needed)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+GRID = 25  # test predictions shown in the grid
+MISTAKES = 25  # most confident mistakes shown
+
+
+def _save(fig: plt.Figure, path: Path | None) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    data = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def figure_digit(image: np.ndarray, title: str, color: str = "black") -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(3, 3.3))
+    ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
+    ax.set_title(title, color=color)
+    ax.axis("off")
+    return fig
+
+
+def figure_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
+                indices: np.ndarray, title: str) -> plt.Figure:
+    """Digits with "pred (confidence) / true"; mistakes in red with a red frame."""
+    n = max(1, len(indices))
+    cols = 5
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.1))
+    axes = np.atleast_1d(axes).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, indices):
+        pred = int(probabilities[i].argmax())
+        true = int(labels[i])
+        wrong = pred != true
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"pred {pred} ({probabilities[i, pred]:.0%})\ntrue {true}",
+                     fontsize=9, color="red" if wrong else "black")
+        if wrong:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red")
+                spine.set_linewidth(3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def figure_confusion(confusion: np.ndarray, title: str = "Confusion matrix (test split)"
+                     ) -> plt.Figure:
+    confusion = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    # Log colour scale so the off-diagonal errors stay visible next to ~1000 correct per class.
+    shown = np.log1p(confusion)
+    im = ax.imshow(shown, cmap="Blues")
+    for (r, c), v in np.ndenumerate(confusion):
+        if v:
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if shown[r, c] > shown.max() * 0.6 else "black")
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="log(1 + count)")
+    fig.tight_layout()
+    return fig
+
+
+def figure_curves(history: dict[str, list[float]]) -> plt.Figure:
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        for prefix, style in (("", "o-"), ("val_", "s--")):
+            values = history.get(prefix + key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style,
+                        label="validation" if prefix else "train")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def figure_confidence(labels: np.ndarray, probabilities: np.ndarray) -> plt.Figure:
+    """Confidence histogram (correct vs wrong) and a reliability diagram."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    fig, (ax_hist, ax_rel) = plt.subplots(1, 2, figsize=(10, 3.8))
+    bins = np.linspace(0, 1, 21)
+    ax_hist.hist(confidence[correct], bins=bins, alpha=0.7, label="correct", log=True)
+    ax_hist.hist(confidence[~correct], bins=bins, alpha=0.7, label="wrong", log=True,
+                 color="red")
+    ax_hist.set_xlabel("confidence (max probability)")
+    ax_hist.set_ylabel("examples (log)")
+    ax_hist.set_title("Confidence")
+    ax_hist.legend()
+    edges = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(confidence, edges) - 1, 0, 9)
+    centers, accuracies = [], []
+    for b in range(10):
+        mask = which == b
+        if mask.any():
+            centers.append(confidence[mask].mean())
+            accuracies.append(correct[mask].mean())
+    ax_rel.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    ax_rel.plot(centers, accuracies, "o-", label="model")
+    ax_rel.set_xlabel("mean confidence in bin")
+    ax_rel.set_ylabel("accuracy in bin")
+    ax_rel.set_title("Reliability diagram")
+    ax_rel.legend()
+    ax_rel.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def mistake_indices(labels: np.ndarray, probabilities: np.ndarray, n: int = MISTAKES
+                    ) -> np.ndarray:
+    """Indices of the wrong predictions, most confident first."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    order = np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")
+    return wrong[order][:n]
+
+
+def build_figures(predictions: dict[str, np.ndarray], metrics: dict[str, Any],
+                  history: dict[str, list[float]] | None) -> dict[str, bytes]:
+    """All report figures as PNG bytes, keyed by file name."""
+    images, labels, probs = (predictions["images"], predictions["labels"],
+                             predictions["probabilities"])
+    figures: dict[str, bytes] = {}
+    if len(predictions.get("train_labels", [])):
+        figures["train_sample.png"] = _save(figure_digit(
+            predictions["train_images"][0], f"training sample: label {predictions['train_labels'][0]}"),
+            None)
+    pred0 = int(probs[0].argmax())
+    figures["first_test.png"] = _save(figure_digit(
+        images[0], f"first test image: predicted {pred0}, true {int(labels[0])}",
+        "black" if pred0 == int(labels[0]) else "red"), None)
+    figures["predictions.png"] = _save(figure_grid(
+        images, labels, probs, np.arange(min(GRID, len(labels))),
+        "Test predictions (first 25): predicted vs true, mistakes in red"), None)
+    mistakes = mistake_indices(labels, probs)
+    figures["mistakes.png"] = _save(figure_grid(
+        images, labels, probs, mistakes,
+        f"Most confident mistakes ({len(mistakes)} shown of "
+        f"{int((probs.argmax(1) != labels).sum())})" if len(mistakes)
+        else "No mistakes on the test split"), None)
+    figures["confusion_matrix.png"] = _save(figure_confusion(metrics["confusion_matrix"]), None)
+    figures["confidence.png"] = _save(figure_confidence(labels, probs), None)
+    if history:
+        figures["training_curves.png"] = _save(figure_curves(history), None)
+    return figures
+
+
+def write_report(report_dir: Path, predictions: dict[str, np.ndarray], metrics: dict[str, Any],
+                 history: dict[str, list[float]] | None = None) -> list[Path]:
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in build_figures(predictions, metrics, history).items():
+        path = report_dir / name
+        path.write_bytes(data)
+        written.append(path)
+    return written

@@ -1,0 +1,1 @@
+"""The pipeline: typed config, CLI entry points, the order of the components, the run dir."""

@@ -1,0 +1,235 @@
+"""Command line: `python -m pipeline train|report ...` parses flags into the config and calls
+the pipeline. Errors a user can cause end in one line on stderr and a documented exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.config import ConfigError, TrainConfig
+
+# Exit codes (the README's table).
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_NOT_BLESSED = 3
+EXIT_DATA = 4
+EXIT_DIVERGED = 5
+EXIT_PUBLISH = 6
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A bad flag or path: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int(kind: str, minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+POSITIVE = _int("a positive integer", 1)
+NON_NEGATIVE = _int("an integer >= 0", 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="data -> validate -> train -> evaluate -> gate -> "
+                                         "publish -> report")
+    s = argparse.SUPPRESS  # only flags given on the command line override the config
+    g = train.add_argument_group("model and training (defaults: the documented model)")
+    g.add_argument("--epochs", type=POSITIVE, default=s, help="epochs (default 5)")
+    g.add_argument("--batch-size", type=POSITIVE, default=s,
+                   help="global batch size (default 32)")
+    g.add_argument("--learning-rate", type=_positive_float, default=s,
+                   help="Adam learning rate (default 1e-3)")
+    g.add_argument("--hidden-units", type=POSITIVE, default=s, help="hidden units (default 128)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=s, help="random seed (default 0)")
+    g.add_argument("--deterministic", action="store_true", default=s,
+                   help="TensorFlow op determinism: same seed, same weights")
+    g.add_argument("--device", choices=("auto", "cpu", "gpu"), default=s,
+                   help="auto: GPU(s) when TensorFlow sees any, else CPU (default auto)")
+    g.add_argument("--steps-per-execution", type=POSITIVE, default=s,
+                   help="train steps per host round-trip (default 64; 1 = plain Keras)")
+    g.add_argument("--no-jit", dest="jit_compile", action="store_false", default=s,
+                   help="do not compile the train step with XLA")
+    g.add_argument("--validation-fraction", type=_fraction, default=s,
+                   help="hold out this fraction of train for the validation curves "
+                        "(default 0: monitor on the test split)")
+    g.add_argument("--hparams", type=Path, help="JSON of config values, e.g. a tuner's "
+                   "best_hparams.json; flags given here override it")
+    g.add_argument("--max-train-examples", type=POSITIVE, default=s,
+                   help="use only the first N training examples (smoke runs)")
+    g.add_argument("--max-test-examples", type=POSITIVE, default=s,
+                   help="use only the first N test examples (smoke runs)")
+    g = train.add_argument_group("publish gate")
+    g.add_argument("--min-accuracy", type=_fraction, default=s,
+                   help="publish only at or above this test accuracy (default 0.97)")
+    g.add_argument("--max-regression", type=_fraction, default=s,
+                   help="refuse a model this far below the latest version (default 0.002)")
+    g.add_argument("--keep-versions", type=NON_NEGATIVE, default=s,
+                   help="after publishing keep only the newest K versions (default 0: all)")
+    g = train.add_argument_group("paths")
+    _add_artifacts(g)
+    g.add_argument("--run-name", help="name of the run (default: a fresh time-based id); "
+                   "running again under the same name resumes it")
+    g.add_argument("--tfds-data-dir", type=Path,
+                   help="where TFDS keeps prepared data (default: TFDS's own, "
+                        "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    g.add_argument("--tfds-manual-dir", type=Path,
+                   default=os.environ.get("MNIST_MANUAL_DIR") or None,
+                   help="folder with the four official MNIST .gz files, for offline use "
+                        "(default: $MNIST_MANUAL_DIR)")
+
+    rep = sub.add_parser("report", help="rebuild the report of an earlier run")
+    rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
+    return parser
+
+
+def _add_artifacts(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--artifacts-dir", type=Path,
+                       default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts"),
+                       help="where runs, TensorBoard logs and models go "
+                            "(default: $ARTIFACTS_DIR or ./artifacts)")
+
+
+CONFIG_FLAGS = {f for f in TrainConfig.__dataclass_fields__}
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Documented defaults, then --hparams, then flags given on the command line."""
+    values: dict[str, Any] = {}
+    if args.hparams is not None:
+        values.update(load_hparams(args.hparams))
+    values.update({k: v for k, v in vars(args).items() if k in CONFIG_FLAGS})
+    return TrainConfig.from_dict(values)
+
+
+def load_hparams(path: Path) -> dict[str, Any]:
+    """Config values from a JSON file: either flat, or a tuner result with a "hparams" key."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--hparams {path}: cannot read JSON ({e})") from None
+    if isinstance(value, dict) and isinstance(value.get("hparams"), dict):
+        value = value["hparams"]
+    if not isinstance(value, dict):
+        raise UsageError(f"--hparams {path}: expected a JSON object")
+    return value
+
+
+def check_artifacts_dir(path: Path) -> None:
+    """Refuse an artifacts path that is a file or cannot be written, creating nothing."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--artifacts-dir {path} exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--artifacts-dir {path}: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UsageError(f"--artifacts-dir {path} is not writable ({e.strerror})") from None
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "report":
+            return _report(args)
+    except (UsageError, ConfigError) as e:
+        return _fail(EXIT_USAGE, str(e))
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    raise AssertionError(args.command)
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    check_artifacts_dir(args.artifacts_dir)
+    from pipeline.run import Paths, train_pipeline  # noqa: F401 (TF imported below it)
+    from components.data import DataError
+    from components.exporter import PublishError
+    from components.trainer import DeviceError, TrainingDiverged
+
+    paths = Paths(args.artifacts_dir, args.tfds_data_dir, args.tfds_manual_dir)
+    try:
+        result = train_pipeline(config, paths, run_id=args.run_name)
+    except DeviceError as e:
+        return _fail(EXIT_USAGE, str(e))
+    except DataError as e:
+        return _fail(EXIT_DATA, f"data: {e}")
+    except TrainingDiverged as e:
+        return _fail(EXIT_DIVERGED, f"training: {e}; nothing was published")
+    except PublishError as e:
+        return _fail(EXIT_PUBLISH, f"publish: {e}")
+    if not result.blessed:
+        return _fail(EXIT_NOT_BLESSED, f"model not blessed: {result.metrics['gate']['reason']}")
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.run import rebuild_report
+
+    run_dir = args.run_dir
+    if not (run_dir / "metrics.json").is_file():
+        raise UsageError(f"{run_dir} is not a finished run (no metrics.json)")
+    for path in rebuild_report(run_dir):
+        print(path)
+    return EXIT_OK

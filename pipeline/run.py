@@ -1,0 +1,199 @@
+"""The order of the components for one training run, and the run directory they write into."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrainConfig
+
+log = logging.getLogger("pipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Where a run reads from and writes to."""
+
+    artifacts: Path
+    tfds_data_dir: Path | None = None
+    tfds_manual_dir: Path | None = None
+
+    @property
+    def runs(self) -> Path:
+        return self.artifacts / "runs"
+
+    @property
+    def models(self) -> Path:
+        from components.exporter import MODEL_NAME
+        return self.artifacts / "models" / MODEL_NAME
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    def tensorboard_dir(self, run_id: str) -> Path:
+        return self.artifacts / "tensorboard" / run_id
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    run_dir: Path
+    metrics: dict[str, Any]
+
+    @property
+    def blessed(self) -> bool:
+        return bool(self.metrics["blessed"])
+
+
+def new_run_id() -> str:
+    """Sorts by start time; unique for runs started in the same second (microseconds + random)."""
+    now = datetime.datetime.now()
+    return f"{now:%Y%m%d-%H%M%S-%f}-{secrets.token_hex(2)}"
+
+
+def update_latest(runs: Path, run_id: str) -> None:
+    """Point runs/latest at `run_id` atomically (a new link renamed over the old one)."""
+    tmp = runs / f".latest-{run_id}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(run_id, tmp)
+    os.replace(tmp, runs / "latest")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = None,
+                   data: tuple[Any, Any] | None = None) -> RunResult:
+    """data -> validate -> train -> evaluate -> gate/publish -> report, for one run.
+
+    `data` optionally supplies (train, test) Splits directly (tests, other sources); otherwise
+    both come from TFDS. Raises the components' errors; the CLI maps them to exit codes.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    run_id = run_id or new_run_id()
+
+    # Imported here so that flag errors are reported before TensorFlow's start-up cost.
+    from components import data as data_lib
+    from components import evaluator, exporter, report, trainer
+    from components.model import build_model
+
+    # Everything a user can get wrong (device, data) is checked before the run dir exists.
+    choice = trainer.setup_device(config.device, deterministic=config.deterministic,
+                                  seed=config.seed)
+    log.info("device: %s", choice.description)
+
+    t = time.perf_counter()
+    if data is None:
+        expect = config.max_train_examples is None and config.max_test_examples is None
+        raw_train, raw_test = (
+            data_lib.load_split(name, data_dir=paths.tfds_data_dir,
+                                manual_dir=paths.tfds_manual_dir, limit=limit)
+            for name, limit in (("train", config.max_train_examples),
+                                ("test", config.max_test_examples)))
+    else:
+        expect = False
+        raw_train, raw_test = (split.take(limit) for split, limit in
+                               zip(data, (config.max_train_examples, config.max_test_examples)))
+    train_split = data_lib.validate_split(
+        raw_train, expected_count=data_lib.EXPECTED_COUNTS["train"] if expect else None)
+    test_split = data_lib.validate_split(
+        raw_test, expected_count=data_lib.EXPECTED_COUNTS["test"] if expect else None)
+    timings["data_seconds"] = time.perf_counter() - t
+    log.info("data: %d train, %d test examples, validated", len(train_split), len(test_split))
+
+    run_dir = paths.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.to_json(run_dir / "config.json")
+    log.info("run %s -> %s", run_id, run_dir)
+
+    if config.validation_fraction > 0:
+        fit_split, val_split = data_lib.carve_validation(train_split, config.validation_fraction,
+                                                         config.seed)
+    else:
+        fit_split, val_split = train_split, test_split
+    strategy = trainer.make_strategy(choice)
+    replicas = strategy.num_replicas_in_sync
+    log.info("strategy: %s, %d replica(s), global batch %d, per-replica batch %d",
+             type(strategy).__name__, replicas, config.batch_size,
+             max(1, config.batch_size // replicas))
+    train_ds = data_lib.make_dataset(fit_split, config.batch_size, shuffle=True,
+                                     seed=config.seed)
+    val_ds = data_lib.make_dataset(val_split, max(config.batch_size, 1024), shuffle=False)
+
+    t = time.perf_counter()
+    result = trainer.train(
+        lambda: build_model(config.hidden_units, config.learning_rate, config.dropout,
+                            steps_per_execution=config.steps_per_execution,
+                            jit_compile=config.jit_compile),
+        train_ds, val_ds, epochs=config.epochs, strategy=strategy,
+        tensorboard_dir=paths.tensorboard_dir(run_id), backup_dir=run_dir / "backup",
+        update_freq=config.tensorboard_update_freq)
+    timings["train_seconds"] = time.perf_counter() - t
+    timings["fit_seconds"] = result.fit_seconds
+
+    t = time.perf_counter()
+    evaluation = evaluator.evaluate(result.model, test_split)
+    predictions = evaluator.save_predictions(run_dir / evaluator.PREDICTIONS_FILE, evaluation,
+                                             test_split, train_split.take(1))
+    timings["evaluate_seconds"] = time.perf_counter() - t
+    metrics: dict[str, Any] = {
+        **evaluation.metrics, "run_id": run_id, "device": choice.device,
+        "strategy": choice.kind, "replicas": replicas,
+        "epochs_trained": len(result.epoch_seconds), "resumed_from_epoch": result.initial_epoch,
+        "history": result.history, "epoch_seconds": result.epoch_seconds,
+    }
+    acc = metrics["test_accuracy"]
+    pred0, true0 = int(evaluation.probabilities[0].argmax()), int(evaluation.labels[0])
+    print(f"Test accuracy: {acc:.4f}  (loss {metrics['test_loss']:.4f}, "
+          f"{metrics['test_examples']} test images)")
+    print(f"First test image: predicted {pred0}, true {true0}")
+
+    t = time.perf_counter()
+    published = exporter.publish(
+        result.model, {k: metrics[k] for k in ("test_accuracy", "test_loss", "run_id")},
+        paths.models, run_id=run_id, min_accuracy=config.min_accuracy,
+        max_regression=config.max_regression, keep_versions=config.keep_versions)
+    timings["publish_seconds"] = time.perf_counter() - t
+    metrics.update(blessed=published.decision.blessed, gate=published.decision.to_dict(),
+                   published_version=published.version,
+                   published_path=str(published.path) if published.path else None)
+    if published.version is not None:
+        print(f"Published version {published.version}: {published.path} "
+              f"({published.decision.reason})")
+    else:
+        print(f"NOT published: {published.decision.reason}")
+
+    t = time.perf_counter()
+    report_dir = run_dir / "report"
+    report.write_report(report_dir, predictions, metrics, result.history)
+    timings["report_seconds"] = time.perf_counter() - t
+    timings["pipeline_seconds"] = time.perf_counter() - started
+    metrics["timings"] = timings
+    write_json(run_dir / "metrics.json", metrics)
+    update_latest(paths.runs, run_id)
+    print(f"Run {run_id}: metrics {run_dir / 'metrics.json'}, report {report_dir}, "
+          f"TensorBoard {paths.tensorboard_dir(run_id)}")
+    return RunResult(run_id, run_dir, metrics)
+
+
+def rebuild_report(run_dir: Path) -> list[Path]:
+    """Redraw an earlier run's report from its saved evaluation outputs."""
+    from components import evaluator, report
+
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    predictions = evaluator.load_predictions(run_dir / evaluator.PREDICTIONS_FILE)
+    return report.write_report(run_dir / "report", predictions, metrics, metrics.get("history"))

@@ -1,0 +1,84 @@
+"""Model architecture, strategy choice, and a short training run on tiny data."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components import data, trainer
+from components.model import build_model
+from components.trainer import DeviceError, choose_strategy, parse_tf_config
+from tests.conftest import make_digits
+
+
+def test_documented_architecture():
+    model = build_model()
+    assert [type(l).__name__ for l in model.layers] == ["Flatten", "Dense", "Dense"]
+    hidden, out = model.layers[1], model.layers[2]
+    assert (hidden.units, hidden.activation.__name__) == (128, "relu")
+    assert (out.units, out.activation.__name__) == (10, "softmax")
+    assert model.count_params() == 101_770
+    assert model.input_shape == (None, 28, 28)
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    assert model.loss == "sparse_categorical_crossentropy"
+
+
+def test_config_drives_units_lr_and_dropout():
+    model = build_model(hidden_units=64, learning_rate=0.01, dropout=0.2)
+    assert [type(l).__name__ for l in model.layers] == ["Flatten", "Dense", "Dropout", "Dense"]
+    assert model.layers[1].units == 64
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("device,gpus,tf_config,kind,used", [
+    ("auto", 0, None, "default", "cpu"),
+    ("cpu", 2, None, "default", "cpu"),
+    ("auto", 1, None, "one_device", "gpu"),
+    ("gpu", 1, None, "one_device", "gpu"),
+    ("auto", 4, None, "mirrored", "gpu"),
+    ("auto", 0, {"cluster": {"worker": ["a:1", "b:2"]}}, "multi_worker", "cpu"),
+    ("cpu", 2, {"cluster": {"worker": ["a:1", "b:2"]}}, "multi_worker", "cpu"),
+])
+def test_choose_strategy(device, gpus, tf_config, kind, used):
+    choice = choose_strategy(device, gpus, tf_config)
+    assert (choice.kind, choice.device) == (kind, used)
+
+
+def test_gpu_demanded_but_absent():
+    with pytest.raises(DeviceError, match="--device gpu was requested but TensorFlow sees no GPU"):
+        choose_strategy("gpu", 0)
+
+
+def test_tf_config_single_task_is_not_a_cluster():
+    assert parse_tf_config('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", '
+                           '"index": 0}}') is None
+    assert parse_tf_config(None) is None
+    assert parse_tf_config('{"cluster": {"chief": ["a:1"], "worker": ["b:1"]}}') is not None
+    with pytest.raises(DeviceError, match="TF_CONFIG is not valid JSON"):
+        parse_tf_config("{")
+
+
+def _fit(tmp_path, epochs=2, **kw):
+    train = data.validate_split(make_digits(512, seed=1))
+    val = data.validate_split(make_digits(128, seed=2, name="test"))
+    return trainer.train(
+        lambda: build_model(**kw), data.make_dataset(train, 32, shuffle=True, seed=0),
+        data.make_dataset(val, 128, shuffle=False), epochs=epochs,
+        strategy=tf.distribute.get_strategy(), tensorboard_dir=tmp_path / "tb",
+        backup_dir=tmp_path / "backup", verbose=0)
+
+
+def test_training_learns_the_tiny_task(tmp_path):
+    result = _fit(tmp_path, epochs=3, learning_rate=0.01, steps_per_execution=4)
+    h = result.history
+    assert len(result.epoch_seconds) == 3
+    assert h["loss"][-1] < h["loss"][0]
+    assert h["val_accuracy"][-1] > 0.8
+    assert list((tmp_path / "tb").glob("train/events.out.tfevents.*"))
+    assert (tmp_path / "backup" / "training_metadata.json").is_file()
+
+
+def test_nan_loss_stops_training(tmp_path):
+    with pytest.raises(trainer.TrainingDiverged, match="loss became"):
+        _fit(tmp_path, epochs=1, learning_rate=1e30)

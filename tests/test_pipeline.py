@@ -1,0 +1,89 @@
+"""The whole run in-process on small data: every artifact of the contract, where it belongs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from pipeline.config import TrainConfig, small_config
+from pipeline.run import Paths, new_run_id, rebuild_report, train_pipeline
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPORT_FIGURES = {"train_sample.png", "first_test.png", "predictions.png", "mistakes.png",
+                  "confusion_matrix.png", "confidence.png", "training_curves.png"}
+
+
+def check_run_artifacts(artifacts, result, epochs):
+    run = result.run_dir
+    assert (artifacts / "runs" / "latest").resolve() == run.resolve()
+    assert TrainConfig.from_json(run / "config.json").epochs == epochs
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert np.array(metrics["confusion_matrix"]).shape == (10, 10)
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["test_examples"]
+    assert set(metrics["per_class"]) == {str(c) for c in range(10)}
+    assert {"precision", "recall", "f1", "support"} <= set(metrics["per_class"]["3"])
+    assert metrics["device"] == "cpu" and "fit_seconds" in metrics["timings"]
+    assert metrics["epochs_trained"] == epochs
+    figures = {p.name for p in (run / "report").iterdir()}
+    for name in figures:
+        assert (run / "report" / name).read_bytes()[:8] == PNG_MAGIC
+    assert list((artifacts / "tensorboard" / result.run_id / "train").glob("events.out.*"))
+    assert list((artifacts / "tensorboard" / result.run_id / "validation").glob("events.out.*"))
+    return metrics, figures
+
+
+def test_run_on_tfds_mock_data(tmp_path, capsys):
+    artifacts = tmp_path / "artifacts"
+    with tfds.testing.mock_data(num_examples=64):
+        result = train_pipeline(small_config(device="cpu"), Paths(artifacts))
+    metrics, figures = check_run_artifacts(artifacts, result, epochs=1)
+    assert {"first_test.png", "predictions.png", "confusion_matrix.png",
+            "train_sample.png"} <= figures
+    out = capsys.readouterr().out
+    assert "Test accuracy:" in out and "First test image: predicted" in out
+    # gate open (min_accuracy 0 in the small preset): version 1 published with its metrics
+    assert metrics["blessed"] and metrics["published_version"] == 1
+    version = artifacts / "models" / "mnist" / "1"
+    assert json.loads((version / "assets.extra" / "metrics.json").read_text())[
+        "test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_run_on_learnable_data_publishes_a_servable_model(tmp_path, tiny_data):
+    artifacts = tmp_path / "artifacts"
+    config = small_config(device="cpu", epochs=2, learning_rate=0.01, max_train_examples=None,
+                          max_test_examples=None, min_accuracy=0.9, max_regression=0.002)
+    result = train_pipeline(config, Paths(artifacts), data=tiny_data)
+    metrics, figures = check_run_artifacts(artifacts, result, epochs=2)
+    assert figures == REPORT_FIGURES
+    assert metrics["test_accuracy"] >= 0.9 and metrics["published_version"] == 1
+    served = tf.saved_model.load(str(artifacts / "models" / "mnist" / "1"))
+    test = tiny_data[1]
+    out = served.signatures["serving_default"](images=tf.constant(test.images[:16, ..., 0]))
+    probs = np.load(result.run_dir / "predictions.npz")["probabilities"][:16]
+    np.testing.assert_array_equal(out["class_ids"].numpy(), probs.argmax(1))
+
+    # a second run that is much worse is refused, and nothing new is published
+    worse = train_pipeline(config.replace(epochs=1, learning_rate=1e-6, min_accuracy=0.0),
+                           Paths(artifacts), data=tiny_data)
+    assert not worse.blessed and worse.metrics["published_version"] is None
+    assert "below version 1" in worse.metrics["gate"]["reason"]
+    assert sorted(os.listdir(artifacts / "models" / "mnist")) == [".publish.lock", "1"]
+
+
+def test_rebuild_report(tmp_path, tiny_data):
+    artifacts = tmp_path / "artifacts"
+    result = train_pipeline(small_config(device="cpu"), Paths(artifacts), data=tiny_data)
+    for p in (result.run_dir / "report").iterdir():
+        p.unlink()
+    written = rebuild_report(artifacts / "runs" / "latest")
+    assert {p.name for p in written} == REPORT_FIGURES
+
+
+def test_run_ids_sort_by_time_and_are_unique():
+    ids = [new_run_id() for _ in range(200)]
+    assert len(set(ids)) == 200
+    assert ids == sorted(ids)
