@@ -40,48 +40,59 @@ class PublishError(RuntimeError):
 # The serving graph
 
 
-class ServingModule(tf.Module):
-    """The exported graph: preprocess + model, behind the two signatures of the contract."""
+def _check_images(images: tf.Tensor) -> tf.Tensor:
+    """TF Serving feeds whatever a request holds (the declared shape is not enforced there), so
+    the graph checks it at run time and fails with InvalidArgument.
 
-    def __init__(self, model: keras.Model):
-        super().__init__()
-        self.model = model
+    The check reads the shape of a copy whose static shape is unknown (serialize -> parse):
+    checked directly, TensorFlow folds it away using the declared [None, 28, 28] shape.
+    """
+    opaque = tf.io.parse_tensor(tf.io.serialize_tensor(images), tf.uint8)
+    shape = tf.shape(opaque)
+    padded = tf.concat([shape, [0, 0, 0]], 0)  # so [1:3] exists for any rank
+    ok = tf.logical_and(tf.equal(tf.size(shape), 3),
+                        tf.reduce_all(tf.equal(padded[1:3], IMAGE_SHAPE)))
+    with tf.control_dependencies([tf.debugging.Assert(
+            ok, ["images must be uint8 [N, 28, 28]; got shape", shape])]):
+        return tf.identity(images)
 
-    def _predict(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.cast(self.model(preprocess(images), training=False), tf.float32)
-        return {"probabilities": tf.identity(probabilities, name="probabilities"),
+
+def _decode_image(data: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
+    shape = tf.shape(image)
+    with tf.control_dependencies([tf.debugging.Assert(
+            tf.reduce_all(tf.equal(shape[:2], IMAGE_SHAPE)),
+            ["image must be 28x28 pixels; got", shape[:2]])]):
+        return tf.reshape(image, IMAGE_SHAPE)
+
+
+def build_export_archive(model: keras.Model) -> keras.export.ExportArchive:
+    """The exported graph: the shared preprocess + the model, behind the contract's signatures.
+
+    Keras's ExportArchive (rather than a bare tf.Module holding the model) is what makes the
+    variables restorable by the graph-level loader that TF Serving's C++ server uses.
+    """
+
+    def predict(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities = tf.cast(model(preprocess(images), training=False), tf.float32)
+        return {"probabilities": probabilities,
                 "class_ids": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
-    def serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        # TF Serving feeds whatever the request holds; the declared shape is not enforced there,
-        # so the graph checks it at run time and fails with InvalidArgument.
-        shape = tf.shape(images)
-        ok = tf.logical_and(tf.equal(tf.size(shape), 3),
-                            tf.reduce_all(tf.equal(tf.concat([shape, [0, 0, 0]], 0)[1:3],
-                                                   IMAGE_SHAPE)))
-        with tf.control_dependencies([tf.debugging.Assert(
-                ok, ["images must be uint8 [N, 28, 28]; got shape", shape])]):
-            images = tf.reshape(images, [-1, *IMAGE_SHAPE])
-        return self._predict(images)
+    def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return predict(_check_images(images))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve_png(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        def decode(data: tf.Tensor) -> tf.Tensor:
-            image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
-            shape = tf.shape(image)
-            with tf.control_dependencies([tf.debugging.Assert(
-                    tf.reduce_all(tf.equal(shape[:2], IMAGE_SHAPE)),
-                    ["image must be 28x28 pixels; got", shape[:2]])]):
-                return tf.reshape(image, IMAGE_SHAPE)
-
-        images = tf.map_fn(decode, image_bytes,
+    def serve_png(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = tf.map_fn(_decode_image, image_bytes,
                            fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8))
-        return self._predict(images)
+        return predict(images)
 
-    def signatures(self) -> dict[str, Any]:
-        return {"serving_default": self.serve_images.get_concrete_function(),
-                "predict_png": self.serve_png.get_concrete_function()}
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve_images, input_signature=[
+        tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
+    archive.add_endpoint("predict_png", serve_png, input_signature=[
+        tf.TensorSpec([None], tf.string, name="image_bytes")])
+    return archive
 
 
 def write_warmup(path: Path, model_name: str = MODEL_NAME) -> None:
@@ -111,8 +122,7 @@ def write_warmup(path: Path, model_name: str = MODEL_NAME) -> None:
 def export_saved_model(model: keras.Model, export_dir: Path, metrics: dict[str, Any] | None = None
                        ) -> Path:
     """Write a complete SavedModel (signatures, warmup, metrics) into `export_dir`."""
-    module = ServingModule(model)
-    tf.saved_model.save(module, str(export_dir), signatures=module.signatures())
+    build_export_archive(model).write_out(str(export_dir), verbose=False)
     extra = Path(export_dir) / "assets.extra"
     extra.mkdir(exist_ok=True)
     write_warmup(extra / WARMUP_FILE)

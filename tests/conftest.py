@@ -38,3 +38,23 @@ def tiny_data():
 @pytest.fixture
 def python_cmd():
     return [sys.executable, "-m", "pipeline"]
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The documented model with fixed random weights: export tests need equality, not skill."""
+    from components.model import build_model
+
+    m = build_model()
+    rng = np.random.default_rng(0)
+    m.set_weights([rng.normal(0, 0.2, w.shape).astype(np.float32) for w in m.get_weights()])
+    return m
+
+
+@pytest.fixture(scope="session")
+def exported(model, tmp_path_factory):
+    from components import exporter
+
+    path = tmp_path_factory.mktemp("export") / "model"
+    exporter.export_saved_model(model, path, {"test_accuracy": 0.5})
+    return path

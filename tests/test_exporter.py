@@ -12,22 +12,6 @@ from components.data import preprocess
 from components.model import build_model
 
 
-@pytest.fixture(scope="module")
-def model():
-    m = build_model()
-    # Non-trivial weights without training: the point is equality with the export.
-    rng = np.random.default_rng(0)
-    m.set_weights([rng.normal(0, 0.2, w.shape).astype(np.float32) for w in m.get_weights()])
-    return m
-
-
-@pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("export") / "model"
-    exporter.export_saved_model(model, path, {"test_accuracy": 0.5})
-    return path
-
-
 def _images(n=8, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
 

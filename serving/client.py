@@ -1,0 +1,187 @@
+"""Prediction clients: a SavedModel in-process, TF Serving over REST, TF Serving over gRPC.
+
+All three take uint8 images [N, 28, 28] (or encoded PNG/JPEG bytes for `predict_png`) and return
+a Prediction; server failures become ServerError with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_NAME = "mnist"
+
+
+class ServerError(RuntimeError):
+    """The server refused, failed, or could not be reached."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # float32 [N, 10]
+    class_ids: np.ndarray  # int64 [N]
+
+
+def latest_version(base: Path) -> Path:
+    versions = sorted(int(p.name) for p in Path(base).iterdir()
+                      if p.is_dir() and p.name.isdigit()) if Path(base).is_dir() else []
+    if not versions:
+        raise ServerError(f"no published model under {base} (run `make train` first)")
+    return Path(base) / str(versions[-1])
+
+
+class LocalPredictor:
+    """Runs a SavedModel's signatures in-process: no server."""
+
+    def __init__(self, saved_model_dir: Path):
+        import tensorflow as tf
+
+        path = Path(saved_model_dir)
+        if not (path / "saved_model.pb").is_file():
+            path = latest_version(path)  # a models base folder: take its latest version
+        self.path = path
+        self._tf = tf
+        self._model = tf.saved_model.load(str(path))
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        out = self._model.signatures["serving_default"](images=self._tf.constant(images,
+                                                                                 self._tf.uint8))
+        return Prediction(out["probabilities"].numpy(), out["class_ids"].numpy())
+
+    def predict_encoded(self, blobs: list[bytes]) -> Prediction:
+        out = self._model.signatures["predict_png"](image_bytes=self._tf.constant(blobs))
+        return Prediction(out["probabilities"].numpy(), out["class_ids"].numpy())
+
+
+class RestClient:
+    """TF Serving's REST API (port 8501): predict, model status, model metadata."""
+
+    def __init__(self, server: str, model: str = MODEL_NAME, version: int | None = None,
+                 timeout: float = 10.0, form: str = "row"):
+        if form not in ("row", "columnar"):
+            raise ValueError("form must be 'row' or 'columnar'")
+        self.base = server if server.startswith("http") else f"http://{server}"
+        self.model, self.version, self.timeout, self.form = model, version, timeout, form
+
+    def _model_url(self) -> str:
+        url = f"{self.base}/v1/models/{self.model}"
+        return f"{url}/versions/{self.version}" if self.version is not None else url
+
+    def _call(self, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"{url}: HTTP {e.code}: {_error_text(e.read()) or e.reason}") from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise ServerError(f"{url}: timed out after {self.timeout:g} s") from None
+            if isinstance(reason, ConnectionRefusedError):
+                raise ServerError(f"{url}: connection refused (is TF Serving running? "
+                                  f"`make serve`)") from None
+            raise ServerError(f"{url}: cannot connect ({reason})") from None
+        except (socket.timeout, TimeoutError):
+            raise ServerError(f"{url}: timed out after {self.timeout:g} s") from None
+        try:
+            value = json.loads(payload)
+        except ValueError:
+            raise ServerError(f"{url}: answer is not JSON: {payload[:200]!r}") from None
+        if isinstance(value, dict) and "error" in value:
+            raise ServerError(f"{url}: server error: {value['error']}")
+        return value
+
+    def _predict(self, signature: str, input_name: str, values: list[Any]) -> Prediction:
+        if self.form == "row":
+            body = {"signature_name": signature, "instances": values}
+        else:
+            body = {"signature_name": signature, "inputs": {input_name: values}}
+        answer = self._call(f"{self._model_url()}:predict", body)
+        try:
+            if "predictions" in answer:
+                rows = answer["predictions"]
+                probs = [r["probabilities"] for r in rows]
+                ids = [r["class_ids"] for r in rows]
+            else:
+                probs = answer["outputs"]["probabilities"]
+                ids = answer["outputs"]["class_ids"]
+            return Prediction(np.asarray(probs, np.float32), np.asarray(ids, np.int64))
+        except (KeyError, TypeError) as e:
+            raise ServerError(f"unexpected answer from the server (missing {e}): "
+                              f"{str(answer)[:200]}") from None
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        return self._predict("serving_default", "images", np.asarray(images).tolist())
+
+    def predict_encoded(self, blobs: list[bytes]) -> Prediction:
+        # Binary values travel as {"b64": ...}, as TF Serving's REST API documents.
+        return self._predict("predict_png", "image_bytes",
+                             [{"b64": base64.b64encode(b).decode()} for b in blobs])
+
+    def status(self) -> dict[str, Any]:
+        return self._call(self._model_url())
+
+    def metadata(self) -> dict[str, Any]:
+        return self._call(f"{self._model_url()}/metadata")
+
+
+class GrpcClient:
+    """TF Serving's gRPC API (port 8500), through tensorflow-serving-api."""
+
+    def __init__(self, server: str, model: str = MODEL_NAME, version: int | None = None,
+                 timeout: float = 10.0):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self._grpc = grpc
+        self.server, self.model, self.version, self.timeout = server, model, version, timeout
+        self._channel = grpc.insecure_channel(server)
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def _predict(self, signature: str, input_name: str, tensor: Any) -> Prediction:
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model
+        request.model_spec.signature_name = signature
+        if self.version is not None:
+            request.model_spec.version.value = self.version
+        request.inputs[input_name].CopyFrom(tensor)
+        try:
+            response = self._stub.Predict(request, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise ServerError(f"{self.server}: gRPC {e.code().name}: {e.details()}") from None
+        return Prediction(tf.make_ndarray(response.outputs["probabilities"]),
+                          tf.make_ndarray(response.outputs["class_ids"]))
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        import tensorflow as tf
+
+        return self._predict("serving_default", "images",
+                             tf.make_tensor_proto(np.asarray(images, np.uint8)))
+
+    def predict_encoded(self, blobs: list[bytes]) -> Prediction:
+        import tensorflow as tf
+
+        return self._predict("predict_png", "image_bytes",
+                             tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]))
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        value = json.loads(body)
+        return str(value.get("error", value)) if isinstance(value, dict) else str(value)
+    except ValueError:
+        return body.decode(errors="replace")[:300]

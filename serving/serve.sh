@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Start TF Serving on the published models: the tensorflow_model_server binary when it is on PATH,
+# else the tensorflow/serving Docker image, else explain both and exit 1.
+# Usage: serving/serve.sh MODELS_DIR   (MODELS_DIR = ARTIFACTS_DIR/models/mnist)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+models=${1:?usage: serve.sh MODELS_DIR}
+GRPC_PORT=${GRPC_PORT:-8500}
+REST_PORT=${REST_PORT:-8501}
+
+if ! ls -d "$models"/[0-9]* >/dev/null 2>&1; then
+  echo "error: no published version under $models: run 'make train' first" >&2
+  exit 1
+fi
+models=$(cd "$models" && pwd)
+common=(--port="$GRPC_PORT" --rest_api_port="$REST_PORT" --enable_batching
+        --file_system_poll_wait_seconds=10)
+
+if command -v tensorflow_model_server >/dev/null 2>&1; then
+  config=$(dirname "$models")/models.local.config
+  sed "s#base_path: \"/models/mnist\"#base_path: \"$models\"#" "$here/models.config" > "$config"
+  echo "starting tensorflow_model_server on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
+  exec tensorflow_model_server --model_config_file="$config" \
+    --batching_parameters_file="$here/batching.config" "${common[@]}"
+fi
+
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+  echo "starting tensorflow/serving in Docker on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
+  exec docker run --rm -p "$GRPC_PORT:8500" -p "$REST_PORT:8501" \
+    -v "$models:/models/mnist:ro" -v "$here:/config:ro" tensorflow/serving \
+    --model_config_file=/config/models.config \
+    --batching_parameters_file=/config/batching.config \
+    --port=8500 --rest_api_port=8501 --enable_batching --file_system_poll_wait_seconds=10
+fi
+
+cat >&2 <<MSG
+error: neither tensorflow_model_server nor a running Docker engine was found. Either:
+  1. install the binary (Debian/Ubuntu, see https://www.tensorflow.org/tfx/serving/setup):
+       apt-get install tensorflow-model-server     # from TF Serving's apt repository
+     then run 'make serve' again; or
+  2. with Docker:
+       docker run --rm -p 8500:8500 -p 8501:8501 \\
+         -v $models:/models/mnist:ro -v $here:/config:ro tensorflow/serving \\
+         --model_config_file=/config/models.config \\
+         --batching_parameters_file=/config/batching.config --enable_batching
+MSG
+exit 1
