@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -93,6 +94,7 @@ def figure_curves(history: dict[str, list[float]]) -> plt.Figure:
                 ax.plot(range(1, len(values) + 1), values, style,
                         label="validation" if prefix else "train")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -171,13 +173,103 @@ def build_figures(predictions: dict[str, np.ndarray], metrics: dict[str, Any],
     return figures
 
 
+FIGURE_CAPTIONS = {
+    "training_curves.png": "Training curves per epoch (train and validation)",
+    "confusion_matrix.png": "Confusion matrix: rows are the true class, columns the predicted one",
+    "predictions.png": "Test predictions: predicted (confidence) vs true, mistakes in red",
+    "mistakes.png": "The most confident mistakes",
+    "confidence.png": "Confidence histogram and reliability diagram (calibration)",
+    "train_sample.png": "A training sample with its label",
+    "first_test.png": "The first test image with its predicted and true class",
+}
+
+
+def render_html(figures: dict[str, bytes], metrics: dict[str, Any],
+                config: dict[str, Any] | None) -> str:
+    """One self-contained page: every image embedded as base64, no external URL."""
+    import base64
+    import html
+    import json
+
+    e = html.escape
+    acc = metrics["test_accuracy"]
+    errors = int(round((1 - acc) * metrics["test_examples"]))
+    per_class = sorted(metrics["per_class"].items(), key=lambda kv: int(kv[0]))
+    worst = min(per_class, key=lambda kv: kv[1]["f1"])
+    confusion = np.asarray(metrics["confusion_matrix"])
+    off = confusion - np.diag(np.diag(confusion))
+    r, c = np.unravel_index(off.argmax(), off.shape)
+    blessed = metrics.get("blessed")
+    gate = metrics.get("gate", {}).get("reason", "")
+    status = ("published as version " + str(metrics.get("published_version"))
+              if blessed else "NOT published" if blessed is False else "not gated")
+    rows = "".join(
+        f"<tr><td>{k}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td>"
+        f"<td>{m['f1']:.4f}</td><td>{m['support']}</td></tr>" for k, m in per_class)
+
+    def img(name: str) -> str:
+        if name not in figures:
+            return ""
+        data = base64.b64encode(figures[name]).decode()
+        return (f'<figure><img alt="{e(name)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
+
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>MNIST run {e(str(metrics.get("run_id", "")))}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+.headline {{ display: flex; gap: 2em; flex-wrap: wrap; }}
+.card {{ border: 1px solid #ccc; border-radius: 8px; padding: 0.8em 1.2em; }}
+.big {{ font-size: 2.2em; font-weight: bold; }}
+.ok {{ color: #1a7f37; }} .bad {{ color: #c62828; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 9px;
+  text-align: right; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+</style></head><body>
+<h1>MNIST run <code>{e(str(metrics.get("run_id", "")))}</code></h1>
+<div class="headline">
+ <div class="card"><div>test accuracy</div><div class="big" id="test-accuracy">{acc:.4f}</div>
+  <div>{errors} errors in {metrics["test_examples"]} test images</div></div>
+ <div class="card"><div>test loss</div><div class="big">{metrics["test_loss"]:.4f}</div>
+  <div>macro F1 {metrics.get("macro_f1", float("nan")):.4f}</div></div>
+ <div class="card"><div>gate</div><div class="big {"ok" if blessed else "bad"}">{e(status)}</div>
+  <div>{e(gate)}</div></div>
+ <div class="card"><div>where it fails</div>
+  <div>weakest class: <b>{worst[0]}</b> (F1 {worst[1]["f1"]:.4f})</div>
+  <div>most common confusion: true <b>{r}</b> predicted as <b>{c}</b> ({off[r, c]} times)</div>
+  <div>device: {e(str(metrics.get("device", "?")))}</div></div>
+</div>
+{img("training_curves.png")}
+<h2>Per class</h2>
+<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>
+<th>support</th></tr>{rows}</table>
+{img("confusion_matrix.png")}
+{img("predictions.png")}
+{img("mistakes.png")}
+{img("confidence.png")}
+{img("train_sample.png")}
+{img("first_test.png")}
+<h2>Config</h2>
+<pre id="config">{e(json.dumps(config or {}, indent=2, sort_keys=True))}</pre>
+</body></html>
+"""
+
+
 def write_report(report_dir: Path, predictions: dict[str, np.ndarray], metrics: dict[str, Any],
-                 history: dict[str, list[float]] | None = None) -> list[Path]:
+                 history: dict[str, list[float]] | None = None,
+                 config: dict[str, Any] | None = None) -> list[Path]:
+    """Write every figure as a PNG and index.html embedding them; return the paths written."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    figures = build_figures(predictions, metrics, history)
     written = []
-    for name, data in build_figures(predictions, metrics, history).items():
+    for name, data in figures.items():
         path = report_dir / name
         path.write_bytes(data)
         written.append(path)
+    page = report_dir / "index.html"
+    page.write_text(render_html(figures, metrics, config))
+    written.append(page)
     return written

@@ -147,13 +147,25 @@ def train(build_model: Callable[[], keras.Model], train_ds: tf.data.Dataset,
         callbacks.append(keras.callbacks.BackupAndRestore(
             str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False))
     if tensorboard_dir is not None:
+        from components.monitoring import BatchScalars
+
         callbacks.append(keras.callbacks.TensorBoard(
-            str(tensorboard_dir), histogram_freq=1, write_graph=True, update_freq=update_freq))
+            str(tensorboard_dir), histogram_freq=1, write_graph=True, update_freq="epoch"))
+        callbacks.append(BatchScalars(tensorboard_dir, update_freq))
     callbacks.extend(extra_callbacks or [])
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=validation_ds, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose,
-                        shuffle=False)  # the dataset shuffles itself, seeded
+    try:
+        history = model.fit(train_ds, validation_data=validation_ds, epochs=epochs,
+                            steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                            verbose=verbose, shuffle=False)  # the dataset shuffles itself
+    except BaseException:
+        # Keras closes its TensorBoard writers only on a normal end: flush them so the logs
+        # stay readable up to the failure.
+        for callback in callbacks:
+            close = getattr(callback, "_close_writers", None) or getattr(callback, "close", None)
+            if close is not None:
+                close()
+        raise
     fit_seconds = time.perf_counter() - start
     return TrainResult(model=model, history={k: [float(v) for v in vs]
                                              for k, vs in history.history.items()},

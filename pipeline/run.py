@@ -87,7 +87,7 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
 
     # Imported here so that flag errors are reported before TensorFlow's start-up cost.
     from components import data as data_lib
-    from components import evaluator, exporter, report, trainer
+    from components import evaluator, exporter, monitoring, report, trainer
     from components.model import build_model
 
     # Everything a user can get wrong (device, data) is checked before the run dir exists.
@@ -140,7 +140,9 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
                             jit_compile=config.jit_compile),
         train_ds, val_ds, epochs=config.epochs, strategy=strategy,
         tensorboard_dir=paths.tensorboard_dir(run_id), backup_dir=run_dir / "backup",
-        update_freq=config.tensorboard_update_freq)
+        update_freq=config.tensorboard_update_freq,
+        extra_callbacks=[monitoring.EpochImages(paths.tensorboard_dir(run_id), val_split.images,
+                                                val_split.labels)])
     timings["train_seconds"] = time.perf_counter() - t
     timings["fit_seconds"] = result.fit_seconds
 
@@ -178,7 +180,8 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
 
     t = time.perf_counter()
     report_dir = run_dir / "report"
-    report.write_report(report_dir, predictions, metrics, result.history)
+    report.write_report(report_dir, predictions, metrics, result.history, config.to_dict())
+    monitoring.log_run_summary(paths.tensorboard_dir(run_id), run_id, config.to_dict(), metrics)
     timings["report_seconds"] = time.perf_counter() - t
     timings["pipeline_seconds"] = time.perf_counter() - started
     metrics["timings"] = timings
@@ -196,4 +199,6 @@ def rebuild_report(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     predictions = evaluator.load_predictions(run_dir / evaluator.PREDICTIONS_FILE)
-    return report.write_report(run_dir / "report", predictions, metrics, metrics.get("history"))
+    config = json.loads((run_dir / "config.json").read_text())
+    return report.write_report(run_dir / "report", predictions, metrics, metrics.get("history"),
+                               config)

@@ -12,8 +12,8 @@ from pipeline.config import TrainConfig, small_config
 from pipeline.run import Paths, new_run_id, rebuild_report, train_pipeline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-REPORT_FIGURES = {"train_sample.png", "first_test.png", "predictions.png", "mistakes.png",
-                  "confusion_matrix.png", "confidence.png", "training_curves.png"}
+REPORT_FILES = {"train_sample.png", "first_test.png", "predictions.png", "mistakes.png",
+                "confusion_matrix.png", "confidence.png", "training_curves.png", "index.html"}
 
 
 def check_run_artifacts(artifacts, result, epochs):
@@ -29,7 +29,7 @@ def check_run_artifacts(artifacts, result, epochs):
     assert metrics["device"] == "cpu" and "fit_seconds" in metrics["timings"]
     assert metrics["epochs_trained"] == epochs
     figures = {p.name for p in (run / "report").iterdir()}
-    for name in figures:
+    for name in figures - {"index.html"}:
         assert (run / "report" / name).read_bytes()[:8] == PNG_MAGIC
     assert list((artifacts / "tensorboard" / result.run_id / "train").glob("events.out.*"))
     assert list((artifacts / "tensorboard" / result.run_id / "validation").glob("events.out.*"))
@@ -58,7 +58,7 @@ def test_run_on_learnable_data_publishes_a_servable_model(tmp_path, tiny_data):
                           max_test_examples=None, min_accuracy=0.9, max_regression=0.002)
     result = train_pipeline(config, Paths(artifacts), data=tiny_data)
     metrics, figures = check_run_artifacts(artifacts, result, epochs=2)
-    assert figures == REPORT_FIGURES
+    assert figures == REPORT_FILES
     assert metrics["test_accuracy"] >= 0.9 and metrics["published_version"] == 1
     served = tf.saved_model.load(str(artifacts / "models" / "mnist" / "1"))
     test = tiny_data[1]
@@ -80,7 +80,7 @@ def test_rebuild_report(tmp_path, tiny_data):
     for p in (result.run_dir / "report").iterdir():
         p.unlink()
     written = rebuild_report(artifacts / "runs" / "latest")
-    assert {p.name for p in written} == REPORT_FIGURES
+    assert {p.name for p in written} == REPORT_FILES
 
 
 def test_run_ids_sort_by_time_and_are_unique():

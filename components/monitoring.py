@@ -1,0 +1,117 @@
+"""TensorBoard beyond Keras's callback: per-epoch prediction grid and confusion matrix images,
+the resolved config and final metrics as text, and HParams for side-by-side comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from components import report
+from components.evaluator import compute_metrics
+
+GRID_EXAMPLES = 25
+
+
+def _png_to_image_tensor(png: bytes) -> tf.Tensor:
+    return tf.expand_dims(tf.io.decode_png(png, channels=4), 0)
+
+
+class BatchScalars(keras.callbacks.Callback):
+    """Train loss, accuracy and learning rate every `every` optimizer steps, at the true step.
+
+    Keras's own `TensorBoard(update_freq=N)` is not used for this: it counts host round-trips
+    (not steps) under steps_per_execution, and leaves `record_if(step % N == 0)` active through
+    epoch end, which silently drops the epoch summaries whenever the count does not line up.
+    """
+
+    def __init__(self, log_dir: Path, every: int):
+        super().__init__()
+        self.every = every
+        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
+        self._last_logged = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = int(self.model.optimizer.iterations.numpy())
+        if step // self.every <= self._last_logged // self.every or not logs:
+            return
+        self._last_logged = step
+        with self.writer.as_default(step=step), tf.summary.record_if(True):
+            for name in ("loss", "accuracy"):
+                if name in logs:
+                    tf.summary.scalar(f"batch_{name}", float(logs[name]))
+            tf.summary.scalar("batch_learning_rate",
+                              float(np.asarray(self.model.optimizer.learning_rate)))
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class EpochImages(keras.callbacks.Callback):
+    """At every epoch end, logs the validation prediction grid and confusion matrix as images
+    (step = epoch), so their evolution can be scrubbed in TensorBoard's Images tab."""
+
+    def __init__(self, log_dir: Path, images: np.ndarray, labels: np.ndarray):
+        super().__init__()
+        self.images, self.labels = images, labels
+        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from components.data import preprocess
+
+        probs = np.asarray(self.model.predict(preprocess(self.images).numpy(), batch_size=2048,
+                                              verbose=0))
+        confusion = compute_metrics(probs, self.labels)["confusion_matrix"]
+        grid = report._save(report.figure_grid(
+            self.images, self.labels, probs, np.arange(min(GRID_EXAMPLES, len(self.labels))),
+            f"Validation predictions after epoch {epoch + 1}"), None)
+        matrix = report._save(report.figure_confusion(
+            confusion, f"Confusion matrix after epoch {epoch + 1}"), None)
+        with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
+            tf.summary.image("predictions", _png_to_image_tensor(grid))
+            tf.summary.image("confusion_matrix", _png_to_image_tensor(matrix))
+        self.writer.flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Markdown table of the headline and per-class metrics (TensorBoard renders markdown)."""
+    lines = [f"**test accuracy {metrics['test_accuracy']:.4f}**, test loss "
+             f"{metrics['test_loss']:.4f}, {metrics['test_examples']} test images", "",
+             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for c, m in sorted(metrics["per_class"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | "
+                     f"{m['support']} |")
+    return "\n".join(lines)
+
+
+HPARAM_KEYS = ("hidden_units", "learning_rate", "dropout", "batch_size", "epochs", "seed",
+               "steps_per_execution", "jit_compile")
+
+
+def log_run_summary(log_dir: Path, run_id: str, config: dict[str, Any],
+                    metrics: dict[str, Any]) -> None:
+    """Text (config, metrics table) and HParams (hyperparameters + final metrics) for a run."""
+    from tensorboard.plugins.hparams import api as hp
+
+    writer = tf.summary.create_file_writer(str(Path(log_dir)))
+    with writer.as_default(step=0):
+        tf.summary.text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) +
+                        "\n```")
+        tf.summary.text("final_metrics", metrics_table(metrics))
+        hp.hparams({k: config[k] for k in HPARAM_KEYS if k in config}, trial_id=run_id)
+        for key in ("test_accuracy", "test_loss"):
+            tf.summary.scalar(f"hparams/{key}", metrics[key])
+    writer.close()
