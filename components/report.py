@@ -10,25 +10,30 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 GRID = 25  # test predictions shown in the grid
 MISTAKES = 25  # most confident mistakes shown
 
 
-def _save(fig: plt.Figure, path: Path | None) -> bytes:
+def _subplots(*grid: int, figsize: tuple[float, float]):
+    """pyplot-free figures: no global state, so figures can be drawn off the main thread."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid) if grid else fig.subplots()
+
+
+def _save(fig: Figure, path: Path | None) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     data = buf.getvalue()
     if path is not None:
         Path(path).write_bytes(data)
     return data
 
 
-def figure_digit(image: np.ndarray, title: str, color: str = "black") -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(3, 3.3))
+def figure_digit(image: np.ndarray, title: str, color: str = "black") -> Figure:
+    fig, ax = _subplots(figsize=(3, 3.3))
     ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
     ax.set_title(title, color=color)
     ax.axis("off")
@@ -36,38 +41,44 @@ def figure_digit(image: np.ndarray, title: str, color: str = "black") -> plt.Fig
 
 
 def figure_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                indices: np.ndarray, title: str) -> plt.Figure:
-    """Digits with "pred (confidence) / true"; mistakes in red with a red frame."""
-    n = max(1, len(indices))
-    cols = 5
+                indices: np.ndarray, title: str) -> Figure:
+    """Digits with "pred (confidence) / true"; mistakes in red with a red frame.
+
+    Drawn as one mosaic image in one axes (not one axes per digit): four times faster, which
+    matters because TensorBoard gets this figure at every epoch.
+    """
+    cols, cell, pad = 5, 28, 6
+    n = len(indices)
     rows = max(1, int(np.ceil(n / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.1))
-    axes = np.atleast_1d(axes).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, i in zip(axes, indices):
-        pred = int(probabilities[i].argmax())
-        true = int(labels[i])
+    mosaic = np.full((rows * (cell + 2 * pad), cols * (cell + 2 * pad), 3), 255, np.uint8)
+    fig, ax = _subplots(figsize=(cols * 1.9, rows * 2.1))
+    for k, i in enumerate(indices):
+        r, c = divmod(k, cols)
+        top, left = r * (cell + 2 * pad), c * (cell + 2 * pad)
+        pred, true = int(probabilities[i].argmax()), int(labels[i])
         wrong = pred != true
-        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(f"pred {pred} ({probabilities[i, pred]:.0%})\ntrue {true}",
-                     fontsize=9, color="red" if wrong else "black")
-        if wrong:
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor("red")
-                spine.set_linewidth(3)
-    fig.suptitle(title)
+        if wrong:  # red frame
+            mosaic[top + pad - 2:top + pad + cell + 2, left + pad - 2:left + pad + cell + 2] = \
+                (220, 30, 30)
+        mosaic[top + pad:top + pad + cell, left + pad:left + pad + cell] = \
+            (255 - images[i])[..., None]
+        ax.text(left + pad + cell / 2, top + 1, f"pred {pred} ({probabilities[i, pred]:.0%})"
+                f"  true {true}", ha="center", va="bottom", fontsize=8,
+                color="red" if wrong else "black")
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_ylim(mosaic.shape[0], -8)
+    ax.axis("off")
+    if n == 0:
+        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, pad=12)
     fig.tight_layout()
     return fig
 
 
 def figure_confusion(confusion: np.ndarray, title: str = "Confusion matrix (test split)"
-                     ) -> plt.Figure:
+                     ) -> Figure:
     confusion = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = _subplots(figsize=(6.5, 5.5))
     # Log colour scale so the off-diagonal errors stay visible next to ~1000 correct per class.
     shown = np.log1p(confusion)
     im = ax.imshow(shown, cmap="Blues")
@@ -85,8 +96,8 @@ def figure_confusion(confusion: np.ndarray, title: str = "Confusion matrix (test
     return fig
 
 
-def figure_curves(history: dict[str, list[float]]) -> plt.Figure:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+def figure_curves(history: dict[str, list[float]]) -> Figure:
+    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(10, 3.8))
     for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         for prefix, style in (("", "o-"), ("val_", "s--")):
             values = history.get(prefix + key)
@@ -102,11 +113,11 @@ def figure_curves(history: dict[str, list[float]]) -> plt.Figure:
     return fig
 
 
-def figure_confidence(labels: np.ndarray, probabilities: np.ndarray) -> plt.Figure:
+def figure_confidence(labels: np.ndarray, probabilities: np.ndarray) -> Figure:
     """Confidence histogram (correct vs wrong) and a reliability diagram."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
-    fig, (ax_hist, ax_rel) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_hist, ax_rel) = _subplots(1, 2, figsize=(10, 3.8))
     bins = np.linspace(0, 1, 21)
     ax_hist.hist(confidence[correct], bins=bins, alpha=0.7, label="correct", log=True)
     ax_hist.hist(confidence[~correct], bins=bins, alpha=0.7, label="wrong", log=True,
