@@ -15,7 +15,7 @@ MNIST_MANUAL_DIR ?= $(if $(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),
 export ARTIFACTS_DIR MNIST_MANUAL_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow test-all tensorboard report serve predict clean distclean
+.PHONY: help venv train test test-slow test-all tensorboard report serve predict bench clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,6 +53,9 @@ serve: ## start TF Serving on the published models (binary, else Docker): gRPC 8
 predict: $(STAMP) ## predict IMAGE=file(s): in-process on the latest version, or SERVER=host:port
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=digit.png [SERVER=host:8501]" >&2; exit 2; }
 	$(PY) -m serving predict $(IMAGE) $(if $(SERVER),--server $(SERVER),--local $(ARTIFACTS_DIR)/models/mnist) $(ARGS)
+
+bench: $(STAMP) ## seed script vs our trainer (3 alternating pairs), input pipeline, serving latency
+	$(PY) -m benchmarks.bench $(ARGS)
 
 clean: ## delete the artifacts dir (runs, TensorBoard logs, published models) and caches
 	rm -rf $(ARTIFACTS_DIR) .pytest_cache *.egg-info

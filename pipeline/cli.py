@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "gpu"), default=s,
                    help="auto: GPU(s) when TensorFlow sees any, else CPU (default auto)")
     g.add_argument("--steps-per-execution", type=POSITIVE, default=s,
-                   help="train steps per host round-trip (default 64; 1 = plain Keras)")
+                   help="train steps per host round-trip (default 100; 1 = plain Keras)")
     g.add_argument("--no-jit", dest="jit_compile", action="store_false", default=s,
                    help="do not compile the train step with XLA")
     g.add_argument("--validation-fraction", type=_fraction, default=s,

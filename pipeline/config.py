@@ -29,7 +29,7 @@ class TrainConfig:
     deterministic: bool = False
     # Keras runs this many train steps per host round-trip; 1 is plain Keras. Does not change
     # the maths (same batches, same updates), only how often Python is re-entered.
-    steps_per_execution: int = 64
+    steps_per_execution: int = 100
     jit_compile: bool = True
     mixed_precision: bool = False
     # Fraction of the training split held out for validation curves; 0 monitors on the test

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): speed and memory, measured side by side; never asserted in tests."""

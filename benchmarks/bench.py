@@ -1,0 +1,221 @@
+"""`make bench`: the seed script vs our trainer, alternating, each in its own process; then the
+input pipeline alone and the exported model's serving latency and throughput, in-process.
+
+Writes artifacts/bench/<timestamp>.json and prints a table. Nothing here is asserted: the figures
+are for people (and for the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES_PER_RUN = 60_000 * 5
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return {"stdout": stdout, "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def run_seed(env: dict[str, str]) -> dict[str, Any]:
+    r = run_measured([sys.executable, "-m", "benchmarks.seed_baseline"], env)
+    result = json.loads(r["stdout"].strip().splitlines()[-1])
+    return {"train_seconds": result["fit_seconds"], "test_accuracy": result["test_accuracy"],
+            "process_seconds": r["wall_seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+
+
+def run_ours(env: dict[str, str], artifacts: Path, extra: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pipeline", "train", "--artifacts-dir", str(artifacts),
+           "--min-accuracy", "0", "--max-regression", "1", *extra]
+    r = run_measured(cmd, env)
+    metrics = json.loads((artifacts / "runs" / "latest" / "metrics.json").read_text())
+    return {"train_seconds": metrics["timings"]["fit_seconds"],
+            "test_accuracy": metrics["test_accuracy"], "process_seconds": r["wall_seconds"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "model_dir": metrics["published_path"]}
+
+
+def input_pipeline_images_per_s(manual_dir: str | None) -> float:
+    """What the tf.data pipeline delivers alone, consumed in-graph as training consumes it."""
+    import tensorflow as tf
+
+    from components import data
+
+    train = data.validate_split(data.load_split("train", manual_dir=manual_dir))
+    ds = data.make_dataset(train, 32, shuffle=True, seed=0)
+
+    @tf.function
+    def consume(dataset: tf.data.Dataset) -> tf.Tensor:
+        n = tf.constant(0, tf.int64)
+        for _, y in dataset:
+            n += tf.shape(y, out_type=tf.int64)[0]
+        return n
+
+    consume(ds)  # first epoch fills the cache
+    start = time.perf_counter()
+    n = int(consume(ds))
+    return n / (time.perf_counter() - start)
+
+
+def serving_figures(model_dir: str) -> dict[str, float]:
+    import numpy as np
+    import tensorflow as tf
+
+    model = tf.saved_model.load(model_dir)
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    for name, signature, make in (
+        ("serving", "serving_default",
+         lambda n: {"images": tf.constant(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))}),
+        ("png", "predict_png",
+         lambda n: {"image_bytes": tf.constant([tf.io.encode_png(
+             rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)).numpy()] * n)}),
+    ):
+        fn = model.signatures[signature]
+        one = make(1)
+        for _ in range(50):
+            fn(**one)
+        samples = []
+        for _ in range(1000):
+            t = time.perf_counter()
+            fn(**one)
+            samples.append((time.perf_counter() - t) * 1000)
+        samples.sort()
+        out[f"{name}_b1_p50_ms"] = samples[len(samples) // 2]
+        out[f"{name}_b1_p99_ms"] = samples[int(len(samples) * 0.99)]
+        for batch in (256, 1024):
+            inputs = make(batch)
+            fn(**inputs)
+            reps = 20
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn(**inputs)
+            out[f"{name}_b{batch}_images_per_s"] = batch * reps / (time.perf_counter() - t)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__)
+    parser.add_argument("--pairs", type=int, default=3, help="seed/ours pairs (default 3)")
+    parser.add_argument("--ours-args", default="", help="extra flags for our trainer")
+    parser.add_argument("--out", type=Path,
+                        default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts") / "bench")
+    args = parser.parse_args(argv)
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    manual_dir = os.environ.get("MNIST_MANUAL_DIR") or None
+    extra = shlex.split(args.ours_args)
+    seed_runs, our_runs = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for i in range(args.pairs):
+            order = ("seed", "ours") if i % 2 == 0 else ("ours", "seed")
+            for who in order:
+                if who == "seed":
+                    seed_runs.append(run_seed(env))
+                else:
+                    our_runs.append(run_ours(env, Path(tmp) / f"ours-{i}", extra))
+                r = (seed_runs if who == "seed" else our_runs)[-1]
+                print(f"pair {i + 1}/{args.pairs} {who:>4}: train {r['train_seconds']:.2f} s, "
+                      f"process {r['process_seconds']:.2f} s, accuracy "
+                      f"{r['test_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB",
+                      flush=True)
+        pipeline_rate = input_pipeline_images_per_s(manual_dir)
+        serving = serving_figures(our_runs[-1]["model_dir"])
+
+    def med(runs: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    ratios = [s["train_seconds"] / o["train_seconds"] for s, o in zip(seed_runs, our_runs)]
+    process_ratios = [s["process_seconds"] / o["process_seconds"]
+                      for s, o in zip(seed_runs, our_runs)]
+    train_rate = IMAGES_PER_RUN / med(our_runs, "train_seconds")
+    result = {
+        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "device": "cpu",
+        "ours_args": extra,
+        "pairs": args.pairs,
+        "seed_train_seconds_median": med(seed_runs, "train_seconds"),
+        "ours_train_seconds_median": med(our_runs, "train_seconds"),
+        "seed_process_seconds_median": med(seed_runs, "process_seconds"),
+        "ours_process_seconds_median": med(our_runs, "process_seconds"),
+        "seed_peak_rss_mb_median": med(seed_runs, "peak_rss_mb"),
+        "ours_peak_rss_mb_median": med(our_runs, "peak_rss_mb"),
+        "seed_test_accuracy": med(seed_runs, "test_accuracy"),
+        "ours_test_accuracy": med(our_runs, "test_accuracy"),
+        "train_speedup_per_pair": ratios,
+        "train_speedup_median": statistics.median(ratios),
+        "process_speedup_median": statistics.median(process_ratios),
+        "train_images_per_s": train_rate,
+        "input_pipeline_images_per_s": pipeline_rate,
+        "input_pipeline_over_training": pipeline_rate / train_rate,
+        **serving,
+        "runs": {"seed": seed_runs,
+                 "ours": [{k: v for k, v in r.items() if k != "model_dir"} for r in our_runs]},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    print(f"\nwritten {path}")
+    return 0
+
+
+def format_table(r: dict[str, Any]) -> str:
+    rows = [
+        ("", "seed script", "our trainer", "seed/ours"),
+        ("training seconds (median)", f"{r['seed_train_seconds_median']:.2f}",
+         f"{r['ours_train_seconds_median']:.2f}", f"{r['train_speedup_median']:.2f}x"),
+        ("whole process seconds (median)", f"{r['seed_process_seconds_median']:.2f}",
+         f"{r['ours_process_seconds_median']:.2f}", f"{r['process_speedup_median']:.2f}x"),
+        ("peak RSS MB (median)", f"{r['seed_peak_rss_mb_median']:.0f}",
+         f"{r['ours_peak_rss_mb_median']:.0f}", ""),
+        ("test accuracy (median)", f"{r['seed_test_accuracy']:.4f}",
+         f"{r['ours_test_accuracy']:.4f}", ""),
+    ]
+    lines = [f"| {' | '.join(row)} |" for row in rows]
+    lines.insert(1, "| --- | --- | --- | --- |")
+    per_pair = ", ".join(f"{x:.2f}x" for x in r["train_speedup_per_pair"])
+    lines += [
+        "",
+        f"training speed-up per pair: {per_pair}",
+        f"training consumes {r['train_images_per_s']:,.0f} images/s; the input pipeline alone "
+        f"delivers {r['input_pipeline_images_per_s']:,.0f} images/s "
+        f"({r['input_pipeline_over_training']:.1f}x)",
+        "",
+        "| serving (in-process SavedModel) | batch-1 p50 ms | batch-1 p99 ms | batch 256 img/s "
+        "| batch 1024 img/s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, label in (("serving", "serving_default (uint8)"), ("png", "predict_png")):
+        lines.append(f"| {label} | {r[f'{name}_b1_p50_ms']:.3f} | {r[f'{name}_b1_p99_ms']:.3f} "
+                     f"| {r[f'{name}_b256_images_per_s']:,.0f} "
+                     f"| {r[f'{name}_b1024_images_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
