@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,51 @@ class DeviceError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class BackupError(RuntimeError):
+    """A run's backup exists but no copy of it can be read."""
+
+
+WEIGHTS_FILE = "latest.weights.h5"
+METADATA_FILE = "training_metadata.json"
+
+
+def _readable_backup(weights: Path, metadata: Path) -> int | None:
+    """The epoch a (weights, metadata) pair resumes at, or None if either is unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(weights, "r"):
+            pass
+        epoch = json.loads(metadata.read_text())["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return epoch if isinstance(epoch, int) and epoch >= 0 else None
+
+
+def resume_epoch(backup_dir: Path) -> int:
+    """The epoch a run resumes at: 0 without a backup. A garbled latest backup is replaced by
+    the previous copy (Keras keeps one); when neither is readable, BackupError: a run never
+    silently starts over."""
+    backup_dir = Path(backup_dir)
+    weights, metadata = backup_dir / WEIGHTS_FILE, backup_dir / METADATA_FILE
+    if not weights.exists() and not metadata.exists():
+        return 0
+    epoch = _readable_backup(weights, metadata)
+    if epoch is not None:
+        return epoch
+    prev_weights, prev_metadata = Path(f"{weights}.bkp"), Path(f"{metadata}.bkp")
+    epoch = _readable_backup(prev_weights, prev_metadata)
+    if epoch is None:
+        raise BackupError(f"the backup in {backup_dir} is corrupt and has no readable previous "
+                          f"copy: delete that folder to start this run over, or pick another "
+                          f"--run-name")
+    log.warning("backup %s is corrupt; falling back to the previous copy (epoch %d)", weights,
+                epoch)
+    shutil.copyfile(prev_weights, weights)
+    shutil.copyfile(prev_metadata, metadata)
+    return epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,24 +174,31 @@ class TrainResult:
     initial_epoch: int
 
 
-def train(build_model: Callable[[], keras.Model], train_ds: tf.data.Dataset,
-          validation_ds: tf.data.Dataset | None, *, epochs: int, strategy: tf.distribute.Strategy,
-          tensorboard_dir: Path | None, backup_dir: Path | None, steps_per_epoch: int | None = None,
-          update_freq: int = 100, extra_callbacks: list[keras.callbacks.Callback] | None = None,
+def train(build_model: Callable[[], keras.Model],
+          make_train_ds: Callable[[int], tf.data.Dataset],
+          validation_ds: tf.data.Dataset | None, *, epochs: int, steps_per_epoch: int,
+          strategy: tf.distribute.Strategy, tensorboard_dir: Path | None,
+          backup_dir: Path | None, update_freq: int = 100,
+          extra_callbacks: list[keras.callbacks.Callback] | None = None,
           verbose: int = 2) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
 
+    `make_train_ds(start_epoch)` gives the training batches of epochs start_epoch..epochs-1.
     `backup_dir`: Keras BackupAndRestore state, saved at each epoch end (never mid-epoch: a
     resumed run restarts at the epoch boundary, so no batch is trained twice), with the previous
     copy kept so a garbled latest backup falls back to it.
     """
+    start_epoch = resume_epoch(backup_dir) if backup_dir is not None else 0
+    if start_epoch:
+        log.info("resuming from the backup at the end of epoch %d", start_epoch)
+    train_ds = make_train_ds(start_epoch)
     with strategy.scope():
         model = build_model()
     timer = _EpochTimer()
     callbacks: list[keras.callbacks.Callback] = [_NanGuard(), timer]
     if backup_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(
-            str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False))
+            str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=True))
     if tensorboard_dir is not None:
         from components.monitoring import BatchScalars
 
@@ -170,4 +223,14 @@ def train(build_model: Callable[[], keras.Model], train_ds: tf.data.Dataset,
     return TrainResult(model=model, history={k: [float(v) for v in vs]
                                              for k, vs in history.history.items()},
                        epoch_seconds=timer.seconds, fit_seconds=fit_seconds,
-                       initial_epoch=int(getattr(model, "_initial_epoch", 0) or 0))
+                       initial_epoch=start_epoch)
+
+
+def weights_sha256(model: keras.Model) -> str:
+    """A fingerprint of the trained weights (determinism and resume checks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(w.tobytes())
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ EXIT_NOT_BLESSED = 3
 EXIT_DATA = 4
 EXIT_DIVERGED = 5
 EXIT_PUBLISH = 6
+EXIT_BACKUP = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -64,6 +65,15 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
+
+
+def _run_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text) or text == "latest":
+        raise argparse.ArgumentTypeError(
+            f"expected letters, digits, '.', '_' or '-' (not 'latest'), got {text!r}")
+    return text
 
 
 POSITIVE = _int("a positive integer", 1)
@@ -111,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after publishing keep only the newest K versions (default 0: all)")
     g = train.add_argument_group("paths")
     _add_artifacts(g)
-    g.add_argument("--run-name", help="name of the run (default: a fresh time-based id); "
-                   "running again under the same name resumes it")
+    g.add_argument("--run-name", type=_run_name,
+                   help="name of the run (default: a fresh time-based id); running again "
+                        "under the same name resumes it from its last completed epoch")
     g.add_argument("--tfds-data-dir", type=Path,
                    help="where TFDS keeps prepared data (default: TFDS's own, "
                         "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -203,22 +214,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     check_artifacts_dir(args.artifacts_dir)
-    from pipeline.run import Paths, train_pipeline  # noqa: F401 (TF imported below it)
+    from pipeline.run import Paths, RunStateError, train_pipeline
     from components.data import DataError
     from components.exporter import PublishError
-    from components.trainer import DeviceError, TrainingDiverged
+    from components.trainer import BackupError, DeviceError, TrainingDiverged
 
     paths = Paths(args.artifacts_dir, args.tfds_data_dir, args.tfds_manual_dir)
     try:
         result = train_pipeline(config, paths, run_id=args.run_name)
-    except DeviceError as e:
+    except (DeviceError, RunStateError) as e:
         return _fail(EXIT_USAGE, str(e))
+    except BackupError as e:
+        return _fail(EXIT_BACKUP, f"resume: {e}")
     except DataError as e:
         return _fail(EXIT_DATA, f"data: {e}")
     except TrainingDiverged as e:
         return _fail(EXIT_DIVERGED, f"training: {e}; nothing was published")
     except PublishError as e:
         return _fail(EXIT_PUBLISH, f"publish: {e}")
+    except OSError as e:  # e.g. disk full while writing the run's artifacts
+        return _fail(EXIT_PUBLISH, f"could not write artifacts: {e}")
     if not result.blessed:
         return _fail(EXIT_NOT_BLESSED, f"model not blessed: {result.metrics['gate']['reason']}")
     return EXIT_OK

@@ -41,6 +41,32 @@ class Paths:
         return self.artifacts / "tensorboard" / run_id
 
 
+class RunStateError(RuntimeError):
+    """A named run cannot be resumed as asked (finished, or started with another config)."""
+
+
+def prepare_run_dir(run_dir: Path, config: TrainConfig) -> bool:
+    """Create the run dir, or check that an existing one can be resumed. True when resuming."""
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        config.to_json(run_dir / "config.json")
+        return False
+    if (run_dir / "metrics.json").exists():
+        raise RunStateError(f"run {run_dir.name} already finished ({run_dir}); pick another "
+                            f"--run-name")
+    try:
+        previous = TrainConfig.from_json(run_dir / "config.json").to_dict()
+    except (OSError, ValueError) as e:
+        raise RunStateError(f"run {run_dir.name} exists but its config.json cannot be read "
+                            f"({e}); pick another --run-name") from None
+    changed = {k: (previous[k], v) for k, v in config.to_dict().items() if previous[k] != v}
+    if changed:
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise RunStateError(f"run {run_dir.name} was started with another config ({diff}); "
+                            f"resume it with the same flags, or pick another --run-name")
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     run_id: str
@@ -115,9 +141,8 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     log.info("data: %d train, %d test examples, validated", len(train_split), len(test_split))
 
     run_dir = paths.run_dir(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.to_json(run_dir / "config.json")
-    log.info("run %s -> %s", run_id, run_dir)
+    resuming = prepare_run_dir(run_dir, config)
+    log.info("run %s -> %s%s", run_id, run_dir, " (resuming)" if resuming else "")
 
     if config.validation_fraction > 0:
         fit_split, val_split = data_lib.carve_validation(train_split, config.validation_fraction,
@@ -129,8 +154,6 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     log.info("strategy: %s, %d replica(s), global batch %d, per-replica batch %d",
              type(strategy).__name__, replicas, config.batch_size,
              max(1, config.batch_size // replicas))
-    train_ds = data_lib.make_dataset(fit_split, config.batch_size, shuffle=True,
-                                     seed=config.seed)
     val_ds = data_lib.make_dataset(val_split, max(config.batch_size, 1024), shuffle=False)
 
     t = time.perf_counter()
@@ -138,7 +161,12 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
         lambda: build_model(config.hidden_units, config.learning_rate, config.dropout,
                             steps_per_execution=config.steps_per_execution,
                             jit_compile=config.jit_compile),
-        train_ds, val_ds, epochs=config.epochs, strategy=strategy,
+        lambda start: data_lib.make_dataset(fit_split, config.batch_size, shuffle=True,
+                                            seed=config.seed, epochs=config.epochs,
+                                            start_epoch=start),
+        val_ds, epochs=config.epochs,
+        steps_per_epoch=data_lib.steps_per_epoch(fit_split, config.batch_size),
+        strategy=strategy,
         tensorboard_dir=paths.tensorboard_dir(run_id), backup_dir=run_dir / "backup",
         update_freq=config.tensorboard_update_freq,
         extra_callbacks=[monitoring.EpochImages(paths.tensorboard_dir(run_id), val_split.images,
@@ -154,8 +182,10 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     metrics: dict[str, Any] = {
         **evaluation.metrics, "run_id": run_id, "device": choice.device,
         "strategy": choice.kind, "replicas": replicas,
-        "epochs_trained": len(result.epoch_seconds), "resumed_from_epoch": result.initial_epoch,
+        "epochs_trained": result.initial_epoch + len(result.epoch_seconds),
+        "resumed_from_epoch": result.initial_epoch,
         "history": result.history, "epoch_seconds": result.epoch_seconds,
+        "weights_sha256": trainer.weights_sha256(result.model),
     }
     acc = metrics["test_accuracy"]
     pred0, true0 = int(evaluation.probabilities[0].argmax()), int(evaluation.labels[0])

@@ -33,7 +33,7 @@ def test_preprocess_range_and_dtype():
 def test_dataset_batches_shapes_dtypes_range():
     split = data.validate_split(make_digits(100))
     ds = data.make_dataset(split, 32, shuffle=True, seed=0)
-    assert ds.cardinality().numpy() == 4
+    assert ds.cardinality().numpy() == 4 == data.steps_per_epoch(split, 32)
     batches = list(ds.as_numpy_iterator())
     assert [len(y) for _, y in batches] == [32, 32, 32, 4]
     x, y = batches[0]
@@ -44,16 +44,19 @@ def test_dataset_batches_shapes_dtypes_range():
     assert sorted(seen) == sorted(split.labels)
 
 
-def test_shuffle_is_seeded_and_reshuffles_each_epoch():
+def _epoch_orders(split, seed, epochs, start_epoch=0):
+    ds = data.make_dataset(split, len(split), shuffle=True, seed=seed, epochs=epochs,
+                           start_epoch=start_epoch)
+    return [y.tolist() for _, y in ds.as_numpy_iterator()]
+
+
+def test_shuffle_is_seeded_per_epoch_and_resumable():
     split = data.validate_split(make_digits(64))
-
-    def epoch_orders(seed):
-        ds = data.make_dataset(split, 64, shuffle=True, seed=seed)
-        return [next(iter(ds))[0].numpy()[:, 2:24, 4].argmax(1).tolist() for _ in range(2)]
-
-    a, b = epoch_orders(3), epoch_orders(3)
-    assert a == b
-    assert a[0] != a[1]
+    orders = _epoch_orders(split, 3, epochs=3)
+    assert len(orders) == 3 and orders[0] != orders[1] != orders[2]
+    assert orders == _epoch_orders(split, 3, epochs=3)
+    assert orders[1:] == _epoch_orders(split, 3, epochs=3, start_epoch=1)  # resume at epoch 1
+    assert orders != _epoch_orders(split, 4, epochs=3)
 
 
 @pytest.mark.parametrize("mutate,message", [

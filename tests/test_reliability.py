@@ -1,0 +1,272 @@
+"""Faults and bad input, done for real: kills, corrupt files, NaNs, concurrent runs, bad flags.
+
+The slow tests run the CLI as subprocesses on a subset of the real MNIST (CI has it)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from components import exporter, trainer
+from components.data import DataError, Split, _registered_files
+from pipeline.config import small_config
+from pipeline.run import Paths, train_pipeline
+from tests.conftest import ROOT, SHARED_MNIST, make_digits
+
+needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                 reason=f"real MNIST not found at {SHARED_MNIST}")
+SMALL_RUN = ["--max-train-examples", "6000", "--max-test-examples", "1000", "--device", "cpu",
+             "--min-accuracy", "0", "--max-regression", "1", "--tfds-manual-dir",
+             str(SHARED_MNIST)]
+
+
+def train_cmd(artifacts, *flags):
+    return [sys.executable, "-m", "pipeline", "train", "--artifacts-dir", str(artifacts),
+            *SMALL_RUN, *flags]
+
+
+def run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_of(artifacts, run_name):
+    return json.loads((artifacts / "runs" / run_name / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------- 1, 2, 9: kill, resume, determinism
+
+@pytest.mark.slow
+@needs_mnist
+def test_sigkill_then_resume_matches_an_uninterrupted_deterministic_run(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    flags = ["--epochs", "4", "--deterministic", "--steps-per-execution", "1", "--no-jit"]
+    for name in ("straight", "straight-again"):
+        r = run(train_cmd(artifacts, *flags, "--run-name", name))
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = metrics_of(artifacts, "straight"), metrics_of(artifacts, "straight-again")
+    # 9: determinism: identical figures and weights
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert (a["test_accuracy"], a["test_loss"]) == (b["test_accuracy"], b["test_loss"])
+
+    # 1: SIGKILL after at least one completed epoch, then the same command again
+    cmd = train_cmd(artifacts, *flags, "--run-name", "killed")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = artifacts / "runs" / "killed" / "backup" / trainer.METADATA_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["epoch"] >= 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (artifacts / "runs" / "killed" / "metrics.json").exists()
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = metrics_of(artifacts, "killed")
+    assert resumed["resumed_from_epoch"] >= 1 and resumed["epochs_trained"] == 4
+    assert resumed["weights_sha256"] == a["weights_sha256"]
+    assert "resuming from the backup at the end of epoch" in r.stderr
+
+    # a finished run is not silently re-run
+    r = run(cmd)
+    assert r.returncode == 2 and "already finished" in r.stderr
+
+
+def _backup(tmp_path, epochs_done):
+    from components.model import build_model
+
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    model = build_model()
+    for suffix, epoch in (("", epochs_done), (".bkp", epochs_done - 1)):
+        model.save_weights(str(backup / f"{trainer.WEIGHTS_FILE}{suffix}.weights.h5"))
+        os.rename(backup / f"{trainer.WEIGHTS_FILE}{suffix}.weights.h5",
+                  backup / f"{trainer.WEIGHTS_FILE}{suffix}")
+        (backup / f"{trainer.METADATA_FILE}{suffix}").write_text(json.dumps({"epoch": epoch}))
+    return backup
+
+
+def test_garbled_backup_falls_back_to_the_previous_copy(tmp_path):
+    backup = _backup(tmp_path, epochs_done=3)
+    assert trainer.resume_epoch(backup) == 3
+    (backup / trainer.WEIGHTS_FILE).write_bytes(b"garbage" * 100)
+    assert trainer.resume_epoch(backup) == 2
+    assert trainer.resume_epoch(backup) == 2  # the fallback was copied into place
+
+
+def test_garbled_backup_without_a_good_copy_stops_with_a_clear_error(tmp_path):
+    backup = _backup(tmp_path, epochs_done=3)
+    (backup / trainer.METADATA_FILE).write_text("{not json")
+    (backup / f"{trainer.WEIGHTS_FILE}.bkp").write_bytes(b"")
+    with pytest.raises(trainer.BackupError, match="corrupt and has no readable previous copy"):
+        trainer.resume_epoch(backup)
+
+
+def test_no_backup_starts_at_epoch_zero(tmp_path):
+    assert trainer.resume_epoch(tmp_path / "none") == 0
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, tiny_data):
+    paths = Paths(tmp_path / "artifacts")
+    (paths.runs / "r1").mkdir(parents=True)
+    small_config(device="cpu", epochs=3).to_json(paths.runs / "r1" / "config.json")
+    from pipeline.run import RunStateError
+    with pytest.raises(RunStateError, match="another config \\(epochs: 3 -> 1\\)"):
+        train_pipeline(small_config(device="cpu"), paths, run_id="r1", data=tiny_data)
+
+
+# ---------------------------------------------------------------- 3: NaN loss
+
+@pytest.mark.slow
+@needs_mnist
+def test_nan_loss_stops_with_exit_5_nothing_published_logs_kept(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    r = run(train_cmd(artifacts, "--epochs", "2", "--learning-rate", "1e30", "--run-name", "nan"))
+    assert r.returncode == 5, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: training: loss became")
+    assert "nothing was published" in r.stderr and "Traceback" not in r.stderr
+    assert exporter.published_versions(artifacts / "models" / "mnist") == []
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    acc = ea.EventAccumulator(str(artifacts / "tensorboard" / "nan" / "train"))
+    acc.Reload()
+    assert "keras" in acc.Tags()["tensors"]  # readable, with what was written before the NaN
+
+
+# ---------------------------------------------------------------- 4: kill during publish
+
+KILLED_PUBLISH = textwrap.dedent("""
+    import sys, time
+    from components import exporter
+    from components.model import build_model
+    original = exporter.write_warmup
+    def slow_warmup(path, *a, **k):
+        original(path, *a, **k)
+        print("warmup written", flush=True)
+        time.sleep(120)          # killed here, mid-export
+    exporter.write_warmup = slow_warmup
+    exporter.publish(build_model(), {"test_accuracy": 0.99}, sys.argv[1], run_id="doomed",
+                     min_accuracy=0.0, max_regression=1.0)
+""")
+
+
+@pytest.mark.slow
+def test_kill_during_publish_leaves_no_version_and_the_next_run_cleans_up(tmp_path, model):
+    base = tmp_path / "models" / "mnist"
+    first = exporter.publish(model, {"test_accuracy": 0.98}, base, run_id="r1",
+                             min_accuracy=0.0, max_regression=1.0)
+    before = {p: p.read_bytes() for p in first.path.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISH, str(base)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "warmup written"
+    assert (base / ".tmp-doomed" / "saved_model.pb").exists()
+    proc.kill()
+    proc.wait()
+    assert exporter.published_versions(base) == [1]
+    assert {p: p.read_bytes() for p in first.path.rglob("*") if p.is_file()} == before
+    second = exporter.publish(model, {"test_accuracy": 0.98}, base, run_id="r2",
+                              min_accuracy=0.0, max_regression=1.0)
+    assert second.version == 2 and not (base / ".tmp-doomed").exists()
+
+
+# ---------------------------------------------------------------- 5: two runs at once
+
+@pytest.mark.slow
+@needs_mnist
+def test_two_runs_at_once_get_distinct_ids_files_and_versions(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    procs = [subprocess.Popen(train_cmd(artifacts, "--epochs", "1"), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outputs]
+    runs = sorted(p.name for p in (artifacts / "runs").iterdir() if p.name != "latest")
+    assert len(runs) == 2
+    assert exporter.published_versions(artifacts / "models" / "mnist") == [1, 2]
+    owners = {json.loads((artifacts / "models" / "mnist" / v / "assets.extra" /
+                          "metrics.json").read_text())["run_id"] for v in ("1", "2")}
+    assert owners == set(runs)
+    assert {metrics_of(artifacts, r)["published_version"] for r in runs} == {1, 2}
+    assert sorted(p.name for p in (artifacts / "tensorboard").iterdir()) == runs
+
+
+# ---------------------------------------------------------------- 6, 7, 8: bad data, bad flags
+
+def test_corrupt_manual_dir_file_exits_4_naming_file_and_checksum(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    files = _registered_files()
+    for name, (size, _) in files.items():
+        (manual / name).write_bytes(b"\0" * size)
+    first = sorted(files)[0]
+    r = run([sys.executable, "-m", "pipeline", "train", "--artifacts-dir",
+             str(tmp_path / "artifacts"), "--tfds-manual-dir", str(manual), "--tfds-data-dir",
+             str(tmp_path / "tfds")])
+    assert r.returncode == 4
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: data: {manual / first} has sha256 ")
+    assert last.endswith(f"expected {files[first][1]}: the file is corrupt or not the official "
+                         f"one")
+    assert "Traceback" not in r.stderr and not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("bad", ["label 10", "label -1", "shape"])
+def test_bad_records_stop_before_training(tmp_path, tiny_data, bad):
+    train, test = tiny_data
+    labels, images = train.labels.copy(), train.images
+    if bad == "label 10":
+        labels[7] = 10
+    elif bad == "label -1":
+        labels[7] = -1
+    else:
+        images = images[:, :, :20]
+    paths = Paths(tmp_path / "artifacts")
+    with pytest.raises(DataError, match="index 7" if "label" in bad else "\\(28, 20, 1\\)"):
+        train_pipeline(small_config(device="cpu"), paths,
+                       data=(Split("train", images, labels), test))
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_gpu_demanded_without_gpu_is_a_usage_error(tmp_path):
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    r = run([sys.executable, "-m", "pipeline", "train", "--device", "gpu", "--artifacts-dir",
+             str(tmp_path / "artifacts")])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "error: --device gpu was requested but TensorFlow sees no GPU")
+    assert "Traceback" not in r.stderr and not (tmp_path / "artifacts").exists()
+
+
+# ---------------------------------------------------------------- 10: disk full
+
+def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, monkeypatch,
+                                                         capsys):
+    from components import report
+    from pipeline import cli
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full)
+    paths = Paths(tmp_path / "artifacts")
+    monkeypatch.setattr("pipeline.run.train_pipeline", lambda config, p, run_id=None:
+                        train_pipeline(config.replace(**small_config(device="cpu").to_dict()),
+                                       paths, data=tiny_data))
+    code = cli.main(["train", "--artifacts-dir", str(paths.artifacts)])
+    assert code == cli.EXIT_PUBLISH == 6
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: could not write artifacts: [Errno 28] No space left on device"
+    # what was published before the failure is complete; no temporary folder is left behind
+    for v in exporter.published_versions(paths.models):
+        assert (paths.models / str(v) / "saved_model.pb").is_file()
+    assert not [p for p in paths.models.iterdir() if p.name.startswith(exporter.TMP_PREFIX)]
