@@ -15,7 +15,7 @@ MNIST_MANUAL_DIR ?= $(if $(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),
 export ARTIFACTS_DIR MNIST_MANUAL_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow test-all tensorboard report serve predict bench clean distclean
+.PHONY: help venv train test test-slow test-all tensorboard report serve predict bench tune clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,8 +41,12 @@ test-slow: $(STAMP) ## the slow tests (subprocess kills, real multi-process runs
 test-all: $(STAMP) ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-tensorboard: $(STAMP) ## serve the TensorBoard logs of every run on http://127.0.0.1:PORT (default 6006)
-	$(VENV)/bin/tensorboard --logdir $(ARTIFACTS_DIR)/tensorboard --host 127.0.0.1 --port $(PORT)
+tune: $(STAMP) ## keras-tuner search (default budget 12 min); ARGS="--study NAME --time-budget MIN ..."
+	$(PY) -m pipeline tune $(ARGS)
+
+tensorboard: $(STAMP) ## serve every run's and tuning trial's logs on http://127.0.0.1:PORT (default 6006)
+	@mkdir -p $(ARTIFACTS_DIR)/tensorboard $(ARTIFACTS_DIR)/tuning
+	$(VENV)/bin/tensorboard --logdir_spec runs:$(ARTIFACTS_DIR)/tensorboard,tuning:$(ARTIFACTS_DIR)/tuning --host 127.0.0.1 --port $(PORT)
 
 report: $(STAMP) ## rebuild the report of a run (RUN=path, default the latest run)
 	$(PY) -m pipeline report $(or $(RUN),$(ARTIFACTS_DIR)/runs/latest)

@@ -132,6 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the four official MNIST .gz files, for offline use "
                         "(default: $MNIST_MANUAL_DIR)")
 
+    tune = sub.add_parser("tune", help="keras-tuner search over the dense family; writes "
+                                       "artifacts/tuning/<study>/best_hparams.json")
+    tune.add_argument("--study", type=_run_name, default="default",
+                      help="study name: re-running a study continues it (default 'default')")
+    tune.add_argument("--algorithm", choices=("hyperband", "random", "bayesian"),
+                      default="hyperband", help="search algorithm (default hyperband)")
+    tune.add_argument("--max-trials", type=POSITIVE, default=40,
+                      help="stop after this many completed trials (default 40)")
+    tune.add_argument("--max-epochs", type=POSITIVE, default=12,
+                      help="epochs for the longest trial (default 12); early stopping on "
+                           "validation loss inside trials")
+    tune.add_argument("--time-budget", type=_positive_float, default=12.0,
+                      help="minutes; the search stops cleanly between trials when it is "
+                           "spent (default 12)")
+    tune.add_argument("--validation-fraction", type=_fraction, default=0.1,
+                      help="held out of the training split for selection (default 0.1)")
+    tune.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed (default 0)")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="delete the study's trials and start over")
+    tune.add_argument("--max-train-examples", type=POSITIVE,
+                      help="use only the first N training examples (smoke runs)")
+    tune.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    _add_artifacts(tune)
+    tune.add_argument("--tfds-data-dir", type=Path)
+    tune.add_argument("--tfds-manual-dir", type=Path,
+                      default=os.environ.get("MNIST_MANUAL_DIR") or None)
+
     rep = sub.add_parser("report", help="rebuild the report of an earlier run")
     rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
     return parser
@@ -204,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "tune":
+            return _tune(args)
     except (UsageError, ConfigError) as e:
         return _fail(EXIT_USAGE, str(e))
     except KeyboardInterrupt:
@@ -247,4 +276,38 @@ def _report(args: argparse.Namespace) -> int:
         raise UsageError(f"{run_dir} is not a finished run (no metrics.json)")
     for path in rebuild_report(run_dir):
         print(path)
+    return EXIT_OK
+
+
+def _tune(args: argparse.Namespace) -> int:
+    check_artifacts_dir(args.artifacts_dir)
+    from components import data as data_lib
+    from components import trainer
+    from components import tuner
+
+    config = tuner.TuneConfig(
+        study=args.study, algorithm=args.algorithm, max_trials=args.max_trials,
+        max_epochs=args.max_epochs, time_budget_minutes=args.time_budget,
+        validation_fraction=args.validation_fraction, seed=args.seed, overwrite=args.overwrite)
+    try:
+        trainer.setup_device(args.device, deterministic=False, seed=args.seed)
+        # Only the training split: selection must never see the test split.
+        train = data_lib.validate_split(data_lib.load_split(
+            "train", data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir,
+            limit=args.max_train_examples))
+    except trainer.DeviceError as e:
+        return _fail(EXIT_USAGE, str(e))
+    except data_lib.DataError as e:
+        return _fail(EXIT_DATA, f"data: {e}")
+    study_dir = args.artifacts_dir / "tuning" / args.study
+    try:
+        result = tuner.tune(config, train, study_dir, out=lambda line: print(line, flush=True))
+    except tuner.NoTrialCompleted as e:
+        return _fail(EXIT_USAGE, str(e))
+    print(tuner.format_trials(result.best))
+    hp = result.best["hparams"]
+    print(f"best: {hp} with {tuner.OBJECTIVE} {result.best['score']:.4f} "
+          f"(trial {result.best['trial_id']}); {len(result.trials_run)} trial(s) run now")
+    print(f"written {study_dir / tuner.BEST_FILE}; train it with:\n"
+          f"  make train ARGS=\"--hparams {study_dir / tuner.BEST_FILE}\"")
     return EXIT_OK

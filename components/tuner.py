@@ -1,0 +1,227 @@
+"""Tuner: keras-tuner search over the dense family, selected on a validation split carved from
+the training split (the test split is never loaded), resumable, with a time budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+
+from components import data as data_lib
+from components.model import build_model
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("hyperband", "random", "bayesian")
+OBJECTIVE = "val_accuracy"
+BEST_FILE = "best_hparams.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    study: str = "default"
+    algorithm: str = "hyperband"
+    max_trials: int = 40  # an upper bound; the time budget usually ends the search first
+    max_epochs: int = 12
+    time_budget_minutes: float = 12.0
+    validation_fraction: float = 0.1
+    seed: int = 0
+    overwrite: bool = False
+    steps_per_execution: int = 50
+    early_stopping_patience: int = 3
+
+
+class DenseHyperModel(kt.HyperModel):
+    """Flatten -> Dense(units, relu) -> optional Dropout -> Dense(10, softmax); the batch size
+    is searched too, so `fit` builds the input pipeline for each trial."""
+
+    def __init__(self, train: data_lib.Split, validation: data_lib.Split, config: TuneConfig):
+        super().__init__(name="mnist_dense")
+        self.train, self.validation, self.config = train, validation, config
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        units = hp.Int("hidden_units", 64, 1024, step=64)
+        dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
+        learning_rate = hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")
+        hp.Choice("batch_size", [32, 64, 128, 256])
+        return build_model(units, learning_rate, dropout,
+                           steps_per_execution=self.config.steps_per_execution, jit_compile=True)
+
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, epochs: int = 1,
+            initial_epoch: int = 0, callbacks: list | None = None, **kwargs: Any):
+        batch_size = hp.get("batch_size")
+        train_ds = data_lib.make_dataset(self.train, batch_size, shuffle=True,
+                                         seed=self.config.seed, epochs=epochs,
+                                         start_epoch=initial_epoch)
+        val_ds = data_lib.make_dataset(self.validation, 2048, shuffle=False)
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss",
+                                             patience=self.config.early_stopping_patience)
+        return model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+                         initial_epoch=initial_epoch,
+                         steps_per_epoch=data_lib.steps_per_epoch(self.train, batch_size),
+                         callbacks=[*(callbacks or []), stop], verbose=0, shuffle=False)
+
+
+class _OutOfBudget(Exception):
+    pass
+
+
+class NoTrialCompleted(RuntimeError):
+    """The budget ended before any trial completed."""
+
+
+class _StudyMixin:
+    """Progress a person can follow, and clean stops between trials (time or trial budget)."""
+
+    def _setup_study(self, config: TuneConfig, out: Any) -> None:
+        self.study_config = config
+        self.out = out
+        self.started = time.monotonic()
+        self.deadline = self.started + config.time_budget_minutes * 60
+        self.trials_run: list[str] = []
+        self.stop_reason = "the algorithm finished its schedule"
+
+    def _completed(self) -> int:
+        return sum(1 for t in self.oracle.trials.values()
+                   if t.status == kt.engine.trial.TrialStatus.COMPLETED)
+
+    def pre_create_trial(self) -> None:
+        if time.monotonic() >= self.deadline:
+            self.stop_reason = f"time budget of {self.study_config.time_budget_minutes:g} min used"
+            raise _OutOfBudget
+        if self._completed() >= self.study_config.max_trials:
+            self.stop_reason = f"--max-trials {self.study_config.max_trials} reached"
+            raise _OutOfBudget
+        super().pre_create_trial()
+
+    def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
+        super().on_trial_begin(trial)
+        self.trials_run.append(trial.trial_id)
+        values = {k: v for k, v in trial.hyperparameters.values.items()
+                  if not k.startswith("tuner/")}
+        epochs = trial.hyperparameters.values.get("tuner/epochs", self.study_config.max_epochs)
+        self.out(f"trial {trial.trial_id} (#{len(self.oracle.trials)}): {_fmt(values)}, "
+                 f"up to {epochs} epochs")
+
+    def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
+        super().on_trial_end(trial)
+        best = self.oracle.get_best_trials(1)
+        best_score = best[0].score if best else float("nan")
+        left = max(0.0, self.deadline - time.monotonic())
+        score = trial.score if trial.score is not None else float("nan")
+        self.out(f"trial {trial.trial_id} {trial.status.lower()}: {OBJECTIVE} {score:.4f}, "
+                 f"best so far {best_score:.4f}; {time.monotonic() - self.started:.0f} s "
+                 f"elapsed, {left:.0f} s of budget left")
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.2e}" if isinstance(v, float) and k == "learning_rate"
+                     else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in sorted(values.items()))
+
+
+def _tuner_class(algorithm: str) -> type:
+    base = {"hyperband": kt.Hyperband, "random": kt.RandomSearch,
+            "bayesian": kt.BayesianOptimization}[algorithm]
+    return type(f"Study{base.__name__}", (_StudyMixin, base), {})
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    study_dir: Path
+    best: dict[str, Any]
+    trials_run: list[str]
+    stop_reason: str
+
+
+def tune(config: TuneConfig, train: data_lib.Split, study_dir: Path, out: Any = print
+         ) -> TuneResult:
+    """Search, then write `best_hparams.json` in `study_dir`. `train` is the training split only:
+    the validation split is carved from it here, with `config.seed`."""
+    study_dir = Path(study_dir)
+    if config.overwrite and study_dir.exists():
+        out(f"*** --overwrite: deleting study {config.study} ({study_dir}) and starting over ***")
+        shutil.rmtree(study_dir)
+    fit_split, val_split = data_lib.carve_validation(train, config.validation_fraction,
+                                                     config.seed)
+    hypermodel = DenseHyperModel(fit_split, val_split, config)
+    common: dict[str, Any] = dict(hypermodel=hypermodel, objective=OBJECTIVE,
+                                  directory=str(study_dir), project_name="keras_tuner",
+                                  overwrite=False, seed=config.seed)
+    if config.algorithm == "hyperband":
+        tuner = _tuner_class("hyperband")(max_epochs=config.max_epochs, factor=3, **common)
+    else:
+        tuner = _tuner_class(config.algorithm)(max_trials=config.max_trials, **common)
+    tuner._setup_study(config, out)
+    done = tuner._completed()
+    if done:
+        out(f"*** resuming study {config.study}: {done} trial(s) already done in {study_dir} "
+            f"are kept, not re-run (--overwrite starts over) ***")
+    out(f"searching: {config.algorithm}, selection on {len(val_split)} validation examples "
+        f"held out of {len(train)} training examples (seed {config.seed}); the test split is "
+        f"not used")
+    tensorboard = keras.callbacks.TensorBoard(str(study_dir / "tensorboard"),
+                                              update_freq="epoch")
+    try:
+        tuner.search(epochs=config.max_epochs, callbacks=[tensorboard], verbose=0)
+    except _OutOfBudget:
+        pass
+    out(f"search stopped: {tuner.stop_reason}")
+    best = write_best(tuner, config, study_dir, len(fit_split), len(val_split))
+    return TuneResult(study_dir, best, tuner.trials_run, tuner.stop_reason)
+
+
+def write_best(tuner: Any, config: TuneConfig, study_dir: Path, n_fit: int, n_val: int
+               ) -> dict[str, Any]:
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
+    table = [{"trial_id": t.trial_id, "status": t.status,
+              "values": {k: v for k, v in t.hyperparameters.values.items()
+                         if not k.startswith("tuner/")},
+              "epochs": t.hyperparameters.values.get("tuner/epochs", config.max_epochs),
+              "score": t.score, "best_epoch": (t.best_step + 1) if t.score is not None else None}
+             for t in trials]
+    completed = tuner.oracle.get_best_trials(1)
+    if not completed:
+        raise NoTrialCompleted("no trial completed within the budget: raise --time-budget or "
+                               "--max-trials")
+    best = completed[0]
+    values = {k: v for k, v in best.hyperparameters.values.items() if not k.startswith("tuner/")}
+    result = {
+        "study": config.study, "algorithm": config.algorithm, "objective": OBJECTIVE,
+        "score": best.score, "trial_id": best.trial_id,
+        "validation": {"fraction": config.validation_fraction, "seed": config.seed,
+                       "train_examples": n_fit, "validation_examples": n_val},
+        # What `pipeline train --hparams` reads: the winning values, and as many epochs as the
+        # winning trial needed to reach its best validation score.
+        "hparams": {"hidden_units": int(values["hidden_units"]),
+                    "dropout": round(float(values["dropout"]), 4),
+                    "learning_rate": float(values["learning_rate"]),
+                    "batch_size": int(values["batch_size"]),
+                    "epochs": int(best.best_step + 1)},
+        "trials": table,
+    }
+    path = Path(study_dir) / BEST_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def format_trials(best: dict[str, Any]) -> str:
+    lines = ["| trial | units | dropout | learning rate | batch | epochs | best epoch | "
+             f"{OBJECTIVE} |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in sorted(best["trials"], key=lambda t: -(t["score"] or -1)):
+        v = t["values"]
+        score = f"{t['score']:.4f}" if t["score"] is not None else t["status"].lower()
+        mark = " (best)" if t["trial_id"] == best["trial_id"] else ""
+        lines.append(f"| {t['trial_id']}{mark} | {v['hidden_units']} | {v['dropout']:.1f} | "
+                     f"{v['learning_rate']:.2e} | {v['batch_size']} | {t['epochs']} | "
+                     f"{t['best_epoch']} | {score} |")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Hyperparameter search: runs, resumes without re-running, starts over, never sees the test
+split, logs hparams per trial, and feeds `train --hparams`."""
+
+import json
+
+import pytest
+import tensorflow_datasets as tfds
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from components import data as data_lib
+from components import tuner
+from pipeline import cli
+from pipeline.config import small_config
+from pipeline.run import Paths, train_pipeline
+from tests.conftest import make_digits
+
+
+@pytest.fixture
+def train_split():
+    return data_lib.validate_split(make_digits(400, seed=3))
+
+
+def _config(**kw):
+    base = dict(study="s", algorithm="random", max_trials=2, max_epochs=2, time_budget_minutes=5,
+                steps_per_execution=4)
+    return tuner.TuneConfig(**{**base, **kw})
+
+
+def test_search_writes_best_resumes_without_rerunning_and_overwrite_starts_over(
+        tmp_path, train_split):
+    lines = []
+    first = tuner.tune(_config(), train_split, tmp_path / "s", out=lines.append)
+    assert len(first.trials_run) == 2
+    best = json.loads((tmp_path / "s" / tuner.BEST_FILE).read_text())
+    assert set(best["hparams"]) == {"hidden_units", "dropout", "learning_rate", "batch_size",
+                                    "epochs"}
+    assert best["score"] == max(t["score"] for t in best["trials"])
+    assert best["validation"] == {"fraction": 0.1, "seed": 0, "train_examples": 360,
+                                  "validation_examples": 40}
+    assert any(line.startswith("trial 0 completed: val_accuracy") and "best so far" in line
+               and "budget left" in line for line in lines)
+
+    again = tuner.tune(_config(), train_split, tmp_path / "s", out=lines.append)
+    assert again.trials_run == [] and any("resuming study s: 2 trial(s)" in l for l in lines)
+    more = tuner.tune(_config(max_trials=3), train_split, tmp_path / "s", out=lines.append)
+    assert len(more.trials_run) == 1 and more.trials_run[0] not in first.trials_run
+
+    lines.clear()
+    fresh = tuner.tune(_config(overwrite=True), train_split, tmp_path / "s", out=lines.append)
+    assert len(fresh.trials_run) == 2 and "--overwrite" in lines[0]
+    assert len(json.loads((tmp_path / "s" / tuner.BEST_FILE).read_text())["trials"]) == 2
+
+
+def test_hyperband_runs_and_trial_logs_carry_hparams(tmp_path, train_split):
+    result = tuner.tune(_config(algorithm="hyperband", max_trials=3, max_epochs=2),
+                        train_split, tmp_path / "h", out=lambda _: None)
+    assert 1 <= len(result.trials_run) <= 3
+    for trial_id in result.trials_run:
+        acc = ea.EventAccumulator(str(tmp_path / "h" / "tensorboard" / trial_id / "execution0"))
+        acc.Reload()
+        start = plugin_data_pb2.HParamsPluginData.FromString(acc.SummaryMetadata(
+            "_hparams_/session_start_info").plugin_data.content).session_start_info
+        assert {"hidden_units", "dropout", "learning_rate", "batch_size"} <= set(start.hparams)
+
+
+def test_time_budget_stops_cleanly_between_trials(tmp_path, train_split):
+    with pytest.raises(tuner.NoTrialCompleted, match="raise --time-budget"):
+        tuner.tune(_config(time_budget_minutes=1e-9), train_split, tmp_path / "t",
+                   out=lambda _: None)
+
+
+def test_tune_cli_never_asks_for_the_test_split(tmp_path, monkeypatch, capsys):
+    asked = []
+    real = data_lib.load_split
+
+    def spy(split, **kw):
+        asked.append(split)
+        return real(split, **kw)
+
+    monkeypatch.setattr(data_lib, "load_split", spy)
+    with tfds.testing.mock_data(num_examples=120):
+        code = cli.main(["tune", "--artifacts-dir", str(tmp_path), "--algorithm", "random",
+                         "--max-trials", "1", "--max-epochs", "1", "--device", "cpu"])
+    assert code == 0 and asked == ["train"]
+    assert (tmp_path / "tuning" / "default" / tuner.BEST_FILE).is_file()
+    assert "make train ARGS=\"--hparams" in capsys.readouterr().out
+
+
+def test_training_reads_best_hparams_into_its_config(tmp_path, tiny_data):
+    best = {"hparams": {"hidden_units": 48, "dropout": 0.2, "learning_rate": 0.004,
+                        "batch_size": 64, "epochs": 2}, "score": 0.9}
+    path = tmp_path / tuner.BEST_FILE
+    path.write_text(json.dumps(best))
+    args = cli.build_parser().parse_args(["train", "--hparams", str(path), "--device", "cpu"])
+    config = cli.resolve_config(args)
+    small = small_config().to_dict()
+    config = config.replace(**{k: small[k] for k in ("max_train_examples", "max_test_examples",
+                                                     "min_accuracy", "max_regression")})
+    result = train_pipeline(config, Paths(tmp_path / "artifacts"), data=tiny_data)
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert {k: saved[k] for k in best["hparams"]} == best["hparams"]
+    assert result.metrics["epochs_trained"] == 2
