@@ -15,7 +15,7 @@ MNIST_MANUAL_DIR ?= $(if $(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),
 export ARTIFACTS_DIR MNIST_MANUAL_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow test-all tensorboard report serve predict bench tune clean distclean
+.PHONY: help venv train test test-slow test-all tensorboard report serve predict bench tune train-cluster clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +32,10 @@ venv: $(STAMP) ## create/update .venv from pyproject.toml (the other targets do 
 train: $(STAMP) ## train, evaluate, gate, publish and report the documented model (ARGS=... for flags)
 	$(PY) -m pipeline train $(ARGS)
 
+WORKERS ?= 2
+train-cluster: $(STAMP) ## train with WORKERS=N local processes (MultiWorkerMirroredStrategy), ARGS as for train
+	$(PY) -m pipeline cluster --workers $(WORKERS) -- $(ARGS)
+
 test: $(STAMP) ## the test suite: fast tests, plus the end-to-end test when ../shared/datasets/mnist exists
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -41,7 +45,7 @@ test-slow: $(STAMP) ## the slow tests (subprocess kills, real multi-process runs
 test-all: $(STAMP) ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-tune: $(STAMP) ## keras-tuner search (default budget 12 min); ARGS="--study NAME --time-budget MIN ..."
+tune: $(STAMP) ## keras-tuner search (default budget 13 min); ARGS="--study NAME --time-budget MIN ..."
 	$(PY) -m pipeline tune $(ARGS)
 
 tensorboard: $(STAMP) ## serve every run's and tuning trial's logs on http://127.0.0.1:PORT (default 6006)

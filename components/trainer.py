@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -127,16 +126,78 @@ def make_strategy(choice: StrategyChoice) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def setup_device(device: str, *, deterministic: bool, seed: int) -> StrategyChoice:
-    """Resolve --device, hide GPUs for --device cpu, set seeds. Call before any TF op runs."""
+@dataclasses.dataclass(frozen=True)
+class ClusterRole:
+    """This process's place in a TF_CONFIG cluster."""
+
+    is_chief: bool
+    task: str  # "local", or e.g. "worker-1"
+
+
+def cluster_role(tf_config: dict[str, Any] | None) -> ClusterRole:
+    """The chief is the "chief" task, or worker 0 when the cluster names no chief (Keras's
+    multi-worker convention). Only the chief writes shared artifacts."""
+    if not tf_config:
+        return ClusterRole(True, "local")
+    task = tf_config.get("task") or {}
+    task_type, index = task.get("type", "worker"), int(task.get("index", 0))
+    has_chief = "chief" in (tf_config.get("cluster") or {})
+    is_chief = task_type == "chief" or (not has_chief and task_type == "worker" and index == 0)
+    return ClusterRole(is_chief, f"{task_type}-{index}")
+
+
+def setup_device(device: str, *, deterministic: bool, seed: int,
+                 tf_config: dict[str, Any] | None = None
+                 ) -> tuple[StrategyChoice, tf.distribute.Strategy]:
+    """Resolve --device, hide GPUs for --device cpu, make the strategy, set seeds.
+
+    Call before any TF op runs: device visibility and MultiWorkerMirroredStrategy's collective
+    ops can only be configured at program start-up.
+    """
     gpus = tf.config.list_physical_devices("GPU")
-    choice = choose_strategy(device, len(gpus), parse_tf_config(os.environ.get("TF_CONFIG")))
+    choice = choose_strategy(device, len(gpus), tf_config)
     if choice.device == "cpu" and gpus:
         tf.config.set_visible_devices([], "GPU")
+    strategy = make_strategy(choice)
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    return choice
+    return choice, strategy
+
+
+def _work_around_keras_multi_worker_bugs(model: keras.Model, strategy: tf.distribute.Strategy,
+                                         per_replica_batch: int) -> None:
+    """Keras 3.15's `fit` does not run under MultiWorkerMirroredStrategy as shipped (upstream:
+    keras-team/keras#20585, tensorflow/tensorflow#72388). Two narrow fixes, for multi-worker
+    runs only:
+
+    1. `fit` builds the model by `strategy.reduce("MEAN", first_distributed_batch)`, which fails
+       ("Attempt to convert a value (PerReplica ...)"): build it from a local batch instead.
+    2. Step logs (scalars) are reduced with `strategy.reduce("MEAN", v, axis=0)`, which fails on
+       0-d values ("Invalid reduction dimension 0"): reduce scalars with axis=None.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    with strategy.scope():
+        model._symbolic_build(data_batch=(
+            tf.zeros((per_replica_batch, 28, 28), tf.float32),
+            tf.zeros((per_replica_batch,), tf.int64)))
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    if getattr(tf_trainer.reduce_per_replica, "_mnist_patched", False):
+        return
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and \
+                tf_trainer._collective_all_reduce_multi_worker(strategy):
+            def mean(v):
+                rank = v.values[0].shape.rank if hasattr(v, "values") else v.shape.rank
+                return strategy.reduce("MEAN", v, axis=0 if rank else None)
+            return tf.nest.map_structure(mean, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._mnist_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 class _NanGuard(keras.callbacks.Callback):
@@ -194,6 +255,10 @@ def train(build_model: Callable[[], keras.Model],
     train_ds = make_train_ds(start_epoch)
     with strategy.scope():
         model = build_model()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        per_replica = max(1, int(train_ds.element_spec[0].shape[0] or 32) //
+                          strategy.num_replicas_in_sync)
+        _work_around_keras_multi_worker_bugs(model, strategy, per_replica)
     timer = _EpochTimer()
     callbacks: list[keras.callbacks.Callback] = [_NanGuard(), timer]
     if backup_dir is not None:

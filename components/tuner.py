@@ -29,8 +29,8 @@ class TuneConfig:
     study: str = "default"
     algorithm: str = "hyperband"
     max_trials: int = 40  # an upper bound; the time budget usually ends the search first
-    max_epochs: int = 12
-    time_budget_minutes: float = 12.0
+    max_epochs: int = 20
+    time_budget_minutes: float = 13.0
     validation_fraction: float = 0.1
     seed: int = 0
     overwrite: bool = False

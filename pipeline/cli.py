@@ -140,12 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                       default="hyperband", help="search algorithm (default hyperband)")
     tune.add_argument("--max-trials", type=POSITIVE, default=40,
                       help="stop after this many completed trials (default 40)")
-    tune.add_argument("--max-epochs", type=POSITIVE, default=12,
-                      help="epochs for the longest trial (default 12); early stopping on "
+    tune.add_argument("--max-epochs", type=POSITIVE, default=20,
+                      help="epochs for the longest trial (default 20); early stopping on "
                            "validation loss inside trials")
-    tune.add_argument("--time-budget", type=_positive_float, default=12.0,
+    tune.add_argument("--time-budget", type=_positive_float, default=13.0,
                       help="minutes; the search stops cleanly between trials when it is "
-                           "spent (default 12)")
+                           "spent (default 13)")
     tune.add_argument("--validation-fraction", type=_fraction, default=0.1,
                       help="held out of the training split for selection (default 0.1)")
     tune.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed (default 0)")
@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tfds-data-dir", type=Path)
     tune.add_argument("--tfds-manual-dir", type=Path,
                       default=os.environ.get("MNIST_MANUAL_DIR") or None)
+
+    clu = sub.add_parser("cluster", help="train with N local worker processes "
+                                         "(MultiWorkerMirroredStrategy, generated TF_CONFIG)")
+    clu.add_argument("--workers", type=POSITIVE, default=2, help="worker processes (default 2)")
+    clu.add_argument("--max-restarts", type=NON_NEGATIVE, default=2,
+                     help="restarts of the whole cluster when a worker is killed (default 2)")
+    clu.add_argument("train_args", nargs=argparse.REMAINDER,
+                     help="after `--`: flags for `train`, e.g. -- --epochs 1")
 
     rep = sub.add_parser("report", help="rebuild the report of an earlier run")
     rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
@@ -233,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "cluster":
+            return _cluster(args)
     except (UsageError, ConfigError) as e:
         return _fail(EXIT_USAGE, str(e))
     except KeyboardInterrupt:
@@ -248,9 +258,12 @@ def _train(args: argparse.Namespace) -> int:
     from components.exporter import PublishError
     from components.trainer import BackupError, DeviceError, TrainingDiverged
 
+    from components.trainer import parse_tf_config
+
     paths = Paths(args.artifacts_dir, args.tfds_data_dir, args.tfds_manual_dir)
     try:
-        result = train_pipeline(config, paths, run_id=args.run_name)
+        result = train_pipeline(config, paths, run_id=args.run_name,
+                                tf_config=parse_tf_config(os.environ.get("TF_CONFIG")))
     except (DeviceError, RunStateError) as e:
         return _fail(EXIT_USAGE, str(e))
     except BackupError as e:
@@ -263,6 +276,8 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(EXIT_PUBLISH, f"publish: {e}")
     except OSError as e:  # e.g. disk full while writing the run's artifacts
         return _fail(EXIT_PUBLISH, f"could not write artifacts: {e}")
+    if result.metrics.get("chief") is False:
+        return EXIT_OK  # a non-chief worker: the chief's exit code is the job's
     if not result.blessed:
         return _fail(EXIT_NOT_BLESSED, f"model not blessed: {result.metrics['gate']['reason']}")
     return EXIT_OK
@@ -290,7 +305,7 @@ def _tune(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs, time_budget_minutes=args.time_budget,
         validation_fraction=args.validation_fraction, seed=args.seed, overwrite=args.overwrite)
     try:
-        trainer.setup_device(args.device, deterministic=False, seed=args.seed)
+        trainer.setup_device(args.device, deterministic=False, seed=args.seed)  # no TF_CONFIG
         # Only the training split: selection must never see the test split.
         train = data_lib.validate_split(data_lib.load_split(
             "train", data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir,
@@ -311,3 +326,19 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"written {study_dir / tuner.BEST_FILE}; train it with:\n"
           f"  make train ARGS=\"--hparams {study_dir / tuner.BEST_FILE}\"")
     return EXIT_OK
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from pipeline.cluster import run_cluster
+    from pipeline.run import new_run_id
+
+    train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] \
+        else list(args.train_args)
+    parsed = build_parser().parse_args(["train", *train_args])  # flag errors: exit 2 here
+    resolve_config(parsed)
+    check_artifacts_dir(parsed.artifacts_dir)
+    run_name = parsed.run_name or new_run_id()
+    if parsed.run_name:
+        i = train_args.index("--run-name")
+        del train_args[i:i + 2]
+    return run_cluster(args.workers, train_args, run_name, args.max_restarts)

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -101,15 +103,42 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = None,
-                   data: tuple[Any, Any] | None = None) -> RunResult:
+                   data: tuple[Any, Any] | None = None,
+                   tf_config: dict[str, Any] | None = None) -> RunResult:
     """data -> validate -> train -> evaluate -> gate/publish -> report, for one run.
 
     `data` optionally supplies (train, test) Splits directly (tests, other sources); otherwise
-    both come from TFDS. Raises the components' errors; the CLI maps them to exit codes.
+    both come from TFDS. `tf_config`: the parsed TF_CONFIG of a multi-worker cluster; every
+    worker runs every step (they train, evaluate and export together), and only the chief
+    writes the run's artifacts; the others write to a temporary folder they delete.
+    Raises the components' errors; the CLI maps them to exit codes.
     """
+    from components import trainer
+
+    role = trainer.cluster_role(tf_config)
+    run_id = run_id or new_run_id()
+    if role.is_chief:
+        return _train_pipeline(config, paths, run_id, data, tf_config, role)
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"mnist-{role.task}-"))
+    # A worker's backup outlives a restart (so it can resume with the chief), not the run.
+    worker_backups = paths.artifacts / ".workers" / run_id
+    try:
+        result = _train_pipeline(config, Paths(scratch, paths.tfds_data_dir,
+                                               paths.tfds_manual_dir),
+                                 run_id, data, tf_config, role,
+                                 backup_dir=worker_backups / role.task)
+        shutil.rmtree(worker_backups, ignore_errors=True)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
+                    data: tuple[Any, Any] | None, tf_config: dict[str, Any] | None,
+                    role: Any, backup_dir: Path | None = None) -> RunResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    run_id = run_id or new_run_id()
 
     # Imported here so that flag errors are reported before TensorFlow's start-up cost.
     from components import data as data_lib
@@ -117,9 +146,10 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     from components.model import build_model
 
     # Everything a user can get wrong (device, data) is checked before the run dir exists.
-    choice = trainer.setup_device(config.device, deterministic=config.deterministic,
-                                  seed=config.seed)
-    log.info("device: %s", choice.description)
+    choice, strategy = trainer.setup_device(
+        config.device, deterministic=config.deterministic, seed=config.seed, tf_config=tf_config)
+    log.info("device: %s; this process: %s%s", choice.description, role.task,
+             " (chief)" if role.is_chief and tf_config else "")
 
     t = time.perf_counter()
     if data is None:
@@ -141,7 +171,11 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     log.info("data: %d train, %d test examples, validated", len(train_split), len(test_split))
 
     run_dir = paths.run_dir(run_id)
-    resuming = prepare_run_dir(run_dir, config)
+    if role.is_chief:
+        resuming = prepare_run_dir(run_dir, config)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resuming = False
     log.info("run %s -> %s%s", run_id, run_dir, " (resuming)" if resuming else "")
 
     if config.validation_fraction > 0:
@@ -149,7 +183,6 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
                                                          config.seed)
     else:
         fit_split, val_split = train_split, test_split
-    strategy = trainer.make_strategy(choice)
     replicas = strategy.num_replicas_in_sync
     log.info("strategy: %s, %d replica(s), global batch %d, per-replica batch %d",
              type(strategy).__name__, replicas, config.batch_size,
@@ -159,15 +192,22 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     t = time.perf_counter()
     result = trainer.train(
         lambda: build_model(config.hidden_units, config.learning_rate, config.dropout,
-                            steps_per_execution=config.steps_per_execution,
-                            jit_compile=config.jit_compile),
+                            # Keras 3.15's multi-step loop fails under
+                            # MultiWorkerMirroredStrategy (in-graph has_next): one step per call.
+                            steps_per_execution=config.steps_per_execution
+                            if choice.kind != "multi_worker" else 1,
+                            # XLA stays on one device: cross-replica collectives are not
+                            # compiled on the CPU.
+                            jit_compile=config.jit_compile and choice.kind in
+                            ("default", "one_device")),
         lambda start: data_lib.make_dataset(fit_split, config.batch_size, shuffle=True,
                                             seed=config.seed, epochs=config.epochs,
                                             start_epoch=start),
         val_ds, epochs=config.epochs,
         steps_per_epoch=data_lib.steps_per_epoch(fit_split, config.batch_size),
         strategy=strategy,
-        tensorboard_dir=paths.tensorboard_dir(run_id), backup_dir=run_dir / "backup",
+        tensorboard_dir=paths.tensorboard_dir(run_id),
+        backup_dir=backup_dir or run_dir / "backup",
         update_freq=config.tensorboard_update_freq,
         extra_callbacks=[monitoring.EpochImages(paths.tensorboard_dir(run_id), val_split.images,
                                                 val_split.labels)])
@@ -199,6 +239,10 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
         paths.models, run_id=run_id, min_accuracy=config.min_accuracy,
         max_regression=config.max_regression, keep_versions=config.keep_versions)
     timings["publish_seconds"] = time.perf_counter() - t
+    if not role.is_chief:
+        # It exported with the chief (saving may need every worker); its copy is scratch.
+        print(f"{role.task}: done; the chief publishes and reports")
+        return RunResult(run_id, run_dir, {**metrics, "blessed": None, "chief": False})
     metrics.update(blessed=published.decision.blessed, gate=published.decision.to_dict(),
                    published_version=published.version,
                    published_path=str(published.path) if published.path else None)

@@ -259,7 +259,7 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
 
     monkeypatch.setattr(report, "write_report", full)
     paths = Paths(tmp_path / "artifacts")
-    monkeypatch.setattr("pipeline.run.train_pipeline", lambda config, p, run_id=None:
+    monkeypatch.setattr("pipeline.run.train_pipeline", lambda config, p, run_id=None, tf_config=None:
                         train_pipeline(config.replace(**small_config(device="cpu").to_dict()),
                                        paths, data=tiny_data))
     code = cli.main(["train", "--artifacts-dir", str(paths.artifacts)])

@@ -1,0 +1,111 @@
+"""tf.distribute across processes: roles, generated TF_CONFIGs, and real 2-worker runs."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from components import exporter, trainer
+from pipeline.cluster import tf_configs
+from tests.conftest import ROOT, SHARED_MNIST
+
+needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                 reason=f"real MNIST not found at {SHARED_MNIST}")
+SMALL = ["--max-train-examples", "4000", "--max-test-examples", "1000", "--device", "cpu",
+         "--min-accuracy", "0", "--max-regression", "1", "--tfds-manual-dir", str(SHARED_MNIST)]
+
+
+@pytest.mark.parametrize("tf_config,chief,task", [
+    (None, True, "local"),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, True,
+     "worker-0"),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, False,
+     "worker-1"),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     True, "chief-0"),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
+     False, "worker-0"),
+])
+def test_cluster_role(tf_config, chief, task):
+    assert trainer.cluster_role(tf_config) == trainer.ClusterRole(chief, task)
+
+
+def test_generated_tf_configs_name_every_worker_and_one_task_each():
+    configs = tf_configs([1111, 2222, 3333])
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert all(c["cluster"] == {"worker": ["127.0.0.1:1111", "127.0.0.1:2222",
+                                           "127.0.0.1:3333"]} for c in configs)
+    assert all(trainer.parse_tf_config(json.dumps(c)) == c for c in configs)
+    assert [trainer.cluster_role(c).is_chief for c in configs] == [True, False, False]
+
+
+def _cluster_cmd(artifacts, *flags, workers=2):
+    return [sys.executable, "-m", "pipeline", "cluster", "--workers", str(workers), "--",
+            "--artifacts-dir", str(artifacts), *SMALL, *flags]
+
+
+def _runs(artifacts):
+    return sorted(p for p in (artifacts / "runs").iterdir() if p.name != "latest")
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_two_workers_train_publish_once_and_report_once(tmp_path):
+    artifacts = tmp_path / "cluster"
+    r = subprocess.run(_cluster_cmd(artifacts, "--epochs", "1"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "2 replica(s), global batch 32, per-replica batch 16" in r.stdout
+    assert exporter.published_versions(artifacts / "models" / "mnist") == [1]
+    [run] = _runs(artifacts)
+    assert (run / "report" / "index.html").is_file() and (run / "metrics.json").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["strategy"] == "multi_worker" and metrics["replicas"] == 2
+    assert not (artifacts / ".workers").exists()  # the non-chief cleaned up after itself
+    assert [p.name for p in (artifacts / "tensorboard").iterdir()] == [run.name]
+
+    single = tmp_path / "single"
+    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--artifacts-dir",
+                        str(single), *SMALL, "--epochs", "1", "--steps-per-execution", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = json.loads((_runs(single)[0] / "metrics.json").read_text())
+    assert abs(metrics["test_accuracy"] - one["test_accuracy"]) < 0.03
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_a_killed_worker_is_restarted_and_the_job_completes(tmp_path):
+    artifacts = tmp_path / "cluster"
+    cmd = _cluster_cmd(artifacts, "--epochs", "3", "--run-name", "preempted")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
+    meta = artifacts / "runs" / "preempted" / "backup" / trainer.METADATA_FILE
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["epoch"] >= 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    pid = next(int(m.group(1)) for line in list(lines)
+               if (m := re.match(r"cluster: worker 1 pid (\d+)", line)))
+    import os
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    reader.join(timeout=5)
+    output = "".join(lines)
+    assert "worker 1 was killed (signal 9); restarting all 2 workers" in output
+    metrics = json.loads((artifacts / "runs" / "preempted" / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] >= 1 and metrics["epochs_trained"] == 3
+    assert exporter.published_versions(artifacts / "models" / "mnist") == [1]
