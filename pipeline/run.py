@@ -129,6 +129,10 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
                                  run_id, data, tf_config, role,
                                  backup_dir=worker_backups / role.task)
         shutil.rmtree(worker_backups, ignore_errors=True)
+        try:
+            worker_backups.parent.rmdir()  # .workers, when no other run uses it
+        except OSError:
+            pass
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
