@@ -30,6 +30,24 @@ def make_digits(n: int, seed: int = 0, name: str = "train"):
     return Split(name, images, labels)
 
 
+def wait_for_backup_epoch(run_dir: Path, proc, epoch: int = 1, timeout: float = 400) -> None:
+    """Block until the run's backup records `epoch` completed epochs (or `proc` ends)."""
+    import json
+    import time
+
+    from components.trainer import METADATA_FILE
+
+    meta = run_dir / "backup" / METADATA_FILE
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["epoch"] >= epoch:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def tiny_data():
     return make_digits(512, seed=1, name="train"), make_digits(128, seed=2, name="test")

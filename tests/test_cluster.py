@@ -1,18 +1,18 @@
 """tf.distribute across processes: roles, generated TF_CONFIGs, and real 2-worker runs."""
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from components import exporter, trainer
 from pipeline.cluster import tf_configs
-from tests.conftest import ROOT, SHARED_MNIST
+from tests.conftest import ROOT, SHARED_MNIST, wait_for_backup_epoch
 
 needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                                  reason=f"real MNIST not found at {SHARED_MNIST}")
@@ -89,18 +89,9 @@ def test_a_killed_worker_is_restarted_and_the_job_completes(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
                               daemon=True)
     reader.start()
-    meta = artifacts / "runs" / "preempted" / "backup" / trainer.METADATA_FILE
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(meta.read_text())["epoch"] >= 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
+    wait_for_backup_epoch(artifacts / "runs" / "preempted", proc)
     pid = next(int(m.group(1)) for line in list(lines)
                if (m := re.match(r"cluster: worker 1 pid (\d+)", line)))
-    import os
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     reader.join(timeout=5)

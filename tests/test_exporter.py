@@ -9,7 +9,6 @@ import tensorflow as tf
 
 from components import exporter
 from components.data import preprocess
-from components.model import build_model
 
 
 def _images(n=8, seed=0):

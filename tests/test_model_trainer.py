@@ -1,7 +1,6 @@
 """Model architecture, strategy choice, and a short training run on tiny data."""
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 

@@ -8,16 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
-import numpy as np
 import pytest
 
 from components import exporter, trainer
 from components.data import DataError, Split, _registered_files
 from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
-from tests.conftest import ROOT, SHARED_MNIST, make_digits
+from tests.conftest import ROOT, SHARED_MNIST, wait_for_backup_epoch
 
 needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                                  reason=f"real MNIST not found at {SHARED_MNIST}")
@@ -57,15 +55,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_deterministic_run(tmp_path
     # 1: SIGKILL after at least one completed epoch, then the same command again
     cmd = train_cmd(artifacts, *flags, "--run-name", "killed")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = artifacts / "runs" / "killed" / "backup" / trainer.METADATA_FILE
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(meta.read_text())["epoch"] >= 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    wait_for_backup_epoch(artifacts / "runs" / "killed", proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (artifacts / "runs" / "killed" / "metrics.json").exists()

@@ -1,6 +1,5 @@
 """What people look at: TensorBoard event contents, the report files and page, in a browser."""
 
-import glob
 import html
 import json
 import re
