@@ -178,6 +178,15 @@ def tune(config: TuneConfig, train: data_lib.Split, study_dir: Path, out: Any = 
     return TuneResult(study_dir, best, tuner.trials_run, tuner.stop_reason)
 
 
+def best_epoch(trial: Any) -> int | None:
+    """Epochs a trial's model had trained when it reached its best score. keras-tuner counts
+    `best_step` from the start of the trial's own `fit`, and a Hyperband trial that continues an
+    earlier one starts at `tuner/initial_epoch`: both are added."""
+    if trial.score is None:
+        return None
+    return int(trial.hyperparameters.values.get("tuner/initial_epoch", 0)) + trial.best_step + 1
+
+
 def write_best(tuner: Any, config: TuneConfig, study_dir: Path, n_fit: int, n_val: int
                ) -> dict[str, Any]:
     trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
@@ -185,7 +194,7 @@ def write_best(tuner: Any, config: TuneConfig, study_dir: Path, n_fit: int, n_va
               "values": {k: v for k, v in t.hyperparameters.values.items()
                          if not k.startswith("tuner/")},
               "epochs": t.hyperparameters.values.get("tuner/epochs", config.max_epochs),
-              "score": t.score, "best_epoch": (t.best_step + 1) if t.score is not None else None}
+              "score": t.score, "best_epoch": best_epoch(t)}
              for t in trials]
     completed = tuner.oracle.get_best_trials(1)
     if not completed:
@@ -204,7 +213,7 @@ def write_best(tuner: Any, config: TuneConfig, study_dir: Path, n_fit: int, n_va
                     "dropout": round(float(values["dropout"]), 4),
                     "learning_rate": float(values["learning_rate"]),
                     "batch_size": int(values["batch_size"]),
-                    "epochs": int(best.best_step + 1)},
+                    "epochs": best_epoch(best)},
         "trials": table,
     }
     path = Path(study_dir) / BEST_FILE

@@ -101,3 +101,15 @@ def test_training_reads_best_hparams_into_its_config(tmp_path, tiny_data):
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert {k: saved[k] for k in best["hparams"]} == best["hparams"]
     assert result.metrics["epochs_trained"] == 2
+
+
+def test_best_epoch_counts_the_epochs_a_continued_hyperband_trial_inherited():
+    from types import SimpleNamespace
+
+    def trial(values, best_step, score=0.9):
+        return SimpleNamespace(hyperparameters=SimpleNamespace(values=values),
+                               best_step=best_step, score=score)
+
+    assert tuner.best_epoch(trial({"tuner/initial_epoch": 7, "tuner/epochs": 20}, 4)) == 12
+    assert tuner.best_epoch(trial({}, 4)) == 5
+    assert tuner.best_epoch(trial({}, 0, score=None)) is None
