@@ -147,7 +147,7 @@ def cluster_role(tf_config: dict[str, Any] | None) -> ClusterRole:
 
 
 def setup_device(device: str, *, deterministic: bool, seed: int,
-                 tf_config: dict[str, Any] | None = None
+                 tf_config: dict[str, Any] | None = None, mixed_precision: bool = False
                  ) -> tuple[StrategyChoice, tf.distribute.Strategy]:
     """Resolve --device, hide GPUs for --device cpu, make the strategy, set seeds.
 
@@ -159,6 +159,9 @@ def setup_device(device: str, *, deterministic: bool, seed: int,
     if choice.device == "cpu" and gpus:
         tf.config.set_visible_devices([], "GPU")
     strategy = make_strategy(choice)
+    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+    if mixed_precision and choice.device == "cpu":
+        log.warning("--mixed-precision on the CPU: float16 is emulated there and usually slower")
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train steps per host round-trip (default 100; 1 = plain Keras)")
     g.add_argument("--no-jit", dest="jit_compile", action="store_false", default=s,
                    help="do not compile the train step with XLA")
+    g.add_argument("--mixed-precision", action="store_true", default=s,
+                   help="compute in float16 with float32 weights (for GPUs; the softmax and "
+                        "the loss stay float32)")
     g.add_argument("--validation-fraction", type=_fraction, default=s,
                    help="hold out this fraction of train for the validation curves "
                         "(default 0: monitor on the test split)")

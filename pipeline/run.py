@@ -151,7 +151,8 @@ def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
 
     # Everything a user can get wrong (device, data) is checked before the run dir exists.
     choice, strategy = trainer.setup_device(
-        config.device, deterministic=config.deterministic, seed=config.seed, tf_config=tf_config)
+        config.device, deterministic=config.deterministic, seed=config.seed, tf_config=tf_config,
+        mixed_precision=config.mixed_precision)
     log.info("device: %s; this process: %s%s", choice.description, role.task,
              " (chief)" if role.is_chief and tf_config else "")
 

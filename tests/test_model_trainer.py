@@ -1,6 +1,7 @@
 """Model architecture, strategy choice, and a short training run on tiny data."""
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -83,3 +84,16 @@ def test_training_learns_the_tiny_task(tmp_path):
 def test_nan_loss_stops_training(tmp_path):
     with pytest.raises(trainer.TrainingDiverged, match="loss became"):
         _fit(tmp_path, epochs=1, learning_rate=1e30)
+
+
+def test_mixed_precision_computes_in_float16_with_a_float32_softmax():
+    try:
+        trainer.setup_device("cpu", deterministic=False, seed=0, mixed_precision=True)
+        model = build_model()
+        assert model.layers[1].compute_dtype == "float16"
+        assert model.layers[1].variable_dtype == "float32"
+        assert model.layers[-1].compute_dtype == "float32"
+        out = model(np.zeros((2, 28, 28), np.float32))
+        assert out.dtype == "float32"
+    finally:
+        keras.config.set_dtype_policy("float32")
