@@ -35,10 +35,13 @@ def test_search_writes_best_resumes_without_rerunning_and_overwrite_starts_over(
     best = json.loads((tmp_path / "s" / tuner.BEST_FILE).read_text())
     assert set(best["hparams"]) == {"hidden_units", "dropout", "learning_rate", "batch_size",
                                     "epochs"}
-    assert best["score"] == max(t["score"] for t in best["trials"])
+    assert best["objective"] == "val_loss"
+    assert best["score"] == min(t["score"] for t in best["trials"])
+    assert 0.0 <= best["val_accuracy"] <= 1.0
     assert best["validation"] == {"fraction": 0.1, "seed": 0, "train_examples": 360,
                                   "validation_examples": 40}
-    assert any(line.startswith("trial 0 completed: val_accuracy") and "best so far" in line
+    assert any(line.startswith("trial 0 completed: val_loss") and "(val_accuracy 0." in line
+               and "best so far" in line
                and "budget left" in line for line in lines)
 
     again = tuner.tune(_config(), train_split, tmp_path / "s", out=lines.append)
