@@ -69,11 +69,11 @@ class EpochImages(keras.callbacks.Callback):
         probs = np.asarray(self.model.predict(preprocess(self.images).numpy(), batch_size=2048,
                                               verbose=0))
         confusion = compute_metrics(probs, self.labels)["confusion_matrix"]
-        grid = report._save(report.figure_grid(
+        grid = report.png_bytes(report.figure_grid(
             self.images, self.labels, probs, np.arange(min(GRID_EXAMPLES, len(self.labels))),
-            f"Validation predictions after epoch {epoch + 1}"), None)
-        matrix = report._save(report.figure_confusion(
-            confusion, f"Confusion matrix after epoch {epoch + 1}"), None)
+            f"Validation predictions after epoch {epoch + 1}"))
+        matrix = report.png_bytes(report.figure_confusion(
+            confusion, f"Confusion matrix after epoch {epoch + 1}"))
         with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
             tf.summary.image("predictions", _png_to_image_tensor(grid))
             tf.summary.image("confusion_matrix", _png_to_image_tensor(matrix))

@@ -23,13 +23,10 @@ def _subplots(*grid: int, figsize: tuple[float, float]):
     return fig, fig.subplots(*grid) if grid else fig.subplots()
 
 
-def _save(fig: Figure, path: Path | None) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    data = buf.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data
+    return buf.getvalue()
 
 
 def figure_digit(image: np.ndarray, title: str, color: str = "black") -> Figure:
@@ -161,26 +158,26 @@ def build_figures(predictions: dict[str, np.ndarray], metrics: dict[str, Any],
                              predictions["probabilities"])
     figures: dict[str, bytes] = {}
     if len(predictions.get("train_labels", [])):
-        figures["train_sample.png"] = _save(figure_digit(
-            predictions["train_images"][0], f"training sample: label {predictions['train_labels'][0]}"),
-            None)
+        figures["train_sample.png"] = png_bytes(figure_digit(
+            predictions["train_images"][0],
+            f"training sample: label {predictions['train_labels'][0]}"))
     pred0 = int(probs[0].argmax())
-    figures["first_test.png"] = _save(figure_digit(
+    figures["first_test.png"] = png_bytes(figure_digit(
         images[0], f"first test image: predicted {pred0}, true {int(labels[0])}",
-        "black" if pred0 == int(labels[0]) else "red"), None)
-    figures["predictions.png"] = _save(figure_grid(
+        "black" if pred0 == int(labels[0]) else "red"))
+    figures["predictions.png"] = png_bytes(figure_grid(
         images, labels, probs, np.arange(min(GRID, len(labels))),
-        "Test predictions (first 25): predicted vs true, mistakes in red"), None)
+        "Test predictions (first 25): predicted vs true, mistakes in red"))
     mistakes = mistake_indices(labels, probs)
-    figures["mistakes.png"] = _save(figure_grid(
+    figures["mistakes.png"] = png_bytes(figure_grid(
         images, labels, probs, mistakes,
         f"Most confident mistakes ({len(mistakes)} shown of "
         f"{int((probs.argmax(1) != labels).sum())})" if len(mistakes)
-        else "No mistakes on the test split"), None)
-    figures["confusion_matrix.png"] = _save(figure_confusion(metrics["confusion_matrix"]), None)
-    figures["confidence.png"] = _save(figure_confidence(labels, probs), None)
+        else "No mistakes on the test split"))
+    figures["confusion_matrix.png"] = png_bytes(figure_confusion(metrics["confusion_matrix"]))
+    figures["confidence.png"] = png_bytes(figure_confidence(labels, probs))
     if history:
-        figures["training_curves.png"] = _save(figure_curves(history), None)
+        figures["training_curves.png"] = png_bytes(figure_curves(history))
     return figures
 
 
