@@ -46,27 +46,42 @@ def _readable_backup(weights: Path, metadata: Path) -> int | None:
     return epoch if isinstance(epoch, int) and epoch >= 0 else None
 
 
-def resume_epoch(backup_dir: Path) -> int:
-    """The epoch a run resumes at: 0 without a backup. A garbled latest backup is replaced by
-    the previous copy (Keras keeps one); when neither is readable, BackupError: a run never
-    silently starts over."""
-    backup_dir = Path(backup_dir)
+def _readable_pair(backup_dir: Path) -> tuple[Path, Path, int] | None:
+    """The newest readable (weights, metadata, epoch) in a backup dir: the latest copy, else the
+    previous one Keras keeps. None when there is no backup; BackupError when none is readable."""
     weights, metadata = backup_dir / WEIGHTS_FILE, backup_dir / METADATA_FILE
     if not weights.exists() and not metadata.exists():
+        return None
+    for w, m in ((weights, metadata), (Path(f"{weights}.bkp"), Path(f"{metadata}.bkp"))):
+        epoch = _readable_backup(w, m)
+        if epoch is not None:
+            return w, m, epoch
+    raise BackupError(f"the backup in {backup_dir} is corrupt and has no readable previous "
+                      f"copy: delete that folder to start this run over, or pick another "
+                      f"--run-name")
+
+
+def resume_epoch(backup_dir: Path, restore_from: Path | None = None) -> int:
+    """The epoch a run resumes at: 0 without a backup. A garbled latest backup is replaced by
+    the previous copy (Keras keeps one); when neither is readable, BackupError: a run never
+    silently starts over.
+
+    `restore_from`: another worker's backup (the chief's) to resume from, read-only; its readable
+    copy is placed in `backup_dir`, so every worker resumes from the same epoch and weights.
+    """
+    backup_dir = Path(backup_dir)
+    source = Path(restore_from) if restore_from is not None else backup_dir
+    found = _readable_pair(source)
+    if found is None:
         return 0
-    epoch = _readable_backup(weights, metadata)
-    if epoch is not None:
-        return epoch
-    prev_weights, prev_metadata = Path(f"{weights}.bkp"), Path(f"{metadata}.bkp")
-    epoch = _readable_backup(prev_weights, prev_metadata)
-    if epoch is None:
-        raise BackupError(f"the backup in {backup_dir} is corrupt and has no readable previous "
-                          f"copy: delete that folder to start this run over, or pick another "
-                          f"--run-name")
-    log.warning("backup %s is corrupt; falling back to the previous copy (epoch %d)", weights,
-                epoch)
-    shutil.copyfile(prev_weights, weights)
-    shutil.copyfile(prev_metadata, metadata)
+    weights, metadata, epoch = found
+    if weights != backup_dir / WEIGHTS_FILE:
+        if weights.parent == backup_dir:
+            log.warning("backup %s is corrupt; falling back to the previous copy (epoch %d)",
+                        backup_dir / WEIGHTS_FILE, epoch)
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, backup_dir / WEIGHTS_FILE)
+        shutil.copyfile(metadata, backup_dir / METADATA_FILE)
     return epoch
 
 
@@ -242,7 +257,7 @@ def train(build_model: Callable[[], keras.Model],
           make_train_ds: Callable[[int], tf.data.Dataset],
           validation_ds: tf.data.Dataset | None, *, epochs: int, steps_per_epoch: int,
           strategy: tf.distribute.Strategy, tensorboard_dir: Path | None,
-          backup_dir: Path | None, update_freq: int = 100,
+          backup_dir: Path | None, restore_from: Path | None = None, update_freq: int = 100,
           extra_callbacks: list[keras.callbacks.Callback] | None = None,
           verbose: int = 2) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
@@ -250,9 +265,10 @@ def train(build_model: Callable[[], keras.Model],
     `make_train_ds(start_epoch)` gives the training batches of epochs start_epoch..epochs-1.
     `backup_dir`: Keras BackupAndRestore state, saved at each epoch end (never mid-epoch: a
     resumed run restarts at the epoch boundary, so no batch is trained twice), with the previous
-    copy kept so a garbled latest backup falls back to it.
+    copy kept so a garbled latest backup falls back to it. `restore_from`: resume from that
+    backup instead (a non-chief worker resumes from the chief's).
     """
-    start_epoch = resume_epoch(backup_dir) if backup_dir is not None else 0
+    start_epoch = resume_epoch(backup_dir, restore_from) if backup_dir is not None else 0
     if start_epoch:
         log.info("resuming from the backup at the end of epoch %d", start_epoch)
     train_ds = make_train_ds(start_epoch)

@@ -121,26 +121,20 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
         return _train_pipeline(config, paths, run_id, data, tf_config, role)
 
     scratch = Path(tempfile.mkdtemp(prefix=f"mnist-{role.task}-"))
-    # A worker's backup outlives a restart (so it can resume with the chief), not the run.
-    worker_backups = paths.artifacts / ".workers" / run_id
     try:
-        result = _train_pipeline(config, Paths(scratch, paths.tfds_data_dir,
-                                               paths.tfds_manual_dir),
-                                 run_id, data, tf_config, role,
-                                 backup_dir=worker_backups / role.task)
-        shutil.rmtree(worker_backups, ignore_errors=True)
-        try:
-            worker_backups.parent.rmdir()  # .workers, when no other run uses it
-        except OSError:
-            pass
-        return result
+        # Resumes from the chief's backup (read-only), so all workers restart at the same epoch
+        # with the same weights; its own saves go to the scratch folder.
+        return _train_pipeline(config, Paths(scratch, paths.tfds_data_dir,
+                                             paths.tfds_manual_dir),
+                               run_id, data, tf_config, role,
+                               restore_from=paths.run_dir(run_id) / "backup")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
                     data: tuple[Any, Any] | None, tf_config: dict[str, Any] | None,
-                    role: Any, backup_dir: Path | None = None) -> RunResult:
+                    role: Any, restore_from: Path | None = None) -> RunResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -212,7 +206,7 @@ def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
         steps_per_epoch=data_lib.steps_per_epoch(fit_split, config.batch_size),
         strategy=strategy,
         tensorboard_dir=paths.tensorboard_dir(run_id),
-        backup_dir=backup_dir or run_dir / "backup",
+        backup_dir=run_dir / "backup", restore_from=restore_from,
         update_freq=config.tensorboard_update_freq,
         extra_callbacks=[monitoring.EpochImages(paths.tensorboard_dir(run_id), val_split.images,
                                                 val_split.labels)])

@@ -101,6 +101,17 @@ def test_garbled_backup_without_a_good_copy_stops_with_a_clear_error(tmp_path):
         trainer.resume_epoch(backup)
 
 
+def test_a_worker_resumes_from_the_chiefs_backup_without_writing_to_it(tmp_path):
+    chief = _backup(tmp_path, epochs_done=3)
+    (chief / trainer.WEIGHTS_FILE).write_bytes(b"garbage" * 100)  # killed mid-save
+    before = {p.name: p.read_bytes() for p in chief.iterdir()}
+    worker = tmp_path / "worker-backup"
+    assert trainer.resume_epoch(worker, restore_from=chief) == 2
+    assert {p.name: p.read_bytes() for p in chief.iterdir()} == before
+    assert trainer.resume_epoch(worker) == 2  # its own copy is now the readable one
+    assert trainer.resume_epoch(tmp_path / "w2", restore_from=tmp_path / "no-backup") == 0
+
+
 def test_no_backup_starts_at_epoch_zero(tmp_path):
     assert trainer.resume_epoch(tmp_path / "none") == 0
 
