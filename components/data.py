@@ -184,37 +184,50 @@ def steps_per_epoch(split: Split, batch_size: int) -> int:
     return -(-len(split) // batch_size)
 
 
-def make_dataset(split: Split, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 epochs: int = 1, start_epoch: int = 0) -> tf.data.Dataset:
-    """map(preprocess) -> cache -> seeded shuffle -> batch -> prefetch(AUTOTUNE).
+def epoch_order(n: int, seed: int, epoch: tf.Tensor | int) -> tf.Tensor:
+    """The order of pass `epoch` over n examples: a permutation that depends only on (seed,
+    epoch), so a run resumed at epoch k sees exactly the batches an uninterrupted run saw."""
+    pair = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=pair)
 
-    With `shuffle`, the dataset holds epochs `start_epoch .. epochs - 1` back to back (give
-    Keras `steps_per_epoch`), and the order of epoch e depends only on (seed, e): a run resumed
-    at epoch k trains on exactly the batches an uninterrupted run would have.
+
+def make_train_dataset(split: Split, batch_size: int, *, seed: int,
+                       epoch: tf.Variable) -> tf.data.Dataset:
+    """One shuffled pass over `split` per iteration: each example once, the last batch partial.
+
+    Keras iterates the dataset afresh at every epoch (no `steps_per_epoch`), so an epoch is
+    exactly one pass whatever `steps_per_execution` is; Keras's multi-step loop stops at the end
+    of the data. The pass's order is read from `epoch` (an int64 variable the trainer sets at
+    each epoch start) when the iterator starts. Batches are gathered from the in-memory arrays
+    and normalised by the shared `preprocess`, one op per batch rather than per example.
     """
-    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-    # Preprocessing is vectorised over blocks of examples rather than called per example, then
-    # unbatched: same function, same values, a fraction of the per-element overhead.
-    ds = ds.batch(4096).map(lambda x, y: (preprocess(x), y),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
-    # unbatch() forgets the length; Keras needs it to size epochs under steps_per_execution.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(len(split))).cache()
-    if shuffle:
-        # One shuffled pass per epoch, each with its own Python-int seed, back to back.
-        cached, n = ds, len(split)
-        epoch_passes = [cached.shuffle(n, seed=seed * 1_000_003 + e,
-                                       reshuffle_each_iteration=False).batch(batch_size)
-                        for e in range(start_epoch, epochs)]
-        ds = epoch_passes[0] if epoch_passes else cached.take(0).batch(batch_size)
-        for epoch_pass in epoch_passes[1:]:
-            ds = ds.concatenate(epoch_pass)
-    else:
-        ds = ds.batch(batch_size)
+    images, labels, n = tf.constant(split.images), tf.constant(split.labels), len(split)
+
+    def one_pass(_: tf.Tensor) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices(epoch_order(n, seed, epoch.read_value()))
+
+    ds = tf.data.Dataset.from_tensors(0).flat_map(one_pass).batch(batch_size)
+    ds = ds.map(lambda idx: (preprocess(tf.gather(images, idx)), tf.gather(labels, idx)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # flat_map forgets the length; Keras sizes the epoch (and its progress bar) from it.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(split, batch_size)))
+    return _finish(ds)
+
+
+def make_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
+    """The examples in order, batched and normalised: validation, evaluation, prediction."""
+    images, labels = tf.constant(split.images), tf.constant(split.labels)
+    ds = tf.data.Dataset.range(len(split)).batch(batch_size)
+    ds = ds.map(lambda idx: (preprocess(tf.gather(images, idx)), tf.gather(labels, idx)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(ds)
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     options.deterministic = True
-    ds = ds.with_options(options)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:

@@ -21,8 +21,14 @@ def _png_to_image_tensor(png: bytes) -> tf.Tensor:
     return tf.expand_dims(tf.io.decode_png(png, channels=4), 0)
 
 
+STEPS_RUN = "steps"
+GRAPH_RUN = "model"
+
+
 class BatchScalars(keras.callbacks.Callback):
-    """Train loss, accuracy and learning rate every `every` optimizer steps, at the true step.
+    """Train loss, accuracy and learning rate every `every` optimizer steps, at the true step,
+    in their own run folder (`steps/`), named `step_*` so that TensorBoard lists them after
+    Keras's `epoch_*` curves.
 
     Keras's own `TensorBoard(update_freq=N)` is not used for this: it counts host round-trips
     (not steps) under steps_per_execution, and leaves `record_if(step % N == 0)` active through
@@ -32,7 +38,7 @@ class BatchScalars(keras.callbacks.Callback):
     def __init__(self, log_dir: Path, every: int):
         super().__init__()
         self.every = every
-        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
+        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / STEPS_RUN))
         self._last_logged = 0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -43,15 +49,34 @@ class BatchScalars(keras.callbacks.Callback):
         with self.writer.as_default(step=step), tf.summary.record_if(True):
             for name in ("loss", "accuracy"):
                 if name in logs:
-                    tf.summary.scalar(f"batch_{name}", float(logs[name]))
-            tf.summary.scalar("batch_learning_rate",
+                    tf.summary.scalar(f"step_{name}", float(logs[name]))
+            tf.summary.scalar("step_learning_rate",
                               float(np.asarray(self.model.optimizer.learning_rate)))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.writer.flush()  # a watching TensorBoard sees each epoch's points when it ends
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.close()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def write_model_graph(log_dir: Path, model: keras.Model) -> None:
+    """The model's inference graph for TensorBoard's Graphs tab, in its own run (`model/`).
+
+    Keras's `write_graph` logs the whole train function, which under XLA and
+    steps_per_execution the Graphs tab cannot render ("Malformed GraphDef"); the forward pass
+    on the documented input is what a reader wants to see.
+    """
+    forward = tf.function(lambda pixels: model(pixels, training=False))
+    graph = forward.get_concrete_function(
+        tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="pixels")).graph
+    writer = tf.summary.create_file_writer(str(Path(log_dir) / GRAPH_RUN))
+    with writer.as_default(step=0):
+        tf.summary.graph(graph)
+    writer.close()
 
 
 class EpochImages(keras.callbacks.Callback):

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -244,6 +245,39 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+class PassNumber(keras.callbacks.Callback):
+    """Tells the input pipeline which pass over the data an epoch is (its shuffle order)."""
+
+    def __init__(self, epoch: tf.Variable) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch.assign(epoch)
+
+
+class EpochLine(keras.callbacks.Callback):
+    """One console line per epoch (Keras's verbose=2 prints two, its progress bar is for a
+    terminal): `epoch 2/5  loss 0.1 accuracy 0.96 | val_loss ... (1.2 s, 1688 steps)`."""
+
+    def __init__(self, epochs: int, out: Callable[[str], None] = print) -> None:
+        super().__init__()
+        self.epochs, self.out = epochs, out
+        self._start, self._steps = 0.0, 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+        self._steps = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        steps = int(self.model.optimizer.iterations.numpy()) - self._steps
+        train = "  ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy") if k in logs)
+        val = "  ".join(f"{k} {logs[k]:.4f}" for k in ("val_loss", "val_accuracy") if k in logs)
+        self.out(f"epoch {epoch + 1}/{self.epochs}  {train}{'  | ' + val if val else ''}  "
+                 f"({time.perf_counter() - self._start:.1f} s, {steps} steps)")
+
+
 @dataclasses.dataclass
 class TrainResult:
     model: keras.Model
@@ -254,24 +288,29 @@ class TrainResult:
 
 
 def train(build_model: Callable[[], keras.Model],
-          make_train_ds: Callable[[int], tf.data.Dataset],
-          validation_ds: tf.data.Dataset | None, *, epochs: int, steps_per_epoch: int,
+          make_train_ds: Callable[[tf.Variable], tf.data.Dataset],
+          validation_ds: tf.data.Dataset | None, *, epochs: int,
           strategy: tf.distribute.Strategy, tensorboard_dir: Path | None,
           backup_dir: Path | None, restore_from: Path | None = None, update_freq: int = 100,
           extra_callbacks: list[keras.callbacks.Callback] | None = None,
-          verbose: int = 2) -> TrainResult:
+          verbose: int | None = None) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
 
-    `make_train_ds(start_epoch)` gives the training batches of epochs start_epoch..epochs-1.
+    `make_train_ds(epoch)` gives one pass over the training data, shuffled by the value of the
+    int64 variable `epoch` (set here at the start of every epoch): Keras iterates it afresh at
+    every epoch, so an epoch is one pass for any batch size and steps_per_execution.
     `backup_dir`: Keras BackupAndRestore state, saved at each epoch end (never mid-epoch: a
     resumed run restarts at the epoch boundary, so no batch is trained twice), with the previous
     copy kept so a garbled latest backup falls back to it. `restore_from`: resume from that
-    backup instead (a non-chief worker resumes from the chief's).
+    backup instead (a non-chief worker resumes from the chief's). `verbose`: None prints one
+    line per epoch (a Keras progress bar on a terminal), 0 nothing.
     """
     start_epoch = resume_epoch(backup_dir, restore_from) if backup_dir is not None else 0
     if start_epoch:
         log.info("resuming from the backup at the end of epoch %d", start_epoch)
-    train_ds = make_train_ds(start_epoch)
+    # Outside the strategy's scope: a plain host variable, read by the input pipeline.
+    pass_number = tf.Variable(start_epoch, dtype=tf.int64, trainable=False, name="pass_number")
+    train_ds = make_train_ds(pass_number)
     with strategy.scope():
         model = build_model()
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -279,22 +318,31 @@ def train(build_model: Callable[[], keras.Model],
                           strategy.num_replicas_in_sync)
         _work_around_keras_multi_worker_bugs(model, strategy, per_replica)
     timer = _EpochTimer()
-    callbacks: list[keras.callbacks.Callback] = [_NanGuard(), timer]
+    callbacks: list[keras.callbacks.Callback] = [PassNumber(pass_number), _NanGuard(), timer]
     if backup_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(
             str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=True))
     if tensorboard_dir is not None:
-        from components.monitoring import BatchScalars
+        from components.monitoring import BatchScalars, write_model_graph
 
+        write_model_graph(tensorboard_dir, model)
+        # Keras writes train/ and validation/ (epoch scalars, weight histograms); step scalars
+        # go to their own run folder: TensorBoard follows only the newest event file of a
+        # folder, so two writers in one folder would hide one of them from a live TensorBoard.
         callbacks.append(keras.callbacks.TensorBoard(
-            str(tensorboard_dir), histogram_freq=1, write_graph=True, update_freq="epoch"))
+            str(tensorboard_dir), histogram_freq=1, write_graph=False, update_freq="epoch"))
         callbacks.append(BatchScalars(tensorboard_dir, update_freq))
     callbacks.extend(extra_callbacks or [])
+    if verbose is None:
+        interactive = sys.stdout.isatty()
+        if not interactive:
+            callbacks.append(EpochLine(epochs))
+        verbose = 1 if interactive else 0
     start = time.perf_counter()
     try:
         history = model.fit(train_ds, validation_data=validation_ds, epochs=epochs,
-                            steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-                            verbose=verbose, shuffle=False)  # the dataset shuffles itself
+                            callbacks=callbacks, verbose=verbose,
+                            shuffle=False)  # the dataset shuffles itself
     except BaseException:
         # Keras closes its TensorBoard writers only on a normal end: flush them so the logs
         # stay readable up to the failure.

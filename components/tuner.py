@@ -13,9 +13,11 @@ from typing import Any
 
 import keras
 import keras_tuner as kt
+import tensorflow as tf
 
 from components import data as data_lib
 from components.model import build_model
+from components.trainer import PassNumber
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +61,17 @@ class DenseHyperModel(kt.HyperModel):
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, epochs: int = 1,
             initial_epoch: int = 0, callbacks: list | None = None, **kwargs: Any):
         batch_size = hp.get("batch_size")
-        train_ds = data_lib.make_dataset(self.train, batch_size, shuffle=True,
-                                         seed=self.config.seed, epochs=epochs,
-                                         start_epoch=initial_epoch)
-        val_ds = data_lib.make_dataset(self.validation, 2048, shuffle=False)
+        # Each epoch is one pass, shuffled by (seed, epoch), as in `pipeline train`.
+        pass_number = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False)
+        train_ds = data_lib.make_train_dataset(self.train, batch_size, seed=self.config.seed,
+                                               epoch=pass_number)
+        val_ds = data_lib.make_dataset(self.validation, 2048)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss",
                                              patience=self.config.early_stopping_patience)
         return model.fit(train_ds, validation_data=val_ds, epochs=epochs,
                          initial_epoch=initial_epoch,
-                         steps_per_epoch=data_lib.steps_per_epoch(self.train, batch_size),
-                         callbacks=[*(callbacks or []), stop], verbose=0, shuffle=False)
+                         callbacks=[PassNumber(pass_number), *(callbacks or []), stop],
+                         verbose=0, shuffle=False)
 
 
 class _OutOfBudget(Exception):

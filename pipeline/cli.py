@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rebuild the report of an earlier run")
     rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
+    for command in (train, tune, clu, rep):
+        command.add_argument("--verbose", action="store_true",
+                             help="also show library logs (TensorFlow's native start-up and "
+                                  "XLA lines, TFDS progress) that are hidden by default")
     return parser
 
 
@@ -223,10 +227,10 @@ def check_artifacts_dir(path: Path) -> None:
         raise UsageError(f"--artifacts-dir {path} is not writable ({e.strerror})") from None
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _setup_logging(verbose: bool) -> None:
+    from components import console
+
+    console.setup(verbose)
 
 
 def _fail(code: int, message: str) -> int:
@@ -236,7 +240,7 @@ def _fail(code: int, message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    _setup_logging(getattr(args, "verbose", False))
     try:
         if args.command == "train":
             return _train(args)

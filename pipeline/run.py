@@ -177,16 +177,20 @@ def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
         resuming = False
     log.info("run %s -> %s%s", run_id, run_dir, " (resuming)" if resuming else "")
 
+    # Validation is carved from the training split with the seed (the tuner's split); the
+    # test split is read once, after training, by the evaluator. Fraction 0: no validation.
     if config.validation_fraction > 0:
         fit_split, val_split = data_lib.carve_validation(train_split, config.validation_fraction,
                                                          config.seed)
     else:
-        fit_split, val_split = train_split, test_split
+        fit_split, val_split = train_split, None
     replicas = strategy.num_replicas_in_sync
     log.info("strategy: %s, %d replica(s), global batch %d, per-replica batch %d",
              type(strategy).__name__, replicas, config.batch_size,
              max(1, config.batch_size // replicas))
-    val_ds = data_lib.make_dataset(val_split, max(config.batch_size, 1024), shuffle=False)
+    log.info("splits: %d train, %s, %d test (read after training)", len(fit_split),
+             f"{len(val_split)} validation (held out of train, seed {config.seed})"
+             if val_split is not None else "no validation", len(test_split))
 
     t = time.perf_counter()
     result = trainer.train(
@@ -194,22 +198,22 @@ def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
                             # Keras 3.15's multi-step loop fails under
                             # MultiWorkerMirroredStrategy (in-graph has_next): one step per call.
                             steps_per_execution=config.steps_per_execution
-                            if choice.kind != "multi_worker" else 1,
+                            if choice.kind not in ("multi_worker", "mirrored") else 1,
                             # XLA stays on one device: cross-replica collectives are not
                             # compiled on the CPU.
                             jit_compile=config.jit_compile and choice.kind in
                             ("default", "one_device")),
-        lambda start: data_lib.make_dataset(fit_split, config.batch_size, shuffle=True,
-                                            seed=config.seed, epochs=config.epochs,
-                                            start_epoch=start),
-        val_ds, epochs=config.epochs,
-        steps_per_epoch=data_lib.steps_per_epoch(fit_split, config.batch_size),
-        strategy=strategy,
+        lambda epoch: data_lib.make_train_dataset(fit_split, config.batch_size,
+                                                  seed=config.seed, epoch=epoch),
+        data_lib.make_dataset(val_split, max(config.batch_size, 1024))
+        if val_split is not None else None,
+        epochs=config.epochs, strategy=strategy,
         tensorboard_dir=paths.tensorboard_dir(run_id),
         backup_dir=run_dir / "backup", restore_from=restore_from,
         update_freq=config.tensorboard_update_freq,
         extra_callbacks=[monitoring.EpochImages(paths.tensorboard_dir(run_id), val_split.images,
-                                                val_split.labels)])
+                                                val_split.labels)]
+        if val_split is not None else [])
     timings["train_seconds"] = time.perf_counter() - t
     timings["fit_seconds"] = result.fit_seconds
 
@@ -223,6 +227,9 @@ def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
         "strategy": choice.kind, "replicas": replicas,
         "epochs_trained": result.initial_epoch + len(result.epoch_seconds),
         "resumed_from_epoch": result.initial_epoch,
+        "examples": {"train": len(fit_split),
+                     "validation": len(val_split) if val_split is not None else 0,
+                     "test": len(test_split)},
         "history": result.history, "epoch_seconds": result.epoch_seconds,
         "weights_sha256": trainer.weights_sha256(result.model),
     }

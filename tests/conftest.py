@@ -11,41 +11,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
-
-
-def make_digits(n: int, seed: int = 0, name: str = "train"):
-    """A learnable stand-in for MNIST: class c lights a bar at row 2 + 2c on a noisy background.
-
-    Returns a components.data.Split with TFDS's layout (uint8 [N, 28, 28, 1], int64 labels).
-    """
-    from components.data import Split
-
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, size=n).astype(np.int64)
-    images = rng.integers(0, 60, size=(n, 28, 28, 1), dtype=np.uint8)
-    for i, c in enumerate(labels):
-        images[i, 2 + 2 * c: 4 + 2 * c, 4:24, 0] = 255
-    return Split(name, images, labels)
-
-
-def wait_for_backup_epoch(run_dir: Path, proc, epoch: int = 1, timeout: float = 400) -> None:
-    """Block until the run's backup records `epoch` completed epochs (or `proc` ends)."""
-    import json
-    import time
-
-    from components.trainer import METADATA_FILE
-
-    meta = run_dir / "backup" / METADATA_FILE
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(meta.read_text())["epoch"] >= epoch:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+from tests.helpers import make_digits  # noqa: E402  (after the env var)
 
 
 @pytest.fixture

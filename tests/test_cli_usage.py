@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def run_cli(args, cwd, **kw):

@@ -15,7 +15,7 @@ from PIL import Image
 from serving.cli import main as client_main
 from serving.client import GrpcClient, LocalPredictor, RestClient, ServerError
 from serving.inputs import InputError, load_inputs
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _digit_image():

@@ -12,10 +12,8 @@ import pytest
 
 from components import exporter, trainer
 from pipeline.cluster import tf_configs
-from tests.conftest import ROOT, SHARED_MNIST, wait_for_backup_epoch
+from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
 
-needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                 reason=f"real MNIST not found at {SHARED_MNIST}")
 SMALL = ["--max-train-examples", "4000", "--max-test-examples", "1000", "--device", "cpu",
          "--min-accuracy", "0", "--max-regression", "1", "--tfds-manual-dir", str(SHARED_MNIST)]
 
@@ -54,7 +52,7 @@ def _runs(artifacts):
 
 
 @pytest.mark.slow
-@needs_mnist
+@requires_mnist
 def test_two_workers_train_publish_once_and_report_once(tmp_path):
     artifacts = tmp_path / "cluster"
     r = subprocess.run(_cluster_cmd(artifacts, "--epochs", "1"), cwd=ROOT, capture_output=True,
@@ -80,7 +78,7 @@ def test_two_workers_train_publish_once_and_report_once(tmp_path):
 
 
 @pytest.mark.slow
-@needs_mnist
+@requires_mnist
 def test_a_killed_worker_is_restarted_and_the_job_completes(tmp_path):
     artifacts = tmp_path / "cluster"
     cmd = _cluster_cmd(artifacts, "--epochs", "3", "--run-name", "preempted")

@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from components import data
 from components.data import DataError, Split
-from tests.conftest import make_digits
+from tests.helpers import make_digits
 
 
 def test_load_split_through_tfds_mock():
@@ -30,33 +30,45 @@ def test_preprocess_range_and_dtype():
     np.testing.assert_allclose(x, [[0.0, 0.2, 1.0]])
 
 
-def test_dataset_batches_shapes_dtypes_range():
+def _pass(split, batch_size, seed=0, epoch=0):
+    ds = data.make_train_dataset(split, batch_size, seed=seed,
+                                 epoch=tf.Variable(epoch, dtype=tf.int64))
+    return ds, list(ds.as_numpy_iterator())
+
+
+def test_train_dataset_is_one_pass_with_a_partial_last_batch():
     split = data.validate_split(make_digits(100))
-    ds = data.make_dataset(split, 32, shuffle=True, seed=0)
+    ds, batches = _pass(split, 32)
     assert ds.cardinality().numpy() == 4 == data.steps_per_epoch(split, 32)
-    batches = list(ds.as_numpy_iterator())
     assert [len(y) for _, y in batches] == [32, 32, 32, 4]
     x, y = batches[0]
     assert x.shape == (32, 28, 28) and x.dtype == np.float32 and y.dtype == np.int64
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() == 1.0
-    # every example exactly once per epoch
-    seen = np.concatenate([y for _, y in batches])
-    assert sorted(seen) == sorted(split.labels)
+    # every example exactly once per pass: the images identify the examples
+    seen = np.concatenate([x for x, _ in batches])
+    expected = data.preprocess(split.images).numpy()
+    assert sorted(map(bytes, seen)) == sorted(map(bytes, expected))
 
 
-def _epoch_orders(split, seed, epochs, start_epoch=0):
-    ds = data.make_dataset(split, len(split), shuffle=True, seed=seed, epochs=epochs,
-                           start_epoch=start_epoch)
-    return [y.tolist() for _, y in ds.as_numpy_iterator()]
-
-
-def test_shuffle_is_seeded_per_epoch_and_resumable():
+def test_pass_order_depends_only_on_seed_and_epoch():
     split = data.validate_split(make_digits(64))
-    orders = _epoch_orders(split, 3, epochs=3)
-    assert len(orders) == 3 and orders[0] != orders[1] != orders[2]
-    assert orders == _epoch_orders(split, 3, epochs=3)
-    assert orders[1:] == _epoch_orders(split, 3, epochs=3, start_epoch=1)  # resume at epoch 1
-    assert orders != _epoch_orders(split, 4, epochs=3)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ds = data.make_train_dataset(split, 64, seed=3, epoch=epoch)
+    orders = []
+    for e in (0, 1, 2, 1):
+        epoch.assign(e)  # what the trainer does at each epoch start
+        orders.append(next(iter(ds))[1].numpy().tolist())
+    assert orders[0] != orders[1] != orders[2] and orders[1] == orders[3]
+    assert orders[1] == _pass(split, 64, seed=3, epoch=1)[1][0][1].tolist()  # a resumed run
+    assert orders[1] != _pass(split, 64, seed=4, epoch=1)[1][0][1].tolist()
+    order = data.epoch_order(64, 3, 1).numpy()
+    assert orders[1] == split.labels[order].tolist()
+
+
+def test_eval_dataset_keeps_the_order():
+    split = data.validate_split(make_digits(50))
+    ys = np.concatenate([y for _, y in data.make_dataset(split, 16).as_numpy_iterator()])
+    assert ys.tolist() == split.labels.tolist()
 
 
 @pytest.mark.parametrize("mutate,message", [

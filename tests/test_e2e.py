@@ -6,12 +6,11 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, SHARED_MNIST
+from tests.helpers import ROOT, SHARED_MNIST, requires_mnist
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                       reason=f"real MNIST not found at {SHARED_MNIST}"),
+    requires_mnist,
 ]
 
 

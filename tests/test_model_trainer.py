@@ -8,7 +8,7 @@ import tensorflow as tf
 from components import data, trainer
 from components.model import build_model
 from components.trainer import DeviceError, choose_strategy, parse_tf_config
-from tests.conftest import make_digits
+from tests.helpers import make_digits
 
 
 def test_documented_architecture():
@@ -59,16 +59,38 @@ def test_tf_config_single_task_is_not_a_cluster():
         parse_tf_config("{")
 
 
-def _fit(tmp_path, epochs=2, **kw):
-    train = data.validate_split(make_digits(512, seed=1))
+def _fit(tmp_path, epochs=2, n=512, extra_callbacks=None, **kw):
+    train = data.validate_split(make_digits(n, seed=1))
     val = data.validate_split(make_digits(128, seed=2, name="test"))
     return trainer.train(
         lambda: build_model(**kw),
-        lambda start: data.make_dataset(train, 32, shuffle=True, seed=0, epochs=epochs,
-                                        start_epoch=start),
-        data.make_dataset(val, 128, shuffle=False), epochs=epochs,
-        steps_per_epoch=data.steps_per_epoch(train, 32), strategy=tf.distribute.get_strategy(),
-        tensorboard_dir=tmp_path / "tb", backup_dir=tmp_path / "backup", verbose=0)
+        lambda epoch: data.make_train_dataset(train, 32, seed=0, epoch=epoch),
+        data.make_dataset(val, 128), epochs=epochs, strategy=tf.distribute.get_strategy(),
+        tensorboard_dir=tmp_path / "tb", backup_dir=tmp_path / "backup", verbose=0,
+        extra_callbacks=extra_callbacks)
+
+
+class _StepsPerEpoch(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.steps.append(int(self.model.optimizer.iterations.numpy()))
+
+
+def test_an_epoch_is_one_pass_at_the_default_steps_per_execution(tmp_path, recwarn):
+    """1,001 examples at batch 32 = 32 steps (the last one of 9 examples) per epoch, with the
+    product's defaults (100 steps per execution, XLA): no overshoot into the next pass, no
+    "ran out of data" warning."""
+    from pipeline.config import TrainConfig
+
+    defaults = TrainConfig()
+    counter = _StepsPerEpoch()
+    _fit(tmp_path, epochs=3, n=1001, extra_callbacks=[counter],
+         steps_per_execution=defaults.steps_per_execution, jit_compile=defaults.jit_compile)
+    assert counter.steps == [32, 64, 96]
+    assert not [w for w in recwarn if "ran out of data" in str(w.message)]
 
 
 def test_training_learns_the_tiny_task(tmp_path):

@@ -15,10 +15,8 @@ from components import exporter, trainer
 from components.data import DataError, Split, _registered_files
 from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
-from tests.conftest import ROOT, SHARED_MNIST, wait_for_backup_epoch
+from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
 
-needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                 reason=f"real MNIST not found at {SHARED_MNIST}")
 SMALL_RUN = ["--max-train-examples", "6000", "--max-test-examples", "1000", "--device", "cpu",
              "--min-accuracy", "0", "--max-regression", "1", "--tfds-manual-dir",
              str(SHARED_MNIST)]
@@ -40,7 +38,7 @@ def metrics_of(artifacts, run_name):
 # ---------------------------------------------------------------- 1, 2, 9: kill, resume, determinism
 
 @pytest.mark.slow
-@needs_mnist
+@requires_mnist
 def test_sigkill_then_resume_matches_an_uninterrupted_deterministic_run(tmp_path):
     artifacts = tmp_path / "artifacts"
     flags = ["--epochs", "4", "--deterministic", "--steps-per-execution", "1", "--no-jit"]
@@ -128,7 +126,7 @@ def test_resuming_with_another_config_is_refused(tmp_path, tiny_data):
 # ---------------------------------------------------------------- 3: NaN loss
 
 @pytest.mark.slow
-@needs_mnist
+@requires_mnist
 def test_nan_loss_stops_with_exit_5_nothing_published_logs_kept(tmp_path):
     artifacts = tmp_path / "artifacts"
     r = run(train_cmd(artifacts, "--epochs", "2", "--learning-rate", "1e30", "--run-name", "nan"))
@@ -181,7 +179,7 @@ def test_kill_during_publish_leaves_no_version_and_the_next_run_cleans_up(tmp_pa
 # ---------------------------------------------------------------- 5: two runs at once
 
 @pytest.mark.slow
-@needs_mnist
+@requires_mnist
 def test_two_runs_at_once_get_distinct_ids_files_and_versions(tmp_path):
     artifacts = tmp_path / "artifacts"
     procs = [subprocess.Popen(train_cmd(artifacts, "--epochs", "1"), cwd=ROOT,

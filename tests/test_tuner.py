@@ -14,7 +14,7 @@ from components import tuner
 from pipeline import cli
 from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
-from tests.conftest import make_digits
+from tests.helpers import make_digits
 
 
 @pytest.fixture

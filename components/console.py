@@ -1,0 +1,109 @@
+"""What a command prints: library noise hidden (unless --verbose), real warnings and errors kept.
+
+TensorFlow 2.21's C++ start-up lines (oneDNN, "Could not find cuda drivers", cuInit on a machine
+with no GPU, XLA "Compiled cluster", per-step collective all-reduce logs) are written by absl
+straight to file descriptor 2, before and regardless of TF_CPP_MIN_LOG_LEVEL, so they cannot be
+configured away: fd 2 is routed through a filter thread that drops the known noise, while Python's
+own `sys.stderr` (logging, warnings, tracebacks) keeps writing to the real stderr directly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import logging
+import os
+import re
+import sys
+import threading
+import warnings
+
+# Lines from TensorFlow's native code (absl format: I/W/E + MMDD or 0000) that say nothing a
+# user can act on. A native *error* that is not listed here still shows.
+_NATIVE_NOISE = re.compile(
+    r"^WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|^[IW]\d{4} "  # native INFO and WARNING lines (start-up banners, XLA, collectives)
+    r"|^E\d{4} .*(failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation_placer|cuda_(platform|executor|dnn|fft|blas))"
+    r"|^To enable the following instructions: .*rebuild TensorFlow"
+    r"|^This TensorFlow binary is optimized to use available CPU instructions"
+)
+
+# Python loggers of libraries whose INFO lines are progress chatter (TFDS via absl, SavedModel's
+# "Assets written to"); their warnings still show.
+_CHATTY_LOGGERS = ("absl", "tensorflow", "tensorflow_datasets", "h5py")
+
+_installed = False
+
+
+def is_noise(line: str) -> bool:
+    return bool(_NATIVE_NOISE.search(line))
+
+
+def setup(verbose: bool = False) -> None:
+    """Configure logging for a command; call before TensorFlow is imported.
+
+    `verbose`: show everything (library INFO lines, native logs) as the libraries print it.
+    """
+    global _installed
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    if verbose:
+        return
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Keras/TF deprecation chatter from inside the libraries (not our code) is not actionable.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(tensorflow|keras|"
+                            r"tensorflow_datasets|absl|h5py|google)(\.|$)")
+    if not _installed and _is_process_stderr(sys.stderr):
+        _installed = _filter_native_stderr()
+    # absl installs its own handler on first import and would print TFDS's INFO lines twice.
+    logging.getLogger("absl").propagate = True
+
+
+def _is_process_stderr(stream: object) -> bool:
+    """False when stderr is already redirected in-process (pytest's capture, a notebook)."""
+    try:
+        return stream.fileno() == 2  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _filter_native_stderr() -> bool:
+    """Route fd 2 through a filter thread; Python's sys.stderr keeps the real stderr."""
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return False
+    real_stream = io.TextIOWrapper(os.fdopen(os.dup(real), "wb", buffering=0),
+                                   encoding="utf-8", errors="replace", line_buffering=True)
+    sys.stderr = real_stream
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(real_stream)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as source:
+            for raw in source:
+                line = raw.decode("utf-8", "replace")
+                if not is_noise(line):
+                    os.write(real, raw)
+
+    thread = threading.Thread(target=pump, name="native-stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        # Closing the last write end lets the filter thread drain what is left and stop.
+        try:
+            os.dup2(real, 2)
+        except OSError:
+            return
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+    return True

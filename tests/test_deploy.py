@@ -1,0 +1,281 @@
+"""deploy/: the training image, the Kubeflow TFJob and the TF Serving manifests. The commands in
+them are parsed by the CLI's own parser, so a renamed or removed flag breaks a test here, and the
+paths they share (the volume, the models folder, the serving config) are checked against each
+other and against serving/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser, resolve_config
+from pipeline.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+ENTRYPOINT = ["python", "-m", "pipeline"]
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices[command]
+
+
+def parse_cli(argv: list[str], where: str):
+    """The CLI's parse of `python -m pipeline ARGV`; a flag it does not know fails the test.
+    Flags must be spelled in full: argparse would also take a prefix of a renamed flag."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's error(): exit 2 with a message on stderr
+        pytest.fail(f"{where}: `python -m pipeline {shlex.join(argv)}` is not a valid command "
+                    f"of pipeline/cli.py (exit {e.code})")
+    known = _subparser(parser, args.command)._option_string_actions
+    for token in argv[1:]:
+        if token == "--":
+            break
+        if token.startswith("--"):
+            assert token.split("=", 1)[0] in known, \
+                f"{where}: {token} is not a flag of `python -m pipeline {args.command}`"
+    if args.command == "train":
+        try:
+            resolve_config(args)
+        except ConfigError as e:
+            pytest.fail(f"{where}: {e}")
+    return args
+
+
+def load_all(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d.get("kind") == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of deploy/Dockerfile, continuation lines joined."""
+    lines, current = [], ""
+    for raw in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if not current and (not raw.strip() or raw.lstrip().startswith("#")):
+            continue
+        if raw.lstrip().startswith("#"):
+            continue
+        current += raw.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        instruction, _, rest = current.strip().partition(" ")
+        lines.append((instruction.upper(), rest.strip()))
+        current = ""
+    return lines
+
+
+def exec_form(instructions, name: str) -> list[str]:
+    values = [rest for ins, rest in instructions if ins == name]
+    assert values, f"the Dockerfile has no {name}"
+    value = json.loads(values[-1])  # the last one wins; the exec (JSON) form, no shell
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return value
+
+
+# --- the training image ------------------------------------------------------------------------
+
+def test_the_image_runs_the_cli_with_real_flags():
+    instructions = dockerfile()
+    assert exec_form(instructions, "ENTRYPOINT") == ENTRYPOINT
+    cmd = exec_form(instructions, "CMD")
+    args = parse_cli(cmd, "deploy/Dockerfile CMD")
+    assert args.command == "train"
+
+
+def test_the_image_installs_from_the_locks_with_hashes():
+    instructions = dockerfile()
+    text = " ".join(rest for _, rest in instructions)
+    assert re.search(r"^VARIANT=cpu$", next(rest for ins, rest in instructions
+                                              if ins == "ARG" and rest.startswith("VARIANT")))
+    copies = " ".join(rest for ins, rest in instructions if ins == "COPY")
+    for lock in ("requirements.lock", "requirements-gpu.lock"):
+        assert (ROOT / lock).is_file() and lock in copies
+        assert f"{lock}" in text
+    assert "cpu) lock=requirements.lock" in text and "gpu) lock=requirements-gpu.lock" in text
+    assert 'pip install --require-hashes -r "$lock"' in text
+    assert "pip install --no-deps --no-build-isolation ." in text
+    # The locks are resolved for Python 3.11 (`make lock`); the base image must match.
+    assert "ARG PYTHON_VERSION=3.11" in (DEPLOY / "Dockerfile").read_text()
+    assert "--python-version 3.11" in (ROOT / "Makefile").read_text()
+
+
+def test_the_image_copies_every_package_pyproject_installs():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {rest.split()[0] for ins, rest in dockerfile() if ins == "COPY"}
+    assert set(packages) <= copied, f"not copied into the image: {set(packages) - copied}"
+
+
+# --- the TFJob ---------------------------------------------------------------------------------
+
+def _tfjob():
+    job = one(load_all("tfjob.yaml"), "TFJob")
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    return job
+
+
+def _container(pod_spec: dict, name: str) -> dict:
+    (container,) = [c for c in pod_spec["containers"] if c["name"] == name]
+    return container
+
+
+def test_tfjob_trains_with_the_cli_real_flags():
+    worker = _tfjob()["spec"]["tfReplicaSpecs"]["Worker"]
+    container = _container(worker["template"]["spec"], "tensorflow")  # the operator's name
+    assert container["command"] == ENTRYPOINT  # the image's entrypoint, said explicitly
+    args = parse_cli([str(a) for a in container["args"]], "deploy/tfjob.yaml")
+    assert args.command == "train"
+    assert args.run_name, "--run-name is what lets a restarted job resume"
+    assert worker["replicas"] >= 2
+    assert worker["restartPolicy"] == "OnFailure"
+    assert not any(e.get("name") == "TF_CONFIG" for e in container.get("env", [])), \
+        "the TFJob operator sets TF_CONFIG"
+    assert {"name": "tfjob-port", "containerPort": 2222} in container["ports"]
+
+
+def _mount_of(pod_spec: dict, container: dict, path: str) -> tuple[dict, dict]:
+    """The (volumeMount, volume) that holds `path` in the container."""
+    mounts = [m for m in container["volumeMounts"]
+              if PurePosixPath(path).is_relative_to(m["mountPath"])]
+    assert mounts, f"{path} is on no mounted volume"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    (volume,) = [v for v in pod_spec["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def _shared_claim() -> str:
+    pvc = one(load_all("storage.yaml"), "PersistentVolumeClaim")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # workers and servers on many nodes
+    return pvc["metadata"]["name"]
+
+
+def _artifacts_on_the_volume() -> tuple[str, PurePosixPath]:
+    """(claim name, artifacts dir relative to the volume's root) of the TFJob."""
+    pod = _tfjob()["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]
+    container = _container(pod, "tensorflow")
+    args = parse_cli([str(a) for a in container["args"]], "deploy/tfjob.yaml")
+    artifacts = PurePosixPath(str(args.artifacts_dir))
+    mount, volume = _mount_of(pod, container, str(artifacts))
+    assert "persistentVolumeClaim" in volume, "the artifacts must be on the shared volume"
+    assert not mount.get("readOnly")
+    relative = artifacts.relative_to(mount["mountPath"])
+    return volume["persistentVolumeClaim"]["claimName"], PurePosixPath(mount.get("subPath", "")) / relative
+
+
+def test_tfjob_writes_its_artifacts_to_the_shared_volume():
+    claim, _ = _artifacts_on_the_volume()
+    assert claim == _shared_claim()
+
+
+def test_tfjob_reads_its_other_paths_from_mounted_volumes():
+    pod = _tfjob()["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]
+    container = _container(pod, "tensorflow")
+    args = parse_cli([str(a) for a in container["args"]], "deploy/tfjob.yaml")
+    for path in (args.tfds_manual_dir, args.tfds_data_dir):
+        if path is not None:
+            _mount_of(pod, container, str(path))
+
+
+def test_the_run_name_is_valid_and_resumable():
+    container = _container(_tfjob()["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"],
+                           "tensorflow")
+    args = parse_cli([str(a) for a in container["args"]], "deploy/tfjob.yaml")
+    assert args.run_name != "latest"
+
+
+# --- TF Serving --------------------------------------------------------------------------------
+
+def _serving():
+    docs = load_all("tf-serving.yaml")
+    return one(docs, "Deployment"), one(docs, "Service")
+
+
+def _serving_release() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in deps if d.startswith("tensorflow-serving-api==")]
+    return pin.split("==")[1]
+
+
+def test_serving_image_is_the_pinned_release_everywhere():
+    deployment, _ = _serving()
+    container = _container(deployment["spec"]["template"]["spec"], "tf-serving")
+    image = f"tensorflow/serving:{_serving_release()}"
+    assert container["image"] == image
+    serve_sh = (ROOT / "serving" / "serve.sh").read_text()
+    assert f"TF_SERVING_IMAGE=${{TF_SERVING_IMAGE:-{image}}}" in serve_sh
+    code = "\n".join(line for line in serve_sh.splitlines() if not line.lstrip().startswith("#"))
+    assert not re.search(r"\stensorflow/serving\s", code), "an unpinned image in serve.sh"
+
+
+def test_serving_ports_grpc_8500_rest_8501():
+    deployment, service = _serving()
+    container = _container(deployment["spec"]["template"]["spec"], "tf-serving")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 8500, "http": 8501}
+    flags = dict(a.split("=", 1) for a in container["args"] if "=" in a)
+    assert flags["--port"] == "8500" and flags["--rest_api_port"] == "8501"
+    assert {(p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == \
+        {(8500, "grpc"), (8501, "http")}
+    selector = service["spec"]["selector"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def _base_path() -> str:
+    m = re.search(r'base_path:\s*"([^"]+)"', (ROOT / "serving" / "models.config").read_text())
+    assert m
+    return m.group(1)
+
+
+def test_serving_mounts_the_published_models_read_only_at_the_base_path():
+    deployment, _ = _serving()
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(pod, "tf-serving")
+    base_path = _base_path()
+    assert base_path == "/models/mnist"
+    mount, volume = _mount_of(pod, container, base_path)
+    assert mount["mountPath"] == base_path and mount["readOnly"] is True
+    claim, artifacts = _artifacts_on_the_volume()
+    assert volume["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
+    # The folder the TFJob's chief publishes to: ARTIFACTS_DIR/models/mnist.
+    assert PurePosixPath(mount["subPath"]) == artifacts / "models" / "mnist"
+
+
+def test_serving_reads_the_config_files_of_serving():
+    deployment, _ = _serving()
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(pod, "tf-serving")
+    flags = dict(a.split("=", 1) for a in container["args"] if "=" in a)
+    config_name = None
+    for flag, filename in (("--model_config_file", "models.config"),
+                           ("--batching_parameters_file", "batching.config")):
+        path = PurePosixPath(flags[flag])
+        assert path.name == filename and (ROOT / "serving" / filename).is_file()
+        mount, volume = _mount_of(pod, container, str(path))
+        assert mount.get("readOnly") is True and "configMap" in volume
+        config_name = volume["configMap"]["name"]
+    assert "--enable_batching" in container["args"]
+    # The documented command that makes that ConfigMap from serving/.
+    header = (DEPLOY / "tf-serving.yaml").read_text()
+    m = re.search(r"kubectl create configmap (\S+)((?: --from-file=\S+)+)", header)
+    assert m and m.group(1) == config_name
+    files = {PurePosixPath(f).name for f in re.findall(r"--from-file=(\S+)", m.group(2))}
+    assert files == {"models.config", "batching.config"}
+    for f in re.findall(r"--from-file=(\S+)", m.group(2)):
+        assert (ROOT / f).is_file()

@@ -1,0 +1,320 @@
+"""Install path: pyproject pins, the lock files `make` installs from, the Makefile's CPU/GPU choice
+(with a fake `nvidia-smi` on PATH), and components/gpu_diagnostics (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from components import gpu_diagnostics as gd
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+TF_PIN = "2.21.0"
+
+A100_L = "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-x)"
+A100_QUERY = "NVIDIA A100-SXM4-40GB, 40960 MiB"
+
+
+def fake_nvidia_smi(folder: Path, list_output: str = A100_L, query_output: str = A100_QUERY,
+                    exit_code: int = 0) -> Path:
+    """An `nvidia-smi` that answers -L and --query-gpu like the real one, in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "list.txt").write_text(list_output + "\n")
+    (folder / "query.txt").write_text(query_output + "\n")
+    script = folder / "nvidia-smi"
+    script.write_text(
+        "#!/bin/sh\n"
+        'here=$(dirname "$0")\n'
+        f'if [ "$1" = "-L" ]; then cat "$here/list.txt"; exit {exit_code}; fi\n'
+        f'case "$1" in --query-gpu=*) cat "$here/query.txt"; exit {exit_code};; esac\n'
+        "exit 9\n")
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def gpu_path(tmp_path, monkeypatch):
+    """PATH with a fake nvidia-smi listing one A100 first."""
+    folder = fake_nvidia_smi(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return folder
+
+
+@pytest.fixture
+def no_gpu_path(tmp_path, monkeypatch):
+    """PATH with no nvidia-smi at all."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    return empty
+
+
+# --- components/gpu_diagnostics ------------------------------------------------------------
+
+def test_diagnostics_module_does_not_import_tensorflow():
+    code = ("import sys, components.gpu_diagnostics; "
+            "sys.exit(1 if 'tensorflow' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_nvidia_smi_gpus_reads_the_listing(gpu_path):
+    assert gd.nvidia_smi_gpus() == ["GPU 0: NVIDIA A100-SXM4-40GB"]
+
+
+def test_mig_lines_are_not_gpus(tmp_path, monkeypatch):
+    listing = A100_L + "\n  MIG 1g.5gb     Device  0: (UUID: MIG-y)"
+    folder = fake_nvidia_smi(tmp_path / "bin", list_output=listing)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert gd.nvidia_smi_gpus() == ["GPU 0: NVIDIA A100-SXM4-40GB"]
+
+
+def test_no_message_when_tensorflow_sees_a_gpu(gpu_path):
+    assert gd.explain_missing_gpu(1) is None
+
+
+def test_no_message_without_nvidia_smi(no_gpu_path):
+    assert gd.explain_missing_gpu(0) is None
+
+
+def test_no_message_when_nvidia_smi_fails(tmp_path, monkeypatch):
+    # e.g. "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver"
+    folder = fake_nvidia_smi(tmp_path / "bin", list_output="NVIDIA-SMI has failed", exit_code=9)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert gd.explain_missing_gpu(0) is None
+
+
+def _pretend_installed(monkeypatch, *names: str) -> None:
+    monkeypatch.setattr(gd.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(gd, "_installed", lambda name: name in names)
+
+
+def test_message_when_cuda_wheels_are_missing(gpu_path, monkeypatch):
+    _pretend_installed(monkeypatch, "tensorflow")
+    message = gd.explain_missing_gpu(0)
+    assert message is not None and "\n" not in message
+    assert "GPU 0: NVIDIA A100-SXM4-40GB" in message
+    assert "TensorFlow sees no GPU" in message
+    assert "CUDA/cuDNN libraries are missing" in message and "CPU build" in message
+    assert "make distclean && make train GPU=1" in message
+    assert f"pip install 'tensorflow[and-cuda]=={TF_PIN}'" in message
+
+
+def test_message_names_the_cpu_only_wheel(gpu_path, monkeypatch):
+    _pretend_installed(monkeypatch, "tensorflow-cpu")
+    message = gd.explain_missing_gpu(0)
+    assert "CPU-only tensorflow-cpu wheel" in message
+    assert "make distclean && make train GPU=1" in message
+
+
+def test_message_when_cuda_wheels_are_there_but_did_not_load(gpu_path, monkeypatch):
+    _pretend_installed(monkeypatch, "tensorflow", *gd.CUDA_WHEELS)
+    message = gd.explain_missing_gpu(0)
+    assert "installed but did not load" in message and "driver" in message
+
+
+def test_message_off_linux(gpu_path, monkeypatch):
+    monkeypatch.setattr(gd.platform, "system", lambda: "Windows")
+    assert "Linux only" in gd.explain_missing_gpu(0)
+
+
+def test_message_counts_several_gpus(tmp_path, monkeypatch):
+    listing = A100_L + "\nGPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-z)"
+    folder = fake_nvidia_smi(tmp_path / "bin", list_output=listing)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    _pretend_installed(monkeypatch)
+    assert "nvidia-smi lists 2 GPUs (GPU 0: NVIDIA A100-SXM4-40GB, ...)" in gd.explain_missing_gpu(0)
+
+
+def test_message_in_this_venv_names_the_real_cause(gpu_path):
+    # This venv is the CPU build from requirements.lock: no CUDA wheels.
+    if all(gd._installed(name) for name in gd.CUDA_WHEELS):
+        pytest.skip("this venv has the GPU build")
+    assert "CUDA/cuDNN libraries are missing" in gd.explain_missing_gpu(0)
+
+
+def test_describe_gpu_with_memory_from_nvidia_smi(gpu_path):
+    details = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
+    assert gd.describe_gpu(details) == "NVIDIA A100-SXM4-40GB (compute capability 8.0, 40960 MiB)"
+
+
+def test_describe_gpu_without_nvidia_smi(no_gpu_path):
+    details = {"device_name": "NVIDIA A100", "compute_capability": (8, 0)}
+    assert gd.describe_gpu(details) == "NVIDIA A100 (compute capability 8.0)"
+
+
+def test_describe_gpu_memory_only_for_the_gpu_of_that_name(gpu_path):
+    details = {"device_name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0)}
+    assert gd.describe_gpu(details) == "NVIDIA H100 80GB HBM3 (compute capability 9.0)"
+
+
+def test_describe_gpu_with_little_detail(no_gpu_path):
+    assert gd.describe_gpu({}) == "GPU"
+    assert gd.describe_gpu({"device_name": "Tesla T4"}) == "Tesla T4"
+
+
+# --- pyproject.toml and the lock files ---------------------------------------------------------
+
+def _pins(requirements: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in requirements:
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{line} is not pinned"
+        pins[_norm(req.name)] = spec.version
+    return pins
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of a `--generate-hashes` requirements file."""
+    text = path.read_text().replace("\\\n", " ")
+    entries = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)\s*(.*)", line)
+        assert m, f"{path.name}: not a pinned requirement: {line[:80]}"
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", m.group(3))
+        entries[_norm(m.group(1))] = (m.group(2), hashes)
+    return entries
+
+
+def test_requires_python_matches_the_pins():
+    # numpy 2.4.6, matplotlib 3.11.2, pillow 13.0.0 and keras 3.15.1 have nothing for 3.10.
+    assert PYPROJECT["project"]["requires-python"] == ">=3.11"
+
+
+def test_build_backend_understands_the_license_string():
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"  # PEP 639: setuptools >= 77
+    (setuptools,) = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]
+                     if Requirement(r).name == "setuptools"]
+    assert setuptools.specifier.contains("77.0.0") and not setuptools.specifier.contains("76.9")
+
+
+def test_extras_are_pinned():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    dev = _pins(extras["dev"])
+    assert {"pytest", "ruff", "mypy", "pyyaml"} <= set(dev)
+    assert extras["gpu"] == [f"tensorflow[and-cuda]=={TF_PIN}"]
+    assert _pins(PYPROJECT["project"]["dependencies"])["tensorflow"] == TF_PIN
+
+
+def test_lock_has_every_pin_of_pyproject_hashed():
+    lock = _lock(ROOT / "requirements.lock")
+    wanted = {**_pins(PYPROJECT["project"]["dependencies"]),
+              **_pins(PYPROJECT["project"]["optional-dependencies"]["dev"])}
+    for name, version in wanted.items():
+        assert name in lock, f"requirements.lock lacks {name}: run `make lock`"
+        assert lock[name][0] == version, (f"requirements.lock has {name}=={lock[name][0]}, "
+                                          f"pyproject.toml {version}: run `make lock`")
+    assert all(hashes for _, hashes in lock.values())
+    assert "setuptools" in lock  # tensorflow needs it, and `pip install --no-build-isolation -e .`
+    assert not any(name.startswith("nvidia-") for name in lock)
+
+
+def test_gpu_lock_is_the_cpu_lock_plus_the_cuda_wheels():
+    cpu = _lock(ROOT / "requirements.lock")
+    gpu = _lock(ROOT / "requirements-gpu.lock")
+    for name, (version, _) in cpu.items():
+        assert gpu.get(name, (None,))[0] == version, f"{name}: the two locks disagree"
+    extra = set(gpu) - set(cpu)
+    assert extra and all(name.startswith("nvidia-") for name in extra)
+    assert {_norm(n) for n in gd.CUDA_WHEELS} <= extra
+    assert all(hashes for _, hashes in gpu.values())
+
+
+def test_locks_say_how_to_regenerate_them():
+    for name in ("requirements.lock", "requirements-gpu.lock"):
+        assert "make lock" in (ROOT / name).read_text()[:300]
+
+
+# --- Makefile: which build, a stamp per build, help -------------------------------------------
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+
+
+def _make_n(*args: str, path: str | None = None) -> str:
+    env = {**os.environ}
+    if path is not None:
+        env["PATH"] = path
+    env.pop("GPU", None)
+    done = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _says_gpu(out: str) -> bool:
+    assert out.count("venv: installing the ") == 1, out  # one line says which build
+    if "--require-hashes -r requirements-gpu.lock" in out:
+        assert "touch .venv/.installed-gpu" in out and "GPU build" in out
+        return True
+    assert "--require-hashes -r requirements.lock" in out
+    assert "touch .venv/.installed-cpu" in out and "CPU build" in out
+    return False
+
+
+@needs_make
+def test_make_gpu_1_installs_the_gpu_build():
+    out = _make_n("train", "GPU=1")
+    assert _says_gpu(out) and "asked for with GPU=1" in out
+    assert "pip install --quiet --no-deps --no-build-isolation -e ." in out
+    assert ".venv/.installed-cpu ]; then" in out  # leaving the CPU build recreates the venv
+
+
+@needs_make
+def test_make_picks_the_gpu_build_when_nvidia_smi_lists_one(tmp_path):
+    folder = fake_nvidia_smi(tmp_path / "bin", list_output="GPU 0: NVIDIA A100 (UUID: GPU-x)")
+    out = _make_n("train", path=f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert _says_gpu(out) and "nvidia-smi lists GPU 0: NVIDIA A100;" in out
+
+
+@needs_make
+def test_make_gpu_0_forces_the_cpu_build(tmp_path):
+    folder = fake_nvidia_smi(tmp_path / "bin")
+    out = _make_n("train", "GPU=0", path=f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert not _says_gpu(out) and "asked for with GPU=0" in out
+    assert ".venv/.installed-gpu ]; then" in out
+
+
+@needs_make
+def test_make_picks_the_cpu_build_when_nvidia_smi_fails(tmp_path):
+    folder = fake_nvidia_smi(tmp_path / "bin", list_output="NVIDIA-SMI has failed", exit_code=9)
+    out = _make_n("test", path=f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert not _says_gpu(out) and "no NVIDIA GPU listed" in out
+
+
+@needs_make
+def test_make_refuses_a_bad_gpu_value():
+    done = subprocess.run(["make", "-n", "train", "GPU=yes"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "GPU=yes" in done.stderr
+
+
+@needs_make
+def test_make_help_lists_every_target_on_one_line():
+    text = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z_-]*):(?!=)", text, flags=re.M))
+    done = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = {}
+    for line in done.stdout.splitlines():
+        m = re.match(r"\s+make (\S+)\s+(\S.*)", line)
+        if m:
+            listed[m.group(1)] = m.group(2)
+    assert {"lock", "venv", "train", "test"} <= targets
+    assert targets <= set(listed), f"not in `make help`: {sorted(targets - set(listed))}"
+    phony = set(re.search(r"^\.PHONY:(.*)$", text, flags=re.M).group(1).split())
+    assert targets <= phony
