@@ -1,10 +1,40 @@
-# The commands a person types. Each target that needs Python first makes/updates .venv from
-# pyproject.toml, and skips that when pyproject.toml has not changed since the last install.
+# The commands a person types. Each target that needs Python first makes/updates .venv from the
+# lock file (requirements.lock, or requirements-gpu.lock for the GPU build), and skips that while
+# neither the lock nor pyproject.toml has changed since the last install of the same build.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+
+# CPU or GPU build of TensorFlow. GPU=auto (default): the GPU build when `nvidia-smi -L` lists an
+# NVIDIA GPU, else the CPU build; GPU=1 forces the GPU build, GPU=0 the CPU build.
+# The GPU build is a second lock, not `tensorflow[and-cuda]` added on top of requirements.lock:
+# installing with --require-hashes needs every package pinned with its hashes, the ~12 CUDA/cuDNN
+# wheels that [and-cuda] pulls in included, and an unlocked install on top would resolve those
+# at install time (not repeatable, not hash-checked). `make lock` compiles requirements-gpu.lock
+# with requirements.lock as constraints, so it is exactly the CPU environment plus the CUDA wheels.
+GPU ?= auto
+NVIDIA_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -m1 '^GPU [0-9]' | sed 's/ .UUID: .*//')
+ifeq ($(GPU),auto)
+  VARIANT := $(if $(NVIDIA_GPU),gpu,cpu)
+  VARIANT_WHY := $(if $(NVIDIA_GPU),nvidia-smi lists $(NVIDIA_GPU); GPU=0 for the CPU build,no NVIDIA GPU listed by nvidia-smi -L; GPU=1 for the GPU build)
+else ifeq ($(GPU),1)
+  VARIANT := gpu
+  VARIANT_WHY := asked for with GPU=1
+else ifeq ($(GPU),0)
+  VARIANT := cpu
+  VARIANT_WHY := asked for with GPU=0
+else
+  $(error GPU=$(GPU): expected GPU=1 (GPU build), GPU=0 (CPU build) or GPU=auto)
+endif
+OTHER_VARIANT := $(if $(filter gpu,$(VARIANT)),cpu,gpu)
+LOCK_cpu := requirements.lock
+LOCK_gpu := requirements-gpu.lock
+LOCK := $(LOCK_$(VARIANT))
+VARIANT_NAME_cpu := CPU build (tensorflow, $(LOCK_cpu))
+VARIANT_NAME_gpu := GPU build (tensorflow[and-cuda] with CUDA/cuDNN wheels, $(LOCK_gpu))
+# One stamp per build: switching build finds no stamp and reinstalls.
+STAMP := $(VENV)/.installed-$(VARIANT)
 
 ARTIFACTS_DIR ?= artifacts
 ARGS ?=
@@ -15,19 +45,45 @@ MNIST_MANUAL_DIR ?= $(if $(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),
 export ARTIFACTS_DIR MNIST_MANUAL_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow test-all tensorboard report serve predict bench tune train-cluster clean distclean
+.PHONY: help venv lock train test test-slow test-all tensorboard report serve predict bench tune train-cluster clean distclean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: ARGS=\"--epochs 1 ...\" (flags for train), ARTIFACTS_DIR=$(ARTIFACTS_DIR), PORT=$(PORT)"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: ARGS=\"--epochs 1 ...\" (flags for train), ARTIFACTS_DIR=$(ARTIFACTS_DIR), PORT=$(PORT),"
+	@echo "             GPU=1|0 (GPU or CPU build of TensorFlow; default: GPU build when nvidia-smi lists a GPU)"
 
-$(STAMP): pyproject.toml
+# Installs exactly the lock (hash-checked), then this project without resolving anything
+# (--no-deps) and with the locked setuptools (--no-build-isolation); `pip check` then catches a
+# lock that no longer satisfies pyproject.toml (edited without `make lock`). Switching between
+# the CPU and GPU builds recreates .venv, so no CUDA wheel is left behind in a CPU venv.
+$(STAMP): pyproject.toml $(LOCK)
+	@echo "venv: installing the $(VARIANT_NAME_$(VARIANT)): $(VARIANT_WHY)"
+	@if [ -e $(VENV)/.installed-$(OTHER_VARIANT) ]; then \
+	  echo "venv: $(VENV) holds the $(OTHER_VARIANT) build: recreating it"; rm -rf $(VENV); fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@$(PY) -m pip check >/dev/null || { $(PY) -m pip check; \
+	  echo "venv: $(LOCK) does not satisfy pyproject.toml: run 'make lock'" >&2; exit 1; }
+	@rm -f $(VENV)/.installed-stamp
 	@touch $(STAMP)
 
-venv: $(STAMP) ## create/update .venv from pyproject.toml (the other targets do this first)
+venv: $(STAMP) ## create/update .venv from the lock file (the other targets do this first); GPU=1|0
+
+# `make lock` resolves pyproject.toml (dev extra; gpu extra for the GPU lock) for CI's and the
+# images' platform: Linux x86_64, Python 3.11. It keeps the versions already locked unless
+# pyproject.toml needs others; UPGRADE=1 moves every unpinned package to its newest release.
+# uv runs from its own venv under build/, pinned, so the lock tool never enters the project's.
+UV_VERSION := 0.13.9
+LOCK_TOOLS := build/lock-tools
+LOCK_FLAGS := --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
+lock: ## regenerate requirements.lock and requirements-gpu.lock (all packages, hashed) from pyproject.toml
+	@test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
+	  $(LOCK_TOOLS)/bin/python -m pip install --quiet uv==$(UV_VERSION); }
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o $(LOCK_cpu)
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --extra dev --extra gpu $(LOCK_FLAGS) \
+	  -c $(LOCK_cpu) -o $(LOCK_gpu)
 
 train: $(STAMP) ## train, evaluate, gate, publish and report the documented model (ARGS=... for flags)
 	$(PY) -m pipeline train $(ARGS)
@@ -69,5 +125,5 @@ clean: ## delete the artifacts dir (runs, TensorBoard logs, published models) an
 	rm -rf $(ARTIFACTS_DIR) .pytest_cache *.egg-info
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
-distclean: clean ## clean, and delete .venv
-	rm -rf $(VENV)
+distclean: clean ## clean, and delete .venv (and build/, the lock tool's venv)
+	rm -rf $(VENV) build

@@ -65,13 +65,14 @@ def evaluate(model: keras.Model, test: Split) -> Evaluation:
     return Evaluation(compute_metrics(probabilities, test.labels), probabilities, test.labels)
 
 
-def save_predictions(path: Path, evaluation: Evaluation, test: Split, train_sample: Split
+def save_predictions(path: Path, probabilities: np.ndarray, test: Split, train_sample: Split
                      ) -> dict[str, np.ndarray]:
-    """Save what the report is drawn from, so it never needs the model or a second pass."""
-    arrays = {"images": test.images, "labels": evaluation.labels,
-              "probabilities": evaluation.probabilities,
+    """Save what the report is drawn from (atomically), so it never needs the model again."""
+    arrays = {"images": test.images, "labels": test.labels, "probabilities": probabilities,
               "train_images": train_sample.images, "train_labels": train_sample.labels}
-    np.savez(path, **arrays)
+    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
     return arrays
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -148,47 +149,74 @@ def latest_version_dir(base: Path) -> Path | None:
     return Path(base) / str(versions[-1]) if versions else None
 
 
+# The regression check's significance: a candidate is refused for a drop beyond --max-regression
+# only when McNemar's exact one-sided test on the two models' per-example correctness says the
+# drop is unlikely to be noise (p < SIGNIFICANCE).
+SIGNIFICANCE = 0.05
+
+
+def mcnemar_p(candidate_only_wrong: int, baseline_only_wrong: int) -> float:
+    """One-sided exact McNemar test: the probability, if both models were equally good, that of
+    the n examples exactly one of them gets wrong, the candidate gets at least this many."""
+    n = candidate_only_wrong + baseline_only_wrong
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(candidate_only_wrong, n + 1)) / 2 ** n
+
+
 @dataclasses.dataclass(frozen=True)
 class GateDecision:
     blessed: bool
     reason: str
+    accuracy: float
+    test_examples: int
+    full_test_split: bool
     baseline_version: int | None = None
     baseline_accuracy: float | None = None
+    candidate_only_wrong: int | None = None
+    baseline_only_wrong: int | None = None
+    p_value: float | None = None
+    significance: float = SIGNIFICANCE
+    forced_partial_test: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def gate(accuracy: float, base: Path, *, min_accuracy: float, max_regression: float
+def gate(candidate_correct: np.ndarray, *, full_test_split: bool, min_accuracy: float,
+         max_regression: float, allow_partial_test: bool = False,
+         baseline_correct: np.ndarray | None = None, baseline_version: int | None = None
          ) -> GateDecision:
-    """TFX-Evaluator-style blessing: an absolute threshold, then no regression vs the latest."""
+    """TFX-Evaluator-style blessing of the exported model, from per-example correctness on the
+    test examples (the baseline's on the same examples, in the same validation process)."""
+    n = int(len(candidate_correct))
+    accuracy = float(np.mean(candidate_correct)) if n else float("nan")
+    common: dict[str, Any] = dict(accuracy=accuracy, test_examples=n,
+                                  full_test_split=full_test_split)
+    if not full_test_split and not allow_partial_test:
+        return GateDecision(False, f"evaluated on {n} test examples, not the whole test split "
+                                   f"(--max-test-examples): a smoke run is never published "
+                                   f"(--publish-partial-test forces it)", **common)
+    common["forced_partial_test"] = not full_test_split
     if not accuracy >= min_accuracy:  # also refuses NaN
         return GateDecision(False, f"test accuracy {accuracy:.4f} is below --min-accuracy "
-                                   f"{min_accuracy:.4f}")
-    latest = latest_version_dir(base)
-    if latest is None:
+                                   f"{min_accuracy:.4f}", **common)
+    if baseline_correct is None:
         return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}; "
-                                  f"first version, no baseline")
-    baseline = _version_accuracy(latest)
-    if baseline is None:
-        return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}; "
-                                  f"version {latest.name} has no metrics to compare with",
-                            baseline_version=int(latest.name))
-    if accuracy < baseline - max_regression:
-        return GateDecision(False, f"test accuracy {accuracy:.4f} is more than "
-                                   f"{max_regression:.4f} below version {latest.name}'s "
-                                   f"{baseline:.4f}", int(latest.name), baseline)
-    return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f} and within "
-                              f"{max_regression:.4f} of version {latest.name}'s {baseline:.4f}",
-                        int(latest.name), baseline)
-
-
-def _version_accuracy(version_dir: Path) -> float | None:
-    try:
-        value = json.loads((version_dir / "assets.extra" / METRICS_FILE).read_text())
-        return float(value["test_accuracy"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+                                  f"first version, no baseline", **common)
+    base_acc = float(np.mean(baseline_correct))
+    worse = int(np.sum(~candidate_correct & baseline_correct))
+    better = int(np.sum(candidate_correct & ~baseline_correct))
+    p = mcnemar_p(worse, better)
+    common.update(baseline_version=baseline_version, baseline_accuracy=base_acc,
+                  candidate_only_wrong=worse, baseline_only_wrong=better, p_value=p)
+    versus = (f"version {baseline_version}'s {base_acc:.4f} on the same {n} examples "
+              f"({worse} newly wrong, {better} newly right, McNemar p={p:.3g})")
+    if accuracy < base_acc - max_regression and p < SIGNIFICANCE:
+        return GateDecision(False, f"test accuracy {accuracy:.4f} is significantly more than "
+                                   f"{max_regression:.4f} below {versus}", **common)
+    return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}, no "
+                              f"significant regression vs {versus}", **common)
 
 
 @contextlib.contextmanager
@@ -217,30 +245,47 @@ def remove_leftovers(base: Path) -> list[str]:
     return removed
 
 
+class BaselineMoved(RuntimeError):
+    """Another run published a version after this one's baseline was evaluated."""
+
+    def __init__(self, latest: int):
+        super().__init__(f"version {latest} was published meanwhile")
+        self.latest = latest
+
+
 @dataclasses.dataclass(frozen=True)
 class PublishResult:
-    decision: GateDecision
-    version: int | None
-    path: Path | None
+    version: int
+    path: Path
     pruned: list[int]
 
 
-def publish(model: keras.Model, metrics: dict[str, Any], base: Path, *, run_id: str,
-            min_accuracy: float, max_regression: float, keep_versions: int = 0) -> PublishResult:
-    """Gate the model and, if blessed, write it as the next version under `base` atomically."""
+def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: int | None,
+                   assets: dict[str, str | bytes], keep_versions: int = 0,
+                   protected: set[int] | None = None) -> PublishResult:
+    """Copy a validated, blessed staged SavedModel in as the next version, atomically.
+
+    Under the publish lock: `baseline_version` must still be the latest version (else
+    BaselineMoved: the caller gates again against the new one); the copy is written under a
+    non-numeric name with `assets` added to assets.extra/, fsynced, and renamed into place.
+    """
     base = Path(base)
     with publish_lock(base):
         remove_leftovers(base)
-        decision = gate(metrics["test_accuracy"], base, min_accuracy=min_accuracy,
-                        max_regression=max_regression)
-        if not decision.blessed:
-            return PublishResult(decision, None, None, [])
         versions = published_versions(base)
-        version = (versions[-1] if versions else 0) + 1
-        tmp = base / f"{TMP_PREFIX}{run_id}"
-        final = base / str(version)
+        latest = versions[-1] if versions else None
+        if latest != baseline_version:
+            raise BaselineMoved(latest) if latest is not None else \
+                PublishError(f"baseline version {baseline_version} disappeared from {base}")
+        version = (latest or 0) + 1
+        tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
-            export_saved_model(model, tmp, {**metrics, "version": version, "run_id": run_id})
+            shutil.copytree(staged, tmp)
+            extra = tmp / "assets.extra"
+            extra.mkdir(exist_ok=True)
+            for name, content in assets.items():
+                (extra / name).write_bytes(content if isinstance(content, bytes)
+                                           else content.encode())
             _fsync_tree(tmp)
             os.rename(tmp, final)
         except BaseException as e:
@@ -248,15 +293,16 @@ def publish(model: keras.Model, metrics: dict[str, Any], base: Path, *, run_id: 
             if isinstance(e, OSError):
                 raise PublishError(f"could not write version {version} under {base}: {e}") from e
             raise
-        pruned = prune_versions(base, keep_versions) if keep_versions else []
-    return PublishResult(decision, version, final, pruned)
+        pruned = prune_versions(base, keep_versions, protected) if keep_versions else []
+    return PublishResult(version, final, pruned)
 
 
-def prune_versions(base: Path, keep: int) -> list[int]:
-    """Keep the newest `keep` versions; delete the rest (renamed away first, so TF Serving never
-    sees a half-deleted version)."""
+def prune_versions(base: Path, keep: int, protected: set[int] | None = None) -> list[int]:
+    """Keep the newest `keep` versions and every `protected` one (a label points at it); delete
+    the rest (renamed away first, so TF Serving never sees a half-deleted version)."""
     versions = published_versions(base)
-    doomed = versions[:-keep] if keep < len(versions) else []
+    doomed = [v for v in (versions[:-keep] if keep < len(versions) else [])
+              if v not in (protected or set())]
     for v in doomed:
         trash = base / f"{TMP_PREFIX}pruned-{v}"
         os.rename(base / str(v), trash)

@@ -114,7 +114,9 @@ class EpochImages(keras.callbacks.Callback):
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table of the headline and per-class metrics (TensorBoard renders markdown)."""
     lines = [f"**test accuracy {metrics['test_accuracy']:.4f}**, test loss "
-             f"{metrics['test_loss']:.4f}, {metrics['test_examples']} test images", "",
+             f"{metrics['test_loss']:.4f}, {metrics['test_examples']} test images (the test "
+             f"split, read once after training, through the exported model); the epoch curves "
+             f"and images are on the validation split held out of train", "",
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for c, m in sorted(metrics["per_class"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | "
@@ -122,21 +124,20 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-HPARAM_KEYS = ("hidden_units", "learning_rate", "dropout", "batch_size", "epochs", "seed",
-               "steps_per_execution", "jit_compile")
-
-
 def log_run_summary(log_dir: Path, run_id: str, config: dict[str, Any],
-                    metrics: dict[str, Any]) -> None:
-    """Text (config, metrics table) and HParams (hyperparameters + final metrics) for a run."""
+                    metrics: dict[str, Any], data_table: str, hparam_keys: tuple[str, ...]
+                    ) -> None:
+    """Text (config, data statistics, metrics table) and HParams (the config's hyperparameter
+    fields + final test metrics) for a run."""
     from tensorboard.plugins.hparams import api as hp
 
     writer = tf.summary.create_file_writer(str(Path(log_dir)))
     with writer.as_default(step=0):
         tf.summary.text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) +
                         "\n```")
+        tf.summary.text("data_statistics", data_table)
         tf.summary.text("final_metrics", metrics_table(metrics))
-        hp.hparams({k: config[k] for k in HPARAM_KEYS if k in config}, trial_id=run_id)
+        hp.hparams({k: config[k] for k in hparam_keys if k in config}, trial_id=run_id)
         for key in ("test_accuracy", "test_loss"):
             tf.summary.scalar(f"hparams/{key}", metrics[key])
     writer.close()

@@ -10,16 +10,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import keras
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
-
-
-class DeviceError(RuntimeError):
-    """The requested device is not available (a usage error)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,139 +80,6 @@ def resume_epoch(backup_dir: Path, restore_from: Path | None = None) -> int:
         shutil.copyfile(weights, backup_dir / WEIGHTS_FILE)
         shutil.copyfile(metadata, backup_dir / METADATA_FILE)
     return epoch
-
-
-@dataclasses.dataclass(frozen=True)
-class StrategyChoice:
-    """What `choose_strategy` decided, before any TensorFlow object is made."""
-
-    kind: str  # "default" | "one_device" | "mirrored" | "multi_worker"
-    device: str  # "cpu" or "gpu"
-    num_gpus: int
-    description: str
-
-
-def parse_tf_config(raw: str | None) -> dict[str, Any] | None:
-    """TF_CONFIG as a dict when it names a cluster of more than one task, else None."""
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DeviceError(f"TF_CONFIG is not valid JSON: {e}") from None
-    cluster = value.get("cluster") or {}
-    tasks = sum(len(v) for v in cluster.values())
-    return value if tasks > 1 else None
-
-
-def choose_strategy(device: str, num_gpus: int, tf_config: dict[str, Any] | None = None
-                    ) -> StrategyChoice:
-    """The one place that decides how training is placed and distributed.
-
-    `device` is the user's --device (auto|cpu|gpu), `num_gpus` how many GPUs TensorFlow sees,
-    `tf_config` the parsed TF_CONFIG when it names a multi-task cluster.
-    """
-    if device == "gpu" and num_gpus == 0:
-        raise DeviceError("--device gpu was requested but TensorFlow sees no GPU "
-                          "(check the driver and CUDA install, or use --device auto|cpu)")
-    use_gpu = device in ("gpu", "auto") and num_gpus > 0
-    used = "gpu" if use_gpu else "cpu"
-    if tf_config is not None:
-        return StrategyChoice("multi_worker", used, num_gpus if use_gpu else 0,
-                              "MultiWorkerMirroredStrategy from TF_CONFIG")
-    if use_gpu and num_gpus > 1:
-        return StrategyChoice("mirrored", "gpu", num_gpus,
-                              f"MirroredStrategy over {num_gpus} GPUs")
-    if use_gpu:
-        return StrategyChoice("one_device", "gpu", 1, "one GPU (/gpu:0)")
-    return StrategyChoice("default", "cpu", 0, "CPU (default strategy)")
-
-
-def make_strategy(choice: StrategyChoice) -> tf.distribute.Strategy:
-    if choice.kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if choice.kind == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if choice.kind == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0")
-    return tf.distribute.get_strategy()
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterRole:
-    """This process's place in a TF_CONFIG cluster."""
-
-    is_chief: bool
-    task: str  # "local", or e.g. "worker-1"
-
-
-def cluster_role(tf_config: dict[str, Any] | None) -> ClusterRole:
-    """The chief is the "chief" task, or worker 0 when the cluster names no chief (Keras's
-    multi-worker convention). Only the chief writes shared artifacts."""
-    if not tf_config:
-        return ClusterRole(True, "local")
-    task = tf_config.get("task") or {}
-    task_type, index = task.get("type", "worker"), int(task.get("index", 0))
-    has_chief = "chief" in (tf_config.get("cluster") or {})
-    is_chief = task_type == "chief" or (not has_chief and task_type == "worker" and index == 0)
-    return ClusterRole(is_chief, f"{task_type}-{index}")
-
-
-def setup_device(device: str, *, deterministic: bool, seed: int,
-                 tf_config: dict[str, Any] | None = None, mixed_precision: bool = False
-                 ) -> tuple[StrategyChoice, tf.distribute.Strategy]:
-    """Resolve --device, hide GPUs for --device cpu, make the strategy, set seeds.
-
-    Call before any TF op runs: device visibility and MultiWorkerMirroredStrategy's collective
-    ops can only be configured at program start-up.
-    """
-    gpus = tf.config.list_physical_devices("GPU")
-    choice = choose_strategy(device, len(gpus), tf_config)
-    if choice.device == "cpu" and gpus:
-        tf.config.set_visible_devices([], "GPU")
-    strategy = make_strategy(choice)
-    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
-    if mixed_precision and choice.device == "cpu":
-        log.warning("--mixed-precision on the CPU: float16 is emulated there and usually slower")
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-    return choice, strategy
-
-
-def _work_around_keras_multi_worker_bugs(model: keras.Model, strategy: tf.distribute.Strategy,
-                                         per_replica_batch: int) -> None:
-    """Keras 3.15's `fit` does not run under MultiWorkerMirroredStrategy as shipped (upstream:
-    keras-team/keras#20585, tensorflow/tensorflow#72388). Two narrow fixes, for multi-worker
-    runs only:
-
-    1. `fit` builds the model by `strategy.reduce("MEAN", first_distributed_batch)`, which fails
-       ("Attempt to convert a value (PerReplica ...)"): build it from a local batch instead.
-    2. Step logs (scalars) are reduced with `strategy.reduce("MEAN", v, axis=0)`, which fails on
-       0-d values ("Invalid reduction dimension 0"): reduce scalars with axis=None.
-    """
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    with strategy.scope():
-        model._symbolic_build(data_batch=(
-            tf.zeros((per_replica_batch, 28, 28), tf.float32),
-            tf.zeros((per_replica_batch,), tf.int64)))
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-    if getattr(tf_trainer.reduce_per_replica, "_mnist_patched", False):
-        return
-    original = tf_trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and \
-                tf_trainer._collective_all_reduce_multi_worker(strategy):
-            def mean(v):
-                rank = v.values[0].shape.rank if hasattr(v, "values") else v.shape.rank
-                return strategy.reduce("MEAN", v, axis=0 if rank else None)
-            return tf.nest.map_structure(mean, values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica._mnist_patched = True
-    tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 class _NanGuard(keras.callbacks.Callback):
@@ -314,14 +177,18 @@ def train(build_model: Callable[[], keras.Model],
     with strategy.scope():
         model = build_model()
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        from components.strategy import work_around_keras_multi_worker_bugs
+
         per_replica = max(1, int(train_ds.element_spec[0].shape[0] or 32) //
                           strategy.num_replicas_in_sync)
-        _work_around_keras_multi_worker_bugs(model, strategy, per_replica)
+        work_around_keras_multi_worker_bugs(model, strategy, per_replica)
     timer = _EpochTimer()
     callbacks: list[keras.callbacks.Callback] = [PassNumber(pass_number), _NanGuard(), timer]
     if backup_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(
-            str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=True))
+            # Kept when fit ends: the caller deletes it once the trained model is saved, so a
+            # kill in between resumes from the last epoch instead of starting over.
+            str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False))
     if tensorboard_dir is not None:
         from components.monitoring import BatchScalars, write_model_graph
 

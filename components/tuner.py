@@ -30,16 +30,24 @@ BEST_FILE = "best_hparams.json"
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
+    """A search. `validation_fraction` and `seed` have no defaults here: the CLI passes the
+    training config's (pipeline/config.py), so trials and runs hold out the same split."""
+
+    validation_fraction: float
+    seed: int
     study: str = "default"
     algorithm: str = "hyperband"
     max_trials: int = 40  # an upper bound; the time budget usually ends the search first
     max_epochs: int = 20
     time_budget_minutes: float = 13.0
-    validation_fraction: float = 0.1
-    seed: int = 0
     overwrite: bool = False
     steps_per_execution: int = 50
     early_stopping_patience: int = 3
+
+
+# The searched settings, named as the training config's fields (pipeline/config.py), so that a
+# search result is a config override (`train --hparams best_hparams.json`).
+SEARCH_SPACE = ("hidden_units", "dropout", "learning_rate", "batch_size")
 
 
 class DenseHyperModel(kt.HyperModel):

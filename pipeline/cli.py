@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ConfigError, Field, TrainConfig, check_value, fields
 
 # Exit codes (the README's table).
 EXIT_OK = 0
@@ -23,6 +23,7 @@ EXIT_DATA = 4
 EXIT_DIVERGED = 5
 EXIT_PUBLISH = 6
 EXIT_BACKUP = 7
+EXIT_INFRA = 8
 EXIT_INTERRUPTED = 130
 
 
@@ -47,24 +48,48 @@ def _int(kind: str, minimum: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+def _number(field: Field):
+    """argparse type for a config field: parses the text; range checks are the config's."""
+    def parse(text: str) -> Any:
+        try:
+            value = field.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {field.describe_range()}, got {text!r}") from None
+        try:
+            return check_value(field, value)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(
+                f"expected {field.describe_range()}, got {text!r}") from None
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, *,
+                     only: tuple[str, ...] | None = None) -> None:
+    """One flag per config field, grouped, with the field's help, default and range.
+
+    Defaults are SUPPRESSed (only flags given on the command line override `--hparams`), except
+    with `only` (a command that takes a few of the fields directly, like `tune`).
+    """
+    groups: dict[str, Any] = {}
+    for field in fields(cls):
+        if only is not None and field.name not in only:
+            continue
+        suppress = argparse.SUPPRESS if only is None else field.default
+        group = groups.get(field.meta["group"])
+        if group is None:
+            group = groups[field.meta["group"]] = parser.add_argument_group(field.meta["group"])
+        default = "none" if field.default is None else field.default
+        help_text = f"{field.meta['help']} (default {default})"
+        if field.type is bool:
+            group.add_argument(field.flag, action=argparse.BooleanOptionalAction,
+                               default=suppress, help=help_text)
+        elif field.meta["choices"]:
+            group.add_argument(field.flag, choices=field.meta["choices"],
+                               default=suppress, help=help_text)
+        else:
+            group.add_argument(field.flag, type=_number(field), default=suppress,
+                               metavar=field.name.upper(), help=help_text)
 
 
 def _run_name(text: str) -> str:
@@ -84,44 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="data -> validate -> train -> evaluate -> gate -> "
-                                         "publish -> report")
-    s = argparse.SUPPRESS  # only flags given on the command line override the config
-    g = train.add_argument_group("model and training (defaults: the documented model)")
-    g.add_argument("--epochs", type=POSITIVE, default=s, help="epochs (default 5)")
-    g.add_argument("--batch-size", type=POSITIVE, default=s,
-                   help="global batch size (default 32)")
-    g.add_argument("--learning-rate", type=_positive_float, default=s,
-                   help="Adam learning rate (default 1e-3)")
-    g.add_argument("--hidden-units", type=POSITIVE, default=s, help="hidden units (default 128)")
-    g.add_argument("--seed", type=NON_NEGATIVE, default=s, help="random seed (default 0)")
-    g.add_argument("--deterministic", action="store_true", default=s,
-                   help="TensorFlow op determinism: same seed, same weights")
-    g.add_argument("--device", choices=("auto", "cpu", "gpu"), default=s,
-                   help="auto: GPU(s) when TensorFlow sees any, else CPU (default auto)")
-    g.add_argument("--steps-per-execution", type=POSITIVE, default=s,
-                   help="train steps per host round-trip (default 100; 1 = plain Keras)")
-    g.add_argument("--no-jit", dest="jit_compile", action="store_false", default=s,
-                   help="do not compile the train step with XLA")
-    g.add_argument("--mixed-precision", action="store_true", default=s,
-                   help="compute in float16 with float32 weights (for GPUs; the softmax and "
-                        "the loss stay float32)")
-    g.add_argument("--validation-fraction", type=_fraction, default=s,
-                   help="hold out this fraction of train for the validation curves "
-                        "(default 0: monitor on the test split)")
-    g.add_argument("--hparams", type=Path, help="JSON of config values, e.g. a tuner's "
-                   "best_hparams.json; flags given here override it")
-    g.add_argument("--max-train-examples", type=POSITIVE, default=s,
-                   help="use only the first N training examples (smoke runs)")
-    g.add_argument("--max-test-examples", type=POSITIVE, default=s,
-                   help="use only the first N test examples (smoke runs)")
-    g = train.add_argument_group("publish gate")
-    g.add_argument("--min-accuracy", type=_fraction, default=s,
-                   help="publish only at or above this test accuracy (default 0.97)")
-    g.add_argument("--max-regression", type=_fraction, default=s,
-                   help="refuse a model this far below the latest version (default 0.002)")
-    g.add_argument("--keep-versions", type=NON_NEGATIVE, default=s,
-                   help="after publishing keep only the newest K versions (default 0: all)")
+    train = sub.add_parser("train", help="ingest -> train -> export -> validate as served "
+                                         "-> gate -> publish -> report")
+    add_config_flags(train)
+    train.add_argument("--hparams", type=Path, help="JSON of config values, e.g. a tuner's "
+                       "best_hparams.json or a run's config.json; flags given here override it")
     g = train.add_argument_group("paths")
     _add_artifacts(g)
     g.add_argument("--run-name", type=_run_name,
@@ -146,17 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-epochs", type=POSITIVE, default=20,
                       help="epochs for the longest trial (default 20); early stopping on "
                            "validation loss inside trials")
-    tune.add_argument("--time-budget", type=_positive_float, default=13.0,
+    tune.add_argument("--time-budget", type=_number(Field("time_budget", float, False, 13.0, {
+        "minimum": 0.01, "maximum": None, "below": None, "choices": None})), default=13.0,
                       help="minutes; the search stops cleanly between trials when it is "
                            "spent (default 13)")
-    tune.add_argument("--validation-fraction", type=_fraction, default=0.1,
-                      help="held out of the training split for selection (default 0.1)")
-    tune.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed (default 0)")
+    # The validation split is the training runs' own (same field, same default, same seed), so
+    # runs and trials compare in the HParams tab.
+    add_config_flags(tune, only=("validation_fraction", "seed", "max_train_examples", "device"))
     tune.add_argument("--overwrite", action="store_true",
                       help="delete the study's trials and start over")
-    tune.add_argument("--max-train-examples", type=POSITIVE,
-                      help="use only the first N training examples (smoke runs)")
-    tune.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     _add_artifacts(tune)
     tune.add_argument("--tfds-data-dir", type=Path)
     tune.add_argument("--tfds-manual-dir", type=Path,
@@ -186,16 +176,18 @@ def _add_artifacts(group: argparse._ArgumentGroup) -> None:
                             "(default: $ARTIFACTS_DIR or ./artifacts)")
 
 
-CONFIG_FLAGS = {f for f in TrainConfig.__dataclass_fields__}
-
-
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
+def resolve_config(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
     """Documented defaults, then --hparams, then flags given on the command line."""
+    names = {f.name for f in fields(cls)}
     values: dict[str, Any] = {}
     if args.hparams is not None:
         values.update(load_hparams(args.hparams))
-    values.update({k: v for k, v in vars(args).items() if k in CONFIG_FLAGS})
-    return TrainConfig.from_dict(values)
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    try:
+        return cls.from_dict(values)
+    except ConfigError as e:
+        source = f" (from --hparams {args.hparams})" if args.hparams is not None else ""
+        raise ConfigError(f"{e}{source}") from None
 
 
 def load_hparams(path: Path) -> dict[str, Any]:
@@ -204,8 +196,9 @@ def load_hparams(path: Path) -> dict[str, Any]:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"--hparams {path}: cannot read JSON ({e})") from None
-    if isinstance(value, dict) and isinstance(value.get("hparams"), dict):
-        value = value["hparams"]
+    for key in ("hparams", "requested"):  # a tuner's best_hparams.json, a run's config.json
+        if isinstance(value, dict) and isinstance(value.get(key), dict):
+            value = value[key]
     if not isinstance(value, dict):
         raise UsageError(f"--hparams {path}: expected a JSON object")
     return value
@@ -260,34 +253,63 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     check_artifacts_dir(args.artifacts_dir)
-    from pipeline.run import Paths, RunStateError, train_pipeline
-    from components.data import DataError
-    from components.exporter import PublishError
-    from components.trainer import BackupError, DeviceError, TrainingDiverged
-
-    from components.trainer import parse_tf_config
+    from components.strategy import parse_tf_config
+    from pipeline.run import Paths, train_pipeline
 
     paths = Paths(args.artifacts_dir, args.tfds_data_dir, args.tfds_manual_dir)
     try:
         result = train_pipeline(config, paths, run_id=args.run_name,
                                 tf_config=parse_tf_config(os.environ.get("TF_CONFIG")))
-    except (DeviceError, RunStateError) as e:
-        return _fail(EXIT_USAGE, str(e))
-    except BackupError as e:
-        return _fail(EXIT_BACKUP, f"resume: {e}")
-    except DataError as e:
-        return _fail(EXIT_DATA, f"data: {e}")
-    except TrainingDiverged as e:
-        return _fail(EXIT_DIVERGED, f"training: {e}; nothing was published")
-    except PublishError as e:
-        return _fail(EXIT_PUBLISH, f"publish: {e}")
-    except OSError as e:  # e.g. disk full while writing the run's artifacts
-        return _fail(EXIT_PUBLISH, f"could not write artifacts: {e}")
+    except Exception as e:
+        mapped = map_error(e)
+        if mapped is None:
+            raise
+        return _fail(*mapped)
     if result.metrics.get("chief") is False:
         return EXIT_OK  # a non-chief worker: the chief's exit code is the job's
     if not result.blessed:
         return _fail(EXIT_NOT_BLESSED, f"model not blessed: {result.metrics['gate']['reason']}")
     return EXIT_OK
+
+
+def map_error(e: BaseException) -> tuple[int, str] | None:
+    """The exit code and one-line message for an error a user, a file or the disk can cause;
+    None for a bug (the traceback is then printed, exit 1)."""
+    import errno
+
+    import tensorflow as tf
+
+    from components.data import DataError
+    from components.exporter import PublishError
+    from components.infra_validator import InfraValidationError
+    from components.strategy import DeviceError
+    from components.trainer import BackupError, TrainingDiverged
+    from pipeline.run import RunStateError
+
+    if isinstance(e, (DeviceError, RunStateError, ConfigError)):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, BackupError):
+        return EXIT_BACKUP, f"resume: {e}"
+    if isinstance(e, DataError):
+        return EXIT_DATA, f"data: {e}"
+    if isinstance(e, TrainingDiverged):
+        return EXIT_DIVERGED, f"training: {e}; nothing was published"
+    if isinstance(e, InfraValidationError):
+        return EXIT_INFRA, f"infra validation: {e}; nothing was published"
+    if isinstance(e, PublishError):
+        return EXIT_PUBLISH, f"publish: {e}"
+    if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
+        hint = " (disk full: free space and run the same command again with --run-name)" \
+            if e.errno == errno.ENOSPC else ""
+        return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
+    if isinstance(e, (tf.errors.ResourceExhaustedError, tf.errors.DataLossError,
+                      tf.errors.FailedPreconditionError, tf.errors.PermissionDeniedError,
+                      tf.errors.NotFoundError)):
+        # TensorFlow's file I/O errors are not OSErrors (e.g. disk full inside SavedModel or
+        # TFRecord writers).
+        first = (e.message or str(e)).strip().splitlines()[0][:300]
+        return EXIT_PUBLISH, f"could not write or read a file: {type(e).__name__}: {first}"
+    return None
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -304,20 +326,19 @@ def _report(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     check_artifacts_dir(args.artifacts_dir)
     from components import data as data_lib
-    from components import trainer
-    from components import tuner
+    from components import strategy, tuner
 
     config = tuner.TuneConfig(
         study=args.study, algorithm=args.algorithm, max_trials=args.max_trials,
         max_epochs=args.max_epochs, time_budget_minutes=args.time_budget,
         validation_fraction=args.validation_fraction, seed=args.seed, overwrite=args.overwrite)
     try:
-        trainer.setup_device(args.device, deterministic=False, seed=args.seed)  # no TF_CONFIG
+        strategy.setup_device(args.device, deterministic=False, seed=args.seed)  # no TF_CONFIG
         # Only the training split: selection must never see the test split.
         train = data_lib.validate_split(data_lib.load_split(
             "train", data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir,
             limit=args.max_train_examples))
-    except trainer.DeviceError as e:
+    except strategy.DeviceError as e:
         return _fail(EXIT_USAGE, str(e))
     except data_lib.DataError as e:
         return _fail(EXIT_DATA, f"data: {e}")

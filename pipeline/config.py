@@ -1,50 +1,88 @@
-"""The one typed config of a training run: documented defaults, validation, JSON round-trip."""
+"""The one typed config of a training run: every setting declared once, with its type, default,
+range and help. The CLI flags, `--hparams` type checks, TensorBoard's HParams keys and the tuner's
+search-space names are derived from these declarations (see docs/CONTRACT.md, "Adding a setting").
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any
-
-DEVICES = ("auto", "cpu", "gpu")
 
 
 class ConfigError(ValueError):
     """A config value a user gave is invalid (a usage error: exit code 2)."""
 
 
+def setting(default: Any, help: str, *, minimum: float | None = None,
+            maximum: float | None = None, below: float | None = None,
+            choices: tuple[str, ...] | None = None, hparam: bool = False,
+            group: str = "training") -> Any:
+    """Declare a config field: `minimum`/`maximum` inclusive, `below` exclusive; `hparam` marks
+    the fields logged in TensorBoard's HParams tab and searchable by the tuner."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, minimum=minimum, maximum=maximum, below=below, choices=choices,
+        hparam=hparam, group=group))
+
+
+SEED_LIMIT = 2 ** 32  # numpy's and TensorFlow's seeds are 32-bit
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides what a run does. Defaults are the documented model."""
 
-    epochs: int = 5
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    hidden_units: int = 128
-    dropout: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool = False
+    epochs: int = setting(5, "passes over the training examples", minimum=1, hparam=True)
+    batch_size: int = setting(32, "global batch size (split over replicas)", minimum=1,
+                              hparam=True)
+    learning_rate: float = setting(1e-3, "Adam learning rate", minimum=0, hparam=True)
+    hidden_units: int = setting(128, "units of the hidden Dense layer", minimum=1, hparam=True)
+    dropout: float = setting(0.0, "dropout after the hidden layer (0: no Dropout layer)",
+                             minimum=0, below=1, hparam=True)
+    seed: int = setting(0, "random seed (weights, shuffling, the validation split)", minimum=0,
+                        below=SEED_LIMIT, hparam=True)
+    validation_fraction: float = setting(
+        0.05, "fraction of the training split held out (with the seed) for validation curves "
+        "and calibration; 0 trains on all of it with no validation", minimum=0, below=1,
+        hparam=True)
+    device: str = setting("auto", "auto: the GPU(s) when TensorFlow sees any, else the CPU",
+                          choices=("auto", "cpu", "gpu"), group="device")
+    cpu_devices: int = setting(1, "split the CPU into N logical devices and mirror over them "
+                               "(MirroredStrategy without GPUs: tests the multi-device path)",
+                               minimum=1, maximum=64, group="device")
+    deterministic: bool = setting(False, "TensorFlow op determinism: same seed, same weights",
+                                  group="device")
     # Keras runs this many train steps per host round-trip; 1 is plain Keras. Does not change
     # the maths (same batches, same updates), only how often Python is re-entered.
-    steps_per_execution: int = 100
-    jit_compile: bool = True
-    mixed_precision: bool = False
-    # Fraction of the training split held out (with the seed) for the validation curves, the
-    # per-epoch images and the uncertainty calibration; the tuner holds out the same split.
-    # 0 trains on all 60,000 examples (the seed script's recipe) with no validation curves.
-    validation_fraction: float = 0.05
-    # TensorBoard batch-level scalars every N optimizer steps.
-    tensorboard_update_freq: int = 100
-    # Publish gate (TFX Evaluator semantics).
-    min_accuracy: float = 0.97
-    max_regression: float = 0.002
-    keep_versions: int = 0  # 0 keeps every version
-    # Limits for tests and smoke runs; None means the whole split.
-    max_train_examples: int | None = None
-    max_test_examples: int | None = None
+    steps_per_execution: int = setting(100, "train steps per host round-trip (1: plain Keras)",
+                                       minimum=1, hparam=True, group="device")
+    jit_compile: bool = setting(True, "compile the train step with XLA (where the strategy "
+                                "allows it)", hparam=True, group="device")
+    mixed_precision: str = setting("auto", "float16 compute with float32 weights: auto = on "
+                                   "for GPUs of compute capability >= 7.0, off on CPUs",
+                                   choices=("auto", "on", "off"), group="device")
+    tensorboard_update_freq: int = setting(100, "TensorBoard step scalars every N steps",
+                                           minimum=1, group="monitoring")
+    min_accuracy: float = setting(0.97, "publish only at or above this test accuracy",
+                                  minimum=0, maximum=1, group="publish gate")
+    max_regression: float = setting(0.002, "refuse a model this far below the latest version "
+                                    "(when the drop is also significant, McNemar p < 0.05)",
+                                    minimum=0, maximum=1, group="publish gate")
+    keep_versions: int = setting(0, "after publishing keep the newest K versions (0: all; "
+                                 "labelled versions are always kept)", minimum=0,
+                                 group="publish gate")
+    max_train_examples: int | None = setting(None, "use only the first N training examples "
+                                             "(smoke runs)", minimum=1, group="smoke runs")
+    max_test_examples: int | None = setting(None, "evaluate on the first N test examples only "
+                                            "(smoke runs: never published unless "
+                                            "--publish-partial-test)", minimum=1,
+                                            group="smoke runs")
+    publish_partial_test: bool = setting(False, "allow publishing a model evaluated on part of "
+                                         "the test split (recorded in metrics.json)",
+                                         group="smoke runs")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -52,11 +90,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+    def to_json(self, path: Path, effective: dict[str, Any] | None = None) -> None:
+        value: dict[str, Any] = {"requested": self.to_dict()}
+        if effective is not None:
+            value["effective"] = effective
+        Path(path).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -64,10 +105,11 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, path: Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def from_json(cls, path: Path) -> TrainConfig:
+        value = json.loads(Path(path).read_text())
+        return cls.from_dict(value.get("requested", value) if isinstance(value, dict) else value)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -76,41 +118,97 @@ def small_config(**overrides: Any) -> TrainConfig:
     values: dict[str, Any] = dict(
         epochs=1, batch_size=16, max_train_examples=256, max_test_examples=128,
         steps_per_execution=1, jit_compile=False, min_accuracy=0.0, max_regression=1.0,
-        tensorboard_update_freq=4,
+        tensorboard_update_freq=4, publish_partial_test=True,
     )
     values.update(overrides)
     return TrainConfig(**values)
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+# --------------------------------------------------------------------------------------------
+# Field introspection: what the CLI, --hparams, HParams and the tuner derive from.
 
 
-def validate(config: TrainConfig) -> None:
-    """Raise ConfigError naming the first invalid field."""
-    for name in ("epochs", "batch_size", "hidden_units", "steps_per_execution",
-                 "tensorboard_update_freq"):
-        _positive_int(name, getattr(config, name))
-    for name in ("max_train_examples", "max_test_examples"):
-        if getattr(config, name) is not None:
-            _positive_int(name, getattr(config, name))
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {config.seed!r}")
-    lr = config.learning_rate
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"learning_rate must be a finite number > 0, got {lr!r}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {config.dropout!r}")
-    if not 0.0 <= config.validation_fraction < 1.0:
-        raise ConfigError(
-            f"validation_fraction must be in [0, 1), got {config.validation_fraction!r}")
-    if config.device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {config.device!r}")
-    if not 0.0 <= config.min_accuracy <= 1.0:
-        raise ConfigError(f"min_accuracy must be in [0, 1], got {config.min_accuracy!r}")
-    if not 0.0 <= config.max_regression <= 1.0:
-        raise ConfigError(f"max_regression must be in [0, 1], got {config.max_regression!r}")
-    if isinstance(config.keep_versions, bool) or not isinstance(config.keep_versions, int) \
-            or config.keep_versions < 0:
-        raise ConfigError(f"keep_versions must be an integer >= 0, got {config.keep_versions!r}")
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    type: type  # int, float, bool or str
+    optional: bool
+    default: Any
+    meta: dict[str, Any]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def describe_range(self) -> str:
+        m = self.meta
+        if m["choices"]:
+            return "one of " + ", ".join(m["choices"])
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        low, high, below = m["minimum"], m["maximum"], m["below"]
+        if self.type is float and low == 0 and below is None and high is None \
+                and self.name == "learning_rate":
+            return "a finite number > 0"
+        parts = [kind[self.type]]
+        if low is not None or high is not None or below is not None:
+            lo = f"[{low:g}" if low is not None else "(-inf"
+            hi = f"{high:g}]" if high is not None else (f"{below:g})" if below is not None
+                                                        else "inf)")
+            parts.append(f"in {lo}, {hi}")
+        return " ".join(parts) + (" (or null)" if self.optional else "")
+
+
+def fields(cls: type = TrainConfig) -> list[Field]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = type(None) in typing.get_args(hint)
+        base = args[0] if optional else hint
+        out.append(Field(f.name, base, optional, f.default, dict(f.metadata)))
+    return out
+
+
+def hparam_keys(cls: type = TrainConfig) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.meta.get("hparam"))
+
+
+def check_value(field: Field, value: Any) -> Any:
+    """The value if it has the field's type and range, else ConfigError naming both."""
+    def bad() -> ConfigError:
+        return ConfigError(f"{field.name} must be {field.describe_range()}, got {value!r}")
+
+    if value is None:
+        if field.optional:
+            return None
+        raise bad()
+    if field.type is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if field.type is str:
+        if not isinstance(value, str) or (field.meta["choices"] and
+                                          value not in field.meta["choices"]):
+            raise bad()
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad()
+    if field.type is int and not isinstance(value, int):
+        raise bad()
+    if not math.isfinite(value):
+        raise bad()
+    m = field.meta
+    if field.name == "learning_rate" and value <= 0:
+        raise bad()
+    if (m["minimum"] is not None and value < m["minimum"]) or \
+            (m["maximum"] is not None and value > m["maximum"]) or \
+            (m["below"] is not None and value >= m["below"]):
+        raise bad()
+    return float(value) if field.type is float else value
+
+
+def validate(config: Any) -> None:
+    """Raise ConfigError naming the first field with a wrong type or an out-of-range value."""
+    for field in fields(type(config)):
+        check_value(field, getattr(config, field.name))

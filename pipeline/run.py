@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrainConfig
+import numpy as np
+
+from pipeline import stages
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.stages import write_json
 
 log = logging.getLogger("pipeline")
 
@@ -47,11 +51,11 @@ class RunStateError(RuntimeError):
     """A named run cannot be resumed as asked (finished, or started with another config)."""
 
 
-def prepare_run_dir(run_dir: Path, config: TrainConfig) -> bool:
+def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any]) -> bool:
     """Create the run dir, or check that an existing one can be resumed. True when resuming."""
     if not run_dir.exists():
         run_dir.mkdir(parents=True)
-        config.to_json(run_dir / "config.json")
+        config.to_json(run_dir / "config.json", effective)
         return False
     if (run_dir / "metrics.json").exists():
         raise RunStateError(f"run {run_dir.name} already finished ({run_dir}); pick another "
@@ -95,181 +99,193 @@ def update_latest(runs: Path, run_id: str) -> None:
     os.replace(tmp, runs / "latest")
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+STAGES = ("train", "export", "validate", "gate", "publish", "report")
 
 
 def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = None,
                    data: tuple[Any, Any] | None = None,
                    tf_config: dict[str, Any] | None = None) -> RunResult:
-    """data -> validate -> train -> evaluate -> gate/publish -> report, for one run.
+    """ingest -> train -> export -> validate (as served) -> gate -> publish -> report.
 
     `data` optionally supplies (train, test) Splits directly (tests, other sources); otherwise
-    both come from TFDS. `tf_config`: the parsed TF_CONFIG of a multi-worker cluster; every
-    worker runs every step (they train, evaluate and export together), and only the chief
-    writes the run's artifacts; the others write to a temporary folder they delete.
+    both come from TFDS. `tf_config`: the parsed TF_CONFIG of a multi-worker cluster: every
+    worker trains; only the chief writes the run's artifacts and runs the later stages.
     Raises the components' errors; the CLI maps them to exit codes.
     """
-    from components import trainer
+    from components import infra_validator
+    from components.strategy import cluster_role
 
-    role = trainer.cluster_role(tf_config)
+    role = cluster_role(tf_config)
     run_id = run_id or new_run_id()
-    if role.is_chief:
-        return _train_pipeline(config, paths, run_id, data, tf_config, role)
-
-    scratch = Path(tempfile.mkdtemp(prefix=f"mnist-{role.task}-"))
+    if not role.is_chief:
+        return _train_as_worker(config, paths, run_id, data, tf_config, role.task)
+    # Started first, so that its TensorFlow import overlaps data loading and training.
+    validator = infra_validator.Validator()
     try:
-        # Resumes from the chief's backup (read-only), so all workers restart at the same epoch
-        # with the same weights; its own saves go to the scratch folder.
-        return _train_pipeline(config, Paths(scratch, paths.tfds_data_dir,
-                                             paths.tfds_manual_dir),
-                               run_id, data, tf_config, role,
-                               restore_from=paths.run_dir(run_id) / "backup")
+        run = stages.Run(config, run_id, stages.RunLayout(paths.run_dir(run_id)),
+                         paths.artifacts, paths.tensorboard_dir(run_id), paths.models,
+                         validator=validator)
+        ingest(run, paths, data, tf_config)
+        outputs = {"train": [run.layout.model, run.layout.history],
+                   "export": [run.layout.export / "saved_model.pb"],
+                   "validate": [run.layout.served, run.layout.predictions],
+                   "gate": [run.layout.blessing], "publish": [run.layout.publication],
+                   "report": []}
+        for name in STAGES:
+            stages.run_stage(run, name, getattr(stages, name), outputs[name])
+            _print_stage_result(run, name)
+    finally:
+        validator.close()
+    return finish(run)
+
+
+def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
+                     tf_config: dict[str, Any], task: str) -> RunResult:
+    """A non-chief worker trains with the chief (resuming from the chief's backup, read-only)
+    and saves into a scratch folder it deletes; the chief does everything else."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"mnist-{task}-"))
+    try:
+        run = stages.Run(config, run_id, stages.RunLayout(scratch / "run"), scratch,
+                         scratch / "tensorboard", scratch / "models", is_chief=False,
+                         restore_from=paths.run_dir(run_id) / "backup")
+        ingest(run, paths, data, tf_config)
+        stages.run_stage(run, "train", stages.train, [])
+        print(f"{task}: done; the chief evaluates, publishes and reports")
+        return RunResult(run_id, run.layout.root, {**run.metrics, "chief": False})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _train_pipeline(config: TrainConfig, paths: Paths, run_id: str,
-                    data: tuple[Any, Any] | None, tf_config: dict[str, Any] | None,
-                    role: Any, restore_from: Path | None = None) -> RunResult:
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    # Imported here so that flag errors are reported before TensorFlow's start-up cost.
+def ingest(run: stages.Run, paths: Paths, data: tuple[Any, Any] | None,
+           tf_config: dict[str, Any] | None) -> None:
+    """Device and strategy, the splits (validated, the validation split carved with the seed),
+    their statistics and the drift check; then the run folder (created or resumed)."""
     from components import data as data_lib
-    from components import evaluator, exporter, monitoring, report, trainer
-    from components.model import build_model
+    from components import statistics
+    from components.strategy import effective_settings, set_precision, setup_device
 
-    # Everything a user can get wrong (device, data) is checked before the run dir exists.
-    choice, strategy = trainer.setup_device(
-        config.device, deterministic=config.deterministic, seed=config.seed, tf_config=tf_config,
-        mixed_precision=config.mixed_precision)
-    log.info("device: %s; this process: %s%s", choice.description, role.task,
-             " (chief)" if role.is_chief and tf_config else "")
+    config = run.config
+    t = time.perf_counter()
+    choice, run.strategy, capability = setup_device(
+        config.device, deterministic=config.deterministic, seed=config.seed,
+        tf_config=tf_config, cpu_devices=config.cpu_devices)
+    run.effective = effective_settings(
+        choice, run.strategy.num_replicas_in_sync, batch_size=config.batch_size,
+        steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile,
+        mixed_precision=config.mixed_precision, dropout=config.dropout,
+        compute_capability=capability)
+    set_precision(run.effective.mixed_precision)
+    log.info("device: %s; %d replica(s), global batch %d, per-replica batch %d",
+             choice.description, run.effective.replicas, config.batch_size,
+             run.effective.per_replica_batch)
+    for reason in run.effective.why:
+        log.info("setting: %s", reason)
+    run.timings["device_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if data is None:
-        expect = config.max_train_examples is None and config.max_test_examples is None
-        raw_train, raw_test = (
-            data_lib.load_split(name, data_dir=paths.tfds_data_dir,
-                                manual_dir=paths.tfds_manual_dir, limit=limit)
-            for name, limit in (("train", config.max_train_examples),
-                                ("test", config.max_test_examples)))
-    else:
-        expect = False
-        raw_train, raw_test = (split.take(limit) for split, limit in
-                               zip(data, (config.max_train_examples, config.max_test_examples)))
-    train_split = data_lib.validate_split(
-        raw_train, expected_count=data_lib.EXPECTED_COUNTS["train"] if expect else None)
-    test_split = data_lib.validate_split(
-        raw_test, expected_count=data_lib.EXPECTED_COUNTS["test"] if expect else None)
-    timings["data_seconds"] = time.perf_counter() - t
-    log.info("data: %d train, %d test examples, validated", len(train_split), len(test_split))
-
-    run_dir = paths.run_dir(run_id)
-    if role.is_chief:
-        resuming = prepare_run_dir(run_dir, config)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resuming = False
-    log.info("run %s -> %s%s", run_id, run_dir, " (resuming)" if resuming else "")
-
-    # Validation is carved from the training split with the seed (the tuner's split); the
-    # test split is read once, after training, by the evaluator. Fraction 0: no validation.
+    train, test, from_tfds = _load(config, paths, data)
+    run.full_test_split = len(test) == (data_lib.EXPECTED_COUNTS["test"] if from_tfds
+                                        else len(data[1]))  # type: ignore[index]
+    fit, validation = train, None
     if config.validation_fraction > 0:
-        fit_split, val_split = data_lib.carve_validation(train_split, config.validation_fraction,
-                                                         config.seed)
+        fit, validation = data_lib.carve_validation(train, config.validation_fraction,
+                                                    config.seed)
+        if len(validation) == 0 or len(fit) == 0:
+            raise ConfigError(f"validation_fraction {config.validation_fraction:g} of "
+                              f"{len(train)} training examples leaves {len(validation)} for "
+                              f"validation and {len(fit)} for training; use 0 or a larger "
+                              f"fraction")
+    run.splits = {"train": fit, "validation": validation, "test": test,
+                  "sample": train.take(1)}
+    stats = statistics.compute({k: v for k, v in (("train", fit), ("validation", validation),
+                                                  ("test", test)) if v is not None})
+    if from_tfds and config.max_train_examples is None and run.full_test_split:
+        _check_drift(stats, paths.models)
+    run.timings["data_seconds"] = time.perf_counter() - t
+    log.info("data: %d train, %s, %d test examples (the test split is read after training)",
+             len(fit), f"{len(validation)} validation (held out of train, seed {config.seed})"
+             if validation is not None else "no validation", len(test))
+    if not run.is_chief:
+        return
+    run.resuming = prepare_run_dir(run.layout.root, config, run.effective.to_dict())
+    log.info("run %s -> %s%s", run.run_id, run.layout.root,
+             " (resuming)" if run.resuming else "")
+    run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
+    statistics.write(run.layout.statistics, stats)
+    run.layout.evaluation.mkdir(parents=True, exist_ok=True)
+    tmp = run.layout.examples.with_name(".tmp-test_examples.npz")
+    np.savez(tmp, images=test.images, labels=test.labels)
+    os.replace(tmp, run.layout.examples)
+    run.metrics.update(run_id=run.run_id, device=choice.device, strategy=choice.kind,
+                       replicas=run.effective.replicas,
+                       examples={"train": len(fit), "validation": len(validation or ()),
+                                 "test": len(test)},
+                       full_test_split=run.full_test_split)
+
+
+def _load(config: TrainConfig, paths: Paths, data: tuple[Any, Any] | None
+          ) -> tuple[Any, Any, bool]:
+    from components import data as data_lib
+
+    if data is None:
+        full = config.max_train_examples is None and config.max_test_examples is None
+        raw = [data_lib.load_split(name, data_dir=paths.tfds_data_dir,
+                                   manual_dir=paths.tfds_manual_dir, limit=limit)
+               for name, limit in (("train", config.max_train_examples),
+                                   ("test", config.max_test_examples))]
+        counts = data_lib.EXPECTED_COUNTS if full else {}
     else:
-        fit_split, val_split = train_split, None
-    replicas = strategy.num_replicas_in_sync
-    log.info("strategy: %s, %d replica(s), global batch %d, per-replica batch %d",
-             type(strategy).__name__, replicas, config.batch_size,
-             max(1, config.batch_size // replicas))
-    log.info("splits: %d train, %s, %d test (read after training)", len(fit_split),
-             f"{len(val_split)} validation (held out of train, seed {config.seed})"
-             if val_split is not None else "no validation", len(test_split))
+        raw = [split.take(limit) for split, limit in
+               zip(data, (config.max_train_examples, config.max_test_examples))]
+        counts = {}
+    train, test = (data_lib.validate_split(split, expected_count=counts.get(split.name))
+                   for split in raw)
+    return train, test, data is None
 
-    t = time.perf_counter()
-    result = trainer.train(
-        lambda: build_model(config.hidden_units, config.learning_rate, config.dropout,
-                            # Keras 3.15's multi-step loop fails under
-                            # MultiWorkerMirroredStrategy (in-graph has_next): one step per call.
-                            steps_per_execution=config.steps_per_execution
-                            if choice.kind not in ("multi_worker", "mirrored") else 1,
-                            # XLA stays on one device: cross-replica collectives are not
-                            # compiled on the CPU.
-                            jit_compile=config.jit_compile and choice.kind in
-                            ("default", "one_device")),
-        lambda epoch: data_lib.make_train_dataset(fit_split, config.batch_size,
-                                                  seed=config.seed, epoch=epoch),
-        data_lib.make_dataset(val_split, max(config.batch_size, 1024))
-        if val_split is not None else None,
-        epochs=config.epochs, strategy=strategy,
-        tensorboard_dir=paths.tensorboard_dir(run_id),
-        backup_dir=run_dir / "backup", restore_from=restore_from,
-        update_freq=config.tensorboard_update_freq,
-        extra_callbacks=[monitoring.EpochImages(paths.tensorboard_dir(run_id), val_split.images,
-                                                val_split.labels)]
-        if val_split is not None else [])
-    timings["train_seconds"] = time.perf_counter() - t
-    timings["fit_seconds"] = result.fit_seconds
 
-    t = time.perf_counter()
-    evaluation = evaluator.evaluate(result.model, test_split)
-    predictions = evaluator.save_predictions(run_dir / evaluator.PREDICTIONS_FILE, evaluation,
-                                             test_split, train_split.take(1))
-    timings["evaluate_seconds"] = time.perf_counter() - t
-    metrics: dict[str, Any] = {
-        **evaluation.metrics, "run_id": run_id, "device": choice.device,
-        "strategy": choice.kind, "replicas": replicas,
-        "epochs_trained": result.initial_epoch + len(result.epoch_seconds),
-        "resumed_from_epoch": result.initial_epoch,
-        "examples": {"train": len(fit_split),
-                     "validation": len(val_split) if val_split is not None else 0,
-                     "test": len(test_split)},
-        "history": result.history, "epoch_seconds": result.epoch_seconds,
-        "weights_sha256": trainer.weights_sha256(result.model),
-    }
-    acc = metrics["test_accuracy"]
-    pred0, true0 = int(evaluation.probabilities[0].argmax()), int(evaluation.labels[0])
-    print(f"Test accuracy: {acc:.4f}  (loss {metrics['test_loss']:.4f}, "
-          f"{metrics['test_examples']} test images)")
-    print(f"First test image: predicted {pred0}, true {true0}")
+def _check_drift(stats: Any, models: Path) -> None:
+    from components import exporter, statistics
+    from components.data import DataError
 
-    t = time.perf_counter()
-    published = exporter.publish(
-        result.model, {k: metrics[k] for k in ("test_accuracy", "test_loss", "run_id")},
-        paths.models, run_id=run_id, min_accuracy=config.min_accuracy,
-        max_regression=config.max_regression, keep_versions=config.keep_versions)
-    timings["publish_seconds"] = time.perf_counter() - t
-    if not role.is_chief:
-        # It exported with the chief (saving may need every worker); its copy is scratch.
-        print(f"{role.task}: done; the chief publishes and reports")
-        return RunResult(run_id, run_dir, {**metrics, "blessed": None, "chief": False})
-    metrics.update(blessed=published.decision.blessed, gate=published.decision.to_dict(),
-                   published_version=published.version,
-                   published_path=str(published.path) if published.path else None)
-    if published.version is not None:
-        print(f"Published version {published.version}: {published.path} "
-              f"({published.decision.reason})")
-    else:
-        print(f"NOT published: {published.decision.reason}")
+    latest = exporter.latest_version_dir(models)
+    baseline = latest / "assets.extra" / statistics.STATISTICS_FILE if latest else None
+    if baseline is None or not baseline.is_file():
+        return
+    findings = statistics.check_drift(stats, statistics.read(baseline), f"version {latest.name}")
+    if findings:
+        raise DataError("the data drifted from what trained the published model: "
+                        + "; ".join(findings))
 
-    t = time.perf_counter()
-    report_dir = run_dir / "report"
-    report.write_report(report_dir, predictions, metrics, result.history, config.to_dict())
-    monitoring.log_run_summary(paths.tensorboard_dir(run_id), run_id, config.to_dict(), metrics)
-    timings["report_seconds"] = time.perf_counter() - t
-    timings["pipeline_seconds"] = time.perf_counter() - started
-    metrics["timings"] = timings
-    write_json(run_dir / "metrics.json", metrics)
-    update_latest(paths.runs, run_id)
-    print(f"Run {run_id}: metrics {run_dir / 'metrics.json'}, report {report_dir}, "
-          f"TensorBoard {paths.tensorboard_dir(run_id)}")
-    return RunResult(run_id, run_dir, metrics)
+
+def _print_stage_result(run: stages.Run, name: str) -> None:
+    m = run.metrics
+    if name == "validate":
+        infra = m.get("infra_validation", {})
+        print(f"Infra validation: the exported model loads as TF Serving loads it, replays "
+              f"{infra.get('warmup_records_replayed')} warmup records and matches the trained "
+              f"model on {m['test_examples']} test images ({infra.get('seconds', 0):.1f} s)")
+        print(f"Test accuracy: {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f}, "
+              f"{m['test_examples']} test images, exported model)")
+        predictions = np.load(run.layout.served)
+        print(f"First test image: predicted {int(predictions[0].argmax())}, true "
+              f"{int(run.splits['test'].labels[0])}")
+    elif name == "publish":
+        if m.get("published_version") is not None:
+            print(f"Published version {m['published_version']}: {m['published_path']} "
+                  f"({m['gate']['reason']})")
+        else:
+            print(f"NOT published: {m['gate']['reason']}")
+
+
+def finish(run: stages.Run) -> RunResult:
+    """metrics.json (the run is finished once it exists) and runs/latest."""
+    history = json.loads(run.layout.history.read_text()) if run.layout.history.is_file() else {}
+    run.metrics.update(history=history, timings=run.timings)
+    write_json(run.layout.metrics, run.metrics)
+    update_latest(run.layout.root.parent, run.run_id)
+    print(f"Run {run.run_id}: metrics {run.layout.metrics}, report {run.layout.report}, "
+          f"TensorBoard {run.tensorboard}")
+    return RunResult(run.run_id, run.layout.root, run.metrics)
 
 
 def rebuild_report(run_dir: Path) -> list[Path]:
@@ -281,4 +297,4 @@ def rebuild_report(run_dir: Path) -> list[Path]:
     predictions = evaluator.load_predictions(run_dir / evaluator.PREDICTIONS_FILE)
     config = json.loads((run_dir / "config.json").read_text())
     return report.write_report(run_dir / "report", predictions, metrics, metrics.get("history"),
-                               config)
+                               config.get("requested", config))

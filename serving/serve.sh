@@ -7,6 +7,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 models=${1:?usage: serve.sh MODELS_DIR}
 GRPC_PORT=${GRPC_PORT:-8500}
 REST_PORT=${REST_PORT:-8501}
+# The TF Serving release that matches tensorflow-serving-api in pyproject.toml (and
+# deploy/tf-serving.yaml); tags are X.Y.Z, and X.Y.Z-gpu for the GPU build.
+TF_SERVING_IMAGE=${TF_SERVING_IMAGE:-tensorflow/serving:2.21.0}
 
 if ! ls -d "$models"/[0-9]* >/dev/null 2>&1; then
   echo "error: no published version under $models: run 'make train' first" >&2
@@ -25,9 +28,9 @@ if command -v tensorflow_model_server >/dev/null 2>&1; then
 fi
 
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
-  echo "starting tensorflow/serving in Docker on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
+  echo "starting $TF_SERVING_IMAGE in Docker on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
   exec docker run --rm -p "$GRPC_PORT:8500" -p "$REST_PORT:8501" \
-    -v "$models:/models/mnist:ro" -v "$here:/config:ro" tensorflow/serving \
+    -v "$models:/models/mnist:ro" -v "$here:/config:ro" "$TF_SERVING_IMAGE" \
     --model_config_file=/config/models.config \
     --batching_parameters_file=/config/batching.config \
     --port=8500 --rest_api_port=8501 --enable_batching --file_system_poll_wait_seconds=10
@@ -40,7 +43,7 @@ error: neither tensorflow_model_server nor a running Docker engine was found. Ei
      then run 'make serve' again; or
   2. with Docker:
        docker run --rm -p 8500:8500 -p 8501:8501 \\
-         -v $models:/models/mnist:ro -v $here:/config:ro tensorflow/serving \\
+         -v $models:/models/mnist:ro -v $here:/config:ro $TF_SERVING_IMAGE \\
          --model_config_file=/config/models.config \\
          --batching_parameters_file=/config/batching.config --enable_batching
 MSG

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from components import exporter, trainer
+from components import exporter, strategy, trainer
 from pipeline.cluster import tf_configs
 from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
 
@@ -30,7 +30,7 @@ SMALL = ["--max-train-examples", "4000", "--max-test-examples", "1000", "--devic
      False, "worker-0"),
 ])
 def test_cluster_role(tf_config, chief, task):
-    assert trainer.cluster_role(tf_config) == trainer.ClusterRole(chief, task)
+    assert strategy.cluster_role(tf_config) == strategy.ClusterRole(chief, task)
 
 
 def test_generated_tf_configs_name_every_worker_and_one_task_each():
@@ -38,8 +38,8 @@ def test_generated_tf_configs_name_every_worker_and_one_task_each():
     assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
     assert all(c["cluster"] == {"worker": ["127.0.0.1:1111", "127.0.0.1:2222",
                                            "127.0.0.1:3333"]} for c in configs)
-    assert all(trainer.parse_tf_config(json.dumps(c)) == c for c in configs)
-    assert [trainer.cluster_role(c).is_chief for c in configs] == [True, False, False]
+    assert all(strategy.parse_tf_config(json.dumps(c)) == c for c in configs)
+    assert [strategy.cluster_role(c).is_chief for c in configs] == [True, False, False]
 
 
 def _cluster_cmd(artifacts, *flags, workers=2):

@@ -1,6 +1,8 @@
 """The typed config: documented defaults, validation, JSON round-trip, CLI resolution."""
 
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,13 +21,17 @@ def test_json_round_trip(tmp_path):
     c = small_config(epochs=3, learning_rate=0.01, device="cpu")
     c.to_json(tmp_path / "config.json")
     assert TrainConfig.from_json(tmp_path / "config.json") == c
-    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 3
+    assert json.loads((tmp_path / "config.json").read_text())["requested"]["epochs"] == 3
 
 
 @pytest.mark.parametrize("field,value", [
     ("epochs", 0), ("epochs", -1), ("batch_size", 0), ("learning_rate", 0.0),
     ("learning_rate", -1e-3), ("learning_rate", float("nan")), ("seed", 1.5), ("seed", -1),
     ("hidden_units", 0), ("device", "tpu"), ("dropout", 1.0), ("min_accuracy", 1.5),
+    # wrong types from a JSON file: never coerced
+    ("dropout", "0.1"), ("validation_fraction", None), ("jit_compile", "no"),
+    ("mixed_precision", "false"), ("mixed_precision", False), ("epochs", 2.0), ("epochs", True),
+    ("seed", 2 ** 32), ("learning_rate", float("inf")), ("deterministic", 1),
 ])
 def test_invalid_values_are_refused_with_the_field_named(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -48,3 +54,46 @@ def test_flags_override_hparams_file_which_overrides_defaults(tmp_path):
 def test_only_given_flags_reach_the_config():
     c = resolve_config(build_parser().parse_args(["train", "--epochs", "2"]))
     assert c == TrainConfig(epochs=2)
+
+
+def test_a_new_setting_gets_its_flag_type_check_and_hparams_entry(tmp_path):
+    """Adding a hyperparameter takes its declaration (and its use): the flag, the --hparams
+    type check and the HParams key come from the declaration."""
+    import dataclasses
+
+    from pipeline.cli import add_config_flags
+    from pipeline.config import hparam_keys, setting
+
+    Extended = dataclasses.make_dataclass(
+        "Extended", [("label_smoothing", float,
+                      setting(0.0, "label smoothing", minimum=0, below=1, hparam=True))],
+        bases=(TrainConfig,), frozen=True)
+    assert "label_smoothing" in hparam_keys(Extended)
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Extended)
+    parser.add_argument("--hparams", type=Path)
+    args = parser.parse_args(["--label-smoothing", "0.1"])
+    assert resolve_config(args, Extended).label_smoothing == 0.1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--label-smoothing", "1.5"])
+    (tmp_path / "hp.json").write_text(json.dumps({"label_smoothing": "0.1"}))
+    with pytest.raises(ConfigError, match="label_smoothing must be a number in \\[0, 1\\)"):
+        resolve_config(parser.parse_args(["--hparams", str(tmp_path / "hp.json")]), Extended)
+
+
+def test_every_field_has_a_flag_and_the_tuner_searches_config_fields():
+    from components.tuner import SEARCH_SPACE
+    from pipeline.config import fields, hparam_keys
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for field in fields():
+        assert field.flag in help_text, field.flag
+    assert set(SEARCH_SPACE) <= set(hparam_keys())
+
+
+def test_bad_flag_and_bad_config_value_say_the_same_range():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--validation-fraction", "1"])
+    with pytest.raises(ConfigError, match=r"validation_fraction must be a number in \[0, 1\)"):
+        TrainConfig(validation_fraction=1.0)

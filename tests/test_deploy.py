@@ -116,7 +116,8 @@ def test_the_image_installs_from_the_locks_with_hashes():
 
 
 def test_the_image_copies_every_package_pyproject_installs():
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["setuptools"]["packages"]
     copied = {rest.split()[0] for ins, rest in dockerfile() if ins == "COPY"}
     assert set(packages) <= copied, f"not copied into the image: {set(packages) - copied}"
 
@@ -174,7 +175,8 @@ def _artifacts_on_the_volume() -> tuple[str, PurePosixPath]:
     assert "persistentVolumeClaim" in volume, "the artifacts must be on the shared volume"
     assert not mount.get("readOnly")
     relative = artifacts.relative_to(mount["mountPath"])
-    return volume["persistentVolumeClaim"]["claimName"], PurePosixPath(mount.get("subPath", "")) / relative
+    on_volume = PurePosixPath(mount.get("subPath", "")) / relative
+    return volume["persistentVolumeClaim"]["claimName"], on_volume
 
 
 def test_tfjob_writes_its_artifacts_to_the_shared_volume():

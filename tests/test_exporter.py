@@ -74,55 +74,86 @@ def test_wrong_size_png_is_invalid_argument(exported):
 
 # ---------------------------------------------------------------------------- gate and publish
 
-def _publish(model, base, accuracy, run_id, **kw):
-    kw = {"min_accuracy": 0.97, "max_regression": 0.002, **kw}
-    return exporter.publish(model, {"test_accuracy": accuracy}, base, run_id=run_id, **kw)
+@pytest.fixture
+def staged(model, tmp_path):
+    return exporter.export_saved_model(model, tmp_path / "staged")
 
 
-def test_gate_thresholds(tmp_path):
-    g = exporter.gate(0.96, tmp_path, min_accuracy=0.97, max_regression=0.002)
+def _publish(staged, base, run_id, baseline=None, **kw):
+    return exporter.publish_staged(staged, base, run_id=run_id, baseline_version=baseline,
+                                   assets={"metrics.json": f'{{"run_id": "{run_id}"}}'}, **kw)
+
+
+def _correct(n, wrong):
+    out = np.ones(n, bool)
+    out[list(wrong)] = False
+    return out
+
+
+def test_gate_floor_and_smoke_runs():
+    kw = dict(min_accuracy=0.97, max_regression=0.002)
+    g = exporter.gate(_correct(100, range(4)), full_test_split=True, **kw)
     assert not g.blessed and "below --min-accuracy" in g.reason
-    assert exporter.gate(0.975, tmp_path, min_accuracy=0.97, max_regression=0.002).blessed
-    assert not exporter.gate(float("nan"), tmp_path, min_accuracy=0.0, max_regression=1).blessed
+    assert exporter.gate(_correct(100, range(2)), full_test_split=True, **kw).blessed
+    assert not exporter.gate(np.array([], bool), full_test_split=True, min_accuracy=0.0,
+                             max_regression=1).blessed
+    # one perfect test image is not a model to publish (nor a baseline for later gates)
+    smoke = exporter.gate(np.ones(1, bool), full_test_split=False, **kw)
+    assert not smoke.blessed and "never published" in smoke.reason
+    forced = exporter.gate(np.ones(1, bool), full_test_split=False, allow_partial_test=True,
+                           **kw)
+    assert forced.blessed and forced.forced_partial_test
 
 
-def test_publish_versions_gate_and_prune(model, tmp_path):
+def test_gate_regression_is_paired_and_must_be_significant():
+    kw = dict(full_test_split=True, min_accuracy=0.9, max_regression=0.002, baseline_version=3)
+    baseline = _correct(10_000, range(200))  # 0.98
+    # 60 newly wrong, none newly right: a 0.006 drop, far from noise
+    g = exporter.gate(_correct(10_000, range(260)), baseline_correct=baseline, **kw)
+    assert not g.blessed and "significantly" in g.reason and "version 3's 0.9800" in g.reason
+    assert (g.candidate_only_wrong, g.baseline_only_wrong) == (60, 0) and g.p_value < 1e-9
+    # a 0.0025 drop made of 200 newly wrong and 175 newly right: within noise (p ~ 0.1)
+    noisy = _correct(10_000, [*range(200, 400), *range(25)])
+    g = exporter.gate(noisy, baseline_correct=baseline, **kw)
+    assert g.accuracy == pytest.approx(0.9775) and g.blessed and 0.05 < g.p_value < 0.2
+    assert exporter.mcnemar_p(0, 0) == 1.0 and exporter.mcnemar_p(5, 0) == 1 / 32
+
+
+def test_publish_versions_baseline_check_and_prune(staged, tmp_path):
     base = tmp_path / "models" / "mnist"
-    first = _publish(model, base, 0.980, "r1")
-    assert first.version == 1 and (base / "1" / "saved_model.pb").is_file()
-    better = _publish(model, base, 0.985, "r2")
-    assert better.version == 2 and better.decision.baseline_version == 1
-    slightly_worse = _publish(model, base, 0.9835, "r3")  # within max_regression: published
-    assert slightly_worse.version == 3
-    worse = _publish(model, base, 0.975, "r4")
-    assert not worse.decision.blessed and worse.version is None
-    assert "below version 3's 0.9835" in worse.decision.reason
-    assert exporter.published_versions(base) == [1, 2, 3]
-    pruned = _publish(model, base, 0.99, "r5", keep_versions=2)
-    assert pruned.pruned == [1, 2, 3][:2] and exporter.published_versions(base) == [3, 4]
+    assert _publish(staged, base, "r1").version == 1
+    assert (base / "1" / "saved_model.pb").is_file()
+    assert (base / "1" / "assets.extra" / "metrics.json").read_text() == '{"run_id": "r1"}'
+    assert _publish(staged, base, "r2", baseline=1).version == 2
+    with pytest.raises(exporter.BaselineMoved) as moved:  # gated against 1, but 2 is out
+        _publish(staged, base, "r3", baseline=1)
+    assert moved.value.latest == 2
+    assert _publish(staged, base, "r3", baseline=2).version == 3
+    result = _publish(staged, base, "r4", baseline=3, keep_versions=2, protected={1})
+    assert result.pruned == [2] and exporter.published_versions(base) == [1, 3, 4]
     assert not [p for p in os.listdir(base) if p.startswith(exporter.TMP_PREFIX)]
 
 
-def test_versions_strictly_increase_past_gaps(model, tmp_path):
+def test_versions_strictly_increase_past_gaps(staged, tmp_path):
     base = tmp_path / "m"
     (base / "7").mkdir(parents=True)
-    assert _publish(model, base, 0.99, "r1").version == 8
+    assert _publish(staged, base, "r1", baseline=7).version == 8
 
 
-def test_leftovers_of_a_killed_export_are_removed(model, tmp_path):
+def test_leftovers_of_a_killed_export_are_removed(staged, tmp_path):
     base = tmp_path / "m"
     (base / ".tmp-dead-run" / "variables").mkdir(parents=True)
-    result = _publish(model, base, 0.99, "r1")
+    result = _publish(staged, base, "r1")
     assert result.version == 1 and not (base / ".tmp-dead-run").exists()
 
 
-def test_failed_write_publishes_nothing(model, tmp_path, monkeypatch):
+def test_failed_write_publishes_nothing(staged, tmp_path, monkeypatch):
     base = tmp_path / "m"
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(exporter, "write_warmup", full_disk)
+    monkeypatch.setattr(exporter, "_fsync_tree", full_disk)
     with pytest.raises(exporter.PublishError, match="No space left on device"):
-        _publish(model, base, 0.99, "r1")
+        _publish(staged, base, "r1")
     assert os.listdir(base) == [exporter.LOCK_FILE]

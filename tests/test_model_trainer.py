@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import data, trainer
+from components import data, strategy, trainer
 from components.model import build_model
-from components.trainer import DeviceError, choose_strategy, parse_tf_config
+from components.strategy import DeviceError, choose_strategy, parse_tf_config
 from tests.helpers import make_digits
 
 
@@ -100,7 +100,8 @@ def test_training_learns_the_tiny_task(tmp_path):
     assert h["loss"][-1] < h["loss"][0]
     assert h["val_accuracy"][-1] > 0.8
     assert list((tmp_path / "tb").glob("train/events.out.tfevents.*"))
-    assert not (tmp_path / "backup").exists()  # deleted after a successful fit
+    # kept after fit: the train stage deletes it only once train/model.keras is saved
+    assert (tmp_path / "backup" / trainer.WEIGHTS_FILE).is_file()
 
 
 def test_nan_loss_stops_training(tmp_path):
@@ -110,7 +111,7 @@ def test_nan_loss_stops_training(tmp_path):
 
 def test_mixed_precision_computes_in_float16_with_a_float32_softmax():
     try:
-        trainer.setup_device("cpu", deterministic=False, seed=0, mixed_precision=True)
+        strategy.set_precision(True)
         model = build_model()
         assert model.layers[1].compute_dtype == "float16"
         assert model.layers[1].variable_dtype == "float32"

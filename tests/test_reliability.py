@@ -39,34 +39,81 @@ def metrics_of(artifacts, run_name):
 
 @pytest.mark.slow
 @requires_mnist
-def test_sigkill_then_resume_matches_an_uninterrupted_deterministic_run(tmp_path):
+def test_sigkill_then_resume_matches_an_uninterrupted_run_at_the_defaults(tmp_path):
+    """The real defaults (5 epochs on all of MNIST, batch 32, 100 steps per execution, XLA),
+    only --deterministic added; killed during epoch 2, then the same command again."""
     artifacts = tmp_path / "artifacts"
-    flags = ["--epochs", "4", "--deterministic", "--steps-per-execution", "1", "--no-jit"]
+    flags = ["--deterministic", "--device", "cpu", "--min-accuracy", "0", "--max-regression",
+             "1", "--tfds-manual-dir", str(SHARED_MNIST), "--artifacts-dir", str(artifacts)]
+    cmd = [sys.executable, "-m", "pipeline", "train", *flags]
     for name in ("straight", "straight-again"):
-        r = run(train_cmd(artifacts, *flags, "--run-name", name))
+        r = run([*cmd, "--run-name", name])
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = metrics_of(artifacts, "straight"), metrics_of(artifacts, "straight-again")
-    # 9: determinism: identical figures and weights
+    # determinism: identical figures and weights
     assert a["weights_sha256"] == b["weights_sha256"]
     assert (a["test_accuracy"], a["test_loss"]) == (b["test_accuracy"], b["test_loss"])
 
-    # 1: SIGKILL after at least one completed epoch, then the same command again
-    cmd = train_cmd(artifacts, *flags, "--run-name", "killed")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_backup_epoch(artifacts / "runs" / "killed", proc)
+    # SIGKILL as soon as epoch 1's backup exists: the kill lands in epoch 2
+    killed = [*cmd, "--run-name", "killed"]
+    proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_backup_epoch(artifacts / "runs" / "killed", proc, epoch=1)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (artifacts / "runs" / "killed" / "metrics.json").exists()
-    r = run(cmd)
+    r = run(killed)
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = metrics_of(artifacts, "killed")
-    assert resumed["resumed_from_epoch"] >= 1 and resumed["epochs_trained"] == 4
+    assert 1 <= resumed["resumed_from_epoch"] < 5 and resumed["epochs_trained"] == 5
     assert resumed["weights_sha256"] == a["weights_sha256"]
     assert "resuming from the backup at the end of epoch" in r.stderr
 
     # a finished run is not silently re-run
-    r = run(cmd)
+    r = run(killed)
     assert r.returncode == 2 and "already finished" in r.stderr
+
+
+def test_crash_mid_epoch_then_resume_is_bit_identical_at_the_default_execution(tmp_path):
+    """In a fresh process (op determinism is process-wide): 100 steps per execution and XLA
+    (the defaults), 4,000 examples at batch 32 = 125 steps per epoch, a crash in the middle of
+    epoch 2, the same training again from the backup: the same weights as without the crash."""
+    script = textwrap.dedent(f"""
+        import sys, tensorflow as tf, keras
+        sys.path.insert(0, {str(ROOT)!r})
+        from components import data, trainer
+        from components.model import build_model
+        from pipeline.config import TrainConfig
+        from tests.helpers import make_digits
+        tf.config.experimental.enable_op_determinism()
+        defaults = TrainConfig()
+        split = data.validate_split(make_digits(4000, seed=1))
+
+        class Crash(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if self.model.optimizer.iterations.numpy() > 125:  # inside epoch 2
+                    raise KeyboardInterrupt
+
+        def fit(backup, callbacks=()):
+            keras.utils.set_random_seed(0)
+            return trainer.train(
+                lambda: build_model(steps_per_execution=defaults.steps_per_execution,
+                                    jit_compile=defaults.jit_compile),
+                lambda epoch: data.make_train_dataset(split, 32, seed=0, epoch=epoch), None,
+                epochs=4, strategy=tf.distribute.get_strategy(), tensorboard_dir=None,
+                backup_dir=backup, verbose=0, extra_callbacks=list(callbacks))
+
+        straight = trainer.weights_sha256(fit({str(tmp_path / "a")!r}).model)
+        try:
+            fit({str(tmp_path / "b")!r}, [Crash()])
+        except KeyboardInterrupt:
+            pass
+        resumed = fit({str(tmp_path / "b")!r})
+        print(resumed.initial_epoch, straight == trainer.weights_sha256(resumed.model))
+    """)
+    r = run([sys.executable, "-c", script])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["1", "True"]
 
 
 def _backup(tmp_path, epochs_done):
@@ -145,34 +192,31 @@ def test_nan_loss_stops_with_exit_5_nothing_published_logs_kept(tmp_path):
 KILLED_PUBLISH = textwrap.dedent("""
     import sys, time
     from components import exporter
-    from components.model import build_model
-    original = exporter.write_warmup
-    def slow_warmup(path, *a, **k):
-        original(path, *a, **k)
-        print("warmup written", flush=True)
-        time.sleep(120)          # killed here, mid-export
-    exporter.write_warmup = slow_warmup
-    exporter.publish(build_model(), {"test_accuracy": 0.99}, sys.argv[1], run_id="doomed",
-                     min_accuracy=0.0, max_regression=1.0)
+    def slow_fsync(root):
+        print("copied", flush=True)
+        time.sleep(120)          # killed here, mid-publish
+    exporter._fsync_tree = slow_fsync
+    exporter.publish_staged(sys.argv[2], sys.argv[1], run_id="doomed", baseline_version=1,
+                            assets={})
 """)
 
 
 @pytest.mark.slow
 def test_kill_during_publish_leaves_no_version_and_the_next_run_cleans_up(tmp_path, model):
     base = tmp_path / "models" / "mnist"
-    first = exporter.publish(model, {"test_accuracy": 0.98}, base, run_id="r1",
-                             min_accuracy=0.0, max_regression=1.0)
+    staged = exporter.export_saved_model(model, tmp_path / "staged")
+    first = exporter.publish_staged(staged, base, run_id="r1", baseline_version=None, assets={})
     before = {p: p.read_bytes() for p in first.path.rglob("*") if p.is_file()}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISH, str(base)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout.readline().strip() == "warmup written"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISH, str(base), str(staged)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    assert proc.stdout.readline().strip() == "copied"
     assert (base / ".tmp-doomed" / "saved_model.pb").exists()
     proc.kill()
     proc.wait()
     assert exporter.published_versions(base) == [1]
     assert {p: p.read_bytes() for p in first.path.rglob("*") if p.is_file()} == before
-    second = exporter.publish(model, {"test_accuracy": 0.98}, base, run_id="r2",
-                              min_accuracy=0.0, max_regression=1.0)
+    second = exporter.publish_staged(staged, base, run_id="r2", baseline_version=1, assets={})
     assert second.version == 2 and not (base / ".tmp-doomed").exists()
 
 
@@ -263,8 +307,8 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
                                        paths, data=tiny_data))
     code = cli.main(["train", "--artifacts-dir", str(paths.artifacts)])
     assert code == cli.EXIT_PUBLISH == 6
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "error: could not write artifacts: [Errno 28] No space left on device"
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: could not write artifacts: [Errno 28] No space left on device (disk full")
     # what was published before the failure is complete; no temporary folder is left behind
     for v in exporter.published_versions(paths.models):
         assert (paths.models / str(v) / "saved_model.pb").is_file()

@@ -12,7 +12,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from components import data as data_lib
 from components import tuner
 from pipeline import cli
-from pipeline.config import small_config
+from pipeline.config import TrainConfig, hparam_keys, small_config
 from pipeline.run import Paths, train_pipeline
 from tests.helpers import make_digits
 
@@ -23,8 +23,10 @@ def train_split():
 
 
 def _config(**kw):
+    defaults = TrainConfig()
     base = dict(study="s", algorithm="random", max_trials=2, max_epochs=2, time_budget_minutes=5,
-                steps_per_execution=4)
+                steps_per_execution=4, validation_fraction=defaults.validation_fraction,
+                seed=defaults.seed)
     return tuner.TuneConfig(**{**base, **kw})
 
 
@@ -39,8 +41,9 @@ def test_search_writes_best_resumes_without_rerunning_and_overwrite_starts_over(
     assert best["objective"] == "val_loss"
     assert best["score"] == min(t["score"] for t in best["trials"])
     assert 0.0 <= best["val_accuracy"] <= 1.0
-    assert best["validation"] == {"fraction": 0.1, "seed": 0, "train_examples": 360,
-                                  "validation_examples": 40}
+    # the training runs' own held-out split (same default fraction, same seed)
+    assert best["validation"] == {"fraction": 0.05, "seed": 0, "train_examples": 380,
+                                  "validation_examples": 20}
     assert any(re.match(r"trial 0 completed: val_loss \d+\.\d{4} \(val_accuracy [01]\.\d{4}\), "
                         r"best so far \d+\.\d{4}; \d+ s elapsed, \d+ s of budget left", line)
                for line in lines)
@@ -103,7 +106,7 @@ def test_training_reads_best_hparams_into_its_config(tmp_path, tiny_data):
                                                      "min_accuracy", "max_regression")})
     result = train_pipeline(config, Paths(tmp_path / "artifacts"), data=tiny_data)
     saved = json.loads((result.run_dir / "config.json").read_text())
-    assert {k: saved[k] for k in best["hparams"]} == best["hparams"]
+    assert {k: saved["requested"][k] for k in best["hparams"]} == best["hparams"]
     assert result.metrics["epochs_trained"] == 2
 
 

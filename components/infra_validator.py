@@ -1,0 +1,269 @@
+"""Infra validation: load a staged SavedModel the way TF Serving does, in a separate process
+that imports nothing of the trainer and no Keras model: TensorFlow's graph-level SavedModel loader
+(the `serve` tag, a Session, the signatures' tensor names, as TF Serving's C++ server runs them).
+
+It replays every warmup record, runs the examples through `serving_default` and a sample through
+every other signature, and does the same for the baseline version (so the gate compares both
+models on the same examples, in the same process). The process is started early, so that its
+TensorFlow import overlaps training, and then serves requests, one JSON line each, on stdin:
+
+    {"candidate": DIR, "baseline": DIR or null, "examples": NPZ, "out": DIR, "sample": N}
+
+and answers one JSON line on stdout: {"ok": bool, "reason": str, "seconds": float}.
+Outputs in `out`: candidate_probabilities.npy, baseline_probabilities.npy (with a baseline),
+signature_outputs.npz (the sample through every signature) and infra_validation.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WARMUP_PATH = Path("assets.extra") / "tf_serving_warmup_requests"
+BATCH = 1024
+
+
+class InfraValidationError(RuntimeError):
+    """The staged model does not load, warm up or serve as expected; nothing is published."""
+
+
+# --------------------------------------------------------------------------------------------
+# The validating process
+
+
+class _Served:
+    """A SavedModel loaded into its own graph and Session, as TF Serving's SessionBundle."""
+
+    def __init__(self, export_dir: Path):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        with self.graph.as_default():
+            meta = tf.compat.v1.saved_model.loader.load(self.session, ["serve"],
+                                                        str(export_dir))
+        # (TF2 SavedModels also carry "__saved_model_init_op", which is not a serving signature)
+        self.signatures = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+
+    def run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sig = self.signatures[signature]
+        feed = {sig.inputs[k].name: v for k, v in inputs.items()}
+        fetch = {k: t.name for k, t in sig.outputs.items()}
+        return self.session.run(fetch, feed_dict=feed)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _replay_warmup(served: _Served, export_dir: Path) -> int:
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = export_dir / WARMUP_PATH
+    if not path.is_file():
+        raise InfraValidationError(f"no warmup records at {path}")
+    count = 0
+    for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        record = prediction_log_pb2.PredictionLog.FromString(raw)
+        request = record.predict_log.request
+        name = request.model_spec.signature_name or "serving_default"
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        try:
+            served.run(name, inputs)
+        except Exception as e:
+            raise InfraValidationError(f"warmup record {count + 1} ({name}) fails: "
+                                       f"{type(e).__name__}: {_first_line(e)}") from None
+        count += 1
+    if not count:
+        raise InfraValidationError(f"{path} holds no warmup records")
+    return count
+
+
+def _probabilities(served: _Served, images: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), BATCH):
+        result = served.run("serving_default", {"images": images[i:i + BATCH]})
+        probs = np.asarray(result["probabilities"], np.float32)
+        if probs.shape != (len(images[i:i + BATCH]), 10) or not np.isfinite(probs).all():
+            raise InfraValidationError(f"serving_default returned probabilities of shape "
+                                       f"{probs.shape} (finite: {np.isfinite(probs).all()})")
+        ids = np.asarray(result["class_ids"])
+        if not np.array_equal(ids, probs.argmax(1)):
+            raise InfraValidationError("serving_default's class_ids disagree with its "
+                                       "probabilities")
+        out.append(probs)
+    return np.concatenate(out)
+
+
+def _encode_pngs(images: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    return np.array([tf.io.encode_png(img[..., None]).numpy() for img in images], dtype=object)
+
+
+def _check_signatures(served: _Served, sample: np.ndarray, expected: np.ndarray
+                      ) -> dict[str, Any]:
+    """The sample through every signature besides serving_default."""
+    checks: dict[str, Any] = {}
+    pngs = _encode_pngs(sample)
+    for name in sorted(served.signatures):
+        if name == "serving_default":
+            continue
+        key = next(iter(served.signatures[name].inputs))
+        result = served.run(name, {key: pngs})
+        probs = np.asarray(result["probabilities"], np.float32)
+        if probs.shape != expected.shape or not np.allclose(probs.sum(1), 1.0, atol=1e-4):
+            raise InfraValidationError(f"{name} returned probabilities of shape {probs.shape}")
+        agree = float((probs.argmax(1) == expected.argmax(1)).mean())
+        if name == "predict_png":
+            diff = float(np.abs(probs - expected).max())
+            if diff > 1e-5:
+                raise InfraValidationError(f"predict_png disagrees with serving_default on "
+                                           f"the same pixels (max difference {diff:.2e})")
+            checks[name] = {"examples": len(sample), "max_abs_difference": diff}
+        else:  # predict_image renormalises (crop, 20x20, centre): same answer, not same numbers
+            checks[name] = {"examples": len(sample), "class_agreement": agree}
+    return checks
+
+
+def validate(request: dict[str, Any]) -> dict[str, Any]:
+    """One validation; writes its outputs in request["out"]; raises InfraValidationError."""
+    started = time.perf_counter()
+    candidate, out = Path(request["candidate"]), Path(request["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    with np.load(request["examples"]) as data:
+        images = data["images"]
+    record: dict[str, Any] = {"loader": "tf.compat.v1.saved_model.loader (TF Serving's graph "
+                                        "path: serve tag, Session, signature tensor names)",
+                              "candidate": str(candidate), "examples": int(len(images))}
+    try:
+        served = _Served(candidate)
+    except Exception as e:
+        raise InfraValidationError(f"the staged model does not load: {type(e).__name__}: "
+                                   f"{_first_line(e)}") from None
+    try:
+        record["signatures"] = sorted(served.signatures)
+        if "serving_default" not in served.signatures:
+            raise InfraValidationError("the staged model has no serving_default signature")
+        record["warmup_records_replayed"] = _replay_warmup(served, candidate)
+        try:
+            probs = _probabilities(served, images)
+            sample = images[: int(request.get("sample", 64))]
+            record["other_signatures"] = _check_signatures(served, sample, probs[: len(sample)])
+        except InfraValidationError:
+            raise
+        except Exception as e:
+            raise InfraValidationError(f"serving fails: {type(e).__name__}: "
+                                       f"{_first_line(e)}") from None
+    finally:
+        served.close()
+    np.save(out / "candidate_probabilities.npy", probs)
+    if request.get("baseline"):
+        baseline = _Served(Path(request["baseline"]))
+        try:
+            np.save(out / "baseline_probabilities.npy", _probabilities(baseline, images))
+        finally:
+            baseline.close()
+        record["baseline"] = request["baseline"]
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    (out / "infra_validation.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def serve_requests() -> None:
+    """The validating process's loop: one JSON request per stdin line, one answer per line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow  # noqa: F401  (the import is the slow part: do it before any request)
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        started = time.perf_counter()
+        try:
+            record = validate(json.loads(line))
+            answer = {"ok": True, "reason": "served as expected", "record": record}
+        except InfraValidationError as e:
+            answer = {"ok": False, "reason": str(e)}
+        except Exception as e:  # a bug or an unexpected file: reported, never a hang
+            answer = {"ok": False, "reason": f"{type(e).__name__}: {_first_line(e)}"}
+        answer["seconds"] = round(time.perf_counter() - started, 3)
+        print(json.dumps(answer), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The client side (the pipeline)
+
+
+class Validator:
+    """A handle on the validating process: start it early, ask it later."""
+
+    def __init__(self, timeout_s: float = 600.0):
+        self.timeout_s = timeout_s
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "components.infra_validator"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            cwd=str(Path(__file__).resolve().parents[1]))
+
+    def _read_line(self) -> dict[str, Any]:
+        import select
+
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        if not ready:
+            self.close()
+            raise InfraValidationError(f"infra validation timed out after {self.timeout_s:g} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise InfraValidationError(f"the validating process ended (exit "
+                                       f"{self.proc.wait()}) without an answer")
+        try:
+            answer = json.loads(line)
+        except ValueError:  # a library printed to stdout: not an answer
+            return self._read_line()
+        return answer if isinstance(answer, dict) else self._read_line()
+
+    def validate(self, candidate: Path, examples: Path, out: Path,
+                 baseline: Path | None = None, sample: int = 64) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        if self.proc.poll() is not None:
+            raise InfraValidationError(f"the validating process ended early (exit "
+                                       f"{self.proc.returncode})")
+        request = {"candidate": str(candidate), "baseline": str(baseline) if baseline else None,
+                   "examples": str(examples), "out": str(out), "sample": sample}
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except OSError as e:
+            raise InfraValidationError(f"the validating process is gone ({e})") from None
+        answer = self._read_line()
+        while "ready" in answer:
+            answer = self._read_line()
+        if not answer["ok"]:
+            raise InfraValidationError(answer["reason"])
+        return dict(answer["record"], seconds=answer["seconds"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+if __name__ == "__main__":
+    serve_requests()

@@ -1,0 +1,258 @@
+"""The stages of a training run, TFX-style: each reads its input artifacts from the run folder,
+writes its outputs atomically, and records what it did in `stages/<name>.json` (inputs, outputs,
+settings, seconds). A named run that is started again skips every stage whose record and outputs
+exist: a run killed after training does not train again; one that failed at publish redoes
+publish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import TrainConfig, hparam_keys
+
+log = logging.getLogger("pipeline")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """Every file of a run folder, named once."""
+
+    root: Path
+
+    config = property(lambda self: self.root / "config.json")
+    metrics = property(lambda self: self.root / "metrics.json")
+    records = property(lambda self: self.root / "stages")
+    statistics = property(lambda self: self.root / "data" / "statistics.pb")
+    model = property(lambda self: self.root / "train" / "model.keras")
+    history = property(lambda self: self.root / "train" / "history.json")
+    backup = property(lambda self: self.root / "backup")
+    export = property(lambda self: self.root / "export")
+    evaluation = property(lambda self: self.root / "evaluation")
+    examples = property(lambda self: self.root / "evaluation" / "test_examples.npz")
+    served = property(lambda self: self.root / "evaluation" / "candidate_probabilities.npy")
+    baseline = property(lambda self: self.root / "evaluation" / "baseline_probabilities.npy")
+    infra = property(lambda self: self.root / "evaluation" / "infra_validation.json")
+    blessing = property(lambda self: self.root / "evaluation" / "blessing.json")
+    publication = property(lambda self: self.root / "evaluation" / "published.json")
+    predictions = property(lambda self: self.root / "predictions.npz")
+    report = property(lambda self: self.root / "report")
+
+
+@dataclasses.dataclass
+class Run:
+    """What the stages of one run share: settings, where things go, what is loaded."""
+
+    config: TrainConfig
+    run_id: str
+    layout: RunLayout
+    artifacts: Path
+    tensorboard: Path
+    models: Path
+    is_chief: bool = True
+    resuming: bool = False
+    splits: dict[str, Any] = dataclasses.field(default_factory=dict)
+    full_test_split: bool = True
+    strategy: Any = None
+    effective: Any = None
+    model: Any = None
+    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    validator: Any = None
+    restore_from: Path | None = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def keras_model(self) -> Any:
+        """The trained model: in memory when this process trained it, else from train/."""
+        if self.model is None:
+            import keras
+
+            self.model = keras.models.load_model(self.layout.model, compile=False)
+        return self.model
+
+
+def run_stage(run: Run, name: str, stage: Callable[[Run], dict[str, Any]],
+              outputs: list[Path]) -> None:
+    """Run `stage` unless a record and every output exist from an earlier attempt."""
+    record_path = run.layout.records / f"{name}.json"
+    if record_path.is_file() and all(p.exists() for p in outputs):
+        record = json.loads(record_path.read_text())
+        run.metrics.update(record.get("metrics", {}))
+        log.info("stage %s: done earlier (%s), not redone", name, record.get("finished"))
+        return
+    started = time.perf_counter()
+    settings = stage(run) or {}
+    seconds = time.perf_counter() - started
+    run.timings[f"{name}_seconds"] = seconds
+    if run.is_chief:
+        run.layout.records.mkdir(parents=True, exist_ok=True)
+        write_json(record_path, {
+            "stage": name, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "seconds": round(seconds, 3), "outputs": [str(p) for p in outputs], **settings})
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Fit, then save the trained model and its history; the backup goes only after that."""
+    from components import data as data_lib
+    from components import monitoring, trainer
+    from components.model import build_model
+
+    config, eff = run.config, run.effective
+    fit_split, val_split = run.splits["train"], run.splits.get("validation")
+    result = trainer.train(
+        lambda: build_model(config.hidden_units, config.learning_rate, config.dropout,
+                            steps_per_execution=eff.steps_per_execution,
+                            jit_compile=eff.jit_compile),
+        lambda epoch: data_lib.make_train_dataset(fit_split, config.batch_size,
+                                                  seed=config.seed, epoch=epoch),
+        data_lib.make_dataset(val_split, max(config.batch_size, 1024))
+        if val_split is not None else None,
+        epochs=config.epochs, strategy=run.strategy,
+        tensorboard_dir=run.tensorboard if run.is_chief else None,
+        backup_dir=run.layout.backup, restore_from=run.restore_from,
+        update_freq=config.tensorboard_update_freq,
+        extra_callbacks=[monitoring.EpochImages(run.tensorboard, val_split.images,
+                                                val_split.labels)]
+        if val_split is not None and run.is_chief else [])
+    run.model, run.history = result.model, result.history
+    run.layout.model.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.layout.model.with_name(".tmp-model.keras")
+    result.model.save(tmp)
+    os.replace(tmp, run.layout.model)
+    write_json(run.layout.history, result.history)
+    shutil.rmtree(run.layout.backup, ignore_errors=True)
+    run.timings["fit_seconds"] = result.fit_seconds
+    metrics = {"epochs_trained": result.initial_epoch + len(result.epoch_seconds),
+               "resumed_from_epoch": result.initial_epoch,
+               "epoch_seconds": result.epoch_seconds,
+               "weights_sha256": trainer.weights_sha256(result.model)}
+    run.metrics.update(metrics)
+    return {"inputs": {"data": str(run.layout.statistics)}, "metrics": metrics,
+            "settings": run.effective.to_dict()}
+
+
+def export(run: Run) -> dict[str, Any]:
+    """The staged SavedModel (signatures, warmup records) from train/model.keras."""
+    from components import exporter
+
+    tmp = run.layout.export.with_name(".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    exporter.export_saved_model(run.keras_model(), tmp)
+    shutil.rmtree(run.layout.export, ignore_errors=True)
+    os.replace(tmp, run.layout.export)
+    return {"inputs": {"model": str(run.layout.model)}}
+
+
+def validate(run: Run) -> dict[str, Any]:
+    """Infra validation and evaluation of the *exported* model, and the baseline's, in the
+    validating process; the served outputs must match the trained Keras model's."""
+    from components import evaluator, exporter
+    from components.infra_validator import InfraValidationError
+
+    baseline = exporter.latest_version_dir(run.models)
+    record = run.validator.validate(run.layout.export, run.layout.examples,
+                                    run.layout.evaluation, baseline=baseline)
+    served = np.load(run.layout.served)
+    test = run.splits["test"]
+    trained = evaluator.predict_probabilities(run.keras_model(), test.images)
+    differs = np.flatnonzero(served.argmax(1) != trained.argmax(1))
+    gap = float(np.abs(served - trained).max())
+    record["max_abs_difference_vs_trained_model"] = gap
+    if len(differs) or gap > 1e-5:
+        raise InfraValidationError(
+            f"the exported model disagrees with the trained model: {len(differs)} different "
+            f"classes, probabilities up to {gap:.2e} apart (tolerance 1e-5)")
+    metrics = {**evaluator.compute_metrics(served, test.labels),
+               "evaluated": "the exported SavedModel, as served",
+               "infra_validation": {**record, "passed": True}}
+    run.metrics.update(metrics)
+    evaluator.save_predictions(run.layout.predictions, served, test, run.splits["sample"])
+    return {"inputs": {"export": str(run.layout.export),
+                       "baseline": str(baseline) if baseline else None},
+            "metrics": metrics}
+
+
+def gate(run: Run) -> dict[str, Any]:
+    from components import exporter
+
+    labels = run.splits["test"].labels
+    correct = np.load(run.layout.served).argmax(1) == labels
+    baseline_dir = exporter.latest_version_dir(run.models)
+    baseline_correct = (np.load(run.layout.baseline).argmax(1) == labels
+                        if baseline_dir is not None and run.layout.baseline.is_file() else None)
+    decision = exporter.gate(
+        correct, full_test_split=run.full_test_split, min_accuracy=run.config.min_accuracy,
+        max_regression=run.config.max_regression,
+        allow_partial_test=run.config.publish_partial_test,
+        baseline_correct=baseline_correct,
+        baseline_version=int(baseline_dir.name) if baseline_correct is not None else None)
+    write_json(run.layout.blessing, decision.to_dict())
+    metrics = {"blessed": decision.blessed, "gate": decision.to_dict()}
+    run.metrics.update(metrics)
+    return {"metrics": metrics}
+
+
+def publish(run: Run) -> dict[str, Any]:
+    """Copy the blessed staged model in as the next version; gate again if another run
+    published meanwhile."""
+    from components import exporter, statistics
+
+    metrics: dict[str, Any] = {"published_version": None, "published_path": None}
+    for _ in range(3):
+        if not run.metrics["blessed"]:
+            break
+        assets = {exporter.METRICS_FILE: json.dumps(
+            {k: run.metrics[k] for k in ("test_accuracy", "test_loss", "test_examples")} |
+            {"run_id": run.run_id, "gate": run.metrics["gate"]}, indent=2) + "\n",
+            statistics.STATISTICS_FILE: run.layout.statistics.read_bytes()}
+        try:
+            result = exporter.publish_staged(
+                run.layout.export, run.models, run_id=run.run_id,
+                baseline_version=run.metrics["gate"]["baseline_version"], assets=assets,
+                keep_versions=run.config.keep_versions)
+        except exporter.BaselineMoved as moved:
+            log.info("version %d was published meanwhile: validating against it", moved.latest)
+            validate(run)
+            gate(run)
+            continue
+        metrics = {"published_version": result.version, "published_path": str(result.path)}
+        break
+    run.metrics.update(metrics)
+    write_json(run.layout.publication, metrics)
+    return {"metrics": metrics}
+
+
+def report(run: Run) -> dict[str, Any]:
+    from components import evaluator, monitoring, statistics
+    from components import report as report_lib
+
+    predictions = evaluator.load_predictions(run.layout.predictions)
+    history = json.loads(run.layout.history.read_text()) if run.layout.history.is_file() else {}
+    config = json.loads(run.layout.config.read_text())
+    report_lib.write_report(run.layout.report, predictions, run.metrics, history,
+                            config["requested"])
+    monitoring.log_run_summary(run.tensorboard, run.run_id, config["requested"], run.metrics,
+                               statistics.table(statistics.read(run.layout.statistics)),
+                               hparam_keys())
+    return {}
