@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -94,15 +97,27 @@ def verify_manual_dir(manual_dir: Path) -> None:
 
 
 def load_split(split: str, *, data_dir: Path | None = None, manual_dir: Path | None = None,
-               limit: int | None = None) -> Split:
+               limit: int | None = None, _retry: bool = True) -> Split:
     """Load one MNIST split through `tfds.load(..., as_supervised=True)` into memory.
 
     The first call prepares the dataset into `data_dir` (TFDS's default when None), taking the
-    raw files from `manual_dir` when given; later calls read the prepared files.
+    raw files from `manual_dir` when given; later calls read the prepared files, through an
+    array cache beside them (keyed by the prepared files' names, sizes and times) that loads in
+    a fraction of a second. Prepared files that cannot be read are prepared again from
+    `manual_dir` once; without one, the error names the folder to delete.
     """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(DATASET, data_dir=str(data_dir) if data_dir else None)
+    cache = _cache_path(Path(builder.data_dir), split) if builder.is_prepared() else None
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache) as arrays:
+                split_data = Split(split, arrays["images"], arrays["labels"])
+            log.info("loaded %s: %d examples (array cache)", split, len(split_data))
+            return split_data.take(limit)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            log.warning("array cache %s is unreadable: reading TFDS's files instead", cache)
     kwargs = {}
     if not builder.is_prepared():
         if manual_dir is not None:
@@ -113,12 +128,50 @@ def load_split(split: str, *, data_dir: Path | None = None, manual_dir: Path | N
     try:
         ds = tfds.load(DATASET, split=split, as_supervised=True,
                        data_dir=str(data_dir) if data_dir else None, **kwargs)
+        images, labels = _to_numpy(ds)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        prepared = Path(builder.data_dir)
+        if _retry and manual_dir is not None:
+            log.warning("the prepared TFDS files in %s cannot be read (%s): preparing them "
+                        "again from %s", prepared, type(e).__name__, manual_dir)
+            shutil.rmtree(prepared, ignore_errors=True)
+            return load_split(split, data_dir=data_dir, manual_dir=manual_dir, limit=limit,
+                              _retry=False)
+        raise DataError(f"the prepared TFDS files in {prepared} cannot be read "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); delete "
+                        f"that folder to prepare them again") from None
     except Exception as e:  # TFDS raises many kinds (download, checksum, IO); all end here
         raise DataError(_explain_load_failure(e, manual_dir)) from e
-    images, labels = _to_numpy(ds)
     split_data = Split(split, images, labels)
     log.info("loaded %s: %d examples", split, len(split_data))
+    cache = _cache_path(Path(builder.data_dir), split)
+    if cache is not None:
+        _write_cache(cache, split_data)
     return split_data.take(limit)
+
+
+def _cache_path(prepared: Path, split: str) -> Path | None:
+    """`arrays-<split>-<key>.npz` beside TFDS's prepared files; the key changes with them."""
+    try:
+        files = sorted(p for p in prepared.iterdir() if ".tfrecord" in p.name)
+        key = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                   for p in files]).encode()).hexdigest()[:16]
+    except OSError:
+        return None
+    return prepared / f"arrays-{split}-{key}.npz" if files else None
+
+
+def _write_cache(path: Path, split: Split) -> None:
+    """Best effort: a read-only or full data dir only means no cache."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        for old in path.parent.glob(f"arrays-{split.name}-*.npz"):
+            old.unlink()
+        np.savez(tmp, images=split.images, labels=split.labels)  # zip: CRC-checked on read
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.info("no array cache for %s (%s)", split.name, e)
 
 
 def _to_numpy(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -30,56 +30,113 @@ WEIGHTS_FILE = "latest.weights.h5"
 METADATA_FILE = "training_metadata.json"
 
 
-def _readable_backup(weights: Path, metadata: Path) -> int | None:
-    """The epoch a (weights, metadata) pair resumes at, or None if either is unreadable."""
+CHECKSUMS_FILE = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _recorded(backup_dir: Path) -> list[dict] | None:
+    """The (weights, metadata, epoch) entries the checksum file vouches for; None without one."""
+    try:
+        value = json.loads((backup_dir / CHECKSUMS_FILE).read_text())
+        return [e for e in (value.get("latest"), value.get("previous")) if isinstance(e, dict)]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _verified_epoch(weights: Path, metadata: Path, recorded: list[dict] | None,
+                    max_epoch: int | None) -> int | None:
+    """The epoch a (weights, metadata) pair resumes at, or None when it is unreadable, does not
+    match a recorded checksum, or claims an epoch outside the run's plan."""
     import h5py
 
     try:
+        epoch = json.loads(metadata.read_text())["epoch"]
         with h5py.File(weights, "r"):
             pass
-        epoch = json.loads(metadata.read_text())["epoch"]
+        shas = (_sha256(weights), _sha256(metadata))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return epoch if isinstance(epoch, int) and epoch >= 0 else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        return None
+    if max_epoch is not None and epoch > max_epoch:
+        return None
+    if recorded is not None and not any(
+            (e.get("weights_sha256"), e.get("metadata_sha256"), e.get("epoch")) ==
+            (*shas, epoch) for e in recorded):
+        return None
+    return epoch
 
 
-def _readable_pair(backup_dir: Path) -> tuple[Path, Path, int] | None:
-    """The newest readable (weights, metadata, epoch) in a backup dir: the latest copy, else the
-    previous one Keras keeps. None when there is no backup; BackupError when none is readable."""
+def _readable_pair(backup_dir: Path, max_epoch: int | None = None
+                   ) -> tuple[Path, Path, int] | None:
+    """The newest verified (weights, metadata, epoch) in a backup dir: the latest copy, else
+    the previous one Keras keeps. None when there is no backup; BackupError when no copy
+    passes its checksum and epoch checks."""
     weights, metadata = backup_dir / WEIGHTS_FILE, backup_dir / METADATA_FILE
     if not weights.exists() and not metadata.exists():
         return None
+    recorded = _recorded(backup_dir)
     for w, m in ((weights, metadata), (Path(f"{weights}.bkp"), Path(f"{metadata}.bkp"))):
-        epoch = _readable_backup(w, m)
+        epoch = _verified_epoch(w, m, recorded, max_epoch)
         if epoch is not None:
             return w, m, epoch
-    raise BackupError(f"the backup in {backup_dir} is corrupt and has no readable previous "
-                      f"copy: delete that folder to start this run over, or pick another "
-                      f"--run-name")
+    raise BackupError(f"the backup in {backup_dir} is corrupt (no copy matches its checksum "
+                      f"and an epoch of this run) and has no good previous copy: delete that "
+                      f"folder to start this run over, or pick another --run-name")
 
 
-def resume_epoch(backup_dir: Path, restore_from: Path | None = None) -> int:
-    """The epoch a run resumes at: 0 without a backup. A garbled latest backup is replaced by
-    the previous copy (Keras keeps one); when neither is readable, BackupError: a run never
-    silently starts over.
+def resume_epoch(backup_dir: Path, restore_from: Path | None = None,
+                 epochs: int | None = None) -> int:
+    """The epoch a run resumes at: 0 without a backup. Every saved state carries the SHA-256 of
+    its files and its epoch (`checksums.json`); a latest copy that does not match, or claims
+    an epoch beyond `epochs`, is replaced by the verified previous copy (Keras keeps one), with
+    a warning; when no copy verifies, BackupError: a run never silently starts over.
 
-    `restore_from`: another worker's backup (the chief's) to resume from, read-only; its readable
+    `restore_from`: another worker's backup (the chief's) to resume from, read-only; its good
     copy is placed in `backup_dir`, so every worker resumes from the same epoch and weights.
     """
     backup_dir = Path(backup_dir)
     source = Path(restore_from) if restore_from is not None else backup_dir
-    found = _readable_pair(source)
+    found = _readable_pair(source, epochs)
     if found is None:
         return 0
     weights, metadata, epoch = found
     if weights != backup_dir / WEIGHTS_FILE:
         if weights.parent == backup_dir:
-            log.warning("backup %s is corrupt; falling back to the previous copy (epoch %d)",
+            log.warning("backup %s does not match its checksum or its epoch is not this run's; "
+                        "falling back to the previous copy (epoch %d)",
                         backup_dir / WEIGHTS_FILE, epoch)
         backup_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights, backup_dir / WEIGHTS_FILE)
         shutil.copyfile(metadata, backup_dir / METADATA_FILE)
+        checksums = {"latest": {"weights_sha256": _sha256(weights),
+                                "metadata_sha256": _sha256(metadata), "epoch": epoch}}
+        (backup_dir / CHECKSUMS_FILE).write_text(json.dumps(checksums))
     return epoch
+
+
+class BackupChecksums(keras.callbacks.Callback):
+    """After Keras's BackupAndRestore saved an epoch: record the SHA-256 of the saved files and
+    their epoch, keeping the previous entry (Keras keeps the previous copy as `.bkp`)."""
+
+    def __init__(self, backup_dir: Path):
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        weights, metadata = self.backup_dir / WEIGHTS_FILE, self.backup_dir / METADATA_FILE
+        previous = (_recorded(self.backup_dir) or [None])[0]
+        value = {"latest": {"weights_sha256": _sha256(weights),
+                            "metadata_sha256": _sha256(metadata), "epoch": epoch + 1},
+                 "previous": previous}
+        tmp = self.backup_dir / f".{CHECKSUMS_FILE}.tmp"
+        tmp.write_text(json.dumps(value))
+        tmp.replace(self.backup_dir / CHECKSUMS_FILE)
 
 
 class _NanGuard(keras.callbacks.Callback):
@@ -168,7 +225,7 @@ def train(build_model: Callable[[], keras.Model],
     backup instead (a non-chief worker resumes from the chief's). `verbose`: None prints one
     line per epoch (a Keras progress bar on a terminal), 0 nothing.
     """
-    start_epoch = resume_epoch(backup_dir, restore_from) if backup_dir is not None else 0
+    start_epoch = resume_epoch(backup_dir, restore_from, epochs) if backup_dir is not None else 0
     if start_epoch:
         log.info("resuming from the backup at the end of epoch %d", start_epoch)
     # Outside the strategy's scope: a plain host variable, read by the input pipeline.
@@ -189,6 +246,7 @@ def train(build_model: Callable[[], keras.Model],
             # Kept when fit ends: the caller deletes it once the trained model is saved, so a
             # kill in between resumes from the last epoch instead of starting over.
             str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False))
+        callbacks.append(BackupChecksums(backup_dir))
     if tensorboard_dir is not None:
         from components.monitoring import BatchScalars, write_model_graph
 

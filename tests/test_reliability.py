@@ -142,7 +142,7 @@ def test_garbled_backup_without_a_good_copy_stops_with_a_clear_error(tmp_path):
     backup = _backup(tmp_path, epochs_done=3)
     (backup / trainer.METADATA_FILE).write_text("{not json")
     (backup / f"{trainer.WEIGHTS_FILE}.bkp").write_bytes(b"")
-    with pytest.raises(trainer.BackupError, match="corrupt and has no readable previous copy"):
+    with pytest.raises(trainer.BackupError, match="corrupt .* and has no good previous copy"):
         trainer.resume_epoch(backup)
 
 
@@ -155,6 +155,72 @@ def test_a_worker_resumes_from_the_chiefs_backup_without_writing_to_it(tmp_path)
     assert {p.name: p.read_bytes() for p in chief.iterdir()} == before
     assert trainer.resume_epoch(worker) == 2  # its own copy is now the readable one
     assert trainer.resume_epoch(tmp_path / "w2", restore_from=tmp_path / "no-backup") == 0
+
+
+def _real_backup(tmp_path, epochs=3):
+    """A backup written by the trainer itself (Keras's files plus their checksums)."""
+    import tensorflow as tf
+
+    from components import data
+    from components.model import build_model
+    from tests.helpers import make_digits
+
+    split = data.validate_split(make_digits(256, seed=1))
+    backup = tmp_path / "backup"
+    trainer.train(lambda: build_model(), lambda e: data.make_train_dataset(split, 32, seed=0,
+                                                                           epoch=e),
+                  None, epochs=epochs, strategy=tf.distribute.get_strategy(),
+                  tensorboard_dir=None, backup_dir=backup, verbose=0)
+    return backup
+
+
+def test_flipped_bytes_in_a_readable_backup_fall_back_to_the_verified_copy(tmp_path, caplog):
+    backup = _real_backup(tmp_path)
+    assert trainer.resume_epoch(backup, epochs=6) == 3
+    weights = backup / trainer.WEIGHTS_FILE
+    raw = bytearray(weights.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 4096] = bytes(b ^ 0xFF for b in raw[middle:middle + 4096])
+    weights.write_bytes(bytes(raw))  # still a readable HDF5 file, with other weights
+    assert trainer.resume_epoch(backup, epochs=6) == 2
+    assert "does not match its checksum" in caplog.text
+
+
+def test_a_backup_claiming_an_epoch_beyond_the_plan_is_not_trusted(tmp_path):
+    backup = _real_backup(tmp_path)
+    (backup / trainer.METADATA_FILE).write_text(json.dumps({"epoch": 7, "batch": None}))
+    assert trainer.resume_epoch(backup, epochs=6) == 2  # the previous, verified copy
+    for name in (trainer.METADATA_FILE, f"{trainer.METADATA_FILE}.bkp"):
+        (backup / name).write_text(json.dumps({"epoch": 7, "batch": None}))
+    with pytest.raises(trainer.BackupError, match="no copy matches its checksum"):
+        trainer.resume_epoch(backup, epochs=6)
+
+
+def test_a_run_killed_after_training_does_not_train_again(tmp_path, tiny_data, monkeypatch):
+    """Publish fails (disk full) after training; the same named run again redoes the stages
+    from export on, not training."""
+    from components import exporter
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu", epochs=2)
+    real = exporter.publish_staged
+
+    def full(*a, **k):
+        raise exporter.PublishError("could not write version 1: [Errno 28] No space left")
+
+    monkeypatch.setattr(exporter, "publish_staged", full)
+    with pytest.raises(exporter.PublishError):
+        train_pipeline(config, paths, run_id="r1", data=tiny_data)
+    run_dir = paths.run_dir("r1")
+    model_before = (run_dir / "train" / "model.keras").stat().st_mtime_ns
+    assert not (run_dir / "backup").exists()  # deleted once the model was saved
+    monkeypatch.setattr(exporter, "publish_staged", real)
+    fits = []
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: fits.append(1))
+    result = train_pipeline(config, paths, run_id="r1", data=tiny_data)
+    assert fits == [] and result.metrics["published_version"] == 1
+    assert (run_dir / "train" / "model.keras").stat().st_mtime_ns == model_before
+    assert result.metrics["epochs_trained"] == 2
 
 
 def test_no_backup_starts_at_epoch_zero(tmp_path):
