@@ -64,6 +64,13 @@ def _registered_files() -> dict[str, tuple[int, str]]:
             for url, info in infos.items()}
 
 
+def tfds_version() -> str:
+    """The version of TFDS's mnist builder (that the prepared files have)."""
+    import tensorflow_datasets as tfds
+
+    return str(tfds.builder_cls(DATASET).VERSION)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

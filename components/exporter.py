@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import keras
 import numpy as np
@@ -261,13 +261,15 @@ class PublishResult:
 
 
 def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: int | None,
-                   assets: dict[str, str | bytes], keep_versions: int = 0,
+                   assets: dict[str, str | bytes] | Callable[[int], dict[str, str | bytes]],
+                   keep_versions: int = 0,
                    protected: set[int] | None = None) -> PublishResult:
     """Copy a validated, blessed staged SavedModel in as the next version, atomically.
 
     Under the publish lock: `baseline_version` must still be the latest version (else
     BaselineMoved: the caller gates again against the new one); the copy is written under a
-    non-numeric name with `assets` added to assets.extra/, fsynced, and renamed into place.
+    non-numeric name with `assets` (or `assets(version)`) added to assets.extra/, fsynced, and
+    renamed into place.
     """
     base = Path(base)
     with publish_lock(base):
@@ -283,7 +285,8 @@ def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: i
             shutil.copytree(staged, tmp)
             extra = tmp / "assets.extra"
             extra.mkdir(exist_ok=True)
-            for name, content in assets.items():
+            extras = assets(version) if callable(assets) else assets
+            for name, content in extras.items():
                 (extra / name).write_bytes(content if isinstance(content, bytes)
                                            else content.encode())
             _fsync_tree(tmp)

@@ -160,9 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     clu.add_argument("train_args", nargs=argparse.REMAINDER,
                      help="after `--`: flags for `train`, e.g. -- --epochs 1")
 
+    mod = sub.add_parser("models", help="published versions: list, and serve by label "
+                                        "(promote, canary, rollback)")
+    mod.add_argument("action", choices=("list", "promote", "canary", "rollback"))
+    mod.add_argument("version", nargs="?", type=POSITIVE,
+                     help="the version to promote to stable or serve as canary")
+    mod.add_argument("--base-path", default=None,
+                     help="the models folder as TF Serving sees it, written into the "
+                          "generated models.config (default: its absolute path here; "
+                          "/models/mnist inside the tensorflow/serving container)")
+    mod.add_argument("--json", action="store_true", help="list as JSON")
+    _add_artifacts(mod)
+
     rep = sub.add_parser("report", help="rebuild the report of an earlier run")
     rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
-    for command in (train, tune, clu, rep):
+    for command in (train, tune, clu, rep, mod):
         command.add_argument("--verbose", action="store_true",
                              help="also show library logs (TensorFlow's native start-up and "
                                   "XLA lines, TFDS progress) that are hidden by default")
@@ -243,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tune(args)
         if args.command == "cluster":
             return _cluster(args)
+        if args.command == "models":
+            return _models(args)
     except (UsageError, ConfigError) as e:
         return _fail(EXIT_USAGE, str(e))
     except KeyboardInterrupt:
@@ -310,6 +324,33 @@ def map_error(e: BaseException) -> tuple[int, str] | None:
         first = (e.message or str(e)).strip().splitlines()[0][:300]
         return EXIT_PUBLISH, f"could not write or read a file: {type(e).__name__}: {first}"
     return None
+
+
+def _models(args: argparse.Namespace) -> int:
+    from serving import versions
+
+    base = args.artifacts_dir / "models" / versions.MODEL_NAME
+    try:
+        if args.action == "list":
+            rows = versions.list_versions(base)
+            print(json.dumps(rows, indent=2) if args.json else versions.format_table(rows))
+            return EXIT_OK
+        if args.action == "rollback":
+            old, new, config = versions.rollback(base, args.base_path)
+            print(f"stable: version {old} -> {new}; wrote {config}")
+            return EXIT_OK
+        if args.version is None and args.action == "promote":
+            raise UsageError(f"models {args.action} needs a version number")
+        if args.action == "promote":
+            config = versions.promote(base, args.version, args.base_path)
+        else:
+            config = versions.canary(base, args.version, args.base_path)
+        labels = versions.read_labels(base)
+        print(f"stable: {labels['stable']}, canary: {labels['canary']}; wrote {config} "
+              f"(TF Serving re-reads it with --model_config_file_poll_wait_seconds)")
+        return EXIT_OK
+    except versions.VersionError as e:
+        raise UsageError(str(e)) from None
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -221,6 +221,8 @@ def ingest(run: stages.Run, paths: Paths, data: tuple[Any, Any] | None,
                        examples={"train": len(fit), "validation": len(validation or ()),
                                  "test": len(test)},
                        full_test_split=run.full_test_split)
+    run.metrics["data"] = {**_data_record(train, test, from_tfds),
+                           "examples": run.metrics["examples"]}
 
 
 def _load(config: TrainConfig, paths: Paths, data: tuple[Any, Any] | None
@@ -241,6 +243,25 @@ def _load(config: TrainConfig, paths: Paths, data: tuple[Any, Any] | None
     train, test = (data_lib.validate_split(split, expected_count=counts.get(split.name))
                    for split in raw)
     return train, test, data is None
+
+
+def _data_record(train: Any, test: Any, from_tfds: bool) -> dict[str, Any]:
+    """Where the data came from, and a fingerprint of exactly what was read (lineage)."""
+    import hashlib
+
+    from components import data as data_lib
+
+    digest = hashlib.sha256()
+    for array in (train.images, train.labels, test.images, test.labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    record: dict[str, Any] = {"fingerprint": digest.hexdigest()[:32],
+                              "source": "tfds" if from_tfds else "in-memory (tests, other "
+                                                                  "sources)"}
+    if from_tfds:
+        record.update(tfds_name=data_lib.DATASET, tfds_version=data_lib.tfds_version(),
+                      manual_files_sha256={name: sha for name, (_, sha) in
+                                           data_lib._registered_files().items()})
+    return record
 
 
 def _check_drift(stats: Any, models: Path) -> None:

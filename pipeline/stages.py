@@ -216,21 +216,31 @@ def gate(run: Run) -> dict[str, Any]:
 def publish(run: Run) -> dict[str, Any]:
     """Copy the blessed staged model in as the next version; gate again if another run
     published meanwhile."""
-    from components import exporter, statistics
+    from components import exporter, model_card, statistics
+    from serving import versions
 
     metrics: dict[str, Any] = {"published_version": None, "published_path": None}
     for _ in range(3):
         if not run.metrics["blessed"]:
             break
-        assets = {exporter.METRICS_FILE: json.dumps(
-            {k: run.metrics[k] for k in ("test_accuracy", "test_loss", "test_examples")} |
-            {"run_id": run.run_id, "gate": run.metrics["gate"]}, indent=2) + "\n",
-            statistics.STATISTICS_FILE: run.layout.statistics.read_bytes()}
+
+        def assets(version: int) -> dict[str, str | bytes]:
+            card = _model_card(run, version)
+            return {exporter.METRICS_FILE: json.dumps(
+                        {k: run.metrics[k] for k in ("test_accuracy", "test_loss",
+                                                     "test_examples")} |
+                        {"run_id": run.run_id, "version": version, "gate": run.metrics["gate"]},
+                        indent=2) + "\n",
+                    statistics.STATISTICS_FILE: run.layout.statistics.read_bytes(),
+                    model_card.CARD_JSON: json.dumps(card, indent=2) + "\n",
+                    model_card.CARD_MD: model_card.markdown(card)}
+
         try:
             result = exporter.publish_staged(
                 run.layout.export, run.models, run_id=run.run_id,
                 baseline_version=run.metrics["gate"]["baseline_version"], assets=assets,
-                keep_versions=run.config.keep_versions)
+                keep_versions=run.config.keep_versions,
+                protected=versions.labelled(run.models))
         except exporter.BaselineMoved as moved:
             log.info("version %d was published meanwhile: validating against it", moved.latest)
             validate(run)
@@ -256,3 +266,17 @@ def report(run: Run) -> dict[str, Any]:
                                statistics.table(statistics.read(run.layout.statistics)),
                                hparam_keys())
     return {}
+
+
+def _model_card(run: Run, version: int) -> dict[str, Any]:
+    from components import model_card
+
+    predictions = np.load(run.layout.served)
+    config = json.loads(run.layout.config.read_text())
+    return model_card.build(
+        version=version, run_id=run.run_id, metrics=run.metrics, config=config["requested"],
+        effective=config.get("effective", {}), probabilities=predictions,
+        labels=run.splits["test"].labels, parameters=int(run.keras_model().count_params()),
+        data=run.metrics.get("data", {}), code=model_card.code_version(
+            Path(__file__).resolve().parents[1]),
+        signatures=run.metrics.get("infra_validation", {}).get("signatures", []))

@@ -16,24 +16,42 @@ if ! ls -d "$models"/[0-9]* >/dev/null 2>&1; then
   exit 1
 fi
 models=$(cd "$models" && pwd)
-common=(--port="$GRPC_PORT" --rest_api_port="$REST_PORT" --enable_batching
-        --file_system_poll_wait_seconds=10)
+# Batching is off unless BATCHING=1: see serving/batching.config for why.
+batching=()
+if [ "${BATCHING:-0}" = 1 ]; then batching=(--enable_batching); fi
+# `python -m pipeline models promote/canary/rollback` writes models.config beside the models
+# folder (labels stable/canary); without it the latest version is served.
+generated=$(dirname "$models")/models.config
+common=(--port="$GRPC_PORT" --rest_api_port="$REST_PORT" "${batching[@]}"
+        --file_system_poll_wait_seconds=10 --model_config_file_poll_wait_seconds=10)
 
 if command -v tensorflow_model_server >/dev/null 2>&1; then
   config=$(dirname "$models")/models.local.config
-  sed "s#base_path: \"/models/mnist\"#base_path: \"$models\"#" "$here/models.config" > "$config"
+  source_config="$here/models.config"
+  [ -f "$generated" ] && source_config="$generated"
+  sed "s#base_path: \"[^\"]*\"#base_path: \"$models\"#" "$source_config" > "$config"
   echo "starting tensorflow_model_server on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
   exec tensorflow_model_server --model_config_file="$config" \
+    --monitoring_config_file="$here/monitoring.config" \
     --batching_parameters_file="$here/batching.config" "${common[@]}"
 fi
 
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   echo "starting $TF_SERVING_IMAGE in Docker on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
+  # The generated, label-driven config (if any) is mounted over the static one; its
+  # base_path is rewritten to the container's /models/mnist.
+  config_dir=$(mktemp -d)
+  cp "$here"/*.config "$config_dir"/
+  if [ -f "$generated" ]; then
+    sed "s#base_path: \"[^\"]*\"#base_path: \"/models/mnist\"#" "$generated" > "$config_dir/models.config"
+  fi
   exec docker run --rm -p "$GRPC_PORT:8500" -p "$REST_PORT:8501" \
-    -v "$models:/models/mnist:ro" -v "$here:/config:ro" "$TF_SERVING_IMAGE" \
+    -v "$models:/models/mnist:ro" -v "$config_dir:/config:ro" "$TF_SERVING_IMAGE" \
     --model_config_file=/config/models.config \
+    --monitoring_config_file=/config/monitoring.config \
     --batching_parameters_file=/config/batching.config \
-    --port=8500 --rest_api_port=8501 --enable_batching --file_system_poll_wait_seconds=10
+    --port=8500 --rest_api_port=8501 "${batching[@]}" --file_system_poll_wait_seconds=10 \
+    --model_config_file_poll_wait_seconds=10
 fi
 
 cat >&2 <<MSG
@@ -45,6 +63,6 @@ error: neither tensorflow_model_server nor a running Docker engine was found. Ei
        docker run --rm -p 8500:8500 -p 8501:8501 \\
          -v $models:/models/mnist:ro -v $here:/config:ro $TF_SERVING_IMAGE \\
          --model_config_file=/config/models.config \\
-         --batching_parameters_file=/config/batching.config --enable_batching
+         --monitoring_config_file=/config/monitoring.config
 MSG
 exit 1

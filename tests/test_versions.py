@@ -1,0 +1,74 @@
+"""Version management for TF Serving: list, promote, canary, rollback; the generated config
+parses as tensorflow-serving-api's ModelServerConfig; labelled versions are never pruned."""
+
+import json
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from components import exporter
+from pipeline import cli
+from serving import versions
+
+
+@pytest.fixture
+def three_versions(exported, tmp_path):
+    base = tmp_path / "artifacts" / "models" / "mnist"
+    for v in (1, 2, 3):
+        shutil.copytree(exported, base / str(v))
+        (base / str(v) / "assets.extra" / "model_card.json").write_text(json.dumps({
+            "model_details": {"run_id": f"run-{v}", "date": f"2026-11-2{v}T10:00:00"},
+            "quantitative_analysis": {"accuracy": 0.97 + v / 1000},
+            "lineage": {"code": {"commit": f"{v}" * 40}, "data_fingerprint": "ab" * 16}}))
+    return base
+
+
+def _config(path):
+    return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+
+
+def test_list_promote_canary_rollback(three_versions, capsys):
+    base = three_versions
+    artifacts = ["--artifacts-dir", str(base.parents[1])]
+    assert cli.main(["models", "list", *artifacts]) == 0
+    out = capsys.readouterr().out
+    assert "run-3" in out and "0.9730" in out and "3333333333" in out
+    assert cli.main(["models", "promote", "2", *artifacts, "--base-path", "/models/mnist"]) == 0
+    assert cli.main(["models", "canary", "3", *artifacts, "--base-path", "/models/mnist"]) == 0
+    config = _config(base.parent / versions.CONFIG_FILE).model_config_list.config[0]
+    assert config.base_path == "/models/mnist"
+    assert list(config.model_version_policy.specific.versions) == [2, 3]
+    assert dict(config.version_labels) == {"stable": 2, "canary": 3}
+    capsys.readouterr()
+    assert cli.main(["models", "promote", "3", *artifacts]) == 0
+    assert dict(_config(base.parent / versions.CONFIG_FILE).model_config_list.config[0].version_labels) == \
+        {"stable": 3}
+    assert cli.main(["models", "rollback", *artifacts]) == 0
+    assert versions.read_labels(base)["stable"] == 2
+    assert cli.main(["models", "promote", "9", *artifacts]) == cli.EXIT_USAGE
+    assert "version 9 is not published" in capsys.readouterr().err
+
+
+def test_list_as_json(three_versions, capsys):
+    assert cli.main(["models", "list", "--json", "--artifacts-dir",
+                     str(three_versions.parents[1])]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in rows] == [1, 2, 3]
+    assert rows[0]["run_id"] == "run-1" and rows[2]["accuracy"] == pytest.approx(0.973)
+
+
+def test_pruning_keeps_labelled_versions(three_versions, exported):
+    base = three_versions
+    versions.promote(base, 1)
+    result = exporter.publish_staged(exported, base, run_id="r4", baseline_version=3,
+                                     assets={}, keep_versions=1,
+                                     protected=versions.labelled(base))
+    assert result.version == 4 and versions.published(base) == [1, 4]
+
+
+def test_without_labels_the_latest_version_is_served(tmp_path):
+    text = versions.model_server_config(versions.read_labels(tmp_path / "m"), "/models/mnist")
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    assert config.model_config_list.config[0].model_version_policy.latest.num_versions == 1
