@@ -141,7 +141,7 @@ def make_strategy(choice: StrategyChoice) -> Any:
     if choice.kind == "mirrored":
         return tf.distribute.MirroredStrategy()
     if choice.kind == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0")
+        return tf.distribute.OneDeviceStrategy(f"/{choice.device}:0")
     return tf.distribute.get_strategy()
 
 
@@ -213,32 +213,39 @@ def set_precision(mixed: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Keras 3.15 work-arounds (multi-worker only)
+# Keras 3.15 work-arounds (several replicas)
 
 PATCHED_KERAS_NAMES = ("keras.src.backend.tensorflow.trainer.reduce_per_replica",
                        "keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker",
                        "keras.Model._symbolic_build", "keras.Model._maybe_symbolic_build")
 
 
-def work_around_keras_multi_worker_bugs(model: Any, strategy: Any,
+def work_around_keras_distributed_build(model: Any, strategy: Any,
                                         per_replica_batch: int) -> None:
-    """Keras 3.15's `fit` does not run under MultiWorkerMirroredStrategy as shipped (upstream:
-    keras-team/keras#20585, tensorflow/tensorflow#72388). Two narrow fixes, for multi-worker
-    runs only:
-
-    1. `fit` builds the model by `strategy.reduce("MEAN", first_distributed_batch)`, which fails
-       ("Attempt to convert a value (PerReplica ...)"): build it from a local batch instead.
-    2. Step logs (scalars) are reduced with `strategy.reduce("MEAN", v, axis=0)`, which fails on
-       0-d values ("Invalid reduction dimension 0"): reduce scalars with axis=None.
-    """
+    """Keras 3.15's `fit` and `evaluate` build the model by
+    `strategy.reduce("MEAN", first_distributed_batch)` (`_maybe_symbolic_build`), which fails
+    under MirroredStrategy when the first batch does not split evenly over the replicas ("Inputs
+    to operation AddN ... must have the same size and shape": e.g. 13 validation examples on 2
+    replicas, or --batch-size 33), and under MultiWorkerMirroredStrategy always ("Attempt to
+    convert a value (PerReplica ...)", keras-team/keras#20585). Build it once from a local
+    batch instead, for any strategy with more than one replica."""
     import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer as tf_trainer
 
     with strategy.scope():
         model._symbolic_build(data_batch=(
             tf.zeros((per_replica_batch, 28, 28), tf.float32),
             tf.zeros((per_replica_batch,), tf.int64)))
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
+def work_around_keras_multi_worker_reduce() -> None:
+    """Under MultiWorkerMirroredStrategy Keras 3.15 reduces step logs (scalars) with
+    `strategy.reduce("MEAN", v, axis=0)`, which fails on 0-d values ("Invalid reduction
+    dimension 0"; keras-team/keras#20585, tensorflow/tensorflow#72388): reduce scalars with
+    axis=None. Patched once per process, multi-worker runs only."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
     if getattr(tf_trainer.reduce_per_replica, "_mnist_patched", False):
         return
     original = tf_trainer.reduce_per_replica

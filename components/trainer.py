@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import keras
 import tensorflow as tf
@@ -152,17 +152,63 @@ class _NanGuard(keras.callbacks.Callback):
                                    f"diverged (is the learning rate too large?)")
 
 
-class _EpochTimer(keras.callbacks.Callback):
+class PhaseTimer(keras.callbacks.Callback):
+    """Where fit's seconds go: set-up before the first epoch, and per epoch the train steps,
+    the validation pass and the epoch-end callbacks (TensorBoard, images, backup). Placed
+    first in the callback list, so an epoch's callbacks are timed from the end of validation
+    to the start of the next epoch (or the end of training)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.seconds: list[float] = []
-        self._start = 0.0
+        self.fit_start = time.perf_counter()
+        self.setup = 0.0
+        self.epochs: list[dict[str, float]] = []
+        self._marks: dict[str, float] = {}
+
+    @property
+    def seconds(self) -> list[float]:
+        return [sum(e.values()) for e in self.epochs]
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._marks = {"train_begin": time.perf_counter()}
+
+    def _close_epoch(self) -> None:
+        m, now = self._marks, time.perf_counter()
+        if "epoch_begin" not in m:
+            return
+        train_end = m.get("test_begin", m.get("epoch_end", now))
+        validation_end = m.get("test_end", train_end)
+        self.epochs.append({"train_steps": train_end - m["epoch_begin"],
+                            "validation": validation_end - train_end,
+                            "callbacks": now - validation_end})
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._start = time.perf_counter()
+        if not self.epochs and "epoch_begin" not in self._marks:
+            self.setup = time.perf_counter() - self.fit_start
+        self._close_epoch()
+        self._marks = {"epoch_begin": time.perf_counter()}
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self._marks["test_begin"] = time.perf_counter()
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        self._marks["test_end"] = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
+        self._marks["epoch_end"] = time.perf_counter()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._close_epoch()
+        self._marks = {}
+
+    def summary(self) -> dict[str, Any]:
+        """Seconds per phase; `compile` is the first epoch's train steps beyond the median of
+        the others (tracing and XLA compilation), when there are others."""
+        steps = [e["train_steps"] for e in self.epochs]
+        later = sorted(steps[1:])
+        compile_s = steps[0] - later[len(later) // 2] if later else None
+        return {"fit_setup": self.setup, "compile_estimate": compile_s,
+                "epochs": [{k: round(v, 4) for k, v in e.items()} for e in self.epochs]}
 
 
 class PassNumber(keras.callbacks.Callback):
@@ -205,6 +251,7 @@ class TrainResult:
     epoch_seconds: list[float]
     fit_seconds: float
     initial_epoch: int
+    phases: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def train(build_model: Callable[[], keras.Model],
@@ -233,14 +280,17 @@ def train(build_model: Callable[[], keras.Model],
     train_ds = make_train_ds(pass_number)
     with strategy.scope():
         model = build_model()
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        from components.strategy import work_around_keras_multi_worker_bugs
+    if strategy.num_replicas_in_sync > 1 or \
+            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        from components import strategy as policy
 
         per_replica = max(1, int(train_ds.element_spec[0].shape[0] or 32) //
                           strategy.num_replicas_in_sync)
-        work_around_keras_multi_worker_bugs(model, strategy, per_replica)
-    timer = _EpochTimer()
-    callbacks: list[keras.callbacks.Callback] = [PassNumber(pass_number), _NanGuard(), timer]
+        policy.work_around_keras_distributed_build(model, strategy, per_replica)
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            policy.work_around_keras_multi_worker_reduce()
+    timer = PhaseTimer()
+    callbacks: list[keras.callbacks.Callback] = [timer, PassNumber(pass_number), _NanGuard()]
     if backup_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(
             # Kept when fit ends: the caller deletes it once the trained model is saved, so a
@@ -280,7 +330,7 @@ def train(build_model: Callable[[], keras.Model],
     return TrainResult(model=model, history={k: [float(v) for v in vs]
                                              for k, vs in history.history.items()},
                        epoch_seconds=timer.seconds, fit_seconds=fit_seconds,
-                       initial_epoch=start_epoch)
+                       initial_epoch=start_epoch, phases=timer.summary())
 
 
 def weights_sha256(model: keras.Model) -> str:

@@ -77,7 +77,8 @@ class Run:
     validator: Any = None
     restore_from: Path | None = None
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    timings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def keras_model(self) -> Any:
         """The trained model: in memory when this process trained it, else from train/."""
@@ -143,6 +144,7 @@ def train(run: Run) -> dict[str, Any]:
     write_json(run.layout.history, result.history)
     shutil.rmtree(run.layout.backup, ignore_errors=True)
     run.timings["fit_seconds"] = result.fit_seconds
+    run.timings["fit_phases"] = result.phases
     metrics = {"epochs_trained": result.initial_epoch + len(result.epoch_seconds),
                "resumed_from_epoch": result.initial_epoch,
                "epoch_seconds": result.epoch_seconds,
