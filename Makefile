@@ -45,7 +45,7 @@ MNIST_MANUAL_DIR ?= $(if $(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),
 export ARTIFACTS_DIR MNIST_MANUAL_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock train test test-slow test-all tensorboard report serve predict bench tune train-cluster clean distclean
+.PHONY: help venv lock train test test-slow test-all lint tensorboard report models serve predict bench tune train-cluster clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -101,6 +101,11 @@ test-slow: $(STAMP) ## the slow tests (subprocess kills, real multi-process runs
 test-all: $(STAMP) ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+lint: $(STAMP) ## ruff (lint + format check) and mypy, as CI runs them
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 tune: $(STAMP) ## keras-tuner search (default budget 13 min); ARGS="--study NAME --time-budget MIN ..."
 	$(PY) -m pipeline tune $(ARGS)
 
@@ -110,6 +115,9 @@ tensorboard: $(STAMP) ## serve every run's and tuning trial's logs on http://127
 
 report: $(STAMP) ## rebuild the report of a run (RUN=path, default the latest run)
 	$(PY) -m pipeline report $(or $(RUN),$(ARTIFACTS_DIR)/runs/latest)
+
+models: $(STAMP) ## published versions: ARGS="list" (default), "promote N", "canary N", "rollback"
+	$(PY) -m pipeline models $(or $(ARGS),list)
 
 serve: ## start TF Serving on the published models (binary, else Docker): gRPC 8500, REST 8501
 	serving/serve.sh $(ARTIFACTS_DIR)/models/mnist

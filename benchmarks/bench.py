@@ -100,7 +100,8 @@ def input_pipeline_images_per_s(manual_dir: str | None) -> float:
 
     from components import data
 
-    train = data.validate_split(data.load_split("train", manual_dir=manual_dir))
+    train = data.validate_split(data.load_split(
+        "train", manual_dir=Path(manual_dir) if manual_dir else None))
     ds = data.make_train_dataset(train, 32, seed=0, epoch=tf.Variable(0, dtype=tf.int64))
 
     @tf.function

@@ -71,7 +71,7 @@ def save_predictions(path: Path, probabilities: np.ndarray, test: Split, train_s
     arrays = {"images": test.images, "labels": test.labels, "probabilities": probabilities,
               "train_images": train_sample.images, "train_labels": train_sample.labels}
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
     return arrays
 

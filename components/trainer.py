@@ -9,8 +9,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -130,7 +131,8 @@ class BackupChecksums(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         weights, metadata = self.backup_dir / WEIGHTS_FILE, self.backup_dir / METADATA_FILE
-        previous = (_recorded(self.backup_dir) or [None])[0]
+        recorded = _recorded(self.backup_dir)
+        previous = recorded[0] if recorded else None
         value = {"latest": {"weights_sha256": _sha256(weights),
                             "metadata_sha256": _sha256(metadata), "epoch": epoch + 1},
                  "previous": previous}

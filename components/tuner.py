@@ -101,6 +101,8 @@ class _StudyMixin:
         self.trials_run: list[str] = []
         self.stop_reason = "the algorithm finished its schedule"
 
+    oracle: Any  # the keras-tuner Tuner's, which this mixin is combined with
+
     def _completed(self) -> int:
         return sum(1 for t in self.oracle.trials.values()
                    if t.status == kt.engine.trial.TrialStatus.COMPLETED)
@@ -112,10 +114,10 @@ class _StudyMixin:
         if self._completed() >= self.study_config.max_trials:
             self.stop_reason = f"--max-trials {self.study_config.max_trials} reached"
             raise _OutOfBudget
-        super().pre_create_trial()
+        super().pre_create_trial()  # type: ignore[misc]
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
-        super().on_trial_begin(trial)
+        super().on_trial_begin(trial)  # type: ignore[misc]
         self.trials_run.append(trial.trial_id)
         values = {k: v for k, v in trial.hyperparameters.values.items()
                   if not k.startswith("tuner/")}
@@ -124,7 +126,7 @@ class _StudyMixin:
                  f"up to {epochs} epochs")
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
-        super().on_trial_end(trial)
+        super().on_trial_end(trial)  # type: ignore[misc]
         best = self.oracle.get_best_trials(1)
         best_score = best[0].score if best else float("nan")
         left = max(0.0, self.deadline - time.monotonic())
@@ -198,9 +200,30 @@ def tune(config: TuneConfig, train: data_lib.Split, study_dir: Path, out: Any = 
         tuner.search(epochs=config.max_epochs, callbacks=[tensorboard], verbose=0)
     except _OutOfBudget:
         pass
+    if tuner.stop_reason == "the algorithm finished its schedule":
+        done = tuner._completed()
+        if config.algorithm == "hyperband" and done < config.max_trials:
+            tuner.stop_reason = (f"Hyperband's bracket schedule for --max-epochs "
+                                 f"{config.max_epochs} (factor 3) holds {done} trial(s), fewer "
+                                 f"than --max-trials {config.max_trials}; raise --max-epochs "
+                                 f"for more, or use --algorithm random|bayesian")
+        elif done < config.max_trials:
+            tuner.stop_reason = (f"the {config.algorithm} search ran out of new "
+                                 f"hyperparameter combinations after {done} trial(s)")
     out(f"search stopped: {tuner.stop_reason}")
     best = write_best(tuner, config, study_dir, len(fit_split), len(val_split))
     return TuneResult(study_dir, best, tuner.trials_run, tuner.stop_reason)
+
+
+def unreadable_state_file(study_dir: Path) -> Path | None:
+    """The first of keras-tuner's JSON state files in a study that does not parse (a kill
+    while it was written, a disk that filled), or None."""
+    for path in sorted(Path(study_dir).rglob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError):
+            return path
+    return None
 
 
 def best_epoch(trial: Any) -> int | None:

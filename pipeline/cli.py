@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn
 
 from pipeline.config import ConfigError, Field, TrainConfig, check_value, fields
 
@@ -32,7 +32,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -181,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_artifacts(group: argparse._ArgumentGroup) -> None:
+def _add_artifacts(group: Any) -> None:
     group.add_argument("--artifacts-dir", type=Path,
                        default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts"),
                        help="where runs, TensorBoard logs and models go "
                             "(default: $ARTIFACTS_DIR or ./artifacts)")
 
 
-def resolve_config(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
+def resolve_config(args: argparse.Namespace, cls: Any = TrainConfig) -> Any:
     """Documented defaults, then --hparams, then flags given on the command line."""
     names = {f.name for f in fields(cls)}
     values: dict[str, Any] = {}
@@ -230,6 +230,10 @@ def check_artifacts_dir(path: Path) -> None:
             pass
     except OSError as e:
         raise UsageError(f"--artifacts-dir {path} is not writable ({e.strerror})") from None
+    for sub in ("runs", "tensorboard", "models", "tuning"):
+        if (path / sub).exists() and not (path / sub).is_dir():
+            raise UsageError(f"--artifacts-dir {path}: {path / sub} exists and is not a folder "
+                             f"(move it away; the run writes its {sub} there)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -388,6 +392,13 @@ def _tune(args: argparse.Namespace) -> int:
         result = tuner.tune(config, train, study_dir, out=lambda line: print(line, flush=True))
     except tuner.NoTrialCompleted as e:
         return _fail(EXIT_USAGE, str(e))
+    except ValueError as e:  # json.JSONDecodeError included: keras-tuner's state files
+        broken = tuner.unreadable_state_file(study_dir)
+        if broken is None:
+            raise
+        return _fail(EXIT_USAGE, f"study {args.study}: {broken} is corrupt ({e}); run again "
+                                 f"with --overwrite to start the study over, or restore that "
+                                 f"file")
     print(tuner.format_trials(result.best))
     hp = result.best["hparams"]
     print(f"best: {hp} with {tuner.OBJECTIVE} {result.best['score']:.4f} "

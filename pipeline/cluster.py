@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def free_ports(n: int) -> list[int]:
@@ -86,11 +86,12 @@ def run_cluster(workers: int, train_args: list[str], run_name: str, max_restarts
         _stop(procs)
         if killed is not None and attempt < max_restarts:
             attempt += 1
-            print(f"cluster: worker {killed} was killed (signal {-codes[killed]}); restarting "
+            signal_number = -(codes[killed] or 0)
+            print(f"cluster: worker {killed} was killed (signal {signal_number}); restarting "
                   f"all {workers} workers (attempt {attempt}/{max_restarts}), resuming run "
                   f"{run_name}", flush=True)
             continue
-        bad = killed if killed is not None else failed
+        bad = killed if killed is not None else (failed or 0)
         print(f"cluster: worker {bad} ended with code {procs[bad].returncode}; stopping",
               file=sys.stderr, flush=True)
         return procs[0].returncode if procs[0].returncode not in (None, 0) else 1

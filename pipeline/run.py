@@ -9,7 +9,6 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -145,10 +144,16 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
 
 
 def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
-                     tf_config: dict[str, Any], task: str) -> RunResult:
+                     tf_config: dict[str, Any] | None, task: str) -> RunResult:
     """A non-chief worker trains with the chief (resuming from the chief's backup, read-only)
     and saves into a scratch folder it deletes; the chief does everything else."""
-    scratch = Path(tempfile.mkdtemp(prefix=f"mnist-{task}-"))
+    # A fixed place per (run, task): a worker killed mid-run leaves it behind, and its next
+    # start (the cluster manager's restart) removes it first.
+    scratch = paths.artifacts / ".workers" / f"{run_id}-{task}"
+    if scratch.exists():
+        log.info("%s: removing the scratch folder a killed worker left: %s", task, scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     try:
         run = stages.Run(config, run_id, stages.RunLayout(scratch / "run"), scratch,
                          scratch / "tensorboard", scratch / "models", is_chief=False,
@@ -159,6 +164,10 @@ def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
         return RunResult(run_id, run.layout.root, {**run.metrics, "chief": False})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            scratch.parent.rmdir()  # the last worker out removes .workers
+        except OSError:
+            pass
 
 
 def ingest(run: stages.Run, paths: Paths, data: tuple[Any, Any] | None,
@@ -274,8 +283,10 @@ def _check_drift(stats: Any, models: Path) -> None:
     from components.data import DataError
 
     latest = exporter.latest_version_dir(models)
-    baseline = latest / "assets.extra" / statistics.STATISTICS_FILE if latest else None
-    if baseline is None or not baseline.is_file():
+    if latest is None:
+        return
+    baseline = latest / "assets.extra" / statistics.STATISTICS_FILE
+    if not baseline.is_file():
         return
     findings = statistics.check_drift(stats, statistics.read(baseline), f"version {latest.name}")
     if findings:

@@ -14,8 +14,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -130,12 +131,14 @@ def train(run: Run) -> dict[str, Any]:
         data_lib.make_dataset(val_split, max(config.batch_size, 1024))
         if val_split is not None else None,
         epochs=config.epochs, strategy=run.strategy,
-        tensorboard_dir=run.tensorboard if run.is_chief else None,
+        # Every worker logs (a non-chief into its scratch folder): under MultiWorkerMirrored the
+        # callbacks' predict passes are collective, so all workers must run them.
+        tensorboard_dir=run.tensorboard,
         backup_dir=run.layout.backup, restore_from=run.restore_from,
         update_freq=config.tensorboard_update_freq,
         extra_callbacks=[monitoring.EpochImages(run.tensorboard, val_split.images,
                                                 val_split.labels)]
-        if val_split is not None and run.is_chief else [])
+        if val_split is not None else [])
     run.model, run.history = result.model, result.history
     run.layout.model.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.layout.model.with_name(".tmp-model.keras")
@@ -208,7 +211,8 @@ def gate(run: Run) -> dict[str, Any]:
         max_regression=run.config.max_regression,
         allow_partial_test=run.config.publish_partial_test,
         baseline_correct=baseline_correct,
-        baseline_version=int(baseline_dir.name) if baseline_correct is not None else None)
+        baseline_version=int(baseline_dir.name)
+        if baseline_dir is not None and baseline_correct is not None else None)
     write_json(run.layout.blessing, decision.to_dict())
     metrics = {"blessed": decision.blessed, "gate": decision.to_dict()}
     run.metrics.update(metrics)

@@ -10,12 +10,13 @@ import threading
 
 import pytest
 
-from components import exporter, strategy, trainer
+from components import exporter, strategy
 from pipeline.cluster import tf_configs
 from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
 
 SMALL = ["--max-train-examples", "4000", "--max-test-examples", "1000", "--device", "cpu",
-         "--min-accuracy", "0", "--max-regression", "1", "--tfds-manual-dir", str(SHARED_MNIST)]
+         "--min-accuracy", "0", "--max-regression", "1", "--publish-partial-test",
+         "--tfds-manual-dir", str(SHARED_MNIST)]
 
 
 @pytest.mark.parametrize("tf_config,chief,task", [
@@ -99,3 +100,5 @@ def test_a_killed_worker_is_restarted_and_the_job_completes(tmp_path):
     metrics = json.loads((artifacts / "runs" / "preempted" / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] >= 1 and metrics["epochs_trained"] == 3
     assert exporter.published_versions(artifacts / "models" / "mnist") == [1]
+    # the killed worker's scratch folder was removed when it started again
+    assert not (artifacts / ".workers").exists()

@@ -69,7 +69,8 @@ def test_wrong_size_png_is_invalid_argument(exported):
     with pytest.raises(tf.errors.InvalidArgumentError, match="28x28"):
         loaded.signatures["predict_png"](image_bytes=tf.reshape(png, [1]))
     ok = tf.io.encode_png(np.zeros((28, 28, 1), np.uint8))
-    assert loaded.signatures["predict_png"](image_bytes=tf.reshape(ok, [1]))["class_ids"].shape == [1]
+    out = loaded.signatures["predict_png"](image_bytes=tf.reshape(ok, [1]))
+    assert out["class_ids"].shape == [1]
 
 
 # ---------------------------------------------------------------------------- gate and publish

@@ -18,7 +18,8 @@ from pipeline.run import Paths, train_pipeline
 from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
 
 SMALL_RUN = ["--max-train-examples", "6000", "--max-test-examples", "1000", "--device", "cpu",
-             "--min-accuracy", "0", "--max-regression", "1", "--tfds-manual-dir",
+             "--min-accuracy", "0", "--max-regression", "1", "--publish-partial-test",
+             "--tfds-manual-dir",
              str(SHARED_MNIST)]
 
 
@@ -35,7 +36,7 @@ def metrics_of(artifacts, run_name):
     return json.loads((artifacts / "runs" / run_name / "metrics.json").read_text())
 
 
-# ---------------------------------------------------------------- 1, 2, 9: kill, resume, determinism
+# ------------------------------------------------------------ 1, 2, 9: kill, resume, determinism
 
 @pytest.mark.slow
 @requires_mnist
@@ -248,9 +249,12 @@ def test_nan_loss_stops_with_exit_5_nothing_published_logs_kept(tmp_path):
     assert "nothing was published" in r.stderr and "Traceback" not in r.stderr
     assert exporter.published_versions(artifacts / "models" / "mnist") == []
     from tensorboard.backend.event_processing import event_accumulator as ea
-    acc = ea.EventAccumulator(str(artifacts / "tensorboard" / "nan" / "train"))
-    acc.Reload()
-    assert "keras" in acc.Tags()["tensors"]  # readable, with what was written before the NaN
+    # readable, with what was written before the NaN (the graph), every writer closed
+    tb = artifacts / "tensorboard" / "nan"
+    assert ea.EventAccumulator(str(tb / "model")).Reload().Graph().node
+    for run_folder in ("steps", "train"):
+        for events in (tb / run_folder).glob("events.out.tfevents.*"):
+            ea.EventAccumulator(str(events)).Reload()
 
 
 # ---------------------------------------------------------------- 4: kill during publish
@@ -368,7 +372,8 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
 
     monkeypatch.setattr(report, "write_report", full)
     paths = Paths(tmp_path / "artifacts")
-    monkeypatch.setattr("pipeline.run.train_pipeline", lambda config, p, run_id=None, tf_config=None:
+    monkeypatch.setattr("pipeline.run.train_pipeline",
+                        lambda config, p, run_id=None, tf_config=None:
                         train_pipeline(config.replace(**small_config(device="cpu").to_dict()),
                                        paths, data=tiny_data))
     code = cli.main(["train", "--artifacts-dir", str(paths.artifacts)])
@@ -379,3 +384,14 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
     for v in exporter.published_versions(paths.models):
         assert (paths.models / str(v) / "saved_model.pb").is_file()
     assert not [p for p in paths.models.iterdir() if p.name.startswith(exporter.TMP_PREFIX)]
+
+
+def test_a_validation_fraction_that_leaves_no_example_is_refused_before_the_run(tmp_path,
+                                                                                tiny_data):
+    from pipeline.config import ConfigError
+
+    paths = Paths(tmp_path / "artifacts")
+    with pytest.raises(ConfigError, match="leaves 0 for validation"):
+        train_pipeline(small_config(device="cpu", validation_fraction=1e-6), paths,
+                       data=tiny_data)
+    assert not paths.runs.exists()

@@ -69,7 +69,8 @@ def test_keras_multi_step_loop_still_fails_under_mirrored_strategy():
     Keras fixed its multi-step loop and the policy can allow steps_per_execution > 1."""
     out = run_script("""
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         split = data.validate_split(make_digits(200, seed=1))
         with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
             model = build_model(steps_per_execution=4, jit_compile=False)
@@ -89,7 +90,8 @@ def test_two_replicas_take_the_same_step_as_one():
     step of batch 32 on one device, within float tolerance."""
     out = run_script("""
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         split = data.validate_split(make_digits(32, seed=1))
         weights = None
         result = {}
@@ -148,7 +150,8 @@ def test_keras_build_still_fails_on_an_uneven_first_batch_under_mirrored_strateg
     test fails, Keras's `_maybe_symbolic_build` handles uneven per-replica batches."""
     out = run_script("""
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         split = data.validate_split(make_digits(13, seed=1))
         with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
             model = build_model(steps_per_execution=1, jit_compile=False)

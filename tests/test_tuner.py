@@ -12,7 +12,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from components import data as data_lib
 from components import tuner
 from pipeline import cli
-from pipeline.config import TrainConfig, hparam_keys, small_config
+from pipeline.config import TrainConfig, small_config
 from pipeline.run import Paths, train_pipeline
 from tests.helpers import make_digits
 
@@ -120,3 +120,29 @@ def test_best_epoch_counts_the_epochs_a_continued_hyperband_trial_inherited():
     assert tuner.best_epoch(trial({"tuner/initial_epoch": 7, "tuner/epochs": 20}, 4)) == 12
     assert tuner.best_epoch(trial({}, 4)) == 5
     assert tuner.best_epoch(trial({}, 0, score=None)) is None
+
+
+def test_a_study_that_runs_fewer_trials_than_asked_says_why(tmp_path, train_split):
+    lines: list[str] = []
+    result = tuner.tune(_config(algorithm="hyperband", max_trials=40, max_epochs=2),
+                        train_split, tmp_path / "s", out=lines.append)
+    assert len(result.trials_run) < 40
+    [stopped] = [line for line in lines if line.startswith("search stopped:")]
+    assert f"holds {len(result.trials_run)} trial(s), fewer than --max-trials 40" in stopped
+
+
+def test_a_truncated_study_file_is_one_line_with_advice(tmp_path, train_split, capsys,
+                                                       monkeypatch):
+    from pipeline import cli
+
+    artifacts = tmp_path / "artifacts"
+    tuner.tune(_config(max_trials=1), train_split, artifacts / "tuning" / "s",
+               out=lambda line: None)
+    oracle = next((artifacts / "tuning" / "s").rglob("oracle.json"))
+    oracle.write_text(oracle.read_text()[:40])
+    monkeypatch.setattr("components.data.load_split", lambda *a, **k: make_digits(400, seed=3))
+    code = cli.main(["tune", "--study", "s", "--artifacts-dir", str(artifacts), "--algorithm",
+                     "random", "--max-trials", "2", "--max-epochs", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1
+    assert str(oracle) in err[0] and "--overwrite" in err[0]

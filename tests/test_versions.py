@@ -43,8 +43,8 @@ def test_list_promote_canary_rollback(three_versions, capsys):
     assert dict(config.version_labels) == {"stable": 2, "canary": 3}
     capsys.readouterr()
     assert cli.main(["models", "promote", "3", *artifacts]) == 0
-    assert dict(_config(base.parent / versions.CONFIG_FILE).model_config_list.config[0].version_labels) == \
-        {"stable": 3}
+    config = _config(base.parent / versions.CONFIG_FILE).model_config_list.config[0]
+    assert dict(config.version_labels) == {"stable": 3}
     assert cli.main(["models", "rollback", *artifacts]) == 0
     assert versions.read_labels(base)["stable"] == 2
     assert cli.main(["models", "promote", "9", *artifacts]) == cli.EXIT_USAGE
