@@ -40,7 +40,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def take(self, n: int | None) -> "Split":
+    def take(self, n: int | None) -> Split:
         if n is None or n >= len(self):
             return self
         return Split(self.name, self.images[:n], self.labels[:n])

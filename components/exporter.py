@@ -15,8 +15,9 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import keras
 import numpy as np
