@@ -134,6 +134,98 @@ def _check_signatures(served: _Served, sample: np.ndarray, expected: np.ndarray
     return checks
 
 
+MODEL_SERVER = "tensorflow_model_server"
+MODEL_SERVER_TIMEOUT_S = float(os.environ.get("MNIST_MODEL_SERVER_TIMEOUT_S", "120"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def validate_with_model_server(binary: str, candidate: Path, images: np.ndarray,
+                               expected: np.ndarray) -> dict[str, Any]:
+    """The real server, when it is installed: start it on a copy of the staged model, wait for
+    AVAILABLE, send a REST and a gRPC request, compare with the graph loader's answers, stop."""
+    import shutil
+    import tempfile
+    import urllib.request
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="infra-") as tmp:
+        shutil.copytree(candidate, Path(tmp) / "mnist" / "1")
+        grpc_port, rest_port = _free_port(), _free_port()
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "w") as log_file:
+            server = subprocess.Popen(
+                [binary, f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+                 "--model_name=mnist", f"--model_base_path={Path(tmp) / 'mnist'}"],
+                stdout=log_file, stderr=subprocess.STDOUT)
+        rest = f"http://127.0.0.1:{rest_port}/v1/models/mnist"
+
+        def server_log() -> str:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            return lines[-1][:300] if lines else "(no output)"
+
+        try:
+            deadline = time.monotonic() + MODEL_SERVER_TIMEOUT_S
+            while True:
+                if server.poll() is not None:
+                    raise InfraValidationError(f"{binary} exited with code {server.returncode} "
+                                               f"before serving: {server_log()}")
+                try:
+                    with urllib.request.urlopen(rest, timeout=2) as r:
+                        states = [v.get("state") for v in
+                                  json.loads(r.read()).get("model_version_status", [])]
+                    if "AVAILABLE" in states:
+                        break
+                except (OSError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise InfraValidationError(f"{binary} did not report the model AVAILABLE "
+                                               f"within {MODEL_SERVER_TIMEOUT_S:g} s: "
+                                               f"{server_log()}")
+                time.sleep(0.5)
+            sample, want = images[:8], expected[:8]
+            body = json.dumps({"signature_name": "serving_default",
+                               "instances": sample.tolist()}).encode()
+            with urllib.request.urlopen(urllib.request.Request(
+                    f"{rest}:predict", data=body, method="POST"), timeout=30) as r:
+                rest_probs = np.array([p["probabilities"] for p in
+                                       json.loads(r.read())["predictions"]], np.float32)
+            grpc_probs = _grpc_predict(grpc_port, sample)
+            for name, got in (("REST", rest_probs), ("gRPC", grpc_probs)):
+                if got.shape != want.shape or float(np.abs(got - want).max()) > 1e-5:
+                    raise InfraValidationError(f"{binary} answers differently over {name} "
+                                               f"than the graph loader")
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return {"binary": binary, "requests": ["REST", "gRPC"], "examples": 8,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _grpc_predict(port: int, images: np.ndarray) -> np.ndarray:
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.Predict(request, timeout=30)
+    return tf.make_ndarray(response.outputs["probabilities"]).astype(np.float32)
+
+
 def validate(request: dict[str, Any]) -> dict[str, Any]:
     """One validation; writes its outputs in request["out"]; raises InfraValidationError."""
     started = time.perf_counter()
@@ -165,6 +257,12 @@ def validate(request: dict[str, Any]) -> dict[str, Any]:
                                        f"{_first_line(e)}") from None
     finally:
         served.close()
+    import shutil
+
+    binary = shutil.which(MODEL_SERVER)
+    record["model_server"] = (validate_with_model_server(binary, candidate, images, probs)
+                              if binary else f"{MODEL_SERVER} not on PATH: validated with "
+                                             f"TensorFlow's graph-level loader only")
     np.save(out / "candidate_probabilities.npy", probs)
     if request.get("baseline"):
         baseline = _Served(Path(request["baseline"]))

@@ -214,6 +214,7 @@ def render_html(figures: dict[str, bytes], metrics: dict[str, Any],
     rows = "".join(
         f"<tr><td>{k}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td>"
         f"<td>{m['f1']:.4f}</td><td>{m['support']}</td></tr>" for k, m in per_class)
+    provenance = _provenance_html(metrics)
 
     def img(name: str) -> str:
         if name not in figures:
@@ -249,6 +250,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
   <div>most common confusion: true <b>{r}</b> predicted as <b>{c}</b> ({off[r, c]} times)</div>
   <div>device: {e(str(metrics.get("device", "?")))}</div></div>
 </div>
+{provenance}
 {img("training_curves.png")}
 <h2>Per class</h2>
 <table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>
@@ -263,6 +265,42 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 <pre id="config">{e(json.dumps(config or {}, indent=2, sort_keys=True))}</pre>
 </body></html>
 """
+
+
+def _provenance_html(metrics: dict[str, Any]) -> str:
+    """Which split every number comes from, the gate's comparison, and the infra validation."""
+    import html
+
+    e = html.escape
+    examples = metrics.get("examples") or {}
+    gate = metrics.get("gate") or {}
+    infra = metrics.get("infra_validation") or {}
+    parts = ["<h2>Where the numbers come from</h2><ul>"]
+    if examples:
+        parts.append(
+            f"<li>Training curves: {examples.get('train')} training examples and "
+            f"{examples.get('validation')} validation examples held out of the training split "
+            f"(none: no validation curves). Everything else on this page: the "
+            f"<b>test split</b> ({examples.get('test')} examples), read once after training, "
+            f"through the <b>exported SavedModel</b>.</li>")
+    if infra:
+        parts.append(
+            f"<li id=\"infra\">Infra validation: loaded as TF Serving loads it, "
+            f"{infra.get('warmup_records_replayed')} warmup records replayed, signatures "
+            f"{e(', '.join(infra.get('signatures', [])))}; outputs within "
+            f"{infra.get('max_abs_difference_vs_trained_model', float('nan')):.1e} of the "
+            f"trained model ({infra.get('seconds', 0):.1f} s).</li>")
+    if gate.get("baseline_version") is not None:
+        parts.append(
+            f"<li id=\"gate\">Gate vs version {gate['baseline_version']} on the same "
+            f"{gate.get('test_examples')} examples: {gate.get('accuracy', 0):.4f} vs "
+            f"{gate.get('baseline_accuracy', 0):.4f}; {gate.get('candidate_only_wrong')} newly "
+            f"wrong, {gate.get('baseline_only_wrong')} newly right; McNemar p = "
+            f"{gate.get('p_value', 1):.3g} (significance {gate.get('significance')}).</li>")
+    elif gate:
+        parts.append(f"<li id=\"gate\">Gate: {e(str(gate.get('reason')))}</li>")
+    parts.append("</ul>")
+    return "".join(parts)
 
 
 def write_report(report_dir: Path, predictions: dict[str, np.ndarray], metrics: dict[str, Any],

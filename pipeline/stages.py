@@ -139,7 +139,12 @@ def train(run: Run) -> dict[str, Any]:
         extra_callbacks=[monitoring.EpochImages(run.tensorboard, val_split.images,
                                                 val_split.labels)]
         if val_split is not None else [])
-    run.model, run.history = result.model, result.history
+    run.history = result.history
+    # Later stages run on the chief alone: a model whose variables are mirrored across workers
+    # would make their predictions collective (waiting forever for the others), so they read the
+    # saved model instead; on one device the in-memory model is the same and saves a load.
+    run.model = result.model if run.strategy.num_replicas_in_sync == 1 and \
+        run.effective.strategy in ("default", "one_device") else None
     run.layout.model.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.layout.model.with_name(".tmp-model.keras")
     result.model.save(tmp)
