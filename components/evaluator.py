@@ -79,3 +79,43 @@ def save_predictions(path: Path, probabilities: np.ndarray, test: Split, train_s
 def load_predictions(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
+
+
+# Uncertainty: a prediction is flagged `uncertain` when its top probability is below a threshold
+# calibrated on the validation split: low enough that at most MAX_CORRECT_FLAGGED of the correct
+# validation predictions are flagged, otherwise as high as needed to flag TARGET_MISTAKES_FLAGGED
+# of the mistakes.
+TARGET_MISTAKES_FLAGGED = 0.9
+MAX_CORRECT_FLAGGED = 0.05
+FALLBACK_THRESHOLD = 0.9  # no validation split (--validation-fraction 0): not calibrated
+
+
+def calibrate_uncertainty(probabilities: np.ndarray | None, labels: np.ndarray | None
+                          ) -> dict[str, Any]:
+    if probabilities is None or labels is None or not len(labels):
+        return {"threshold": FALLBACK_THRESHOLD, "calibrated": False,
+                "note": "no validation split: a fixed threshold, not calibrated"}
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == labels
+    cap = float(np.quantile(confidence[correct], MAX_CORRECT_FLAGGED)) if correct.any() else 1.0
+    want = float(np.quantile(confidence[~correct], TARGET_MISTAKES_FLAGGED)) \
+        if (~correct).any() else cap
+    threshold = float(min(cap, want))
+    return {"threshold": threshold, "calibrated": True, "validation_examples": int(len(labels)),
+            **uncertainty_rates(probabilities, labels, threshold)}
+
+
+def uncertainty_rates(probabilities: np.ndarray, labels: np.ndarray, threshold: float
+                      ) -> dict[str, Any]:
+    """Fraction flagged, and how the flag splits right and wrong predictions."""
+    flagged = probabilities.max(1) < threshold
+    correct = probabilities.argmax(1) == labels
+
+    def share(mask: np.ndarray, within: np.ndarray) -> float | None:
+        return float(mask[within].mean()) if within.any() else None
+
+    return {"flagged_fraction": float(flagged.mean()) if len(labels) else 0.0,
+            "mistakes_flagged": share(flagged, ~correct),
+            "correct_flagged": share(flagged, correct),
+            "accuracy_flagged": share(correct, flagged),
+            "accuracy_unflagged": share(correct, ~flagged)}

@@ -4,6 +4,7 @@ the resolved config and final metrics as text, and HParams for side-by-side comp
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from components import report
 from components.evaluator import compute_metrics
 
 GRID_EXAMPLES = 25
+log = logging.getLogger(__name__)
 
 
 def _png_to_image_tensor(png: bytes) -> tf.Tensor:
@@ -81,18 +83,29 @@ def write_model_graph(log_dir: Path, model: keras.Model) -> None:
 
 class EpochImages(keras.callbacks.Callback):
     """At every epoch end, logs the validation prediction grid and confusion matrix as images
-    (step = epoch), so their evolution can be scrubbed in TensorBoard's Images tab."""
+    (step = epoch), so their evolution can be scrubbed in TensorBoard's Images tab.
+
+    Only the forward pass runs in the training loop; drawing the figures and writing them runs
+    on one background thread (pyplot-free Matplotlib figures are thread-safe), so the next
+    epoch's steps do not wait for them. The thread is joined when training ends."""
 
     def __init__(self, log_dir: Path, images: np.ndarray, labels: np.ndarray):
         super().__init__()
+        from concurrent.futures import ThreadPoolExecutor
+
         self.images, self.labels = images, labels
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-images")
+        self._pending: list[Any] = []
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         from components.data import preprocess
 
         probs = np.asarray(self.model.predict(preprocess(self.images).numpy(), batch_size=2048,
                                               verbose=0))
+        self._pending.append(self._pool.submit(self._draw_and_write, epoch, probs))
+
+    def _draw_and_write(self, epoch: int, probs: np.ndarray) -> None:
         confusion = compute_metrics(probs, self.labels)["confusion_matrix"]
         grid = report.png_bytes(report.figure_grid(
             self.images, self.labels, probs, np.arange(min(GRID_EXAMPLES, len(self.labels))),
@@ -108,7 +121,18 @@ class EpochImages(keras.callbacks.Callback):
         self.close()
 
     def close(self) -> None:
-        self.writer.close()
+        """Wait for the images still being drawn, then close. A drawing error is logged, not
+        raised: it must not hide the error that stopped training, nor fail a finished run."""
+        try:
+            for future in self._pending:
+                try:
+                    future.result()
+                except Exception as e:  # logged: the run goes on
+                    log.warning("TensorBoard epoch images not written: %s", e)
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)
+            self.writer.close()
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

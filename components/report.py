@@ -10,8 +10,8 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 GRID = 25  # test predictions shown in the grid
 MISTAKES = 25  # most confident mistakes shown
@@ -290,6 +290,15 @@ def _provenance_html(metrics: dict[str, Any]) -> str:
             f"{e(', '.join(infra.get('signatures', [])))}; outputs within "
             f"{infra.get('max_abs_difference_vs_trained_model', float('nan')):.1e} of the "
             f"trained model ({infra.get('seconds', 0):.1f} s).</li>")
+    u = metrics.get("uncertainty") or {}
+    if u.get("accuracy_flagged") is not None:
+        parts.append(
+            f"<li id=\"uncertainty\">Unsure predictions (top probability below "
+            f"{u['threshold']:.3f}, calibrated on the validation split and stored in the "
+            f"exported model): {u['flagged_fraction']:.1%} of test predictions are flagged; "
+            f"accuracy {u['accuracy_flagged']:.3f} on the flagged, "
+            f"{u['accuracy_unflagged']:.4f} on the others; "
+            f"{(u.get('mistakes_flagged') or 0):.0%} of the mistakes are flagged.</li>")
     if gate.get("baseline_version") is not None:
         parts.append(
             f"<li id=\"gate\">Gate vs version {gate['baseline_version']} on the same "

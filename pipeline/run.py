@@ -130,7 +130,7 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
                          validator=validator)
         run.timings["import_tensorflow_seconds"] = import_seconds
         ingest(run, paths, data, tf_config)
-        outputs = {"train": [run.layout.model, run.layout.history],
+        outputs = {"train": [run.layout.model, run.layout.history, run.layout.calibration],
                    "export": [run.layout.export / "saved_model.pb"],
                    "validate": [run.layout.served, run.layout.predictions],
                    "gate": [run.layout.blessing], "publish": [run.layout.publication],
@@ -303,6 +303,11 @@ def _print_stage_result(run: stages.Run, name: str) -> None:
               f"model on {m['test_examples']} test images ({infra.get('seconds', 0):.1f} s)")
         print(f"Test accuracy: {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f}, "
               f"{m['test_examples']} test images, exported model)")
+        u = m["uncertainty"]
+        if u["flagged_fraction"] and u["accuracy_flagged"] is not None:
+            print(f"Unsure: {u['flagged_fraction']:.1%} of test predictions flagged (top "
+                  f"probability < {u['threshold']:.3f}, calibrated on validation): accuracy "
+                  f"{u['accuracy_flagged']:.3f} flagged vs {u['accuracy_unflagged']:.4f} not")
         predictions = np.load(run.layout.served)
         print(f"First test image: predicted {int(predictions[0].argmax())}, true "
               f"{int(run.splits['test'].labels[0])}")

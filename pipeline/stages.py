@@ -44,6 +44,7 @@ class RunLayout:
     statistics = property(lambda self: self.root / "data" / "statistics.pb")
     model = property(lambda self: self.root / "train" / "model.keras")
     history = property(lambda self: self.root / "train" / "history.json")
+    calibration = property(lambda self: self.root / "train" / "calibration.json")
     backup = property(lambda self: self.root / "backup")
     export = property(lambda self: self.root / "export")
     evaluation = property(lambda self: self.root / "evaluation")
@@ -157,6 +158,16 @@ def train(run: Run) -> dict[str, Any]:
                "resumed_from_epoch": result.initial_epoch,
                "epoch_seconds": result.epoch_seconds,
                "weights_sha256": trainer.weights_sha256(result.model)}
+    if run.is_chief:
+        from components import evaluator
+
+        val = run.splits.get("validation")
+        probs = (evaluator.predict_probabilities(run.keras_model(), val.images)
+                 if val is not None else None)
+        calibration = evaluator.calibrate_uncertainty(
+            probs, val.labels if val is not None else None)
+        write_json(run.layout.calibration, calibration)
+        metrics["uncertainty_calibration"] = calibration
     run.metrics.update(metrics)
     return {"inputs": {"data": str(run.layout.statistics)}, "metrics": metrics,
             "settings": run.effective.to_dict()}
@@ -193,7 +204,10 @@ def validate(run: Run) -> dict[str, Any]:
         raise InfraValidationError(
             f"the exported model disagrees with the trained model: {len(differs)} different "
             f"classes, probabilities up to {gap:.2e} apart (tolerance 1e-5)")
+    threshold = json.loads(run.layout.calibration.read_text())["threshold"]
     metrics = {**evaluator.compute_metrics(served, test.labels),
+               "uncertainty": {"threshold": threshold,
+                               **evaluator.uncertainty_rates(served, test.labels, threshold)},
                "evaluated": "the exported SavedModel, as served",
                "infra_validation": {**record, "passed": True}}
     run.metrics.update(metrics)

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tests.helpers import make_digits  # noqa: E402  (after the env var)
+from tests.helpers import make_digits
 
 
 @pytest.fixture
