@@ -62,7 +62,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	  echo "venv: $(VENV) holds the $(OTHER_VARIANT) build: recreating it"; rm -rf $(VENV); fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e .
 	@$(PY) -m pip check >/dev/null || { $(PY) -m pip check; \
 	  echo "venv: $(LOCK) does not satisfy pyproject.toml: run 'make lock'" >&2; exit 1; }
 	@rm -f $(VENV)/.installed-stamp
