@@ -154,6 +154,39 @@ def serving_figures(model_dir: str) -> dict[str, float]:
     return out
 
 
+def _measure(env: dict[str, str], manual_dir: str | None, user_args: list[str], pairs: int
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float,
+                        dict[str, float]]:
+    """Our default run, then `pairs` alternating seed/ours pairs at equal data, then the input
+    pipeline and the serving figures."""
+    extra = user_args
+    seed_runs, our_runs = [], []
+    # Equal data: the seed trains on all 60,000 training examples, so ours does too.
+    extra = ["--validation-fraction", "0", *extra]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        default_run = run_ours(env, Path(tmp) / "ours-default", [])
+        print(f"our default (5% held out for validation): train "
+              f"{default_run['train_seconds']:.2f} s, process "
+              f"{default_run['process_seconds']:.2f} s, accuracy "
+              f"{default_run['test_accuracy']:.4f}", flush=True)
+        for i in range(pairs):
+            order = ("seed", "ours") if i % 2 == 0 else ("ours", "seed")
+            for who in order:
+                if who == "seed":
+                    seed_runs.append(run_seed(env))
+                else:
+                    our_runs.append(run_ours(env, Path(tmp) / f"ours-{i}", extra))
+                r = (seed_runs if who == "seed" else our_runs)[-1]
+                print(f"pair {i + 1}/{pairs} {who:>4}: train {r['train_seconds']:.2f} s, "
+                      f"process {r['process_seconds']:.2f} s, accuracy "
+                      f"{r['test_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB",
+                      flush=True)
+        pipeline_rate = input_pipeline_images_per_s(manual_dir)
+        serving = serving_figures(our_runs[-1]["model_dir"])
+
+    return seed_runs, our_runs, default_run, pipeline_rate, serving
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__)
     parser.add_argument("--pairs", type=int, default=3, help="seed/ours pairs (default 3)")
@@ -165,29 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     manual_dir = os.environ.get("MNIST_MANUAL_DIR") or None
     extra = shlex.split(args.ours_args)
-    seed_runs, our_runs = [], []
-    # Equal data: the seed trains on all 60,000 training examples, so ours does too.
-    extra = ["--validation-fraction", "0", *extra]
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        default_run = run_ours(env, Path(tmp) / "ours-default", [])
-        print(f"our default (5% held out for validation): train "
-              f"{default_run['train_seconds']:.2f} s, process "
-              f"{default_run['process_seconds']:.2f} s, accuracy "
-              f"{default_run['test_accuracy']:.4f}", flush=True)
-        for i in range(args.pairs):
-            order = ("seed", "ours") if i % 2 == 0 else ("ours", "seed")
-            for who in order:
-                if who == "seed":
-                    seed_runs.append(run_seed(env))
-                else:
-                    our_runs.append(run_ours(env, Path(tmp) / f"ours-{i}", extra))
-                r = (seed_runs if who == "seed" else our_runs)[-1]
-                print(f"pair {i + 1}/{args.pairs} {who:>4}: train {r['train_seconds']:.2f} s, "
-                      f"process {r['process_seconds']:.2f} s, accuracy "
-                      f"{r['test_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB",
-                      flush=True)
-        pipeline_rate = input_pipeline_images_per_s(manual_dir)
-        serving = serving_figures(our_runs[-1]["model_dir"])
+    seed_runs, our_runs, default_run, pipeline_rate, serving = _measure(
+        env, manual_dir, shlex.split(args.ours_args), args.pairs)
+    extra = ["--validation-fraction", "0", *shlex.split(args.ours_args)]
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in runs)

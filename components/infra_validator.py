@@ -171,24 +171,7 @@ def validate_with_model_server(binary: str, candidate: Path, images: np.ndarray,
             return lines[-1][:300] if lines else "(no output)"
 
         try:
-            deadline = time.monotonic() + MODEL_SERVER_TIMEOUT_S
-            while True:
-                if server.poll() is not None:
-                    raise InfraValidationError(f"{binary} exited with code {server.returncode} "
-                                               f"before serving: {server_log()}")
-                try:
-                    with urllib.request.urlopen(rest, timeout=2) as r:
-                        states = [v.get("state") for v in
-                                  json.loads(r.read()).get("model_version_status", [])]
-                    if "AVAILABLE" in states:
-                        break
-                except (OSError, ValueError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise InfraValidationError(f"{binary} did not report the model AVAILABLE "
-                                               f"within {MODEL_SERVER_TIMEOUT_S:g} s: "
-                                               f"{server_log()}")
-                time.sleep(0.5)
+            _wait_until_available(binary, server, rest, server_log)
             sample, want = images[:8], expected[:8]
             body = json.dumps({"signature_name": "serving_default",
                                "instances": sample.tolist()}).encode()
@@ -209,6 +192,29 @@ def validate_with_model_server(binary: str, candidate: Path, images: np.ndarray,
                 server.kill()
     return {"binary": binary, "requests": ["REST", "gRPC"], "examples": 8,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _wait_until_available(binary: str, server: subprocess.Popen, rest: str,
+                          server_log: Any) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + MODEL_SERVER_TIMEOUT_S
+    while True:
+        if server.poll() is not None:
+            raise InfraValidationError(f"{binary} exited with code {server.returncode} before "
+                                       f"serving: {server_log()}")
+        try:
+            with urllib.request.urlopen(rest, timeout=2) as r:
+                states = [v.get("state") for v in
+                          json.loads(r.read()).get("model_version_status", [])]
+            if "AVAILABLE" in states:
+                return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise InfraValidationError(f"{binary} did not report the model AVAILABLE within "
+                                       f"{MODEL_SERVER_TIMEOUT_S:g} s: {server_log()}")
+        time.sleep(0.5)
 
 
 def _grpc_predict(port: int, images: np.ndarray) -> np.ndarray:

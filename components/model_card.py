@@ -59,6 +59,21 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
     return float(error)
 
 
+INTENDED_USE = {
+    "use": "classify a single handwritten digit 0-9 written in dark ink on a light page (or "
+           "white on black, as in MNIST)",
+    "out_of_scope": ["letters, several digits per image, non-digit images (the model always "
+                     "answers a digit)", "decisions that need calibrated probabilities beyond "
+                     "the measured calibration error"],
+}
+INPUT_CONTRACT = {
+    "serving_default": "uint8 [N, 28, 28], raw pixels 0..255, white digit on black",
+    "predict_png": "string [N], PNG/JPEG of a 28x28 grayscale digit",
+    "predict_image": "string [N], PNG/JPEG/GIF/BMP photo of one digit, any size (normalised in "
+                     "the graph as MNIST was)",
+}
+
+
 def build(*, version: int, run_id: str, metrics: dict[str, Any], config: dict[str, Any],
           effective: dict[str, Any], probabilities: np.ndarray, labels: np.ndarray,
           parameters: int, data: dict[str, Any], code: dict[str, Any],
@@ -80,20 +95,8 @@ def build(*, version: int, run_id: str, metrics: dict[str, Any], config: dict[st
                         + " -> Dense(10, softmax); Adam, sparse categorical cross-entropy.",
             "parameters": parameters,
         },
-        "intended_use": {
-            "use": "classify a single handwritten digit 0-9 written in dark ink on a light page "
-                   "(or white on black, as in MNIST)",
-            "input_contract": {
-                "serving_default": "uint8 [N, 28, 28], raw pixels 0..255, white digit on black",
-                "predict_png": "string [N], PNG/JPEG of a 28x28 grayscale digit",
-                "predict_image": "string [N], PNG/JPEG/GIF/BMP photo of one digit, any size "
-                                 "(normalised in the graph as MNIST was)",
-                "signatures": signatures,
-            },
-            "out_of_scope": ["letters, several digits per image, non-digit images (the model "
-                             "always answers a digit)", "decisions that need calibrated "
-                             "probabilities beyond the measured calibration error"],
-        },
+        "intended_use": {**INTENDED_USE, "input_contract": {**INPUT_CONTRACT,
+                                                             "signatures": signatures}},
         "model_parameters": {
             "data": data,
             "config": config, "effective_settings": effective,

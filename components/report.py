@@ -192,10 +192,33 @@ FIGURE_CAPTIONS = {
 }
 
 
+STYLE = """<style>
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+.headline { display: flex; gap: 2em; flex-wrap: wrap; }
+.card { border: 1px solid #ccc; border-radius: 8px; padding: 0.8em 1.2em; }
+.big { font-size: 2.2em; font-weight: bold; }
+.ok { color: #1a7f37; } .bad { color: #c62828; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 9px;
+  text-align: right; }
+figure { margin: 1.5em 0; } img { max-width: 100%; } figcaption { color: #555; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+</style>"""
+
+
+def _figure_html(figures: dict[str, bytes], name: str) -> str:
+    import base64
+    import html
+
+    if name not in figures:
+        return ""
+    data = base64.b64encode(figures[name]).decode()
+    return (f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
+
+
 def render_html(figures: dict[str, bytes], metrics: dict[str, Any],
                 config: dict[str, Any] | None) -> str:
     """One self-contained page: every image embedded as base64, no external URL."""
-    import base64
     import html
     import json
 
@@ -217,26 +240,12 @@ def render_html(figures: dict[str, bytes], metrics: dict[str, Any],
     provenance = _provenance_html(metrics)
 
     def img(name: str) -> str:
-        if name not in figures:
-            return ""
-        data = base64.b64encode(figures[name]).decode()
-        return (f'<figure><img alt="{e(name)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
+        return _figure_html(figures, name)
 
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>MNIST run {e(str(metrics.get("run_id", "")))}</title>
-<style>
-body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-.headline {{ display: flex; gap: 2em; flex-wrap: wrap; }}
-.card {{ border: 1px solid #ccc; border-radius: 8px; padding: 0.8em 1.2em; }}
-.big {{ font-size: 2.2em; font-weight: bold; }}
-.ok {{ color: #1a7f37; }} .bad {{ color: #c62828; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 9px;
-  text-align: right; }}
-figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; }}
-pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
-</style></head><body>
+{STYLE}</head><body>
 <h1>MNIST run <code>{e(str(metrics.get("run_id", "")))}</code></h1>
 <div class="headline">
  <div class="card"><div>test accuracy</div><div class="big" id="test-accuracy">{acc:.4f}</div>

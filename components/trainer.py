@@ -282,34 +282,11 @@ def train(build_model: Callable[[], keras.Model],
     train_ds = make_train_ds(pass_number)
     with strategy.scope():
         model = build_model()
-    if strategy.num_replicas_in_sync > 1 or \
-            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        from components import strategy as policy
-
-        per_replica = max(1, int(train_ds.element_spec[0].shape[0] or 32) //
-                          strategy.num_replicas_in_sync)
-        policy.work_around_keras_distributed_build(model, strategy, per_replica)
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            policy.work_around_keras_multi_worker_reduce()
+    _prepare_for_replicas(model, strategy, train_ds)
     timer = PhaseTimer()
-    callbacks: list[keras.callbacks.Callback] = [timer, PassNumber(pass_number), _NanGuard()]
-    if backup_dir is not None:
-        callbacks.append(keras.callbacks.BackupAndRestore(
-            # Kept when fit ends: the caller deletes it once the trained model is saved, so a
-            # kill in between resumes from the last epoch instead of starting over.
-            str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False))
-        callbacks.append(BackupChecksums(backup_dir))
-    if tensorboard_dir is not None:
-        from components.monitoring import BatchScalars, write_model_graph
-
-        write_model_graph(tensorboard_dir, model)
-        # Keras writes train/ and validation/ (epoch scalars, weight histograms); step scalars
-        # go to their own run folder: TensorBoard follows only the newest event file of a
-        # folder, so two writers in one folder would hide one of them from a live TensorBoard.
-        callbacks.append(keras.callbacks.TensorBoard(
-            str(tensorboard_dir), histogram_freq=1, write_graph=False, update_freq="epoch"))
-        callbacks.append(BatchScalars(tensorboard_dir, update_freq))
-    callbacks.extend(extra_callbacks or [])
+    callbacks = [timer, PassNumber(pass_number), _NanGuard(),
+                 *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq),
+                 *(extra_callbacks or [])]
     if verbose is None:
         interactive = sys.stdout.isatty()
         if not interactive:
@@ -333,6 +310,45 @@ def train(build_model: Callable[[], keras.Model],
                                              for k, vs in history.history.items()},
                        epoch_seconds=timer.seconds, fit_seconds=fit_seconds,
                        initial_epoch=start_epoch, phases=timer.summary())
+
+
+def _prepare_for_replicas(model: keras.Model, strategy: tf.distribute.Strategy,
+                          train_ds: tf.data.Dataset) -> None:
+    """The Keras work-arounds that several replicas need (components/strategy.py)."""
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if strategy.num_replicas_in_sync == 1 and not multi_worker:
+        return
+    from components import strategy as policy
+
+    per_replica = max(1, int(train_ds.element_spec[0].shape[0] or 32) //
+                      strategy.num_replicas_in_sync)
+    policy.work_around_keras_distributed_build(model, strategy, per_replica)
+    if multi_worker:
+        policy.work_around_keras_multi_worker_reduce()
+
+
+def _monitoring_callbacks(model: keras.Model, backup_dir: Path | None,
+                          tensorboard_dir: Path | None, update_freq: int
+                          ) -> list[keras.callbacks.Callback]:
+    """Backups (with their checksums) and TensorBoard logging."""
+    callbacks: list[keras.callbacks.Callback] = []
+    if backup_dir is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(
+            # Kept when fit ends: the caller deletes it once the trained model is saved, so a
+            # kill in between resumes from the last epoch instead of starting over.
+            str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False))
+        callbacks.append(BackupChecksums(backup_dir))
+    if tensorboard_dir is not None:
+        from components.monitoring import BatchScalars, write_model_graph
+
+        write_model_graph(tensorboard_dir, model)
+        # Keras writes train/ and validation/ (epoch scalars, weight histograms); step scalars
+        # go to their own run folder: TensorBoard follows only the newest event file of a
+        # folder, so two writers in one folder would hide one of them from a live TensorBoard.
+        callbacks.append(keras.callbacks.TensorBoard(
+            str(tensorboard_dir), histogram_freq=1, write_graph=False, update_freq="epoch"))
+        callbacks.append(BatchScalars(tensorboard_dir, update_freq))
+    return callbacks
 
 
 def weights_sha256(model: keras.Model) -> str:

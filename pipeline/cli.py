@@ -127,30 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the four official MNIST .gz files, for offline use "
                         "(default: $MNIST_MANUAL_DIR)")
 
-    tune = sub.add_parser("tune", help="keras-tuner search over the dense family; writes "
-                                       "artifacts/tuning/<study>/best_hparams.json")
-    tune.add_argument("--study", type=_run_name, default="default",
-                      help="study name: re-running a study continues it (default 'default')")
-    tune.add_argument("--algorithm", choices=("hyperband", "random", "bayesian"),
-                      default="hyperband", help="search algorithm (default hyperband)")
-    tune.add_argument("--max-trials", type=POSITIVE, default=40,
-                      help="stop after this many completed trials (default 40)")
-    tune.add_argument("--max-epochs", type=POSITIVE, default=20,
-                      help="epochs for the longest trial (default 20); early stopping on "
-                           "validation loss inside trials")
-    tune.add_argument("--time-budget", type=_number(Field("time_budget", float, False, 13.0, {
-        "minimum": 0.01, "maximum": None, "below": None, "choices": None})), default=13.0,
-                      help="minutes; the search stops cleanly between trials when it is "
-                           "spent (default 13)")
-    # The validation split is the training runs' own (same field, same default, same seed), so
-    # runs and trials compare in the HParams tab.
-    add_config_flags(tune, only=("validation_fraction", "seed", "max_train_examples", "device"))
-    tune.add_argument("--overwrite", action="store_true",
-                      help="delete the study's trials and start over")
-    _add_artifacts(tune)
-    tune.add_argument("--tfds-data-dir", type=Path)
-    tune.add_argument("--tfds-manual-dir", type=Path,
-                      default=os.environ.get("MNIST_MANUAL_DIR") or None)
+    tune = _add_tune_parser(sub)
 
     clu = sub.add_parser("cluster", help="train with N local worker processes "
                                          "(MultiWorkerMirroredStrategy, generated TF_CONFIG)")
@@ -179,6 +156,34 @@ def build_parser() -> argparse.ArgumentParser:
                              help="also show library logs (TensorFlow's native start-up and "
                                   "XLA lines, TFDS progress) that are hidden by default")
     return parser
+
+
+def _add_tune_parser(sub: Any) -> argparse.ArgumentParser:
+    tune = sub.add_parser("tune", help="keras-tuner search over the dense family; writes "
+                                       "artifacts/tuning/<study>/best_hparams.json")
+    tune.add_argument("--study", type=_run_name, default="default",
+                      help="study name: re-running a study continues it (default 'default')")
+    tune.add_argument("--algorithm", choices=("hyperband", "random", "bayesian"),
+                      default="hyperband", help="search algorithm (default hyperband)")
+    tune.add_argument("--max-trials", type=POSITIVE, default=40,
+                      help="stop after this many completed trials (default 40)")
+    tune.add_argument("--max-epochs", type=POSITIVE, default=20,
+                      help="epochs for the longest trial (default 20); early stopping on "
+                           "validation loss inside trials")
+    tune.add_argument("--time-budget", type=_number(Field("time_budget", float, False, 13.0, {
+        "minimum": 0.01, "maximum": None, "below": None, "choices": None})), default=13.0,
+                      help="minutes; the search stops cleanly between trials when it is "
+                           "spent (default 13)")
+    # The validation split is the training runs' own (same field, same default, same seed), so
+    # runs and trials compare in the HParams tab.
+    add_config_flags(tune, only=("validation_fraction", "seed", "max_train_examples", "device"))
+    tune.add_argument("--overwrite", action="store_true",
+                      help="delete the study's trials and start over")
+    _add_artifacts(tune)
+    tune.add_argument("--tfds-data-dir", type=Path)
+    tune.add_argument("--tfds-manual-dir", type=Path,
+                      default=os.environ.get("MNIST_MANUAL_DIR") or None)
+    return tune
 
 
 def _add_artifacts(group: Any) -> None:
@@ -302,7 +307,7 @@ def map_error(e: BaseException) -> tuple[int, str] | None:
     from components.infra_validator import InfraValidationError
     from components.strategy import DeviceError
     from components.trainer import BackupError, TrainingDiverged
-    from pipeline.run import RunStateError
+    from pipeline.stages import RunStateError
 
     if isinstance(e, (DeviceError, RunStateError, ConfigError)):
         return EXIT_USAGE, str(e)

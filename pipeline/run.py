@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline import stages
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.stages import write_json
 
 log = logging.getLogger("pipeline")
@@ -44,32 +42,6 @@ class Paths:
 
     def tensorboard_dir(self, run_id: str) -> Path:
         return self.artifacts / "tensorboard" / run_id
-
-
-class RunStateError(RuntimeError):
-    """A named run cannot be resumed as asked (finished, or started with another config)."""
-
-
-def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any]) -> bool:
-    """Create the run dir, or check that an existing one can be resumed. True when resuming."""
-    if not run_dir.exists():
-        run_dir.mkdir(parents=True)
-        config.to_json(run_dir / "config.json", effective)
-        return False
-    if (run_dir / "metrics.json").exists():
-        raise RunStateError(f"run {run_dir.name} already finished ({run_dir}); pick another "
-                            f"--run-name")
-    try:
-        previous = TrainConfig.from_json(run_dir / "config.json").to_dict()
-    except (OSError, ValueError) as e:
-        raise RunStateError(f"run {run_dir.name} exists but its config.json cannot be read "
-                            f"({e}); pick another --run-name") from None
-    changed = {k: (previous[k], v) for k, v in config.to_dict().items() if previous[k] != v}
-    if changed:
-        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise RunStateError(f"run {run_dir.name} was started with another config ({diff}); "
-                            f"resume it with the same flags, or pick another --run-name")
-    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +99,11 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     try:
         run = stages.Run(config, run_id, stages.RunLayout(paths.run_dir(run_id)),
                          paths.artifacts, paths.tensorboard_dir(run_id), paths.models,
-                         validator=validator)
+                         validator=validator, tfds_data_dir=paths.tfds_data_dir,
+                         tfds_manual_dir=paths.tfds_manual_dir, data_override=data,
+                         tf_config=tf_config)
         run.timings["import_tensorflow_seconds"] = import_seconds
-        ingest(run, paths, data, tf_config)
+        stages.ingest(run)
         outputs = {"train": [run.layout.model, run.layout.history, run.layout.calibration],
                    "export": [run.layout.export / "saved_model.pb"],
                    "validate": [run.layout.served, run.layout.predictions],
@@ -137,7 +111,7 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
                    "report": []}
         for name in STAGES:
             stages.run_stage(run, name, getattr(stages, name), outputs[name])
-            _print_stage_result(run, name)
+            stages.announce(run, name)
     finally:
         validator.close()
     return finish(run)
@@ -157,8 +131,11 @@ def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
     try:
         run = stages.Run(config, run_id, stages.RunLayout(scratch / "run"), scratch,
                          scratch / "tensorboard", scratch / "models", is_chief=False,
-                         restore_from=paths.run_dir(run_id) / "backup")
-        ingest(run, paths, data, tf_config)
+                         restore_from=paths.run_dir(run_id) / "backup",
+                         tfds_data_dir=paths.tfds_data_dir,
+                         tfds_manual_dir=paths.tfds_manual_dir, data_override=data,
+                         tf_config=tf_config)
+        stages.ingest(run)
         stages.run_stage(run, "train", stages.train, [])
         print(f"{task}: done; the chief evaluates, publishes and reports")
         return RunResult(run_id, run.layout.root, {**run.metrics, "chief": False})
@@ -168,155 +145,6 @@ def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
             scratch.parent.rmdir()  # the last worker out removes .workers
         except OSError:
             pass
-
-
-def ingest(run: stages.Run, paths: Paths, data: tuple[Any, Any] | None,
-           tf_config: dict[str, Any] | None) -> None:
-    """Device and strategy, the splits (validated, the validation split carved with the seed),
-    their statistics and the drift check; then the run folder (created or resumed)."""
-    from components import data as data_lib
-    from components import statistics
-    from components.strategy import effective_settings, set_precision, setup_device
-
-    config = run.config
-    t = time.perf_counter()
-    choice, run.strategy, capability = setup_device(
-        config.device, deterministic=config.deterministic, seed=config.seed,
-        tf_config=tf_config, cpu_devices=config.cpu_devices)
-    run.effective = effective_settings(
-        choice, run.strategy.num_replicas_in_sync, batch_size=config.batch_size,
-        steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile,
-        mixed_precision=config.mixed_precision, dropout=config.dropout,
-        compute_capability=capability)
-    set_precision(run.effective.mixed_precision)
-    log.info("device: %s; %d replica(s), global batch %d, per-replica batch %d",
-             choice.description, run.effective.replicas, config.batch_size,
-             run.effective.per_replica_batch)
-    for reason in run.effective.why:
-        log.info("setting: %s", reason)
-    run.timings["device_seconds"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    train, test, from_tfds = _load(config, paths, data)
-    run.full_test_split = len(test) == (data_lib.EXPECTED_COUNTS["test"] if from_tfds
-                                        else len(data[1]))  # type: ignore[index]
-    fit, validation = train, None
-    if config.validation_fraction > 0:
-        fit, validation = data_lib.carve_validation(train, config.validation_fraction,
-                                                    config.seed)
-        if len(validation) == 0 or len(fit) == 0:
-            raise ConfigError(f"validation_fraction {config.validation_fraction:g} of "
-                              f"{len(train)} training examples leaves {len(validation)} for "
-                              f"validation and {len(fit)} for training; use 0 or a larger "
-                              f"fraction")
-    run.splits = {"train": fit, "validation": validation, "test": test,
-                  "sample": train.take(1)}
-    stats = statistics.compute({k: v for k, v in (("train", fit), ("validation", validation),
-                                                  ("test", test)) if v is not None})
-    if from_tfds and config.max_train_examples is None and run.full_test_split:
-        _check_drift(stats, paths.models)
-    run.timings["data_seconds"] = time.perf_counter() - t
-    log.info("data: %d train, %s, %d test examples (the test split is read after training)",
-             len(fit), f"{len(validation)} validation (held out of train, seed {config.seed})"
-             if validation is not None else "no validation", len(test))
-    if not run.is_chief:
-        return
-    run.resuming = prepare_run_dir(run.layout.root, config, run.effective.to_dict())
-    log.info("run %s -> %s%s", run.run_id, run.layout.root,
-             " (resuming)" if run.resuming else "")
-    run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
-    statistics.write(run.layout.statistics, stats)
-    run.layout.evaluation.mkdir(parents=True, exist_ok=True)
-    tmp = run.layout.examples.with_name(".tmp-test_examples.npz")
-    np.savez(tmp, images=test.images, labels=test.labels)
-    os.replace(tmp, run.layout.examples)
-    run.metrics.update(run_id=run.run_id, device=choice.device, strategy=choice.kind,
-                       replicas=run.effective.replicas,
-                       examples={"train": len(fit), "validation": len(validation or ()),
-                                 "test": len(test)},
-                       full_test_split=run.full_test_split)
-    run.metrics["data"] = {**_data_record(train, test, from_tfds),
-                           "examples": run.metrics["examples"]}
-
-
-def _load(config: TrainConfig, paths: Paths, data: tuple[Any, Any] | None
-          ) -> tuple[Any, Any, bool]:
-    from components import data as data_lib
-
-    if data is None:
-        full = config.max_train_examples is None and config.max_test_examples is None
-        raw = [data_lib.load_split(name, data_dir=paths.tfds_data_dir,
-                                   manual_dir=paths.tfds_manual_dir, limit=limit)
-               for name, limit in (("train", config.max_train_examples),
-                                   ("test", config.max_test_examples))]
-        counts = data_lib.EXPECTED_COUNTS if full else {}
-    else:
-        raw = [split.take(limit) for split, limit in
-               zip(data, (config.max_train_examples, config.max_test_examples))]
-        counts = {}
-    train, test = (data_lib.validate_split(split, expected_count=counts.get(split.name))
-                   for split in raw)
-    return train, test, data is None
-
-
-def _data_record(train: Any, test: Any, from_tfds: bool) -> dict[str, Any]:
-    """Where the data came from, and a fingerprint of exactly what was read (lineage)."""
-    import hashlib
-
-    from components import data as data_lib
-
-    digest = hashlib.sha256()
-    for array in (train.images, train.labels, test.images, test.labels):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    record: dict[str, Any] = {"fingerprint": digest.hexdigest()[:32],
-                              "source": "tfds" if from_tfds else "in-memory (tests, other "
-                                                                  "sources)"}
-    if from_tfds:
-        record.update(tfds_name=data_lib.DATASET, tfds_version=data_lib.tfds_version(),
-                      manual_files_sha256={name: sha for name, (_, sha) in
-                                           data_lib._registered_files().items()})
-    return record
-
-
-def _check_drift(stats: Any, models: Path) -> None:
-    from components import exporter, statistics
-    from components.data import DataError
-
-    latest = exporter.latest_version_dir(models)
-    if latest is None:
-        return
-    baseline = latest / "assets.extra" / statistics.STATISTICS_FILE
-    if not baseline.is_file():
-        return
-    findings = statistics.check_drift(stats, statistics.read(baseline), f"version {latest.name}")
-    if findings:
-        raise DataError("the data drifted from what trained the published model: "
-                        + "; ".join(findings))
-
-
-def _print_stage_result(run: stages.Run, name: str) -> None:
-    m = run.metrics
-    if name == "validate":
-        infra = m.get("infra_validation", {})
-        print(f"Infra validation: the exported model loads as TF Serving loads it, replays "
-              f"{infra.get('warmup_records_replayed')} warmup records and matches the trained "
-              f"model on {m['test_examples']} test images ({infra.get('seconds', 0):.1f} s)")
-        print(f"Test accuracy: {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f}, "
-              f"{m['test_examples']} test images, exported model)")
-        u = m["uncertainty"]
-        if u["flagged_fraction"] and u["accuracy_flagged"] is not None:
-            print(f"Unsure: {u['flagged_fraction']:.1%} of test predictions flagged (top "
-                  f"probability < {u['threshold']:.3f}, calibrated on validation): accuracy "
-                  f"{u['accuracy_flagged']:.3f} flagged vs {u['accuracy_unflagged']:.4f} not")
-        predictions = np.load(run.layout.served)
-        print(f"First test image: predicted {int(predictions[0].argmax())}, true "
-              f"{int(run.splits['test'].labels[0])}")
-    elif name == "publish":
-        if m.get("published_version") is not None:
-            print(f"Published version {m['published_version']}: {m['published_path']} "
-                  f"({m['gate']['reason']})")
-        else:
-            print(f"NOT published: {m['gate']['reason']}")
 
 
 def finish(run: stages.Run) -> RunResult:

@@ -232,7 +232,7 @@ def test_resuming_with_another_config_is_refused(tmp_path, tiny_data):
     paths = Paths(tmp_path / "artifacts")
     (paths.runs / "r1").mkdir(parents=True)
     small_config(device="cpu", epochs=3).to_json(paths.runs / "r1" / "config.json")
-    from pipeline.run import RunStateError
+    from pipeline.stages import RunStateError
     with pytest.raises(RunStateError, match="another config \\(epochs: 3 -> 1\\)"):
         train_pipeline(small_config(device="cpu"), paths, run_id="r1", data=tiny_data)
 
