@@ -264,7 +264,7 @@ class PublishResult:
 def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: int | None,
                    assets: dict[str, str | bytes] | Callable[[int], dict[str, str | bytes]],
                    keep_versions: int = 0,
-                   protected: set[int] | None = None) -> PublishResult:
+                   protected: Callable[[], set[int]] | None = None) -> PublishResult:
     """Copy a validated, blessed staged SavedModel in as the next version, atomically.
 
     Under the publish lock: `baseline_version` must still be the latest version (else
@@ -297,8 +297,25 @@ def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: i
             if isinstance(e, OSError):
                 raise PublishError(f"could not write version {version} under {base}: {e}") from e
             raise
-        pruned = prune_versions(base, keep_versions, protected) if keep_versions else []
+        pruned: list[int] = []
+        if keep_versions:
+            try:  # read under the lock: `models promote` takes it too
+                pruned = prune_versions(base, keep_versions, protected() if protected else None)
+            except OSError as e:  # the version is published; pruning is housekeeping
+                log.warning("could not prune old versions under %s: %s", base, e)
     return PublishResult(version, final, pruned)
+
+
+def version_of_run(base: Path, run_id: str) -> int | None:
+    """The published version a run wrote, if any (a run killed after its rename)."""
+    for v in reversed(published_versions(base)):
+        try:
+            value = json.loads((Path(base) / str(v) / "assets.extra" / METRICS_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, dict) and value.get("run_id") == run_id:
+            return v
+    return None
 
 
 def prune_versions(base: Path, keep: int, protected: set[int] | None = None) -> list[int]:

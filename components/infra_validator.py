@@ -160,10 +160,12 @@ def validate_with_model_server(binary: str, candidate: Path, images: np.ndarray,
         grpc_port, rest_port = _free_port(), _free_port()
         log_path = Path(tmp) / "server.log"
         with open(log_path, "w") as log_file:
+            # Its own process group: stopped with everything it started, even when the
+            # validating process is killed.
             server = subprocess.Popen(
                 [binary, f"--port={grpc_port}", f"--rest_api_port={rest_port}",
                  "--model_name=mnist", f"--model_base_path={Path(tmp) / 'mnist'}"],
-                stdout=log_file, stderr=subprocess.STDOUT)
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         rest = f"http://127.0.0.1:{rest_port}/v1/models/mnist"
 
         def server_log() -> str:
@@ -185,13 +187,23 @@ def validate_with_model_server(binary: str, candidate: Path, images: np.ndarray,
                     raise InfraValidationError(f"{binary} answers differently over {name} "
                                                f"than the graph loader")
         finally:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            _stop_group(server)
     return {"binary": binary, "requests": ["REST", "gRPC"], "examples": 8,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except (ProcessLookupError, PermissionError):
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _wait_until_available(binary: str, server: subprocess.Popen, rest: str,
@@ -315,10 +327,14 @@ class Validator:
     def __init__(self, timeout_s: float = 600.0):
         self.timeout_s = timeout_s
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        # No GPU for it: on a GPU machine the trainer holds the device memory, and TF Serving
+        # answers the same on the CPU (the comparison's tolerance is the CPU's).
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        # Its own session: a model server it starts is in its group, and close() stops both.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "components.infra_validator"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-            cwd=str(Path(__file__).resolve().parents[1]))
+            cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True)
 
     def _read_line(self) -> dict[str, Any]:
         import select
@@ -344,8 +360,11 @@ class Validator:
         if self.proc.poll() is not None:
             raise InfraValidationError(f"the validating process ended early (exit "
                                        f"{self.proc.returncode})")
-        request = {"candidate": str(candidate), "baseline": str(baseline) if baseline else None,
-                   "examples": str(examples), "out": str(out), "sample": sample}
+        # Absolute: the validating process runs in the repository's folder, not the caller's.
+        request = {"candidate": str(Path(candidate).resolve()),
+                   "baseline": str(Path(baseline).resolve()) if baseline else None,
+                   "examples": str(Path(examples).resolve()), "out": str(Path(out).resolve()),
+                   "sample": sample}
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -365,8 +384,10 @@ class Validator:
                 self.proc.stdin.close()
                 self.proc.wait(5)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+                _stop_group(self.proc)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None and not stream.closed:
+                stream.close()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -41,12 +42,28 @@ def _sha256(path: Path) -> str:
 
 
 def _recorded(backup_dir: Path) -> list[dict] | None:
-    """The (weights, metadata, epoch) entries the checksum file vouches for; None without one."""
+    """The (weights, metadata, epoch) entries the checksum file vouches for; None when there is
+    no checksum file (a backup saved before its first checksum), [] when it is unreadable (then
+    no copy is trusted)."""
+    path = backup_dir / CHECKSUMS_FILE
+    if not path.exists():
+        return None
     try:
-        value = json.loads((backup_dir / CHECKSUMS_FILE).read_text())
+        value = json.loads(path.read_text())
         return [e for e in (value.get("latest"), value.get("previous")) if isinstance(e, dict)]
     except (OSError, ValueError, AttributeError):
-        return None
+        log.warning("backup checksums %s are unreadable: no copy can be verified", path)
+        return []
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Atomically and durably (fsync): a checksum file must survive what the backup does."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _verified_epoch(weights: Path, metadata: Path, recorded: list[dict] | None,
@@ -117,28 +134,47 @@ def resume_epoch(backup_dir: Path, restore_from: Path | None = None,
         shutil.copyfile(metadata, backup_dir / METADATA_FILE)
         checksums = {"latest": {"weights_sha256": _sha256(weights),
                                 "metadata_sha256": _sha256(metadata), "epoch": epoch}}
-        (backup_dir / CHECKSUMS_FILE).write_text(json.dumps(checksums))
+        _write_synced(backup_dir / CHECKSUMS_FILE, json.dumps(checksums))
+        history = source / HISTORY_FILE
+        if history.is_file() and history.parent != backup_dir:
+            shutil.copyfile(history, backup_dir / HISTORY_FILE)
     return epoch
+
+
+HISTORY_FILE = "history.json"
+
+
+def backed_up_history(backup_dir: Path, epochs: int) -> dict[str, list[float]]:
+    """The per-epoch logs of the first `epochs` epochs, saved beside the backup (a resumed
+    run's History holds only the epochs it ran itself)."""
+    try:
+        value = json.loads((Path(backup_dir) / HISTORY_FILE).read_text())
+        return {k: [float(x) for x in v[:epochs]] for k, v in value.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 class BackupChecksums(keras.callbacks.Callback):
     """After Keras's BackupAndRestore saved an epoch: record the SHA-256 of the saved files and
-    their epoch, keeping the previous entry (Keras keeps the previous copy as `.bkp`)."""
+    their epoch, keeping the previous entry (Keras keeps the previous copy as `.bkp`); and the
+    epoch logs so far, so that a resumed run reports every epoch."""
 
     def __init__(self, backup_dir: Path):
         super().__init__()
         self.backup_dir = Path(backup_dir)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        history = backed_up_history(self.backup_dir, epoch)
+        for key, value in (logs or {}).items():
+            history.setdefault(key, []).append(float(value))
+        _write_synced(self.backup_dir / HISTORY_FILE, json.dumps(history))
         weights, metadata = self.backup_dir / WEIGHTS_FILE, self.backup_dir / METADATA_FILE
         recorded = _recorded(self.backup_dir)
         previous = recorded[0] if recorded else None
         value = {"latest": {"weights_sha256": _sha256(weights),
                             "metadata_sha256": _sha256(metadata), "epoch": epoch + 1},
                  "previous": previous}
-        tmp = self.backup_dir / f".{CHECKSUMS_FILE}.tmp"
-        tmp.write_text(json.dumps(value))
-        tmp.replace(self.backup_dir / CHECKSUMS_FILE)
+        _write_synced(self.backup_dir / CHECKSUMS_FILE, json.dumps(value))
 
 
 class _NanGuard(keras.callbacks.Callback):
@@ -306,8 +342,10 @@ def train(build_model: Callable[[], keras.Model],
                 close()
         raise
     fit_seconds = time.perf_counter() - start
-    return TrainResult(model=model, history={k: [float(v) for v in vs]
-                                             for k, vs in history.history.items()},
+    earlier = backed_up_history(backup_dir, start_epoch) if backup_dir and start_epoch else {}
+    ran = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    return TrainResult(model=model, history={k: earlier.get(k, []) + ran.get(k, [])
+                                             for k in {*earlier, *ran}},
                        epoch_seconds=timer.seconds, fit_seconds=fit_seconds,
                        initial_epoch=start_epoch, phases=timer.summary())
 

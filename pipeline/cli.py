@@ -307,7 +307,7 @@ def map_error(e: BaseException) -> tuple[int, str] | None:
     from components.infra_validator import InfraValidationError
     from components.strategy import DeviceError
     from components.trainer import BackupError, TrainingDiverged
-    from pipeline.stages import RunStateError
+    from pipeline.stages import ArtifactError, RunStateError
 
     if isinstance(e, (DeviceError, RunStateError, ConfigError)):
         return EXIT_USAGE, str(e)
@@ -321,6 +321,8 @@ def map_error(e: BaseException) -> tuple[int, str] | None:
         return EXIT_INFRA, f"infra validation: {e}; nothing was published"
     if isinstance(e, PublishError):
         return EXIT_PUBLISH, f"publish: {e}"
+    if isinstance(e, ArtifactError):
+        return EXIT_PUBLISH, str(e)
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
         hint = " (disk full: free space and run the same command again with --run-name)" \
             if e.errno == errno.ENOSPC else ""
@@ -368,7 +370,12 @@ def _report(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     if not (run_dir / "metrics.json").is_file():
         raise UsageError(f"{run_dir} is not a finished run (no metrics.json)")
-    for path in rebuild_report(run_dir):
+    try:
+        written = rebuild_report(run_dir)
+    except (OSError, ValueError, KeyError) as e:  # a garbled metrics.json or predictions.npz
+        return _fail(EXIT_PUBLISH, f"{run_dir}: the run's files cannot be read to redraw the "
+                                   f"report ({type(e).__name__}: {e})")
+    for path in written:
         print(path)
     return EXIT_OK
 
@@ -413,6 +420,21 @@ def _tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def without_run_name(train_args: list[str]) -> list[str]:
+    """The launcher names the run for every worker: drop the user's --run-name, in any
+    spelling argparse accepts (--run-name X, --run-name=X, an unambiguous prefix)."""
+    kept: list[str] = []
+    skip = False
+    for arg in train_args:
+        if skip:
+            skip = False
+        elif arg.startswith("--run-n") and "--run-name".startswith(arg.split("=")[0]):
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
+
+
 def _cluster(args: argparse.Namespace) -> int:
     from pipeline.cluster import run_cluster
     from pipeline.run import new_run_id
@@ -423,7 +445,5 @@ def _cluster(args: argparse.Namespace) -> int:
     resolve_config(parsed)
     check_artifacts_dir(parsed.artifacts_dir)
     run_name = parsed.run_name or new_run_id()
-    if parsed.run_name:
-        i = train_args.index("--run-name")
-        del train_args[i:i + 2]
+    train_args = without_run_name(train_args)
     return run_cluster(args.workers, train_args, run_name, args.max_restarts)

@@ -55,6 +55,17 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _watch(procs: list[subprocess.Popen]) -> tuple[list[int | None], int | None, int | None]:
+    """Wait until a worker is killed, fails, or all end: (exit codes, killed, failed)."""
+    while True:
+        codes = [p.poll() for p in procs]
+        killed = next((i for i, c in enumerate(codes) if c is not None and c < 0), None)
+        failed = next((i for i, c in enumerate(codes) if c is not None and c > 0), None)
+        if killed is not None or failed is not None or all(c is not None for c in codes):
+            return codes, killed, failed
+        time.sleep(0.2)
+
+
 def run_cluster(workers: int, train_args: list[str], run_name: str, max_restarts: int = 2
                 ) -> int:
     """Start the workers, wait; on a worker killed by a signal, restart them all (up to
@@ -73,14 +84,11 @@ def run_cluster(workers: int, train_args: list[str], run_name: str, max_restarts
             print(f"cluster: worker {i} pid {p.pid} on 127.0.0.1:{ports[i]}"
                   f"{' (chief)' if i == 0 else ''}", flush=True)
             threading.Thread(target=_pump, args=(p.stdout, f"worker {i}"), daemon=True).start()
-        killed = None
-        while True:
-            codes = [p.poll() for p in procs]
-            killed = next((i for i, c in enumerate(codes) if c is not None and c < 0), None)
-            failed = next((i for i, c in enumerate(codes) if c is not None and c > 0), None)
-            if killed is not None or failed is not None or all(c is not None for c in codes):
-                break
-            time.sleep(0.2)
+        try:
+            codes, killed, failed = _watch(procs)
+        except BaseException:  # Ctrl-C, or a bug here: never leave workers running
+            _stop(procs)
+            raise
         if killed is None and failed is None:
             return procs[0].returncode
         _stop(procs)

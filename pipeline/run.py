@@ -96,6 +96,7 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
     import_seconds = time.perf_counter() - t
     if validator is None:
         return _train_as_worker(config, paths, run_id, data, tf_config, role.task)
+    run = None
     try:
         run = stages.Run(config, run_id, stages.RunLayout(paths.run_dir(run_id)),
                          paths.artifacts, paths.tensorboard_dir(run_id), paths.models,
@@ -112,9 +113,11 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
         for name in STAGES:
             stages.run_stage(run, name, getattr(stages, name), outputs[name])
             stages.announce(run, name)
+        return finish(run)
     finally:
         validator.close()
-    return finish(run)
+        if run is not None and run.lock is not None:
+            run.lock.close()  # the run folder is free for the next attempt
 
 
 def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
@@ -128,6 +131,14 @@ def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
         log.info("%s: removing the scratch folder a killed worker left: %s", task, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    chief = stages.RunLayout(paths.run_dir(run_id))
+    if (chief.records / "train.json").is_file() and chief.model.is_file():
+        # The chief trained before the restart; what is left needs no other worker.
+        print(f"{task}: the chief has finished training; nothing to do")
+        shutil.rmtree(scratch, ignore_errors=True)
+        return RunResult(run_id, chief.root, {"chief": False})
+    # Only the chief's lines are news; the others' would repeat them.
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
     try:
         run = stages.Run(config, run_id, stages.RunLayout(scratch / "run"), scratch,
                          scratch / "tensorboard", scratch / "models", is_chief=False,
@@ -149,7 +160,7 @@ def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
 
 def finish(run: stages.Run) -> RunResult:
     """metrics.json (the run is finished once it exists) and runs/latest."""
-    history = json.loads(run.layout.history.read_text()) if run.layout.history.is_file() else {}
+    history = stages.read_json(run.layout.history) if run.layout.history.is_file() else {}
     run.timings["pipeline_seconds"] = time.perf_counter() - run.started
     run.metrics.update(history=history, timings=run.timings)
     write_json(run.layout.metrics, run.metrics)

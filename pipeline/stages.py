@@ -83,6 +83,8 @@ class Run:
     data_override: tuple[Any, Any] | None = None
     tf_config: dict[str, Any] | None = None
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    redoing: bool = False
+    lock: Any = None  # the open run-folder lock, held until the process ends
     timings: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -91,19 +93,43 @@ class Run:
         if self.model is None:
             import keras
 
-            self.model = keras.models.load_model(self.layout.model, compile=False)
+            try:
+                self.model = keras.models.load_model(self.layout.model, compile=False)
+            except Exception as e:  # a truncated or garbled file: Keras raises many kinds
+                raise ArtifactError(
+                    f"{self.layout.model} cannot be loaded ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete "
+                    f"{self.layout.model.parent} and {self.layout.records / 'train.json'} to "
+                    f"train again, or pick another --run-name") from None
         return self.model
+
+
+class ArtifactError(RuntimeError):
+    """A file of a run (or of a published version) is unreadable: exit 6, naming the file."""
+
+
+def read_json(path: Path) -> Any:
+    """A run's JSON file, or ArtifactError naming it and what to do."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read ({e}); delete it (and the stage's record "
+                            f"in stages/) to redo that stage, or pick another --run-name"
+                            ) from None
 
 
 def run_stage(run: Run, name: str, stage: Callable[[Run], dict[str, Any]],
               outputs: list[Path]) -> None:
-    """Run `stage` unless a record and every output exist from an earlier attempt."""
+    """Run `stage` unless a readable record and every output exist from an earlier attempt
+    and no earlier stage of this attempt was redone (a redone stage invalidates the later
+    ones: their inputs changed)."""
     record_path = run.layout.records / f"{name}.json"
-    if record_path.is_file() and all(p.exists() for p in outputs):
-        record = json.loads(record_path.read_text())
+    record = _readable_record(record_path) if not run.redoing else None
+    if record is not None and all(p.exists() for p in outputs):
         run.metrics.update(record.get("metrics", {}))
         log.info("stage %s: done earlier (%s), not redone", name, record.get("finished"))
         return
+    run.redoing = True
     started = time.perf_counter()
     settings = stage(run) or {}
     seconds = time.perf_counter() - started
@@ -113,6 +139,32 @@ def run_stage(run: Run, name: str, stage: Callable[[Run], dict[str, Any]],
         write_json(record_path, {
             "stage": name, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
             "seconds": round(seconds, 3), "outputs": [str(p) for p in outputs], **settings})
+
+
+def _lock_run(run_dir: Path) -> Any:
+    """One process per run folder: a second `--run-name X` while X runs is refused (exit 2)
+    instead of both training into the same backup."""
+    import fcntl
+
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RunStateError(f"run {run_dir.name} is in use by another process; wait for it "
+                            f"to end, or pick another --run-name") from None
+    return handle
+
+
+def _readable_record(path: Path) -> dict[str, Any] | None:
+    """A stage record, or None when it is missing or unreadable (the stage is then redone)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        if path.exists():
+            log.warning("stage record %s is unreadable: redoing that stage", path)
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class RunStateError(RuntimeError):
@@ -130,7 +182,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any
                             f"--run-name")
     try:
         previous = TrainConfig.from_json(run_dir / "config.json").to_dict()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise RunStateError(f"run {run_dir.name} exists but its config.json cannot be read "
                             f"({e}); pick another --run-name") from None
     changed = {k: (previous[k], v) for k, v in config.to_dict().items() if previous[k] != v}
@@ -203,6 +255,7 @@ def ingest(run: Run) -> None:
     if not run.is_chief:
         return
     run.resuming = prepare_run_dir(run.layout.root, config, run.effective.to_dict())
+    run.lock = _lock_run(run.layout.root)
     log.info("run %s -> %s%s", run.run_id, run.layout.root,
              " (resuming)" if run.resuming else "")
     run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +321,13 @@ def _check_drift(stats: Any, models: Path) -> None:
     baseline = latest / "assets.extra" / statistics.STATISTICS_FILE
     if not baseline.is_file():
         return
-    findings = statistics.check_drift(stats, statistics.read(baseline), f"version {latest.name}")
+    try:
+        before = statistics.read(baseline)
+        findings = statistics.check_drift(stats, before, f"version {latest.name}")
+    except Exception as e:  # a garbled file (protobuf DecodeError, missing fields)
+        log.warning("the statistics of version %s are unreadable (%s): no drift check",
+                    latest.name, type(e).__name__)
+        return
     if findings:
         raise DataError("the data drifted from what trained the published model: "
                         + "; ".join(findings))
@@ -284,10 +343,12 @@ def announce(run: Run, name: str) -> None:
               f"model on {m['test_examples']} test images ({infra.get('seconds', 0):.1f} s)")
         print(f"Test accuracy: {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f}, "
               f"{m['test_examples']} test images, exported model)")
-        u = m["uncertainty"]
-        if u["flagged_fraction"] and u["accuracy_flagged"] is not None:
+        u = m.get("uncertainty") or {}
+        if u.get("flagged_fraction") and u.get("accuracy_flagged") is not None:
+            how = "calibrated on validation" if u.get("calibrated", True) else \
+                "a fixed threshold: no validation split to calibrate on"
             print(f"Unsure: {u['flagged_fraction']:.1%} of test predictions flagged (top "
-                  f"probability < {u['threshold']:.3f}, calibrated on validation): accuracy "
+                  f"probability < {u['threshold']:.3f}, {how}): accuracy "
                   f"{u['accuracy_flagged']:.3f} flagged vs {u['accuracy_unflagged']:.4f} not")
         predictions = np.load(run.layout.served)
         print(f"First test image: predicted {int(predictions[0].argmax())}, true "
@@ -323,7 +384,7 @@ def train(run: Run) -> dict[str, Any]:
         # callbacks' predict passes are collective, so all workers must run them.
         tensorboard_dir=run.tensorboard,
         backup_dir=run.layout.backup, restore_from=run.restore_from,
-        update_freq=config.tensorboard_update_freq,
+        update_freq=config.tensorboard_update_freq, verbose=None if run.is_chief else 0,
         extra_callbacks=[monitoring.EpochImages(run.tensorboard, val_split.images,
                                                 val_split.labels)]
         if val_split is not None else [])
@@ -338,7 +399,6 @@ def train(run: Run) -> dict[str, Any]:
     result.model.save(tmp)
     os.replace(tmp, run.layout.model)
     write_json(run.layout.history, result.history)
-    shutil.rmtree(run.layout.backup, ignore_errors=True)
     run.timings["fit_seconds"] = result.fit_seconds
     run.timings["fit_phases"] = result.phases
     metrics = {"epochs_trained": result.initial_epoch + len(result.epoch_seconds),
@@ -355,6 +415,8 @@ def train(run: Run) -> dict[str, Any]:
             probs, val.labels if val is not None else None)
         write_json(run.layout.calibration, calibration)
         metrics["uncertainty_calibration"] = calibration
+    # Only now, with every output of the stage written, is the backup no longer needed.
+    shutil.rmtree(run.layout.backup, ignore_errors=True)
     run.metrics.update(metrics)
     return {"inputs": {"data": str(run.layout.statistics)}, "metrics": metrics,
             "settings": run.effective.to_dict()}
@@ -391,9 +453,12 @@ def validate(run: Run) -> dict[str, Any]:
         raise InfraValidationError(
             f"the exported model disagrees with the trained model: {len(differs)} different "
             f"classes, probabilities up to {gap:.2e} apart (tolerance 1e-5)")
-    threshold = json.loads(run.layout.calibration.read_text())["threshold"]
+    calibration = read_json(run.layout.calibration)
+    threshold = calibration["threshold"]
     metrics = {**evaluator.compute_metrics(served, test.labels),
+               "baseline_version": int(baseline.name) if baseline is not None else None,
                "uncertainty": {"threshold": threshold,
+                               "calibrated": bool(calibration.get("calibrated")),
                                **evaluator.uncertainty_rates(served, test.labels, threshold)},
                "evaluated": "the exported SavedModel, as served",
                "infra_validation": {**record, "passed": True}}
@@ -409,16 +474,17 @@ def gate(run: Run) -> dict[str, Any]:
 
     labels = run.splits["test"].labels
     correct = np.load(run.layout.served).argmax(1) == labels
-    baseline_dir = exporter.latest_version_dir(run.models)
+    # The baseline the validating process evaluated (not whatever is latest by now: publish
+    # checks that, under its lock, and gates again if another run published meanwhile).
+    baseline_version = run.metrics.get("baseline_version")
     baseline_correct = (np.load(run.layout.baseline).argmax(1) == labels
-                        if baseline_dir is not None and run.layout.baseline.is_file() else None)
+                        if baseline_version is not None else None)
     decision = exporter.gate(
         correct, full_test_split=run.full_test_split, min_accuracy=run.config.min_accuracy,
         max_regression=run.config.max_regression,
         allow_partial_test=run.config.publish_partial_test,
         baseline_correct=baseline_correct,
-        baseline_version=int(baseline_dir.name)
-        if baseline_dir is not None and baseline_correct is not None else None)
+        baseline_version=baseline_version)
     write_json(run.layout.blessing, decision.to_dict())
     metrics = {"blessed": decision.blessed, "gate": decision.to_dict()}
     run.metrics.update(metrics)
@@ -432,7 +498,11 @@ def publish(run: Run) -> dict[str, Any]:
     from serving import versions
 
     metrics: dict[str, Any] = {"published_version": None, "published_path": None}
-    for _ in range(3):
+    mine = exporter.version_of_run(run.models, run.run_id)
+    if mine is not None:  # published before a kill, its record not yet written
+        log.info("run %s was already published as version %d", run.run_id, mine)
+        metrics = {"published_version": mine, "published_path": str(run.models / str(mine))}
+    for _ in range(3 if mine is None else 0):
         if not run.metrics["blessed"]:
             break
 
@@ -441,7 +511,8 @@ def publish(run: Run) -> dict[str, Any]:
             return {exporter.METRICS_FILE: json.dumps(
                         {k: run.metrics[k] for k in ("test_accuracy", "test_loss",
                                                      "test_examples")} |
-                        {"run_id": run.run_id, "version": version, "gate": run.metrics["gate"]},
+                        {"run_id": run.run_id, "version": version, "gate": run.metrics["gate"],
+                         "uncertainty": run.metrics.get("uncertainty")},
                         indent=2) + "\n",
                     statistics.STATISTICS_FILE: run.layout.statistics.read_bytes(),
                     model_card.CARD_JSON: json.dumps(card, indent=2) + "\n",
@@ -452,7 +523,7 @@ def publish(run: Run) -> dict[str, Any]:
                 run.layout.export, run.models, run_id=run.run_id,
                 baseline_version=run.metrics["gate"]["baseline_version"], assets=assets,
                 keep_versions=run.config.keep_versions,
-                protected=versions.labelled(run.models))
+                protected=lambda: versions.labelled(run.models))
         except exporter.BaselineMoved as moved:
             log.info("version %d was published meanwhile: validating against it", moved.latest)
             validate(run)
@@ -460,6 +531,9 @@ def publish(run: Run) -> dict[str, Any]:
             continue
         metrics = {"published_version": result.version, "published_path": str(result.path)}
         break
+    if run.metrics["blessed"] and metrics["published_version"] is None:
+        raise exporter.PublishError("other runs kept publishing while this one was being "
+                                    "validated (3 tries); run the same command again")
     run.metrics.update(metrics)
     write_json(run.layout.publication, metrics)
     return {"metrics": metrics}
@@ -470,8 +544,8 @@ def report(run: Run) -> dict[str, Any]:
     from components import report as report_lib
 
     predictions = evaluator.load_predictions(run.layout.predictions)
-    history = json.loads(run.layout.history.read_text()) if run.layout.history.is_file() else {}
-    config = json.loads(run.layout.config.read_text())
+    history = read_json(run.layout.history) if run.layout.history.is_file() else {}
+    config = read_json(run.layout.config)
     report_lib.write_report(run.layout.report, predictions, run.metrics, history,
                             config["requested"])
     monitoring.log_run_summary(run.tensorboard, run.run_id, config["requested"], run.metrics,
@@ -484,7 +558,7 @@ def _model_card(run: Run, version: int) -> dict[str, Any]:
     from components import model_card
 
     predictions = np.load(run.layout.served)
-    config = json.loads(run.layout.config.read_text())
+    config = read_json(run.layout.config)
     return model_card.build(
         version=version, run_id=run.run_id, metrics=run.metrics, config=config["requested"],
         effective=config.get("effective", {}), probabilities=predictions,

@@ -41,11 +41,17 @@ def read_labels(base: Path) -> dict[str, Any]:
         return {"stable": None, "canary": None, "history": []}
     try:
         value = json.loads(path.read_text())
-    except ValueError as e:
-        raise VersionError(f"{path} is not valid JSON ({e}); delete it to serve the latest "
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        labels = {"stable": value.get("stable"), "canary": value.get("canary"),
+                  "history": [v for v in value.get("history") or [] if isinstance(v, int)]}
+        for key in ("stable", "canary"):
+            if labels[key] is not None and not isinstance(labels[key], int):
+                raise ValueError(f"{key} must be a version number")
+    except (OSError, ValueError) as e:
+        raise VersionError(f"{path} is not readable ({e}); delete it to serve the latest "
                            f"version again") from None
-    return {"stable": value.get("stable"), "canary": value.get("canary"),
-            "history": list(value.get("history") or [])}
+    return labels
 
 
 def labelled(base: Path) -> set[int]:
@@ -118,6 +124,21 @@ def model_server_config(labels: dict[str, Any], base_path: str) -> str:
 
 
 def _write(base: Path, labels: dict[str, Any], base_path: str | None) -> Path:
+    """Under the publish lock (the exporter's `.publish.lock`): a publish that prunes reads the
+    labels under the same lock, so it never deletes a version being labelled."""
+    import fcntl
+
+    lock = Path(base) / ".publish.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for v in (labels["stable"], labels["canary"]):
+            if v is not None:
+                _require(base, v)  # not pruned while we waited for the lock
+        return _write_locked(base, labels, base_path)
+
+
+def _write_locked(base: Path, labels: dict[str, Any], base_path: str | None) -> Path:
     root = Path(base).parent
     for name, text in ((LABELS_FILE, json.dumps(labels, indent=2) + "\n"),
                        (CONFIG_FILE, model_server_config(

@@ -130,7 +130,7 @@ def test_publish_versions_baseline_check_and_prune(staged, tmp_path):
         _publish(staged, base, "r3", baseline=1)
     assert moved.value.latest == 2
     assert _publish(staged, base, "r3", baseline=2).version == 3
-    result = _publish(staged, base, "r4", baseline=3, keep_versions=2, protected={1})
+    result = _publish(staged, base, "r4", baseline=3, keep_versions=2, protected=lambda: {1})
     assert result.pruned == [2] and exporter.published_versions(base) == [1, 3, 4]
     assert not [p for p in os.listdir(base) if p.startswith(exporter.TMP_PREFIX)]
 
@@ -158,3 +158,10 @@ def test_failed_write_publishes_nothing(staged, tmp_path, monkeypatch):
     with pytest.raises(exporter.PublishError, match="No space left on device"):
         _publish(staged, base, "r1")
     assert os.listdir(base) == [exporter.LOCK_FILE]
+
+
+def test_a_run_published_before_a_kill_is_found_not_published_twice(staged, tmp_path):
+    base = tmp_path / "m"
+    _publish(staged, base, "r1")
+    assert exporter.version_of_run(base, "r1") == 1
+    assert exporter.version_of_run(base, "r2") is None

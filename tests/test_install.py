@@ -272,7 +272,7 @@ def _says_gpu(out: str) -> bool:
 def test_make_gpu_1_installs_the_gpu_build():
     out = _make_n("train", "GPU=1")
     assert _says_gpu(out) and "asked for with GPU=1" in out
-    assert "pip install --quiet --no-deps --no-build-isolation -e ." in out
+    assert "pip install -qq --no-deps --no-build-isolation -e ." in out
     assert ".venv/.installed-cpu ]; then" in out  # leaving the CPU build recreates the venv
 
 

@@ -395,3 +395,55 @@ def test_a_validation_fraction_that_leaves_no_example_is_refused_before_the_run(
         train_pipeline(small_config(device="cpu", validation_fraction=1e-6), paths,
                        data=tiny_data)
     assert not paths.runs.exists()
+
+
+@pytest.mark.parametrize("args", [["--epochs", "1", "--run-name", "x"],
+                                  ["--epochs", "1", "--run-name=x"],
+                                  ["--run-n", "x", "--epochs", "1"]])
+def test_cluster_takes_the_run_name_in_any_spelling(args):
+    from pipeline.cli import without_run_name
+
+    assert without_run_name(args) == ["--epochs", "1"]
+
+
+def test_a_second_process_on_the_same_run_is_refused(tmp_path, tiny_data):
+    import fcntl
+
+    from pipeline.stages import RunStateError
+
+    paths = Paths(tmp_path / "artifacts")
+    run_dir = paths.run_dir("busy")
+    run_dir.mkdir(parents=True)
+    small_config(device="cpu").to_json(run_dir / "config.json")
+    with open(run_dir / ".lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's run
+        with pytest.raises(RunStateError, match="in use by another process"):
+            train_pipeline(small_config(device="cpu"), paths, run_id="busy", data=tiny_data)
+
+
+def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
+        tmp_path, tiny_data, monkeypatch):
+    import keras
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu", epochs=3)
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: real(
+        *a, **{**k, "extra_callbacks": [*k.get("extra_callbacks", []), Crash()]}))
+    with pytest.raises(KeyboardInterrupt):
+        train_pipeline(config, paths, run_id="r", data=tiny_data)
+    monkeypatch.setattr(trainer, "train", real)
+    result = train_pipeline(config, paths, run_id="r", data=tiny_data)
+    assert result.metrics["resumed_from_epoch"] == 2
+    assert len(result.metrics["history"]["loss"]) == 3  # epochs 1-2 from the backup, 3 now
+    # a garbled record: that stage and the ones after it are redone, not trusted
+    (result.run_dir / "metrics.json").unlink()
+    (result.run_dir / "stages" / "export.json").write_text("{trunc")
+    again = train_pipeline(config, paths, run_id="r", data=tiny_data)
+    assert again.metrics["published_version"] == result.metrics["published_version"]

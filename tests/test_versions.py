@@ -64,7 +64,7 @@ def test_pruning_keeps_labelled_versions(three_versions, exported):
     versions.promote(base, 1)
     result = exporter.publish_staged(exported, base, run_id="r4", baseline_version=3,
                                      assets={}, keep_versions=1,
-                                     protected=versions.labelled(base))
+                                     protected=lambda: versions.labelled(base))
     assert result.version == 4 and versions.published(base) == [1, 4]
 
 
