@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import warnings
 
 # Lines from TensorFlow's native code (absl format: I/W/E + MMDD or 0000) that say nothing a
@@ -70,40 +69,50 @@ def _is_process_stderr(stream: object) -> bool:
         return False
 
 
+_FILTER_PROCESS = """
+import re, sys
+noise = re.compile(sys.argv[1])
+out = sys.stdout.buffer
+for raw in sys.stdin.buffer:
+    if not noise.search(raw.decode("utf-8", "replace")):
+        out.write(raw)
+        out.flush()
+"""
+
+
 def _filter_native_stderr() -> bool:
-    """Route fd 2 through a filter thread; Python's sys.stderr keeps the real stderr."""
+    """Route fd 2 through a filter in a small child process (so that what native code writes
+    just before an abort still reaches the terminal: the child drains the pipe after this
+    process is gone); Python's sys.stderr keeps the real stderr, with faulthandler on it."""
+    import faulthandler
+    import subprocess
+
     try:
         sys.stderr.flush()
         real = os.dup(2)
-        read_end, write_end = os.pipe()
-        os.dup2(write_end, 2)
-        os.close(write_end)
-    except OSError:
+        child = subprocess.Popen([sys.executable, "-c", _FILTER_PROCESS, _NATIVE_NOISE.pattern],
+                                 stdin=subprocess.PIPE, stdout=real, stderr=real,
+                                 close_fds=True)
+        assert child.stdin is not None
+        os.dup2(child.stdin.fileno(), 2)
+        child.stdin.close()
+    except (OSError, AssertionError):
         return False
     real_stream = io.TextIOWrapper(os.fdopen(os.dup(real), "wb", buffering=0),
                                    encoding="utf-8", errors="replace", line_buffering=True)
     sys.stderr = real_stream
+    faulthandler.enable(file=real_stream)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(real_stream)
 
-    def pump() -> None:
-        with os.fdopen(read_end, "rb") as source:
-            for raw in source:
-                line = raw.decode("utf-8", "replace")
-                if not is_noise(line):
-                    os.write(real, raw)
-
-    thread = threading.Thread(target=pump, name="native-stderr-filter", daemon=True)
-    thread.start()
-
     def restore() -> None:
-        # Closing the last write end lets the filter thread drain what is left and stop.
+        # Closing the last write end lets the filter drain what is left and end.
         try:
             os.dup2(real, 2)
-        except OSError:
-            return
-        thread.join(timeout=2)
+            child.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
     atexit.register(restore)
     return True

@@ -244,8 +244,11 @@ def ingest(run: Run) -> None:
                               f"fraction")
     run.splits = {"train": fit, "validation": validation, "test": test,
                   "sample": train.take(1)}
-    stats = statistics.compute({k: v for k, v in (("train", fit), ("validation", validation),
-                                                  ("test", test)) if v is not None})
+    # The TFDS splits as read (what the drift check compares: they do not depend on the seed
+    # or the validation fraction), then the carved ones.
+    stats = statistics.compute({k: v for k, v in (
+        ("train", train), ("test", test), ("train (fit)", fit if validation is not None else None),
+        ("validation", validation)) if v is not None})
     if from_tfds and config.max_train_examples is None and run.full_test_split:
         _check_drift(stats, run.models)
     run.timings["data_seconds"] = time.perf_counter() - t
@@ -446,13 +449,19 @@ def validate(run: Run) -> dict[str, Any]:
     served = np.load(run.layout.served)
     test = run.splits["test"]
     trained = evaluator.predict_probabilities(run.keras_model(), test.images)
-    differs = np.flatnonzero(served.argmax(1) != trained.argmax(1))
+    # float32 on the CPU on both sides: 1e-5. A model trained on a GPU (TF32 matmuls, float16
+    # under mixed precision) is served on the CPU here, so its tolerance is wider, and a class
+    # may flip only where the trained model's top two probabilities are within it.
+    tolerance = 1e-5 if run.effective.device == "cpu" else 2e-3
+    top2 = np.sort(trained, axis=1)[:, -2:]
+    near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * tolerance
+    differs = np.flatnonzero((served.argmax(1) != trained.argmax(1)) & ~near_tie)
     gap = float(np.abs(served - trained).max())
-    record["max_abs_difference_vs_trained_model"] = gap
-    if len(differs) or gap > 1e-5:
+    record.update(max_abs_difference_vs_trained_model=gap, tolerance=tolerance)
+    if len(differs) or gap > tolerance:
         raise InfraValidationError(
             f"the exported model disagrees with the trained model: {len(differs)} different "
-            f"classes, probabilities up to {gap:.2e} apart (tolerance 1e-5)")
+            f"classes, probabilities up to {gap:.2e} apart (tolerance {tolerance:g})")
     calibration = read_json(run.layout.calibration)
     threshold = calibration["threshold"]
     metrics = {**evaluator.compute_metrics(served, test.labels),

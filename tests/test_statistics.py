@@ -37,3 +37,19 @@ def test_drift_is_found_beyond_the_thresholds_only():
     brighter = statistics.compute({"train": Split(
         "train", np.clip(split.images.astype(int) + 20, 0, 255).astype(np.uint8), split.labels)})
     assert any("mean pixel" in f for f in statistics.check_drift(brighter, same, "version 1"))
+
+
+def test_a_different_seed_or_validation_fraction_is_not_drift():
+    """The carved validation split moves with the seed; only the source splits are compared."""
+    from components.data import carve_validation
+
+    base = make_digits(6000, seed=1)
+    train = Split("train", base.images.reshape(-1, 28, 28), base.labels)
+
+    def stats(seed, fraction):
+        fit, val = carve_validation(train, fraction, seed)
+        return statistics.compute({"train": train, "train (fit)": fit, "validation": val})
+
+    reference = stats(0, 0.05)
+    for seed, fraction in ((3, 0.05), (7, 0.01), (11, 0.2)):
+        assert statistics.check_drift(stats(seed, fraction), reference, "version 1") == []
