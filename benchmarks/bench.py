@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path,
                         default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts") / "bench")
     args = parser.parse_args(argv)
+    from components import console
+
+    console.setup(verbose=False)  # the bench's own TensorFlow (pipeline, serving figures)
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     manual_dir = os.environ.get("MNIST_MANUAL_DIR") or None

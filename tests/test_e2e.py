@@ -34,3 +34,28 @@ def test_one_epoch_on_real_mnist_writes_every_artifact(tmp_path):
     assert (version / "saved_model.pb").is_file()
     assert (version / "assets.extra" / "tf_serving_warmup_requests").is_file()
     assert list((artifacts / "tensorboard").glob("*/train/events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_a_default_run_is_quiet_and_honest(tmp_path):
+    """`make train` at the defaults, as a user runs it: at most 25 lines, no library noise,
+    a held-out validation split, the whole test split, every epoch one pass."""
+    artifacts = tmp_path / "artifacts"
+    r = subprocess.run(["make", "-s", "--no-print-directory", "train",
+                        f"ARTIFACTS_DIR={artifacts}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) <= 25, "\n".join(lines)
+    for pattern in ("ran out of data", "E0000", "W0000", "cuInit", "absl", "Traceback"):
+        assert not [line for line in lines if pattern in line], pattern
+    run = artifacts / "runs" / "latest"
+    config = json.loads((run / "config.json").read_text())
+    assert config["requested"]["validation_fraction"] > 0
+    assert config["effective"]["steps_per_execution"] == 100
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["examples"]["validation"] > 0 and metrics["examples"]["test"] == 10_000
+    steps = -(-metrics["examples"]["train"] // 32)
+    assert [line.count(f"{steps} steps") for line in lines if line.startswith("epoch ")] == \
+        [1] * 5
+    assert metrics["test_accuracy"] >= 0.975
