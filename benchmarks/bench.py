@@ -40,7 +40,7 @@ def _tree_rss_mb(proc: Any) -> float:
                 pass
     except psutil.Error:
         pass
-    return total / 2 ** 20
+    return total / 2**20
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -63,35 +63,54 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
 def run_seed(env: dict[str, str]) -> dict[str, Any]:
     r = run_measured([sys.executable, "-m", "benchmarks.seed_baseline"], env)
     result = json.loads(r["stdout"].strip().splitlines()[-1])
-    return {"train_seconds": result["fit_seconds"], "test_accuracy": result["test_accuracy"],
-            "process_seconds": r["wall_seconds"], "peak_rss_mb": r["peak_rss_mb"],
-            "phases": result["phases"]}
+    return {
+        "train_seconds": result["fit_seconds"],
+        "test_accuracy": result["test_accuracy"],
+        "process_seconds": r["wall_seconds"],
+        "peak_rss_mb": r["peak_rss_mb"],
+        "phases": result["phases"],
+    }
 
 
 def run_ours(env: dict[str, str], artifacts: Path, extra: list[str]) -> dict[str, Any]:
     """`make train` end to end, as a user types it (warm: built .venv, prepared data)."""
     args = shlex.join(["--min-accuracy", "0", "--max-regression", "1", *extra])
-    cmd = ["make", "-s", "--no-print-directory", "train", f"ARTIFACTS_DIR={artifacts}",
-           f"ARGS={args}"]
+    cmd = [
+        "make",
+        "-s",
+        "--no-print-directory",
+        "train",
+        f"ARTIFACTS_DIR={artifacts}",
+        f"ARGS={args}",
+    ]
     r = run_measured(cmd, env)
     metrics = json.loads((artifacts / "runs" / "latest" / "metrics.json").read_text())
     timings = metrics["timings"]
-    phases = {"import": timings["import_tensorflow_seconds"],
-              "data": timings["data_seconds"],
-              "fit set-up": timings["fit_phases"]["fit_setup"],
-              "compile (estimate)": timings["fit_phases"]["compile_estimate"] or 0.0,
-              **{f"epochs: {k}": sum(e[k] for e in timings["fit_phases"]["epochs"])
-                 for k in ("train_steps", "validation", "callbacks")},
-              "export": timings["export_seconds"],
-              "infra validation + evaluate": timings["validate_seconds"],
-              "gate + publish": timings["gate_seconds"] + timings["publish_seconds"],
-              "report": timings["report_seconds"],
-              "other (python start, CLI, make)": r["wall_seconds"] -
-              timings["pipeline_seconds"] - timings["import_tensorflow_seconds"]}
-    return {"train_seconds": timings["fit_seconds"],
-            "test_accuracy": metrics["test_accuracy"], "process_seconds": r["wall_seconds"],
-            "peak_rss_mb": r["peak_rss_mb"], "phases": phases,
-            "model_dir": metrics["published_path"]}
+    phases = {
+        "import": timings["import_tensorflow_seconds"],
+        "data": timings["data_seconds"],
+        "fit set-up": timings["fit_phases"]["fit_setup"],
+        "compile (estimate)": timings["fit_phases"]["compile_estimate"] or 0.0,
+        **{
+            f"epochs: {k}": sum(e[k] for e in timings["fit_phases"]["epochs"])
+            for k in ("train_steps", "validation", "callbacks")
+        },
+        "export": timings["export_seconds"],
+        "infra validation + evaluate": timings["validate_seconds"],
+        "gate + publish": timings["gate_seconds"] + timings["publish_seconds"],
+        "report": timings["report_seconds"],
+        "other (python start, CLI, make)": r["wall_seconds"]
+        - timings["pipeline_seconds"]
+        - timings["import_tensorflow_seconds"],
+    }
+    return {
+        "train_seconds": timings["fit_seconds"],
+        "test_accuracy": metrics["test_accuracy"],
+        "process_seconds": r["wall_seconds"],
+        "peak_rss_mb": r["peak_rss_mb"],
+        "phases": phases,
+        "model_dir": metrics["published_path"],
+    }
 
 
 def input_pipeline_images_per_s(manual_dir: str | None) -> float:
@@ -100,8 +119,9 @@ def input_pipeline_images_per_s(manual_dir: str | None) -> float:
 
     from components import data
 
-    train = data.validate_split(data.load_split(
-        "train", manual_dir=Path(manual_dir) if manual_dir else None))
+    train = data.validate_split(
+        data.load_split("train", manual_dir=Path(manual_dir) if manual_dir else None)
+    )
     ds = data.make_train_dataset(train, 32, seed=0, epoch=tf.Variable(0, dtype=tf.int64))
 
     @tf.function
@@ -125,11 +145,21 @@ def serving_figures(model_dir: str) -> dict[str, float]:
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
     for name, signature, make in (
-        ("serving", "serving_default",
-         lambda n: {"images": tf.constant(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))}),
-        ("png", "predict_png",
-         lambda n: {"image_bytes": tf.constant([tf.io.encode_png(
-             rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)).numpy()] * n)}),
+        (
+            "serving",
+            "serving_default",
+            lambda n: {"images": tf.constant(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))},
+        ),
+        (
+            "png",
+            "predict_png",
+            lambda n: {
+                "image_bytes": tf.constant(
+                    [tf.io.encode_png(rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)).numpy()]
+                    * n
+                )
+            },
+        ),
     ):
         fn = model.signatures[signature]
         one = make(1)
@@ -154,9 +184,9 @@ def serving_figures(model_dir: str) -> dict[str, float]:
     return out
 
 
-def _measure(env: dict[str, str], manual_dir: str | None, user_args: list[str], pairs: int
-             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float,
-                        dict[str, float]]:
+def _measure(
+    env: dict[str, str], manual_dir: str | None, user_args: list[str], pairs: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float, dict[str, float]]:
     """Our default run, then `pairs` alternating seed/ours pairs at equal data, then the input
     pipeline and the serving figures."""
     extra = user_args
@@ -165,10 +195,13 @@ def _measure(env: dict[str, str], manual_dir: str | None, user_args: list[str], 
     extra = ["--validation-fraction", "0", *extra]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         default_run = run_ours(env, Path(tmp) / "ours-default", [])
-        print(f"our default (5% held out for validation): train "
-              f"{default_run['train_seconds']:.2f} s, process "
-              f"{default_run['process_seconds']:.2f} s, accuracy "
-              f"{default_run['test_accuracy']:.4f}", flush=True)
+        print(
+            f"our default (5% held out for validation): train "
+            f"{default_run['train_seconds']:.2f} s, process "
+            f"{default_run['process_seconds']:.2f} s, accuracy "
+            f"{default_run['test_accuracy']:.4f}",
+            flush=True,
+        )
         for i in range(pairs):
             order = ("seed", "ours") if i % 2 == 0 else ("ours", "seed")
             for who in order:
@@ -177,10 +210,12 @@ def _measure(env: dict[str, str], manual_dir: str | None, user_args: list[str], 
                 else:
                     our_runs.append(run_ours(env, Path(tmp) / f"ours-{i}", extra))
                 r = (seed_runs if who == "seed" else our_runs)[-1]
-                print(f"pair {i + 1}/{pairs} {who:>4}: train {r['train_seconds']:.2f} s, "
-                      f"process {r['process_seconds']:.2f} s, accuracy "
-                      f"{r['test_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB",
-                      flush=True)
+                print(
+                    f"pair {i + 1}/{pairs} {who:>4}: train {r['train_seconds']:.2f} s, "
+                    f"process {r['process_seconds']:.2f} s, accuracy "
+                    f"{r['test_accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
         pipeline_rate = input_pipeline_images_per_s(manual_dir)
         serving = serving_figures(our_runs[-1]["model_dir"])
 
@@ -191,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__)
     parser.add_argument("--pairs", type=int, default=3, help="seed/ours pairs (default 3)")
     parser.add_argument("--ours-args", default="", help="extra flags for our trainer")
-    parser.add_argument("--out", type=Path,
-                        default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts") / "bench")
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts") / "bench"
+    )
     args = parser.parse_args(argv)
     from components import console
 
@@ -202,15 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     manual_dir = os.environ.get("MNIST_MANUAL_DIR") or None
     extra = shlex.split(args.ours_args)
     seed_runs, our_runs, default_run, pipeline_rate, serving = _measure(
-        env, manual_dir, shlex.split(args.ours_args), args.pairs)
+        env, manual_dir, shlex.split(args.ours_args), args.pairs
+    )
     extra = ["--validation-fraction", "0", *shlex.split(args.ours_args)]
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
     ratios = [s["train_seconds"] / o["train_seconds"] for s, o in zip(seed_runs, our_runs)]
-    process_ratios = [s["process_seconds"] / o["process_seconds"]
-                      for s, o in zip(seed_runs, our_runs)]
+    process_ratios = [
+        s["process_seconds"] / o["process_seconds"] for s, o in zip(seed_runs, our_runs)
+    ]
     train_rate = IMAGES_PER_RUN / med(our_runs, "train_seconds")
     result = {
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -233,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         "input_pipeline_images_per_s": pipeline_rate,
         "input_pipeline_over_training": pipeline_rate / train_rate,
         **serving,
-        "runs": {"seed": seed_runs,
-                 "ours": [{k: v for k, v in r.items() if k != "model_dir"} for r in our_runs]},
+        "runs": {
+            "seed": seed_runs,
+            "ours": [{k: v for k, v in r.items() if k != "model_dir"} for r in our_runs],
+        },
         "ours_default": {k: v for k, v in default_run.items() if k != "model_dir"},
         "phases_seed_median": _median_phases(seed_runs),
         "phases_ours_median": _median_phases(our_runs),
@@ -255,24 +295,47 @@ def format_table(r: dict[str, Any]) -> str:
     d = r["ours_default"]
     rows = [
         ("", "seed script", "ours, all 60,000 (--validation-fraction 0)", "seed/ours"),
-        ("training seconds (median)", f"{r['seed_train_seconds_median']:.2f}",
-         f"{r['ours_train_seconds_median']:.2f}", f"{r['train_speedup_median']:.2f}x"),
-        ("whole process seconds (median)", f"{r['seed_process_seconds_median']:.2f}",
-         f"{r['ours_process_seconds_median']:.2f}", f"{r['process_speedup_median']:.2f}x"),
-        ("peak RSS MB (median)", f"{r['seed_peak_rss_mb_median']:.0f}",
-         f"{r['ours_peak_rss_mb_median']:.0f}", ""),
-        ("test accuracy (median)", f"{r['seed_test_accuracy']:.4f}",
-         f"{r['ours_test_accuracy']:.4f}", ""),
-        ("ours at the defaults (57,000 + 3,000 validation): fit / process / accuracy", "",
-         f"{d['train_seconds']:.2f} / {d['process_seconds']:.2f} / {d['test_accuracy']:.4f}",
-         f"{r['seed_train_seconds_median'] / d['train_seconds']:.2f}x / "
-         f"{r['seed_process_seconds_median'] / d['process_seconds']:.2f}x"),
+        (
+            "training seconds (median)",
+            f"{r['seed_train_seconds_median']:.2f}",
+            f"{r['ours_train_seconds_median']:.2f}",
+            f"{r['train_speedup_median']:.2f}x",
+        ),
+        (
+            "whole process seconds (median)",
+            f"{r['seed_process_seconds_median']:.2f}",
+            f"{r['ours_process_seconds_median']:.2f}",
+            f"{r['process_speedup_median']:.2f}x",
+        ),
+        (
+            "peak RSS MB (median)",
+            f"{r['seed_peak_rss_mb_median']:.0f}",
+            f"{r['ours_peak_rss_mb_median']:.0f}",
+            "",
+        ),
+        (
+            "test accuracy (median)",
+            f"{r['seed_test_accuracy']:.4f}",
+            f"{r['ours_test_accuracy']:.4f}",
+            "",
+        ),
+        (
+            "ours at the defaults (57,000 + 3,000 validation): fit / process / accuracy",
+            "",
+            f"{d['train_seconds']:.2f} / {d['process_seconds']:.2f} / {d['test_accuracy']:.4f}",
+            f"{r['seed_train_seconds_median'] / d['train_seconds']:.2f}x / "
+            f"{r['seed_process_seconds_median'] / d['process_seconds']:.2f}x",
+        ),
     ]
     lines = [f"| {' | '.join(row)} |" for row in rows]
     lines.insert(1, "| --- | --- | --- | --- |")
     per_pair = ", ".join(f"{x:.2f}x" for x in r["train_speedup_per_pair"])
-    lines += ["", "where the seconds go (medians; ours = `make train` end to end):",
-              "| phase | seconds |", "| --- | --- |"]
+    lines += [
+        "",
+        "where the seconds go (medians; ours = `make train` end to end):",
+        "| phase | seconds |",
+        "| --- | --- |",
+    ]
     lines += [f"| seed: {k} | {v:.2f} |" for k, v in r["phases_seed_median"].items()]
     lines += [f"| ours: {k} | {v:.2f} |" for k, v in r["phases_ours_median"].items()]
     lines += [
@@ -287,9 +350,11 @@ def format_table(r: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for name, label in (("serving", "serving_default (uint8)"), ("png", "predict_png")):
-        lines.append(f"| {label} | {r[f'{name}_b1_p50_ms']:.3f} | {r[f'{name}_b1_p99_ms']:.3f} "
-                     f"| {r[f'{name}_b256_images_per_s']:,.0f} "
-                     f"| {r[f'{name}_b1024_images_per_s']:,.0f} |")
+        lines.append(
+            f"| {label} | {r[f'{name}_b1_p50_ms']:.3f} | {r[f'{name}_b1_p99_ms']:.3f} "
+            f"| {r[f'{name}_b256_images_per_s']:,.0f} "
+            f"| {r[f'{name}_b1024_images_per_s']:,.0f} |"
+        )
     return "\n".join(lines)
 
 

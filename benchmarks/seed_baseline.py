@@ -27,24 +27,35 @@ def main() -> None:
     x_train, x_test = x_train / 255.0, x_test / 255.0
     data_seconds = time.perf_counter() - data_start
 
-    model = tf.keras.models.Sequential([
-        tf.keras.layers.Flatten(input_shape=(28, 28)),
-        tf.keras.layers.Dense(128, activation="relu"),
-        tf.keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model = tf.keras.models.Sequential(
+        [
+            tf.keras.layers.Flatten(input_shape=(28, 28)),
+            tf.keras.layers.Dense(128, activation="relu"),
+            tf.keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     fit_start = time.perf_counter()
     model.fit(x_train, y_train, epochs=5, verbose=2)
     fit_seconds = time.perf_counter() - fit_start
     evaluate_start = time.perf_counter()
     test_loss, test_accuracy = model.evaluate(x_test, y_test, verbose=0)
     print("Test accuracy:", test_accuracy)
-    print(json.dumps({"fit_seconds": fit_seconds, "test_accuracy": float(test_accuracy),
-                      "phases": {"import": IMPORTED - START, "data": data_seconds,
-                                 "fit": fit_seconds,
-                                 "evaluate": time.perf_counter() - evaluate_start},
-                      "in_process_seconds": time.perf_counter() - START}))
+    print(
+        json.dumps(
+            {
+                "fit_seconds": fit_seconds,
+                "test_accuracy": float(test_accuracy),
+                "phases": {
+                    "import": IMPORTED - START,
+                    "data": data_seconds,
+                    "fit": fit_seconds,
+                    "evaluate": time.perf_counter() - evaluate_start,
+                },
+                "in_process_seconds": time.perf_counter() - START,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

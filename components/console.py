@@ -46,15 +46,23 @@ def setup(verbose: bool = False) -> None:
     """
     global _installed
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     if verbose:
         return
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Keras/TF deprecation chatter from inside the libraries (not our code) is not actionable.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(tensorflow|keras|"
-                            r"tensorflow_datasets|absl|h5py|google)(\.|$)")
+    warnings.filterwarnings(
+        "ignore",
+        category=DeprecationWarning,
+        module=r"(tensorflow|keras|"
+        r"tensorflow_datasets|absl|h5py|google)(\.|$)",
+    )
     if not _installed and _is_process_stderr(sys.stderr):
         _installed = _filter_native_stderr()
     # absl installs its own handler on first import and would print TFDS's INFO lines twice.
@@ -90,16 +98,24 @@ def _filter_native_stderr() -> bool:
     try:
         sys.stderr.flush()
         real = os.dup(2)
-        child = subprocess.Popen([sys.executable, "-c", _FILTER_PROCESS, _NATIVE_NOISE.pattern],
-                                 stdin=subprocess.PIPE, stdout=real, stderr=real,
-                                 close_fds=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _FILTER_PROCESS, _NATIVE_NOISE.pattern],
+            stdin=subprocess.PIPE,
+            stdout=real,
+            stderr=real,
+            close_fds=True,
+        )
         assert child.stdin is not None
         os.dup2(child.stdin.fileno(), 2)
         child.stdin.close()
     except (OSError, AssertionError):
         return False
-    real_stream = io.TextIOWrapper(os.fdopen(os.dup(real), "wb", buffering=0),
-                                   encoding="utf-8", errors="replace", line_buffering=True)
+    real_stream = io.TextIOWrapper(
+        os.fdopen(os.dup(real), "wb", buffering=0),
+        encoding="utf-8",
+        errors="replace",
+        line_buffering=True,
+    )
     sys.stderr = real_stream
     faulthandler.enable(file=real_stream)
     for handler in logging.getLogger().handlers:

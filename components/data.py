@@ -60,8 +60,10 @@ def _registered_files() -> dict[str, tuple[int, str]]:
     import tensorflow_datasets as tfds
 
     infos = tfds.builder_cls(DATASET).url_infos or {}
-    return {info.filename or url.rsplit("/", 1)[-1]: (int(info.size), info.checksum)
-            for url, info in infos.items()}
+    return {
+        info.filename or url.rsplit("/", 1)[-1]: (int(info.size), info.checksum)
+        for url, info in infos.items()
+    }
 
 
 def tfds_version() -> str:
@@ -91,20 +93,32 @@ def verify_manual_dir(manual_dir: Path) -> None:
     for name, (size, checksum) in sorted(_registered_files().items()):
         path = manual_dir / name
         if not path.is_file():
-            raise DataError(f"MNIST manual dir {manual_dir} lacks {name}; it needs the four "
-                            f"official files (train/t10k images and labels, .gz)")
+            raise DataError(
+                f"MNIST manual dir {manual_dir} lacks {name}; it needs the four "
+                f"official files (train/t10k images and labels, .gz)"
+            )
         actual_size = path.stat().st_size
         if actual_size != size:
-            raise DataError(f"{path} is {actual_size} bytes, expected {size} "
-                            f"(sha256 {checksum}): the file is truncated or not the official one")
+            raise DataError(
+                f"{path} is {actual_size} bytes, expected {size} "
+                f"(sha256 {checksum}): the file is truncated or not the official one"
+            )
         actual = _sha256(path)
         if actual != checksum:
-            raise DataError(f"{path} has sha256 {actual}, expected {checksum}: the file is "
-                            f"corrupt or not the official one")
+            raise DataError(
+                f"{path} has sha256 {actual}, expected {checksum}: the file is "
+                f"corrupt or not the official one"
+            )
 
 
-def load_split(split: str, *, data_dir: Path | None = None, manual_dir: Path | None = None,
-               limit: int | None = None, _retry: bool = True) -> Split:
+def load_split(
+    split: str,
+    *,
+    data_dir: Path | None = None,
+    manual_dir: Path | None = None,
+    limit: int | None = None,
+    _retry: bool = True,
+) -> Split:
     """Load one MNIST split through `tfds.load(..., as_supervised=True)` into memory.
 
     The first call prepares the dataset into `data_dir` (TFDS's default when None), taking the
@@ -130,23 +144,36 @@ def load_split(split: str, *, data_dir: Path | None = None, manual_dir: Path | N
         if manual_dir is not None:
             verify_manual_dir(Path(manual_dir))
             kwargs["download_and_prepare_kwargs"] = {
-                "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))}
+                "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+            }
         log.info("preparing TFDS %s into %s (first run only)", DATASET, builder.data_dir)
     try:
-        ds = tfds.load(DATASET, split=split, as_supervised=True,
-                       data_dir=str(data_dir) if data_dir else None, **kwargs)
+        ds = tfds.load(
+            DATASET,
+            split=split,
+            as_supervised=True,
+            data_dir=str(data_dir) if data_dir else None,
+            **kwargs,
+        )
         images, labels = _to_numpy(ds)
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
         prepared = Path(builder.data_dir)
         if _retry and manual_dir is not None:
-            log.warning("the prepared TFDS files in %s cannot be read (%s): preparing them "
-                        "again from %s", prepared, type(e).__name__, manual_dir)
+            log.warning(
+                "the prepared TFDS files in %s cannot be read (%s): preparing them again from %s",
+                prepared,
+                type(e).__name__,
+                manual_dir,
+            )
             shutil.rmtree(prepared, ignore_errors=True)
-            return load_split(split, data_dir=data_dir, manual_dir=manual_dir, limit=limit,
-                              _retry=False)
-        raise DataError(f"the prepared TFDS files in {prepared} cannot be read "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); delete "
-                        f"that folder to prepare them again") from None
+            return load_split(
+                split, data_dir=data_dir, manual_dir=manual_dir, limit=limit, _retry=False
+            )
+        raise DataError(
+            f"the prepared TFDS files in {prepared} cannot be read "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); delete "
+            f"that folder to prepare them again"
+        ) from None
     except Exception as e:  # TFDS raises many kinds (download, checksum, IO); all end here
         raise DataError(_explain_load_failure(e, manual_dir)) from e
     split_data = Split(split, images, labels)
@@ -161,8 +188,9 @@ def _cache_path(prepared: Path, split: str) -> Path | None:
     """`arrays-<split>-<key>.npz` beside TFDS's prepared files; the key changes with them."""
     try:
         files = sorted(p for p in prepared.iterdir() if ".tfrecord" in p.name)
-        key = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                   for p in files]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()
+        ).hexdigest()[:16]
     except OSError:
         return None
     return prepared / f"arrays-{split}-{key}.npz" if files else None
@@ -196,11 +224,12 @@ def _explain_load_failure(error: Exception, manual_dir: Path | None) -> str:
     kind = type(error).__name__
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
     if manual_dir is None:
-        return (f"could not download or prepare TFDS '{DATASET}' ({kind}: {first_line}). "
-                f"Without network access, point --tfds-manual-dir (or MNIST_MANUAL_DIR) at a "
-                f"folder holding the four official MNIST .gz files, e.g. ../shared/datasets/mnist")
-    return (f"could not prepare TFDS '{DATASET}' from manual dir {manual_dir} "
-            f"({kind}: {first_line})")
+        return (
+            f"could not download or prepare TFDS '{DATASET}' ({kind}: {first_line}). "
+            f"Without network access, point --tfds-manual-dir (or MNIST_MANUAL_DIR) at a "
+            f"folder holding the four official MNIST .gz files, e.g. ../shared/datasets/mnist"
+        )
+    return f"could not prepare TFDS '{DATASET}' from manual dir {manual_dir} ({kind}: {first_line})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,18 +246,22 @@ def validate_split(split: Split, *, expected_count: int | None = None) -> Split:
     if images.dtype != np.uint8:
         raise DataError(f"{where}: images are {images.dtype}, expected uint8")
     if images.ndim != 4 or images.shape[1:] != (*IMAGE_SHAPE, 1):
-        raise DataError(f"{where}: images have shape {tuple(images.shape[1:])} per example, "
-                        f"expected (28, 28, 1)")
+        raise DataError(
+            f"{where}: images have shape {tuple(images.shape[1:])} per example, "
+            f"expected (28, 28, 1)"
+        )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{where}: {labels.shape[0] if labels.ndim else 0} labels for "
-                        f"{images.shape[0]} images")
+        raise DataError(
+            f"{where}: {labels.shape[0] if labels.ndim else 0} labels for {images.shape[0]} images"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels are {labels.dtype}, expected integers")
     bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"{where}: {bad.size} labels outside 0..9, first at index {i} "
-                        f"(label {int(labels[i])})")
+        raise DataError(
+            f"{where}: {bad.size} labels outside 0..9, first at index {i} (label {int(labels[i])})"
+        )
     if expected_count is not None and images.shape[0] != expected_count:
         raise DataError(f"{where}: {images.shape[0]} examples, expected {expected_count}")
     if images.shape[0] == 0:
@@ -251,8 +284,9 @@ def epoch_order(n: int, seed: int, epoch: tf.Tensor | int) -> tf.Tensor:
     return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=pair)
 
 
-def make_train_dataset(split: Split, batch_size: int, *, seed: int,
-                       epoch: tf.Variable) -> tf.data.Dataset:
+def make_train_dataset(
+    split: Split, batch_size: int, *, seed: int, epoch: tf.Variable
+) -> tf.data.Dataset:
     """One shuffled pass over `split` per iteration: each example once, the last batch partial.
 
     Keras iterates the dataset afresh at every epoch (no `steps_per_epoch`), so an epoch is
@@ -267,8 +301,11 @@ def make_train_dataset(split: Split, batch_size: int, *, seed: int,
         return tf.data.Dataset.from_tensor_slices(epoch_order(n, seed, epoch.read_value()))
 
     ds = tf.data.Dataset.from_tensors(0).flat_map(one_pass).batch(batch_size)
-    ds = ds.map(lambda idx: (preprocess(tf.gather(images, idx)), tf.gather(labels, idx)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda idx: (preprocess(tf.gather(images, idx)), tf.gather(labels, idx)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     # flat_map forgets the length; Keras sizes the epoch (and its progress bar) from it.
     ds = ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(split, batch_size)))
     return _finish(ds)
@@ -278,8 +315,11 @@ def make_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
     """The examples in order, batched and normalised: validation, evaluation, prediction."""
     images, labels = tf.constant(split.images), tf.constant(split.labels)
     ds = tf.data.Dataset.range(len(split)).batch(batch_size)
-    ds = ds.map(lambda idx: (preprocess(tf.gather(images, idx)), tf.gather(labels, idx)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda idx: (preprocess(tf.gather(images, idx)), tf.gather(labels, idx)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     return _finish(ds)
 
 
@@ -296,5 +336,7 @@ def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, S
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return (Split(split.name, split.images[train_idx], split.labels[train_idx]),
-            Split(f"{split.name}-validation", split.images[val_idx], split.labels[val_idx]))
+    return (
+        Split(split.name, split.images[train_idx], split.labels[train_idx]),
+        Split(f"{split.name}-validation", split.images[val_idx], split.labels[val_idx]),
+    )

@@ -23,8 +23,9 @@ class Evaluation:
     labels: np.ndarray  # int64 [N]
 
 
-def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 2048
-                          ) -> np.ndarray:
+def predict_probabilities(
+    model: keras.Model, images: np.ndarray, batch_size: int = 2048
+) -> np.ndarray:
     """Class probabilities for uint8 images [N, 28, 28], normalised by the shared preprocess."""
     x = preprocess(images).numpy()
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
@@ -46,8 +47,12 @@ def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, 
         recall = np.where(support > 0, true_pos / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     per_class = {
-        str(c): {"precision": float(precision[c]), "recall": float(recall[c]),
-                 "f1": float(f1[c]), "support": int(support[c])}
+        str(c): {
+            "precision": float(precision[c]),
+            "recall": float(recall[c]),
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+        }
         for c in range(NUM_CLASSES)
     }
     return {
@@ -65,11 +70,17 @@ def evaluate(model: keras.Model, test: Split) -> Evaluation:
     return Evaluation(compute_metrics(probabilities, test.labels), probabilities, test.labels)
 
 
-def save_predictions(path: Path, probabilities: np.ndarray, test: Split, train_sample: Split
-                     ) -> dict[str, np.ndarray]:
+def save_predictions(
+    path: Path, probabilities: np.ndarray, test: Split, train_sample: Split
+) -> dict[str, np.ndarray]:
     """Save what the report is drawn from (atomically), so it never needs the model again."""
-    arrays = {"images": test.images, "labels": test.labels, "probabilities": probabilities,
-              "train_images": train_sample.images, "train_labels": train_sample.labels}
+    arrays = {
+        "images": test.images,
+        "labels": test.labels,
+        "probabilities": probabilities,
+        "train_images": train_sample.images,
+        "train_labels": train_sample.labels,
+    }
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
@@ -90,23 +101,35 @@ MAX_CORRECT_FLAGGED = 0.05
 FALLBACK_THRESHOLD = 0.9  # no validation split (--validation-fraction 0): not calibrated
 
 
-def calibrate_uncertainty(probabilities: np.ndarray | None, labels: np.ndarray | None
-                          ) -> dict[str, Any]:
+def calibrate_uncertainty(
+    probabilities: np.ndarray | None, labels: np.ndarray | None
+) -> dict[str, Any]:
     if probabilities is None or labels is None or not len(labels):
-        return {"threshold": FALLBACK_THRESHOLD, "calibrated": False,
-                "note": "no validation split: a fixed threshold, not calibrated"}
+        return {
+            "threshold": FALLBACK_THRESHOLD,
+            "calibrated": False,
+            "note": "no validation split: a fixed threshold, not calibrated",
+        }
     confidence = probabilities.max(1)
     correct = probabilities.argmax(1) == labels
     cap = float(np.quantile(confidence[correct], MAX_CORRECT_FLAGGED)) if correct.any() else 1.0
-    want = float(np.quantile(confidence[~correct], TARGET_MISTAKES_FLAGGED)) \
-        if (~correct).any() else cap
+    want = (
+        float(np.quantile(confidence[~correct], TARGET_MISTAKES_FLAGGED))
+        if (~correct).any()
+        else cap
+    )
     threshold = float(min(cap, want))
-    return {"threshold": threshold, "calibrated": True, "validation_examples": int(len(labels)),
-            **uncertainty_rates(probabilities, labels, threshold)}
+    return {
+        "threshold": threshold,
+        "calibrated": True,
+        "validation_examples": int(len(labels)),
+        **uncertainty_rates(probabilities, labels, threshold),
+    }
 
 
-def uncertainty_rates(probabilities: np.ndarray, labels: np.ndarray, threshold: float
-                      ) -> dict[str, Any]:
+def uncertainty_rates(
+    probabilities: np.ndarray, labels: np.ndarray, threshold: float
+) -> dict[str, Any]:
     """Fraction flagged, and how the flag splits right and wrong predictions."""
     flagged = probabilities.max(1) < threshold
     correct = probabilities.argmax(1) == labels
@@ -114,8 +137,10 @@ def uncertainty_rates(probabilities: np.ndarray, labels: np.ndarray, threshold: 
     def share(mask: np.ndarray, within: np.ndarray) -> float | None:
         return float(mask[within].mean()) if within.any() else None
 
-    return {"flagged_fraction": float(flagged.mean()) if len(labels) else 0.0,
-            "mistakes_flagged": share(flagged, ~correct),
-            "correct_flagged": share(flagged, correct),
-            "accuracy_flagged": share(correct, flagged),
-            "accuracy_unflagged": share(correct, ~flagged)}
+    return {
+        "flagged_fraction": float(flagged.mean()) if len(labels) else 0.0,
+        "mistakes_flagged": share(flagged, ~correct),
+        "correct_flagged": share(flagged, correct),
+        "accuracy_flagged": share(correct, flagged),
+        "accuracy_unflagged": share(correct, ~flagged),
+    }

@@ -17,8 +17,10 @@ import subprocess
 from typing import Any
 
 TENSORFLOW_VERSION = "2.21.0"
-REINSTALL_HINT = (f"run `make distclean && make train GPU=1` "
-                  f"(or `pip install 'tensorflow[and-cuda]=={TENSORFLOW_VERSION}'`)")
+REINSTALL_HINT = (
+    f"run `make distclean && make train GPU=1` "
+    f"(or `pip install 'tensorflow[and-cuda]=={TENSORFLOW_VERSION}'`)"
+)
 # Two of the wheels `tensorflow[and-cuda]` installs: without them TensorFlow finds no CUDA.
 CUDA_WHEELS = ("nvidia-cudnn-cu12", "nvidia-cublas-cu12")
 NVIDIA_SMI_TIMEOUT_S = 10.0
@@ -30,8 +32,9 @@ def _nvidia_smi(*args: str) -> list[str]:
     if exe is None:
         return []
     try:
-        done = subprocess.run([exe, *args], capture_output=True, text=True,
-                              timeout=NVIDIA_SMI_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            [exe, *args], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     if done.returncode != 0:
@@ -76,23 +79,30 @@ def explain_missing_gpu(tf_gpu_count: int) -> str | None:
     gpus = nvidia_smi_gpus()
     if not gpus:
         return None
-    listed = (f"{gpus[0]}" if len(gpus) == 1
-              else f"{len(gpus)} GPUs ({gpus[0]}, ...)")
+    listed = f"{gpus[0]}" if len(gpus) == 1 else f"{len(gpus)} GPUs ({gpus[0]}, ...)"
     system = platform.system()
     todo = REINSTALL_HINT
     if system != "Linux":
-        why = (f"TensorFlow {TENSORFLOW_VERSION} publishes CUDA builds for Linux only, not for "
-               f"{system} (on Windows, use WSL2)")
+        why = (
+            f"TensorFlow {TENSORFLOW_VERSION} publishes CUDA builds for Linux only, not for "
+            f"{system} (on Windows, use WSL2)"
+        )
     elif _installed("tensorflow-cpu"):
         why = "the CPU-only tensorflow-cpu wheel is installed"
     elif not all(_installed(name) for name in CUDA_WHEELS):
-        why = ("the CUDA/cuDNN libraries are missing: this is the CPU build "
-               "(tensorflow without [and-cuda])")
+        why = (
+            "the CUDA/cuDNN libraries are missing: this is the CPU build "
+            "(tensorflow without [and-cuda])"
+        )
     else:
-        why = ("the CUDA/cuDNN wheels are installed but did not load (TensorFlow's log above "
-               "names the library)")
-        todo = ("check that the NVIDIA driver supports CUDA 12 (`nvidia-smi` shows the CUDA "
-                "version it supports; Linux driver >= 525), else reinstall: " + REINSTALL_HINT[4:])
+        why = (
+            "the CUDA/cuDNN wheels are installed but did not load (TensorFlow's log above "
+            "names the library)"
+        )
+        todo = (
+            "check that the NVIDIA driver supports CUDA 12 (`nvidia-smi` shows the CUDA "
+            "version it supports; Linux driver >= 525), else reinstall: " + REINSTALL_HINT[4:]
+        )
     return f"nvidia-smi lists {listed} but TensorFlow sees no GPU: {why}; {todo}"
 
 
@@ -105,7 +115,7 @@ def _compute_capability(value: Any) -> str | None:
 
 
 def describe_gpu(details: dict) -> str:
-    """"NVIDIA A100-SXM4-40GB (compute capability 8.0, 40960 MiB)" from
+    """ "NVIDIA A100-SXM4-40GB (compute capability 8.0, 40960 MiB)" from
     `tf.config.experimental.get_device_details(gpu)` ({"device_name": ..., "compute_capability":
     (8, 0)}), the memory from nvidia-smi for the GPU of that name, when it says so."""
     name = str(details.get("device_name") or "GPU")

@@ -7,8 +7,14 @@ import keras
 from components.data import IMAGE_SHAPE, NUM_CLASSES
 
 
-def build_model(hidden_units: int = 128, learning_rate: float = 1e-3, dropout: float = 0.0,
-                *, steps_per_execution: int = 1, jit_compile: bool | str = "auto") -> keras.Model:
+def build_model(
+    hidden_units: int = 128,
+    learning_rate: float = 1e-3,
+    dropout: float = 0.0,
+    *,
+    steps_per_execution: int = 1,
+    jit_compile: bool | str = "auto",
+) -> keras.Model:
     """Build and compile the model on float32 [N, 28, 28] inputs in [0, 1].
 
     With the defaults this is exactly the documented model (101,770 parameters). `dropout` > 0
@@ -22,8 +28,9 @@ def build_model(hidden_units: int = 128, learning_rate: float = 1e-3, dropout: f
     if dropout > 0:
         layers.append(keras.layers.Dropout(dropout, name="dropout"))
     # The softmax is computed in float32 even under mixed precision, for a stable loss.
-    layers.append(keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32",
-                                     name="probabilities"))
+    layers.append(
+        keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")
+    )
     model = keras.Sequential(layers, name="mnist_dense")
     if jit_compile is True and dropout > 0:
         # Measured here: XLA on the CPU makes Dropout's random masks ~5x slower than no XLA.

@@ -19,18 +19,33 @@ import numpy as np
 
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
-SCHEMA = "model-card-toolkit 0.0.2 sections (model_details, model_parameters, " \
-         "quantitative_analysis, considerations) + lineage"
+SCHEMA = (
+    "model-card-toolkit 0.0.2 sections (model_details, model_parameters, "
+    "quantitative_analysis, considerations) + lineage"
+)
 
 
 def code_version(root: Path) -> dict[str, Any]:
     """The git commit of the code that trained the model, and whether the tree was dirty."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=root, capture_output=True, text=True, timeout=10,
-                                    check=True).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+        )
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None, "note": "not a git checkout"}
@@ -46,8 +61,9 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
-                               bins: int = 15) -> float:
+def expected_calibration_error(
+    probabilities: np.ndarray, labels: np.ndarray, bins: int = 15
+) -> float:
     confidence = probabilities.max(1)
     correct = probabilities.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -61,23 +77,34 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
 
 INTENDED_USE = {
     "use": "classify a single handwritten digit 0-9 written in dark ink on a light page (or "
-           "white on black, as in MNIST)",
-    "out_of_scope": ["letters, several digits per image, non-digit images (the model always "
-                     "answers a digit)", "decisions that need calibrated probabilities beyond "
-                     "the measured calibration error"],
+    "white on black, as in MNIST)",
+    "out_of_scope": [
+        "letters, several digits per image, non-digit images (the model always answers a digit)",
+        "decisions that need calibrated probabilities beyond the measured calibration error",
+    ],
 }
 INPUT_CONTRACT = {
     "serving_default": "uint8 [N, 28, 28], raw pixels 0..255, white digit on black",
     "predict_png": "string [N], PNG/JPEG of a 28x28 grayscale digit",
     "predict_image": "string [N], PNG/JPEG/GIF/BMP photo of one digit, any size (normalised in "
-                     "the graph as MNIST was)",
+    "the graph as MNIST was)",
 }
 
 
-def build(*, version: int, run_id: str, metrics: dict[str, Any], config: dict[str, Any],
-          effective: dict[str, Any], probabilities: np.ndarray, labels: np.ndarray,
-          parameters: int, data: dict[str, Any], code: dict[str, Any],
-          signatures: list[str]) -> dict[str, Any]:
+def build(
+    *,
+    version: int,
+    run_id: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    effective: dict[str, Any],
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    parameters: int,
+    data: dict[str, Any],
+    code: dict[str, Any],
+    signatures: list[str],
+) -> dict[str, Any]:
     n = int(len(labels))
     correct = int((probabilities.argmax(1) == labels).sum())
     low, high = wilson_interval(correct, n)
@@ -87,19 +114,24 @@ def build(*, version: int, run_id: str, metrics: dict[str, Any], config: dict[st
     return {
         "schema": SCHEMA,
         "model_details": {
-            "name": "mnist", "version": version, "run_id": run_id,
+            "name": "mnist",
+            "version": version,
+            "run_id": run_id,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "overview": "Handwritten-digit classifier: Flatten (28x28 -> 784) -> Dense("
-                        f"{config['hidden_units']}, ReLU)"
-                        + (f" -> Dropout({config['dropout']})" if config["dropout"] else "")
-                        + " -> Dense(10, softmax); Adam, sparse categorical cross-entropy.",
+            f"{config['hidden_units']}, ReLU)"
+            + (f" -> Dropout({config['dropout']})" if config["dropout"] else "")
+            + " -> Dense(10, softmax); Adam, sparse categorical cross-entropy.",
             "parameters": parameters,
         },
-        "intended_use": {**INTENDED_USE, "input_contract": {**INPUT_CONTRACT,
-                                                             "signatures": signatures}},
+        "intended_use": {
+            **INTENDED_USE,
+            "input_contract": {**INPUT_CONTRACT, "signatures": signatures},
+        },
         "model_parameters": {
             "data": data,
-            "config": config, "effective_settings": effective,
+            "config": config,
+            "effective_settings": effective,
         },
         "quantitative_analysis": {
             "test_examples": n,
@@ -108,15 +140,15 @@ def build(*, version: int, run_id: str, metrics: dict[str, Any], config: dict[st
             "loss": metrics["test_loss"],
             "per_class": per_class,
             "weakest_classes": [{"class": int(c), **per_class[c]} for c in weakest],
-            "expected_calibration_error": round(expected_calibration_error(probabilities,
-                                                                           labels), 5),
+            "expected_calibration_error": round(
+                expected_calibration_error(probabilities, labels), 5
+            ),
         },
         "considerations": {
             "limitations": [
                 "trained on MNIST only: centred, size-normalised digits by American writers; "
                 "other styles, stroke widths and scripts are less accurate",
-                f"weakest classes on the test split: "
-                f"{', '.join(str(c) for c in weakest)}",
+                f"weakest classes on the test split: {', '.join(str(c) for c in weakest)}",
                 "probabilities are softmax outputs, not calibrated beyond the reported "
                 "expected calibration error",
             ],
@@ -137,35 +169,55 @@ def markdown(card: dict[str, Any]) -> str:
     lo, hi = q["accuracy_95ci"]
     code = lineage["code"]
     lines = [
-        f"# Model card: {d['name']} version {d['version']}", "",
-        f"{d['overview']} {d['parameters']:,} parameters. Run `{d['run_id']}`, {d['date']}.", "",
-        "## Intended use", card["intended_use"]["use"] + ".", "",
-        "| signature | input |", "|---|---|",
-        *[f"| `{k}` | {v} |" for k, v in card["intended_use"]["input_contract"].items()
-          if k != "signatures"], "",
-        "Out of scope: " + "; ".join(card["intended_use"]["out_of_scope"]) + ".", "",
+        f"# Model card: {d['name']} version {d['version']}",
+        "",
+        f"{d['overview']} {d['parameters']:,} parameters. Run `{d['run_id']}`, {d['date']}.",
+        "",
+        "## Intended use",
+        card["intended_use"]["use"] + ".",
+        "",
+        "| signature | input |",
+        "|---|---|",
+        *[
+            f"| `{k}` | {v} |"
+            for k, v in card["intended_use"]["input_contract"].items()
+            if k != "signatures"
+        ],
+        "",
+        "Out of scope: " + "; ".join(card["intended_use"]["out_of_scope"]) + ".",
+        "",
         "## Training data",
         f"TFDS `{data.get('tfds_name')}` {data.get('tfds_version')}: "
         f"{data['examples']['train']} train, {data['examples']['validation']} validation "
         f"(held out of train with seed {card['model_parameters']['config']['seed']}), "
-        f"{data['examples']['test']} test. Data fingerprint `{data.get('fingerprint')}`.", "",
+        f"{data['examples']['test']} test. Data fingerprint `{data.get('fingerprint')}`.",
+        "",
         "## Evaluation (test split, through the exported model)",
         f"Accuracy **{q['accuracy']:.4f}** (95% interval {lo:.4f}-{hi:.4f}) on "
         f"{q['test_examples']} examples; loss {q['loss']:.4f}; expected calibration error "
-        f"{q['expected_calibration_error']:.4f}.", "",
-        "| class | precision | recall | F1 |", "|---|---|---|---|",
-        *[f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} |"
-          for c, m in sorted(q["per_class"].items(), key=lambda kv: int(kv[0]))], "",
-        "## Limitations", *[f"- {x}" for x in card["considerations"]["limitations"]], "",
+        f"{q['expected_calibration_error']:.4f}.",
+        "",
+        "| class | precision | recall | F1 |",
+        "|---|---|---|---|",
+        *[
+            f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} |"
+            for c, m in sorted(q["per_class"].items(), key=lambda kv: int(kv[0]))
+        ],
+        "",
+        "## Limitations",
+        *[f"- {x}" for x in card["considerations"]["limitations"]],
+        "",
         "## Lineage",
-        f"- code: `{code.get('commit')}`" + (" (uncommitted changes)" if code.get("dirty")
-                                              else ""),
+        f"- code: `{code.get('commit')}`" + (" (uncommitted changes)" if code.get("dirty") else ""),
         f"- baseline compared with: version {lineage['baseline_version']}"
-        if lineage["baseline_version"] is not None else "- baseline: none (first version)",
+        if lineage["baseline_version"] is not None
+        else "- baseline: none (first version)",
         f"- gate: {'blessed' if lineage['gate'].get('blessed') else 'refused'}: "
         f"{lineage['gate'].get('reason')}",
         f"- infra validation: passed ({(lineage['infra_validation'] or {}).get('seconds')} s, "
         f"{(lineage['infra_validation'] or {}).get('warmup_records_replayed')} warmup records)",
-        "", "The full config and every field above are in `model_card.json`.", "",
+        "",
+        "The full config and every field above are in `model_card.json`.",
+        "",
     ]
     return "\n".join(lines)

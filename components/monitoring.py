@@ -52,8 +52,9 @@ class BatchScalars(keras.callbacks.Callback):
             for name in ("loss", "accuracy"):
                 if name in logs:
                     tf.summary.scalar(f"step_{name}", float(logs[name]))
-            tf.summary.scalar("step_learning_rate",
-                              float(np.asarray(self.model.optimizer.learning_rate)))
+            tf.summary.scalar(
+                "step_learning_rate", float(np.asarray(self.model.optimizer.learning_rate))
+            )
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.writer.flush()  # a watching TensorBoard sees each epoch's points when it ends
@@ -74,7 +75,8 @@ def write_model_graph(log_dir: Path, model: keras.Model) -> None:
     """
     forward = tf.function(lambda pixels: model(pixels, training=False))
     graph = forward.get_concrete_function(
-        tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="pixels")).graph
+        tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="pixels")
+    ).graph
     writer = tf.summary.create_file_writer(str(Path(log_dir) / GRAPH_RUN))
     with writer.as_default(step=0):
         tf.summary.graph(graph)
@@ -101,17 +103,25 @@ class EpochImages(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         from components.data import preprocess
 
-        probs = np.asarray(self.model.predict(preprocess(self.images).numpy(), batch_size=2048,
-                                              verbose=0))
+        probs = np.asarray(
+            self.model.predict(preprocess(self.images).numpy(), batch_size=2048, verbose=0)
+        )
         self._pending.append(self._pool.submit(self._draw_and_write, epoch, probs))
 
     def _draw_and_write(self, epoch: int, probs: np.ndarray) -> None:
         confusion = compute_metrics(probs, self.labels)["confusion_matrix"]
-        grid = report.png_bytes(report.figure_grid(
-            self.images, self.labels, probs, np.arange(min(GRID_EXAMPLES, len(self.labels))),
-            f"Validation predictions after epoch {epoch + 1}"))
-        matrix = report.png_bytes(report.figure_confusion(
-            confusion, f"Confusion matrix after epoch {epoch + 1}"))
+        grid = report.png_bytes(
+            report.figure_grid(
+                self.images,
+                self.labels,
+                probs,
+                np.arange(min(GRID_EXAMPLES, len(self.labels))),
+                f"Validation predictions after epoch {epoch + 1}",
+            )
+        )
+        matrix = report.png_bytes(
+            report.figure_confusion(confusion, f"Confusion matrix after epoch {epoch + 1}")
+        )
         with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
             tf.summary.image("predictions", _png_to_image_tensor(grid))
             tf.summary.image("confusion_matrix", _png_to_image_tensor(matrix))
@@ -137,28 +147,37 @@ class EpochImages(keras.callbacks.Callback):
 
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table of the headline and per-class metrics (TensorBoard renders markdown)."""
-    lines = [f"**test accuracy {metrics['test_accuracy']:.4f}**, test loss "
-             f"{metrics['test_loss']:.4f}, {metrics['test_examples']} test images (the test "
-             f"split, read once after training, through the exported model); the epoch curves "
-             f"and images are on the validation split held out of train", "",
-             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines = [
+        f"**test accuracy {metrics['test_accuracy']:.4f}**, test loss "
+        f"{metrics['test_loss']:.4f}, {metrics['test_examples']} test images (the test "
+        f"split, read once after training, through the exported model); the epoch curves "
+        f"and images are on the validation split held out of train",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
     for c, m in sorted(metrics["per_class"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | "
-                     f"{m['support']} |")
+        lines.append(
+            f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+        )
     return "\n".join(lines)
 
 
-def log_run_summary(log_dir: Path, run_id: str, config: dict[str, Any],
-                    metrics: dict[str, Any], data_table: str, hparam_keys: tuple[str, ...]
-                    ) -> None:
+def log_run_summary(
+    log_dir: Path,
+    run_id: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    data_table: str,
+    hparam_keys: tuple[str, ...],
+) -> None:
     """Text (config, data statistics, metrics table) and HParams (the config's hyperparameter
     fields + final test metrics) for a run."""
     from tensorboard.plugins.hparams import api as hp
 
     writer = tf.summary.create_file_writer(str(Path(log_dir)))
     with writer.as_default(step=0):
-        tf.summary.text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) +
-                        "\n```")
+        tf.summary.text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```")
         tf.summary.text("data_statistics", data_table)
         tf.summary.text("final_metrics", metrics_table(metrics))
         hp.hparams({k: config[k] for k in hparam_keys if k in config}, trial_id=run_id)

@@ -37,8 +37,13 @@ def figure_digit(image: np.ndarray, title: str, color: str = "black") -> Figure:
     return fig
 
 
-def figure_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
-                indices: np.ndarray, title: str) -> Figure:
+def figure_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    indices: np.ndarray,
+    title: str,
+) -> Figure:
     """Digits with "pred (confidence) / true"; mistakes in red with a red frame.
 
     Drawn as one mosaic image in one axes (not one axes per digit): four times faster, which
@@ -55,13 +60,23 @@ def figure_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarra
         pred, true = int(probabilities[i].argmax()), int(labels[i])
         wrong = pred != true
         if wrong:  # red frame
-            mosaic[top + pad - 2:top + pad + cell + 2, left + pad - 2:left + pad + cell + 2] = \
-                (220, 30, 30)
-        mosaic[top + pad:top + pad + cell, left + pad:left + pad + cell] = \
-            (255 - images[i])[..., None]
-        ax.text(left + pad + cell / 2, top + 1, f"pred {pred} ({probabilities[i, pred]:.0%})"
-                f"  true {true}", ha="center", va="bottom", fontsize=8,
-                color="red" if wrong else "black")
+            mosaic[top + pad - 2 : top + pad + cell + 2, left + pad - 2 : left + pad + cell + 2] = (
+                220,
+                30,
+                30,
+            )
+        mosaic[top + pad : top + pad + cell, left + pad : left + pad + cell] = (255 - images[i])[
+            ..., None
+        ]
+        ax.text(
+            left + pad + cell / 2,
+            top + 1,
+            f"pred {pred} ({probabilities[i, pred]:.0%})  true {true}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="red" if wrong else "black",
+        )
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_ylim(mosaic.shape[0], -8)
     ax.axis("off")
@@ -72,8 +87,7 @@ def figure_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarra
     return fig
 
 
-def figure_confusion(confusion: np.ndarray, title: str = "Confusion matrix (test split)"
-                     ) -> Figure:
+def figure_confusion(confusion: np.ndarray, title: str = "Confusion matrix (test split)") -> Figure:
     confusion = np.asarray(confusion)
     fig, ax = _subplots(figsize=(6.5, 5.5))
     # Log colour scale so the off-diagonal errors stay visible next to ~1000 correct per class.
@@ -81,8 +95,15 @@ def figure_confusion(confusion: np.ndarray, title: str = "Confusion matrix (test
     im = ax.imshow(shown, cmap="Blues")
     for (r, c), v in np.ndenumerate(confusion):
         if v:
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if shown[r, c] > shown.max() * 0.6 else "black")
+            ax.text(
+                c,
+                r,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shown[r, c] > shown.max() * 0.6 else "black",
+            )
     ax.set_xticks(range(10))
     ax.set_yticks(range(10))
     ax.set_xlabel("predicted class")
@@ -99,8 +120,12 @@ def figure_curves(history: dict[str, list[float]]) -> Figure:
         for prefix, style in (("", "o-"), ("val_", "s--")):
             values = history.get(prefix + key)
             if values:
-                ax.plot(range(1, len(values) + 1), values, style,
-                        label="validation" if prefix else "train")
+                ax.plot(
+                    range(1, len(values) + 1),
+                    values,
+                    style,
+                    label="validation" if prefix else "train",
+                )
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(key)
@@ -117,8 +142,7 @@ def figure_confidence(labels: np.ndarray, probabilities: np.ndarray) -> Figure:
     fig, (ax_hist, ax_rel) = _subplots(1, 2, figsize=(10, 3.8))
     bins = np.linspace(0, 1, 21)
     ax_hist.hist(confidence[correct], bins=bins, alpha=0.7, label="correct", log=True)
-    ax_hist.hist(confidence[~correct], bins=bins, alpha=0.7, label="wrong", log=True,
-                 color="red")
+    ax_hist.hist(confidence[~correct], bins=bins, alpha=0.7, label="wrong", log=True, color="red")
     ax_hist.set_xlabel("confidence (max probability)")
     ax_hist.set_ylabel("examples (log)")
     ax_hist.set_title("Confidence")
@@ -142,8 +166,7 @@ def figure_confidence(labels: np.ndarray, probabilities: np.ndarray) -> Figure:
     return fig
 
 
-def mistake_indices(labels: np.ndarray, probabilities: np.ndarray, n: int = MISTAKES
-                    ) -> np.ndarray:
+def mistake_indices(labels: np.ndarray, probabilities: np.ndarray, n: int = MISTAKES) -> np.ndarray:
     """Indices of the wrong predictions, most confident first."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
@@ -151,29 +174,55 @@ def mistake_indices(labels: np.ndarray, probabilities: np.ndarray, n: int = MIST
     return wrong[order][:n]
 
 
-def build_figures(predictions: dict[str, np.ndarray], metrics: dict[str, Any],
-                  history: dict[str, list[float]] | None) -> dict[str, bytes]:
+def build_figures(
+    predictions: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    history: dict[str, list[float]] | None,
+) -> dict[str, bytes]:
     """All report figures as PNG bytes, keyed by file name."""
-    images, labels, probs = (predictions["images"], predictions["labels"],
-                             predictions["probabilities"])
+    images, labels, probs = (
+        predictions["images"],
+        predictions["labels"],
+        predictions["probabilities"],
+    )
     figures: dict[str, bytes] = {}
     if len(predictions.get("train_labels", [])):
-        figures["train_sample.png"] = png_bytes(figure_digit(
-            predictions["train_images"][0],
-            f"training sample: label {predictions['train_labels'][0]}"))
+        figures["train_sample.png"] = png_bytes(
+            figure_digit(
+                predictions["train_images"][0],
+                f"training sample: label {predictions['train_labels'][0]}",
+            )
+        )
     pred0 = int(probs[0].argmax())
-    figures["first_test.png"] = png_bytes(figure_digit(
-        images[0], f"first test image: predicted {pred0}, true {int(labels[0])}",
-        "black" if pred0 == int(labels[0]) else "red"))
-    figures["predictions.png"] = png_bytes(figure_grid(
-        images, labels, probs, np.arange(min(GRID, len(labels))),
-        "Test predictions (first 25): predicted vs true, mistakes in red"))
+    figures["first_test.png"] = png_bytes(
+        figure_digit(
+            images[0],
+            f"first test image: predicted {pred0}, true {int(labels[0])}",
+            "black" if pred0 == int(labels[0]) else "red",
+        )
+    )
+    figures["predictions.png"] = png_bytes(
+        figure_grid(
+            images,
+            labels,
+            probs,
+            np.arange(min(GRID, len(labels))),
+            "Test predictions (first 25): predicted vs true, mistakes in red",
+        )
+    )
     mistakes = mistake_indices(labels, probs)
-    figures["mistakes.png"] = png_bytes(figure_grid(
-        images, labels, probs, mistakes,
-        f"Most confident mistakes ({len(mistakes)} shown of "
-        f"{int((probs.argmax(1) != labels).sum())})" if len(mistakes)
-        else "No mistakes on the test split"))
+    figures["mistakes.png"] = png_bytes(
+        figure_grid(
+            images,
+            labels,
+            probs,
+            mistakes,
+            f"Most confident mistakes ({len(mistakes)} shown of "
+            f"{int((probs.argmax(1) != labels).sum())})"
+            if len(mistakes)
+            else "No mistakes on the test split",
+        )
+    )
     figures["confusion_matrix.png"] = png_bytes(figure_confusion(metrics["confusion_matrix"]))
     figures["confidence.png"] = png_bytes(figure_confidence(labels, probs))
     if history:
@@ -212,12 +261,15 @@ def _figure_html(figures: dict[str, bytes], name: str) -> str:
     if name not in figures:
         return ""
     data = base64.b64encode(figures[name]).decode()
-    return (f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
+    )
 
 
-def render_html(figures: dict[str, bytes], metrics: dict[str, Any],
-                config: dict[str, Any] | None) -> str:
+def render_html(
+    figures: dict[str, bytes], metrics: dict[str, Any], config: dict[str, Any] | None
+) -> str:
     """One self-contained page: every image embedded as base64, no external URL."""
     import html
     import json
@@ -232,11 +284,18 @@ def render_html(figures: dict[str, bytes], metrics: dict[str, Any],
     r, c = np.unravel_index(off.argmax(), off.shape)
     blessed = metrics.get("blessed")
     gate = metrics.get("gate", {}).get("reason", "")
-    status = ("published as version " + str(metrics.get("published_version"))
-              if blessed else "NOT published" if blessed is False else "not gated")
+    status = (
+        "published as version " + str(metrics.get("published_version"))
+        if blessed
+        else "NOT published"
+        if blessed is False
+        else "not gated"
+    )
     rows = "".join(
         f"<tr><td>{k}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td>"
-        f"<td>{m['f1']:.4f}</td><td>{m['support']}</td></tr>" for k, m in per_class)
+        f"<td>{m['f1']:.4f}</td><td>{m['support']}</td></tr>"
+        for k, m in per_class
+    )
     provenance = _provenance_html(metrics)
 
     def img(name: str) -> str:
@@ -291,39 +350,47 @@ def _provenance_html(metrics: dict[str, Any]) -> str:
             f"{examples.get('validation')} validation examples held out of the training split "
             f"(none: no validation curves). Everything else on this page: the "
             f"<b>test split</b> ({examples.get('test')} examples), read once after training, "
-            f"through the <b>exported SavedModel</b>.</li>")
+            f"through the <b>exported SavedModel</b>.</li>"
+        )
     if infra:
         parts.append(
-            f"<li id=\"infra\">Infra validation: loaded as TF Serving loads it, "
+            f'<li id="infra">Infra validation: loaded as TF Serving loads it, '
             f"{infra.get('warmup_records_replayed')} warmup records replayed, signatures "
             f"{e(', '.join(infra.get('signatures', [])))}; outputs within "
             f"{infra.get('max_abs_difference_vs_trained_model', float('nan')):.1e} of the "
-            f"trained model ({infra.get('seconds', 0):.1f} s).</li>")
+            f"trained model ({infra.get('seconds', 0):.1f} s).</li>"
+        )
     u = metrics.get("uncertainty") or {}
     if u.get("accuracy_flagged") is not None:
         parts.append(
-            f"<li id=\"uncertainty\">Unsure predictions (top probability below "
+            f'<li id="uncertainty">Unsure predictions (top probability below '
             f"{u['threshold']:.3f}, calibrated on the validation split and stored in the "
             f"exported model): {u['flagged_fraction']:.1%} of test predictions are flagged; "
             f"accuracy {u['accuracy_flagged']:.3f} on the flagged, "
             f"{u['accuracy_unflagged']:.4f} on the others; "
-            f"{(u.get('mistakes_flagged') or 0):.0%} of the mistakes are flagged.</li>")
+            f"{(u.get('mistakes_flagged') or 0):.0%} of the mistakes are flagged.</li>"
+        )
     if gate.get("baseline_version") is not None:
         parts.append(
-            f"<li id=\"gate\">Gate vs version {gate['baseline_version']} on the same "
+            f'<li id="gate">Gate vs version {gate["baseline_version"]} on the same '
             f"{gate.get('test_examples')} examples: {gate.get('accuracy', 0):.4f} vs "
             f"{gate.get('baseline_accuracy', 0):.4f}; {gate.get('candidate_only_wrong')} newly "
             f"wrong, {gate.get('baseline_only_wrong')} newly right; McNemar p = "
-            f"{gate.get('p_value', 1):.3g} (significance {gate.get('significance')}).</li>")
+            f"{gate.get('p_value', 1):.3g} (significance {gate.get('significance')}).</li>"
+        )
     elif gate:
-        parts.append(f"<li id=\"gate\">Gate: {e(str(gate.get('reason')))}</li>")
+        parts.append(f'<li id="gate">Gate: {e(str(gate.get("reason")))}</li>')
     parts.append("</ul>")
     return "".join(parts)
 
 
-def write_report(report_dir: Path, predictions: dict[str, np.ndarray], metrics: dict[str, Any],
-                 history: dict[str, list[float]] | None = None,
-                 config: dict[str, Any] | None = None) -> list[Path]:
+def write_report(
+    report_dir: Path,
+    predictions: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    history: dict[str, list[float]] | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[Path]:
     """Write every figure as a PNG and index.html embedding them; return the paths written."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,11 @@ def split_statistics(split: Split, name: str) -> statistics_pb2.DatasetFeatureSt
     # faster than float64 mean/std over 45M pixels in NumPy).
     import tensorflow as tf
 
-    histogram_256 = tf.math.bincount(tf.cast(split.images.reshape(-1), tf.int32), minlength=256,
-                                     maxlength=256).numpy().astype(np.float64)
+    histogram_256 = (
+        tf.math.bincount(tf.cast(split.images.reshape(-1), tf.int32), minlength=256, maxlength=256)
+        .numpy()
+        .astype(np.float64)
+    )
     values = np.arange(256, dtype=np.float64)
     total = max(histogram_256.sum(), 1.0)
     mean = float((histogram_256 * values).sum() / total)
@@ -92,16 +95,22 @@ def summarize(stats: statistics_pb2.DatasetFeatureStatisticsList) -> dict[str, S
     out = {}
     for ds in stats.datasets:
         features = {f.path.step[0]: f for f in ds.features}
-        counts = np.array([b.sample_count for b in
-                           features["label"].num_stats.histograms[0].buckets], np.float64)
-        out[ds.name] = Summary(int(ds.num_examples), counts / max(counts.sum(), 1.0),
-                               float(features["image"].num_stats.mean))
+        counts = np.array(
+            [b.sample_count for b in features["label"].num_stats.histograms[0].buckets], np.float64
+        )
+        out[ds.name] = Summary(
+            int(ds.num_examples),
+            counts / max(counts.sum(), 1.0),
+            float(features["image"].num_stats.mean),
+        )
     return out
 
 
-def check_drift(current: statistics_pb2.DatasetFeatureStatisticsList,
-                baseline: statistics_pb2.DatasetFeatureStatisticsList,
-                baseline_name: str) -> list[str]:
+def check_drift(
+    current: statistics_pb2.DatasetFeatureStatisticsList,
+    baseline: statistics_pb2.DatasetFeatureStatisticsList,
+    baseline_name: str,
+) -> list[str]:
     """Drift findings (empty when none) between splits of the same name."""
     now, before = summarize(current), summarize(baseline)
     findings = []
@@ -112,11 +121,15 @@ def check_drift(current: statistics_pb2.DatasetFeatureStatisticsList,
         share = float(np.abs(a.label_share - b.label_share).max())
         if share > MAX_LABEL_SHARE_CHANGE:
             c = int(np.abs(a.label_share - b.label_share).argmax())
-            findings.append(f"{name} split: class {c}'s share moved by {share:.3f} "
-                            f"(> {MAX_LABEL_SHARE_CHANGE}) from {baseline_name}'s data")
+            findings.append(
+                f"{name} split: class {c}'s share moved by {share:.3f} "
+                f"(> {MAX_LABEL_SHARE_CHANGE}) from {baseline_name}'s data"
+            )
         if abs(a.pixel_mean - b.pixel_mean) > MAX_PIXEL_MEAN_CHANGE:
-            findings.append(f"{name} split: mean pixel {a.pixel_mean:.1f} vs {b.pixel_mean:.1f} "
-                            f"(> {MAX_PIXEL_MEAN_CHANGE} apart) in {baseline_name}'s data")
+            findings.append(
+                f"{name} split: mean pixel {a.pixel_mean:.1f} vs {b.pixel_mean:.1f} "
+                f"(> {MAX_PIXEL_MEAN_CHANGE} apart) in {baseline_name}'s data"
+            )
     return findings
 
 

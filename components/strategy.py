@@ -64,8 +64,9 @@ def parse_tf_config(raw: str | None) -> dict[str, Any] | None:
     return value if tasks > 1 else None
 
 
-def choose_strategy(device: str, num_gpus: int, tf_config: dict[str, Any] | None = None,
-                    cpu_devices: int = 1) -> StrategyChoice:
+def choose_strategy(
+    device: str, num_gpus: int, tf_config: dict[str, Any] | None = None, cpu_devices: int = 1
+) -> StrategyChoice:
     """The one place that decides how training is placed and distributed.
 
     `device` is the user's --device (auto|cpu|gpu), `num_gpus` how many GPUs TensorFlow sees,
@@ -73,27 +74,44 @@ def choose_strategy(device: str, num_gpus: int, tf_config: dict[str, Any] | None
     logical devices the CPU is split into (MirroredStrategy over them when > 1).
     """
     if device == "gpu" and num_gpus == 0:
-        raise DeviceError("--device gpu was requested but TensorFlow sees no GPU "
-                          "(check the driver and CUDA install, or use --device auto|cpu)")
+        raise DeviceError(
+            "--device gpu was requested but TensorFlow sees no GPU "
+            "(check the driver and CUDA install, or use --device auto|cpu)"
+        )
     use_gpu = device in ("gpu", "auto") and num_gpus > 0
     used = "gpu" if use_gpu else "cpu"
     if tf_config is not None:
-        return StrategyChoice("multi_worker", used, num_gpus if use_gpu else 1,
-                              "MultiWorkerMirroredStrategy from TF_CONFIG")
+        return StrategyChoice(
+            "multi_worker",
+            used,
+            num_gpus if use_gpu else 1,
+            "MultiWorkerMirroredStrategy from TF_CONFIG",
+        )
     if use_gpu and num_gpus > 1:
-        return StrategyChoice("mirrored", "gpu", num_gpus,
-                              f"MirroredStrategy over {num_gpus} GPUs")
+        return StrategyChoice("mirrored", "gpu", num_gpus, f"MirroredStrategy over {num_gpus} GPUs")
     if use_gpu:
         return StrategyChoice("one_device", "gpu", 1, "one GPU (/gpu:0)")
     if cpu_devices > 1:
-        return StrategyChoice("mirrored", "cpu", cpu_devices,
-                              f"MirroredStrategy over {cpu_devices} logical CPU devices")
+        return StrategyChoice(
+            "mirrored",
+            "cpu",
+            cpu_devices,
+            f"MirroredStrategy over {cpu_devices} logical CPU devices",
+        )
     return StrategyChoice("default", "cpu", 1, "CPU (default strategy)")
 
 
-def effective_settings(choice: StrategyChoice, replicas: int, *, batch_size: int,
-                       steps_per_execution: int, jit_compile: bool, mixed_precision: str,
-                       dropout: float, compute_capability: float | None = None) -> Effective:
+def effective_settings(
+    choice: StrategyChoice,
+    replicas: int,
+    *,
+    batch_size: int,
+    steps_per_execution: int,
+    jit_compile: bool,
+    mixed_precision: str,
+    dropout: float,
+    compute_capability: float | None = None,
+) -> Effective:
     """What each strategy allows, applied to the requested settings."""
     why = []
     steps = steps_per_execution
@@ -102,32 +120,46 @@ def effective_settings(choice: StrategyChoice, replicas: int, *, batch_size: int
         # MirroredStrategy ("You must feed a value for placeholder tensor ...while/cond/
         # Placeholder") and MultiWorkerMirroredStrategy (keras-team/keras#20585).
         steps = 1
-        why.append(f"steps_per_execution {steps_per_execution} -> 1: Keras 3.15's multi-step "
-                   f"loop fails under {choice.kind} strategies")
+        why.append(
+            f"steps_per_execution {steps_per_execution} -> 1: Keras 3.15's multi-step "
+            f"loop fails under {choice.kind} strategies"
+        )
     jit = jit_compile
     if jit and choice.kind not in ("default", "one_device"):
         jit = False  # cross-replica collectives are not XLA-compiled on the CPU
-        why.append("jit_compile -> false: XLA stays on one device (collectives are not "
-                   "compiled)")
+        why.append("jit_compile -> false: XLA stays on one device (collectives are not compiled)")
     if jit and dropout > 0:
         jit = False  # measured here: Dropout's random masks under XLA ~5x slower on the CPU
         why.append("jit_compile -> false: Dropout under XLA is ~5x slower on the CPU")
     if mixed_precision == "on":
         mixed = True
         if choice.device == "cpu":
-            log.warning("--mixed-precision on, on the CPU: float16 is emulated there and "
-                        "usually slower")
+            log.warning(
+                "--mixed-precision on, on the CPU: float16 is emulated there and usually slower"
+            )
     elif mixed_precision == "auto":
         mixed = choice.device == "gpu" and (compute_capability or 0.0) >= 7.0
-        why.append(f"mixed_precision auto -> {'on' if mixed else 'off'}: "
-                   + ("a GPU of compute capability >= 7.0" if mixed else
-                      "float16 pays only on GPUs of compute capability >= 7.0"))
+        why.append(
+            f"mixed_precision auto -> {'on' if mixed else 'off'}: "
+            + (
+                "a GPU of compute capability >= 7.0"
+                if mixed
+                else "float16 pays only on GPUs of compute capability >= 7.0"
+            )
+        )
     else:
         mixed = False
-    return Effective(strategy=choice.kind, device=choice.device, replicas=replicas,
-                     global_batch=batch_size, per_replica_batch=max(1, batch_size // replicas),
-                     steps_per_execution=steps, jit_compile=jit, mixed_precision=mixed,
-                     why=tuple(why))
+    return Effective(
+        strategy=choice.kind,
+        device=choice.device,
+        replicas=replicas,
+        global_batch=batch_size,
+        per_replica_batch=max(1, batch_size // replicas),
+        steps_per_execution=steps,
+        jit_compile=jit,
+        mixed_precision=mixed,
+        why=tuple(why),
+    )
 
 
 def make_strategy(choice: StrategyChoice) -> Any:
@@ -136,8 +168,7 @@ def make_strategy(choice: StrategyChoice) -> Any:
     if choice.kind == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if choice.kind == "mirrored" and choice.device == "cpu":
-        return tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(choice.num_devices)])
+        return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(choice.num_devices)])
     if choice.kind == "mirrored":
         return tf.distribute.MirroredStrategy()
     if choice.kind == "one_device":
@@ -165,9 +196,14 @@ def cluster_role(tf_config: dict[str, Any] | None) -> ClusterRole:
     return ClusterRole(is_chief, f"{task_type}-{index}")
 
 
-def setup_device(device: str, *, deterministic: bool, seed: int,
-                 tf_config: dict[str, Any] | None = None, cpu_devices: int = 1
-                 ) -> tuple[StrategyChoice, Any, float | None]:
+def setup_device(
+    device: str,
+    *,
+    deterministic: bool,
+    seed: int,
+    tf_config: dict[str, Any] | None = None,
+    cpu_devices: int = 1,
+) -> tuple[StrategyChoice, Any, float | None]:
     """Resolve --device, hide GPUs for --device cpu, split the CPU for --cpu-devices, make the
     strategy, set seeds. Returns (choice, strategy, the first GPU's compute capability).
 
@@ -191,7 +227,8 @@ def setup_device(device: str, *, deterministic: bool, seed: int,
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:
             tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration()] * choice.num_devices)
+                cpu, [tf.config.LogicalDeviceConfiguration()] * choice.num_devices
+            )
         except RuntimeError:  # already initialised in this process (tests): keep what exists
             pass
     capability = None
@@ -215,13 +252,15 @@ def set_precision(mixed: bool) -> None:
 # --------------------------------------------------------------------------------------------
 # Keras 3.15 work-arounds (several replicas)
 
-PATCHED_KERAS_NAMES = ("keras.src.backend.tensorflow.trainer.reduce_per_replica",
-                       "keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker",
-                       "keras.Model._symbolic_build", "keras.Model._maybe_symbolic_build")
+PATCHED_KERAS_NAMES = (
+    "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+    "keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker",
+    "keras.Model._symbolic_build",
+    "keras.Model._maybe_symbolic_build",
+)
 
 
-def work_around_keras_distributed_build(model: Any, strategy: Any,
-                                        per_replica_batch: int) -> None:
+def work_around_keras_distributed_build(model: Any, strategy: Any, per_replica_batch: int) -> None:
     """Keras 3.15's `fit` and `evaluate` build the model by
     `strategy.reduce("MEAN", first_distributed_batch)` (`_maybe_symbolic_build`), which fails
     under MirroredStrategy when the first batch does not split evenly over the replicas ("Inputs
@@ -232,9 +271,12 @@ def work_around_keras_distributed_build(model: Any, strategy: Any,
     import tensorflow as tf
 
     with strategy.scope():
-        model._symbolic_build(data_batch=(
-            tf.zeros((per_replica_batch, 28, 28), tf.float32),
-            tf.zeros((per_replica_batch,), tf.int64)))
+        model._symbolic_build(
+            data_batch=(
+                tf.zeros((per_replica_batch, 28, 28), tf.float32),
+                tf.zeros((per_replica_batch,), tf.int64),
+            )
+        )
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
@@ -251,11 +293,14 @@ def work_around_keras_multi_worker_reduce() -> None:
     original = tf_trainer.reduce_per_replica
 
     def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
-        if reduction in ("auto", "mean") and \
-                tf_trainer._collective_all_reduce_multi_worker(strategy):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(
+            strategy
+        ):
+
             def mean(v: Any) -> Any:
                 rank = v.values[0].shape.rank if hasattr(v, "values") else v.shape.rank
                 return strategy.reduce("MEAN", v, axis=0 if rank else None)
+
             return tf.nest.map_structure(mean, values)
         return original(values, strategy, reduction)
 

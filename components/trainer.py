@@ -66,8 +66,9 @@ def _write_synced(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _verified_epoch(weights: Path, metadata: Path, recorded: list[dict] | None,
-                    max_epoch: int | None) -> int | None:
+def _verified_epoch(
+    weights: Path, metadata: Path, recorded: list[dict] | None, max_epoch: int | None
+) -> int | None:
     """The epoch a (weights, metadata) pair resumes at, or None when it is unreadable, does not
     match a recorded checksum, or claims an epoch outside the run's plan."""
     import h5py
@@ -84,14 +85,14 @@ def _verified_epoch(weights: Path, metadata: Path, recorded: list[dict] | None,
     if max_epoch is not None and epoch > max_epoch:
         return None
     if recorded is not None and not any(
-            (e.get("weights_sha256"), e.get("metadata_sha256"), e.get("epoch")) ==
-            (*shas, epoch) for e in recorded):
+        (e.get("weights_sha256"), e.get("metadata_sha256"), e.get("epoch")) == (*shas, epoch)
+        for e in recorded
+    ):
         return None
     return epoch
 
 
-def _readable_pair(backup_dir: Path, max_epoch: int | None = None
-                   ) -> tuple[Path, Path, int] | None:
+def _readable_pair(backup_dir: Path, max_epoch: int | None = None) -> tuple[Path, Path, int] | None:
     """The newest verified (weights, metadata, epoch) in a backup dir: the latest copy, else
     the previous one Keras keeps. None when there is no backup; BackupError when no copy
     passes its checksum and epoch checks."""
@@ -103,13 +104,16 @@ def _readable_pair(backup_dir: Path, max_epoch: int | None = None
         epoch = _verified_epoch(w, m, recorded, max_epoch)
         if epoch is not None:
             return w, m, epoch
-    raise BackupError(f"the backup in {backup_dir} is corrupt (no copy matches its checksum "
-                      f"and an epoch of this run) and has no good previous copy: delete that "
-                      f"folder to start this run over, or pick another --run-name")
+    raise BackupError(
+        f"the backup in {backup_dir} is corrupt (no copy matches its checksum "
+        f"and an epoch of this run) and has no good previous copy: delete that "
+        f"folder to start this run over, or pick another --run-name"
+    )
 
 
-def resume_epoch(backup_dir: Path, restore_from: Path | None = None,
-                 epochs: int | None = None) -> int:
+def resume_epoch(
+    backup_dir: Path, restore_from: Path | None = None, epochs: int | None = None
+) -> int:
     """The epoch a run resumes at: 0 without a backup. Every saved state carries the SHA-256 of
     its files and its epoch (`checksums.json`); a latest copy that does not match, or claims
     an epoch beyond `epochs`, is replaced by the verified previous copy (Keras keeps one), with
@@ -126,14 +130,22 @@ def resume_epoch(backup_dir: Path, restore_from: Path | None = None,
     weights, metadata, epoch = found
     if weights != backup_dir / WEIGHTS_FILE:
         if weights.parent == backup_dir:
-            log.warning("backup %s does not match its checksum or its epoch is not this run's; "
-                        "falling back to the previous copy (epoch %d)",
-                        backup_dir / WEIGHTS_FILE, epoch)
+            log.warning(
+                "backup %s does not match its checksum or its epoch is not this run's; "
+                "falling back to the previous copy (epoch %d)",
+                backup_dir / WEIGHTS_FILE,
+                epoch,
+            )
         backup_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights, backup_dir / WEIGHTS_FILE)
         shutil.copyfile(metadata, backup_dir / METADATA_FILE)
-        checksums = {"latest": {"weights_sha256": _sha256(weights),
-                                "metadata_sha256": _sha256(metadata), "epoch": epoch}}
+        checksums = {
+            "latest": {
+                "weights_sha256": _sha256(weights),
+                "metadata_sha256": _sha256(metadata),
+                "epoch": epoch,
+            }
+        }
         _write_synced(backup_dir / CHECKSUMS_FILE, json.dumps(checksums))
         history = source / HISTORY_FILE
         if history.is_file() and history.parent != backup_dir:
@@ -171,9 +183,14 @@ class BackupChecksums(keras.callbacks.Callback):
         weights, metadata = self.backup_dir / WEIGHTS_FILE, self.backup_dir / METADATA_FILE
         recorded = _recorded(self.backup_dir)
         previous = recorded[0] if recorded else None
-        value = {"latest": {"weights_sha256": _sha256(weights),
-                            "metadata_sha256": _sha256(metadata), "epoch": epoch + 1},
-                 "previous": previous}
+        value = {
+            "latest": {
+                "weights_sha256": _sha256(weights),
+                "metadata_sha256": _sha256(metadata),
+                "epoch": epoch + 1,
+            },
+            "previous": previous,
+        }
         _write_synced(self.backup_dir / CHECKSUMS_FILE, json.dumps(value))
 
 
@@ -186,8 +203,10 @@ class _NanGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            raise TrainingDiverged(f"loss became {float(loss)} at batch {batch}: training "
-                                   f"diverged (is the learning rate too large?)")
+            raise TrainingDiverged(
+                f"loss became {float(loss)} at batch {batch}: training "
+                f"diverged (is the learning rate too large?)"
+            )
 
 
 class PhaseTimer(keras.callbacks.Callback):
@@ -216,9 +235,13 @@ class PhaseTimer(keras.callbacks.Callback):
             return
         train_end = m.get("test_begin", m.get("epoch_end", now))
         validation_end = m.get("test_end", train_end)
-        self.epochs.append({"train_steps": train_end - m["epoch_begin"],
-                            "validation": validation_end - train_end,
-                            "callbacks": now - validation_end})
+        self.epochs.append(
+            {
+                "train_steps": train_end - m["epoch_begin"],
+                "validation": validation_end - train_end,
+                "callbacks": now - validation_end,
+            }
+        )
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if not self.epochs and "epoch_begin" not in self._marks:
@@ -245,8 +268,11 @@ class PhaseTimer(keras.callbacks.Callback):
         steps = [e["train_steps"] for e in self.epochs]
         later = sorted(steps[1:])
         compile_s = steps[0] - later[len(later) // 2] if later else None
-        return {"fit_setup": self.setup, "compile_estimate": compile_s,
-                "epochs": [{k: round(v, 4) for k, v in e.items()} for e in self.epochs]}
+        return {
+            "fit_setup": self.setup,
+            "compile_estimate": compile_s,
+            "epochs": [{k: round(v, 4) for k, v in e.items()} for e in self.epochs],
+        }
 
 
 class PassNumber(keras.callbacks.Callback):
@@ -278,8 +304,10 @@ class EpochLine(keras.callbacks.Callback):
         steps = int(self.model.optimizer.iterations.numpy()) - self._steps
         train = "  ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy") if k in logs)
         val = "  ".join(f"{k} {logs[k]:.4f}" for k in ("val_loss", "val_accuracy") if k in logs)
-        self.out(f"epoch {epoch + 1}/{self.epochs}  {train}{'  | ' + val if val else ''}  "
-                 f"({time.perf_counter() - self._start:.1f} s, {steps} steps)")
+        self.out(
+            f"epoch {epoch + 1}/{self.epochs}  {train}{'  | ' + val if val else ''}  "
+            f"({time.perf_counter() - self._start:.1f} s, {steps} steps)"
+        )
 
 
 @dataclasses.dataclass
@@ -292,13 +320,21 @@ class TrainResult:
     phases: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def train(build_model: Callable[[], keras.Model],
-          make_train_ds: Callable[[tf.Variable], tf.data.Dataset],
-          validation_ds: tf.data.Dataset | None, *, epochs: int,
-          strategy: tf.distribute.Strategy, tensorboard_dir: Path | None,
-          backup_dir: Path | None, restore_from: Path | None = None, update_freq: int = 100,
-          extra_callbacks: list[keras.callbacks.Callback] | None = None,
-          verbose: int | None = None) -> TrainResult:
+def train(
+    build_model: Callable[[], keras.Model],
+    make_train_ds: Callable[[tf.Variable], tf.data.Dataset],
+    validation_ds: tf.data.Dataset | None,
+    *,
+    epochs: int,
+    strategy: tf.distribute.Strategy,
+    tensorboard_dir: Path | None,
+    backup_dir: Path | None,
+    restore_from: Path | None = None,
+    update_freq: int = 100,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | None = None,
+    profile: tuple[int, int] | None = None,
+) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
 
     `make_train_ds(epoch)` gives one pass over the training data, shuffled by the value of the
@@ -320,9 +356,13 @@ def train(build_model: Callable[[], keras.Model],
         model = build_model()
     _prepare_for_replicas(model, strategy, train_ds)
     timer = PhaseTimer()
-    callbacks = [timer, PassNumber(pass_number), _NanGuard(),
-                 *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq),
-                 *(extra_callbacks or [])]
+    callbacks = [
+        timer,
+        PassNumber(pass_number),
+        _NanGuard(),
+        *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq, profile),
+        *(extra_callbacks or []),
+    ]
     if verbose is None:
         interactive = sys.stdout.isatty()
         if not interactive:
@@ -330,9 +370,14 @@ def train(build_model: Callable[[], keras.Model],
         verbose = 1 if interactive else 0
     start = time.perf_counter()
     try:
-        history = model.fit(train_ds, validation_data=validation_ds, epochs=epochs,
-                            callbacks=callbacks, verbose=verbose,
-                            shuffle=False)  # the dataset shuffles itself
+        history = model.fit(
+            train_ds,
+            validation_data=validation_ds,
+            epochs=epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the dataset shuffles itself
     except BaseException:
         # Keras closes its TensorBoard writers only on a normal end: flush them so the logs
         # stay readable up to the failure.
@@ -344,37 +389,53 @@ def train(build_model: Callable[[], keras.Model],
     fit_seconds = time.perf_counter() - start
     earlier = backed_up_history(backup_dir, start_epoch) if backup_dir and start_epoch else {}
     ran = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    return TrainResult(model=model, history={k: earlier.get(k, []) + ran.get(k, [])
-                                             for k in {*earlier, *ran}},
-                       epoch_seconds=timer.seconds, fit_seconds=fit_seconds,
-                       initial_epoch=start_epoch, phases=timer.summary())
+    return TrainResult(
+        model=model,
+        history={k: earlier.get(k, []) + ran.get(k, []) for k in {*earlier, *ran}},
+        epoch_seconds=timer.seconds,
+        fit_seconds=fit_seconds,
+        initial_epoch=start_epoch,
+        phases=timer.summary(),
+    )
 
 
-def _prepare_for_replicas(model: keras.Model, strategy: tf.distribute.Strategy,
-                          train_ds: tf.data.Dataset) -> None:
+def _prepare_for_replicas(
+    model: keras.Model, strategy: tf.distribute.Strategy, train_ds: tf.data.Dataset
+) -> None:
     """The Keras work-arounds that several replicas need (components/strategy.py)."""
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if strategy.num_replicas_in_sync == 1 and not multi_worker:
         return
     from components import strategy as policy
 
-    per_replica = max(1, int(train_ds.element_spec[0].shape[0] or 32) //
-                      strategy.num_replicas_in_sync)
+    per_replica = max(
+        1, int(train_ds.element_spec[0].shape[0] or 32) // strategy.num_replicas_in_sync
+    )
     policy.work_around_keras_distributed_build(model, strategy, per_replica)
     if multi_worker:
         policy.work_around_keras_multi_worker_reduce()
 
 
-def _monitoring_callbacks(model: keras.Model, backup_dir: Path | None,
-                          tensorboard_dir: Path | None, update_freq: int
-                          ) -> list[keras.callbacks.Callback]:
+def _monitoring_callbacks(
+    model: keras.Model,
+    backup_dir: Path | None,
+    tensorboard_dir: Path | None,
+    update_freq: int,
+    profile: tuple[int, int] | None = None,
+) -> list[keras.callbacks.Callback]:
     """Backups (with their checksums) and TensorBoard logging."""
     callbacks: list[keras.callbacks.Callback] = []
     if backup_dir is not None:
-        callbacks.append(keras.callbacks.BackupAndRestore(
-            # Kept when fit ends: the caller deletes it once the trained model is saved, so a
-            # kill in between resumes from the last epoch instead of starting over.
-            str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False))
+        callbacks.append(
+            keras.callbacks.BackupAndRestore(
+                # Kept when fit ends: the caller deletes it once the trained model is saved, so a
+                # kill in between resumes from the last epoch instead of starting over.
+                str(backup_dir),
+                save_freq="epoch",
+                double_checkpoint=True,
+                delete_checkpoint=False,
+            )
+        )
         callbacks.append(BackupChecksums(backup_dir))
     if tensorboard_dir is not None:
         from components.monitoring import BatchScalars, write_model_graph
@@ -383,8 +444,15 @@ def _monitoring_callbacks(model: keras.Model, backup_dir: Path | None,
         # Keras writes train/ and validation/ (epoch scalars, weight histograms); step scalars
         # go to their own run folder: TensorBoard follows only the newest event file of a
         # folder, so two writers in one folder would hide one of them from a live TensorBoard.
-        callbacks.append(keras.callbacks.TensorBoard(
-            str(tensorboard_dir), histogram_freq=1, write_graph=False, update_freq="epoch"))
+        callbacks.append(
+            keras.callbacks.TensorBoard(
+                str(tensorboard_dir),
+                histogram_freq=1,
+                write_graph=False,
+                update_freq="epoch",
+                profile_batch=profile or 0,
+            )
+        )
         callbacks.append(BatchScalars(tensorboard_dir, update_freq))
     return callbacks
 

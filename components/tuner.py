@@ -63,23 +63,43 @@ class DenseHyperModel(kt.HyperModel):
         dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
         learning_rate = hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")
         hp.Choice("batch_size", [32, 64, 128, 256])
-        return build_model(units, learning_rate, dropout,
-                           steps_per_execution=self.config.steps_per_execution, jit_compile=True)
+        return build_model(
+            units,
+            learning_rate,
+            dropout,
+            steps_per_execution=self.config.steps_per_execution,
+            jit_compile=True,
+        )
 
-    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, epochs: int = 1,
-            initial_epoch: int = 0, callbacks: list | None = None, **kwargs: Any):
+    def fit(
+        self,
+        hp: kt.HyperParameters,
+        model: keras.Model,
+        *args: Any,
+        epochs: int = 1,
+        initial_epoch: int = 0,
+        callbacks: list | None = None,
+        **kwargs: Any,
+    ):
         batch_size = hp.get("batch_size")
         # Each epoch is one pass, shuffled by (seed, epoch), as in `pipeline train`.
         pass_number = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False)
-        train_ds = data_lib.make_train_dataset(self.train, batch_size, seed=self.config.seed,
-                                               epoch=pass_number)
+        train_ds = data_lib.make_train_dataset(
+            self.train, batch_size, seed=self.config.seed, epoch=pass_number
+        )
         val_ds = data_lib.make_dataset(self.validation, 2048)
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss",
-                                             patience=self.config.early_stopping_patience)
-        return model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                         initial_epoch=initial_epoch,
-                         callbacks=[PassNumber(pass_number), *(callbacks or []), stop],
-                         verbose=0, shuffle=False)
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=self.config.early_stopping_patience
+        )
+        return model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=[PassNumber(pass_number), *(callbacks or []), stop],
+            verbose=0,
+            shuffle=False,
+        )
 
 
 class _OutOfBudget(Exception):
@@ -104,8 +124,11 @@ class _StudyMixin:
     oracle: Any  # the keras-tuner Tuner's, which this mixin is combined with
 
     def _completed(self) -> int:
-        return sum(1 for t in self.oracle.trials.values()
-                   if t.status == kt.engine.trial.TrialStatus.COMPLETED)
+        return sum(
+            1
+            for t in self.oracle.trials.values()
+            if t.status == kt.engine.trial.TrialStatus.COMPLETED
+        )
 
     def pre_create_trial(self) -> None:
         if time.monotonic() >= self.deadline:
@@ -119,11 +142,14 @@ class _StudyMixin:
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_begin(trial)  # type: ignore[misc]
         self.trials_run.append(trial.trial_id)
-        values = {k: v for k, v in trial.hyperparameters.values.items()
-                  if not k.startswith("tuner/")}
+        values = {
+            k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")
+        }
         epochs = trial.hyperparameters.values.get("tuner/epochs", self.study_config.max_epochs)
-        self.out(f"trial {trial.trial_id} (#{len(self.oracle.trials)}): {_fmt(values)}, "
-                 f"up to {epochs} epochs")
+        self.out(
+            f"trial {trial.trial_id} (#{len(self.oracle.trials)}): {_fmt(values)}, "
+            f"up to {epochs} epochs"
+        )
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_end(trial)  # type: ignore[misc]
@@ -132,10 +158,12 @@ class _StudyMixin:
         left = max(0.0, self.deadline - time.monotonic())
         score = trial.score if trial.score is not None else float("nan")
         accuracy = _best_accuracy(trial)
-        self.out(f"trial {trial.trial_id} {trial.status.lower()}: {OBJECTIVE} {score:.4f} "
-                 f"(val_accuracy {accuracy:.4f}), best so far {best_score:.4f}; "
-                 f"{time.monotonic() - self.started:.0f} s "
-                 f"elapsed, {left:.0f} s of budget left")
+        self.out(
+            f"trial {trial.trial_id} {trial.status.lower()}: {OBJECTIVE} {score:.4f} "
+            f"(val_accuracy {accuracy:.4f}), best so far {best_score:.4f}; "
+            f"{time.monotonic() - self.started:.0f} s "
+            f"elapsed, {left:.0f} s of budget left"
+        )
 
 
 def _best_accuracy(trial: Any) -> float:
@@ -149,14 +177,22 @@ def _best_accuracy(trial: Any) -> float:
 
 
 def _fmt(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.2e}" if isinstance(v, float) and k == "learning_rate"
-                     else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in sorted(values.items()))
+    return ", ".join(
+        f"{k}={v:.2e}"
+        if isinstance(v, float) and k == "learning_rate"
+        else f"{k}={v:g}"
+        if isinstance(v, float)
+        else f"{k}={v}"
+        for k, v in sorted(values.items())
+    )
 
 
 def _tuner_class(algorithm: str) -> type:
-    base = {"hyperband": kt.Hyperband, "random": kt.RandomSearch,
-            "bayesian": kt.BayesianOptimization}[algorithm]
+    base = {
+        "hyperband": kt.Hyperband,
+        "random": kt.RandomSearch,
+        "bayesian": kt.BayesianOptimization,
+    }[algorithm]
     return type(f"Study{base.__name__}", (_StudyMixin, base), {})
 
 
@@ -168,20 +204,25 @@ class TuneResult:
     stop_reason: str
 
 
-def tune(config: TuneConfig, train: data_lib.Split, study_dir: Path, out: Any = print
-         ) -> TuneResult:
+def tune(
+    config: TuneConfig, train: data_lib.Split, study_dir: Path, out: Any = print
+) -> TuneResult:
     """Search, then write `best_hparams.json` in `study_dir`. `train` is the training split only:
     the validation split is carved from it here, with `config.seed`."""
     study_dir = Path(study_dir)
     if config.overwrite and study_dir.exists():
         out(f"*** --overwrite: deleting study {config.study} ({study_dir}) and starting over ***")
         shutil.rmtree(study_dir)
-    fit_split, val_split = data_lib.carve_validation(train, config.validation_fraction,
-                                                     config.seed)
+    fit_split, val_split = data_lib.carve_validation(train, config.validation_fraction, config.seed)
     hypermodel = DenseHyperModel(fit_split, val_split, config)
-    common: dict[str, Any] = dict(hypermodel=hypermodel, objective=OBJECTIVE,
-                                  directory=str(study_dir), project_name="keras_tuner",
-                                  overwrite=False, seed=config.seed)
+    common: dict[str, Any] = dict(
+        hypermodel=hypermodel,
+        objective=OBJECTIVE,
+        directory=str(study_dir),
+        project_name="keras_tuner",
+        overwrite=False,
+        seed=config.seed,
+    )
     if config.algorithm == "hyperband":
         tuner = _tuner_class("hyperband")(max_epochs=config.max_epochs, factor=3, **common)
     else:
@@ -189,13 +230,16 @@ def tune(config: TuneConfig, train: data_lib.Split, study_dir: Path, out: Any = 
     tuner._setup_study(config, out)
     done = tuner._completed()
     if done:
-        out(f"*** resuming study {config.study}: {done} trial(s) already done in {study_dir} "
-            f"are kept, not re-run (--overwrite starts over) ***")
-    out(f"searching: {config.algorithm}, selection on {len(val_split)} validation examples "
+        out(
+            f"*** resuming study {config.study}: {done} trial(s) already done in {study_dir} "
+            f"are kept, not re-run (--overwrite starts over) ***"
+        )
+    out(
+        f"searching: {config.algorithm}, selection on {len(val_split)} validation examples "
         f"held out of {len(train)} training examples (seed {config.seed}); the test split is "
-        f"not used")
-    tensorboard = keras.callbacks.TensorBoard(str(study_dir / "tensorboard"),
-                                              update_freq="epoch")
+        f"not used"
+    )
+    tensorboard = keras.callbacks.TensorBoard(str(study_dir / "tensorboard"), update_freq="epoch")
     try:
         tuner.search(epochs=config.max_epochs, callbacks=[tensorboard], verbose=0)
     except _OutOfBudget:
@@ -203,13 +247,17 @@ def tune(config: TuneConfig, train: data_lib.Split, study_dir: Path, out: Any = 
     if tuner.stop_reason == "the algorithm finished its schedule":
         done = tuner._completed()
         if config.algorithm == "hyperband" and done < config.max_trials:
-            tuner.stop_reason = (f"Hyperband's bracket schedule for --max-epochs "
-                                 f"{config.max_epochs} (factor 3) holds {done} trial(s), fewer "
-                                 f"than --max-trials {config.max_trials}; raise --max-epochs "
-                                 f"for more, or use --algorithm random|bayesian")
+            tuner.stop_reason = (
+                f"Hyperband's bracket schedule for --max-epochs "
+                f"{config.max_epochs} (factor 3) holds {done} trial(s), fewer "
+                f"than --max-trials {config.max_trials}; raise --max-epochs "
+                f"for more, or use --algorithm random|bayesian"
+            )
         elif done < config.max_trials:
-            tuner.stop_reason = (f"the {config.algorithm} search ran out of new "
-                                 f"hyperparameter combinations after {done} trial(s)")
+            tuner.stop_reason = (
+                f"the {config.algorithm} search ran out of new "
+                f"hyperparameter combinations after {done} trial(s)"
+            )
     out(f"search stopped: {tuner.stop_reason}")
     best = write_best(tuner, config, study_dir, len(fit_split), len(val_split))
     return TuneResult(study_dir, best, tuner.trials_run, tuner.stop_reason)
@@ -235,34 +283,53 @@ def best_epoch(trial: Any) -> int | None:
     return int(trial.hyperparameters.values.get("tuner/initial_epoch", 0)) + trial.best_step + 1
 
 
-def write_best(tuner: Any, config: TuneConfig, study_dir: Path, n_fit: int, n_val: int
-               ) -> dict[str, Any]:
+def write_best(
+    tuner: Any, config: TuneConfig, study_dir: Path, n_fit: int, n_val: int
+) -> dict[str, Any]:
     trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
-    table = [{"trial_id": t.trial_id, "status": t.status,
-              "values": {k: v for k, v in t.hyperparameters.values.items()
-                         if not k.startswith("tuner/")},
-              "epochs": t.hyperparameters.values.get("tuner/epochs", config.max_epochs),
-              "score": t.score, "val_accuracy": _best_accuracy(t) if t.score is not None
-              else None, "best_epoch": best_epoch(t)}
-             for t in trials]
+    table = [
+        {
+            "trial_id": t.trial_id,
+            "status": t.status,
+            "values": {
+                k: v for k, v in t.hyperparameters.values.items() if not k.startswith("tuner/")
+            },
+            "epochs": t.hyperparameters.values.get("tuner/epochs", config.max_epochs),
+            "score": t.score,
+            "val_accuracy": _best_accuracy(t) if t.score is not None else None,
+            "best_epoch": best_epoch(t),
+        }
+        for t in trials
+    ]
     completed = tuner.oracle.get_best_trials(1)
     if not completed:
-        raise NoTrialCompleted("no trial completed within the budget: raise --time-budget or "
-                               "--max-trials")
+        raise NoTrialCompleted(
+            "no trial completed within the budget: raise --time-budget or --max-trials"
+        )
     best = completed[0]
     values = {k: v for k, v in best.hyperparameters.values.items() if not k.startswith("tuner/")}
     result = {
-        "study": config.study, "algorithm": config.algorithm, "objective": OBJECTIVE,
-        "score": best.score, "val_accuracy": _best_accuracy(best), "trial_id": best.trial_id,
-        "validation": {"fraction": config.validation_fraction, "seed": config.seed,
-                       "train_examples": n_fit, "validation_examples": n_val},
+        "study": config.study,
+        "algorithm": config.algorithm,
+        "objective": OBJECTIVE,
+        "score": best.score,
+        "val_accuracy": _best_accuracy(best),
+        "trial_id": best.trial_id,
+        "validation": {
+            "fraction": config.validation_fraction,
+            "seed": config.seed,
+            "train_examples": n_fit,
+            "validation_examples": n_val,
+        },
         # What `pipeline train --hparams` reads: the winning values, and as many epochs as the
         # winning trial needed to reach its best validation score.
-        "hparams": {"hidden_units": int(values["hidden_units"]),
-                    "dropout": round(float(values["dropout"]), 4),
-                    "learning_rate": float(values["learning_rate"]),
-                    "batch_size": int(values["batch_size"]),
-                    "epochs": best_epoch(best)},
+        "hparams": {
+            "hidden_units": int(values["hidden_units"]),
+            "dropout": round(float(values["dropout"]), 4),
+            "learning_rate": float(values["learning_rate"]),
+            "batch_size": int(values["batch_size"]),
+            "epochs": best_epoch(best),
+        },
         "trials": table,
     }
     path = Path(study_dir) / BEST_FILE
@@ -273,16 +340,21 @@ def write_best(tuner: Any, config: TuneConfig, study_dir: Path, n_fit: int, n_va
 
 
 def format_trials(best: dict[str, Any]) -> str:
-    lines = ["| trial | units | dropout | learning rate | batch | epochs | best epoch | "
-             f"{OBJECTIVE} | val_accuracy |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for t in sorted(best["trials"], key=lambda t: t["score"] if t["score"] is not None
-                    else float("inf")):
+    lines = [
+        "| trial | units | dropout | learning rate | batch | epochs | best epoch | "
+        f"{OBJECTIVE} | val_accuracy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in sorted(
+        best["trials"], key=lambda t: t["score"] if t["score"] is not None else float("inf")
+    ):
         v = t["values"]
         score = f"{t['score']:.4f}" if t["score"] is not None else t["status"].lower()
         accuracy = f"{t['val_accuracy']:.4f}" if t.get("val_accuracy") is not None else ""
         mark = " (best)" if t["trial_id"] == best["trial_id"] else ""
-        lines.append(f"| {t['trial_id']}{mark} | {v['hidden_units']} | {v['dropout']:.1f} | "
-                     f"{v['learning_rate']:.2e} | {v['batch_size']} | {t['epochs']} | "
-                     f"{t['best_epoch']} | {score} | {accuracy} |")
+        lines.append(
+            f"| {t['trial_id']}{mark} | {v['hidden_units']} | {v['dropout']:.1f} | "
+            f"{v['learning_rate']:.2e} | {v['batch_size']} | {t['epochs']} | "
+            f"{t['best_epoch']} | {score} | {accuracy} |"
+        )
     return "\n".join(lines)

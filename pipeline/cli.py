@@ -45,27 +45,33 @@ def _int(kind: str, minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
         return value
+
     return parse
 
 
 def _number(field: Field):
     """argparse type for a config field: parses the text; range checks are the config's."""
+
     def parse(text: str) -> Any:
         try:
             value = field.type(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected {field.describe_range()}, got {text!r}") from None
+                f"expected {field.describe_range()}, got {text!r}"
+            ) from None
         try:
             return check_value(field, value)
         except ConfigError:
             raise argparse.ArgumentTypeError(
-                f"expected {field.describe_range()}, got {text!r}") from None
+                f"expected {field.describe_range()}, got {text!r}"
+            ) from None
+
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, *,
-                     only: tuple[str, ...] | None = None) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type = TrainConfig, *, only: tuple[str, ...] | None = None
+) -> None:
     """One flag per config field, grouped, with the field's help, default and range.
 
     Defaults are SUPPRESSed (only flags given on the command line override `--hparams`), except
@@ -82,14 +88,21 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, *
         default = "none" if field.default is None else field.default
         help_text = f"{field.meta['help']} (default {default})"
         if field.type is bool:
-            group.add_argument(field.flag, action=argparse.BooleanOptionalAction,
-                               default=suppress, help=help_text)
+            group.add_argument(
+                field.flag, action=argparse.BooleanOptionalAction, default=suppress, help=help_text
+            )
         elif field.meta["choices"]:
-            group.add_argument(field.flag, choices=field.meta["choices"],
-                               default=suppress, help=help_text)
+            group.add_argument(
+                field.flag, choices=field.meta["choices"], default=suppress, help=help_text
+            )
         else:
-            group.add_argument(field.flag, type=_number(field), default=suppress,
-                               metavar=field.name.upper(), help=help_text)
+            group.add_argument(
+                field.flag,
+                type=_number(field),
+                default=suppress,
+                metavar=field.name.upper(),
+                help=help_text,
+            )
 
 
 def _run_name(text: str) -> str:
@@ -97,7 +110,8 @@ def _run_name(text: str) -> str:
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text) or text == "latest":
         raise argparse.ArgumentTypeError(
-            f"expected letters, digits, '.', '_' or '-' (not 'latest'), got {text!r}")
+            f"expected letters, digits, '.', '_' or '-' (not 'latest'), got {text!r}"
+        )
     return text
 
 
@@ -109,88 +123,156 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="ingest -> train -> export -> validate as served "
-                                         "-> gate -> publish -> report")
+    train = sub.add_parser(
+        "train", help="ingest -> train -> export -> validate as served -> gate -> publish -> report"
+    )
     add_config_flags(train)
-    train.add_argument("--hparams", type=Path, help="JSON of config values, e.g. a tuner's "
-                       "best_hparams.json or a run's config.json; flags given here override it")
+    train.add_argument(
+        "--hparams",
+        type=Path,
+        help="JSON of config values, e.g. a tuner's "
+        "best_hparams.json or a run's config.json; flags given here override it",
+    )
     g = train.add_argument_group("paths")
     _add_artifacts(g)
-    g.add_argument("--run-name", type=_run_name,
-                   help="name of the run (default: a fresh time-based id); running again "
-                        "under the same name resumes it from its last completed epoch")
-    g.add_argument("--tfds-data-dir", type=Path,
-                   help="where TFDS keeps prepared data (default: TFDS's own, "
-                        "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    g.add_argument("--tfds-manual-dir", type=Path,
-                   default=os.environ.get("MNIST_MANUAL_DIR") or None,
-                   help="folder with the four official MNIST .gz files, for offline use "
-                        "(default: $MNIST_MANUAL_DIR)")
+    g.add_argument(
+        "--run-name",
+        type=_run_name,
+        help="name of the run (default: a fresh time-based id); running again "
+        "under the same name resumes it from its last completed epoch",
+    )
+    g.add_argument(
+        "--tfds-data-dir",
+        type=Path,
+        help="where TFDS keeps prepared data (default: TFDS's own, "
+        "$TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    )
+    g.add_argument(
+        "--tfds-manual-dir",
+        type=Path,
+        default=os.environ.get("MNIST_MANUAL_DIR") or None,
+        help="folder with the four official MNIST .gz files, for offline use "
+        "(default: $MNIST_MANUAL_DIR)",
+    )
 
     tune = _add_tune_parser(sub)
 
-    clu = sub.add_parser("cluster", help="train with N local worker processes "
-                                         "(MultiWorkerMirroredStrategy, generated TF_CONFIG)")
+    clu = sub.add_parser(
+        "cluster",
+        help="train with N local worker processes "
+        "(MultiWorkerMirroredStrategy, generated TF_CONFIG)",
+    )
     clu.add_argument("--workers", type=POSITIVE, default=2, help="worker processes (default 2)")
-    clu.add_argument("--max-restarts", type=NON_NEGATIVE, default=2,
-                     help="restarts of the whole cluster when a worker is killed (default 2)")
-    clu.add_argument("train_args", nargs=argparse.REMAINDER,
-                     help="after `--`: flags for `train`, e.g. -- --epochs 1")
+    clu.add_argument(
+        "--max-restarts",
+        type=NON_NEGATIVE,
+        default=2,
+        help="restarts of the whole cluster when a worker is killed (default 2)",
+    )
+    clu.add_argument(
+        "train_args",
+        nargs=argparse.REMAINDER,
+        help="after `--`: flags for `train`, e.g. -- --epochs 1",
+    )
 
-    mod = sub.add_parser("models", help="published versions: list, and serve by label "
-                                        "(promote, canary, rollback)")
+    mod = sub.add_parser(
+        "models", help="published versions: list, and serve by label (promote, canary, rollback)"
+    )
     mod.add_argument("action", choices=("list", "promote", "canary", "rollback"))
-    mod.add_argument("version", nargs="?", type=POSITIVE,
-                     help="the version to promote to stable or serve as canary")
-    mod.add_argument("--base-path", default=None,
-                     help="the models folder as TF Serving sees it, written into the "
-                          "generated models.config (default: its absolute path here; "
-                          "/models/mnist inside the tensorflow/serving container)")
+    mod.add_argument(
+        "version",
+        nargs="?",
+        type=POSITIVE,
+        help="the version to promote to stable or serve as canary",
+    )
+    mod.add_argument(
+        "--base-path",
+        default=None,
+        help="the models folder as TF Serving sees it, written into the "
+        "generated models.config (default: its absolute path here; "
+        "/models/mnist inside the tensorflow/serving container)",
+    )
     mod.add_argument("--json", action="store_true", help="list as JSON")
     _add_artifacts(mod)
 
     rep = sub.add_parser("report", help="rebuild the report of an earlier run")
     rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
     for command in (train, tune, clu, rep, mod):
-        command.add_argument("--verbose", action="store_true",
-                             help="also show library logs (TensorFlow's native start-up and "
-                                  "XLA lines, TFDS progress) that are hidden by default")
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show library logs (TensorFlow's native start-up and "
+            "XLA lines, TFDS progress) that are hidden by default",
+        )
     return parser
 
 
 def _add_tune_parser(sub: Any) -> argparse.ArgumentParser:
-    tune = sub.add_parser("tune", help="keras-tuner search over the dense family; writes "
-                                       "artifacts/tuning/<study>/best_hparams.json")
-    tune.add_argument("--study", type=_run_name, default="default",
-                      help="study name: re-running a study continues it (default 'default')")
-    tune.add_argument("--algorithm", choices=("hyperband", "random", "bayesian"),
-                      default="hyperband", help="search algorithm (default hyperband)")
-    tune.add_argument("--max-trials", type=POSITIVE, default=40,
-                      help="stop after this many completed trials (default 40)")
-    tune.add_argument("--max-epochs", type=POSITIVE, default=20,
-                      help="epochs for the longest trial (default 20); early stopping on "
-                           "validation loss inside trials")
-    tune.add_argument("--time-budget", type=_number(Field("time_budget", float, False, 13.0, {
-        "minimum": 0.01, "maximum": None, "below": None, "choices": None})), default=13.0,
-                      help="minutes; the search stops cleanly between trials when it is "
-                           "spent (default 13)")
+    tune = sub.add_parser(
+        "tune",
+        help="keras-tuner search over the dense family; writes "
+        "artifacts/tuning/<study>/best_hparams.json",
+    )
+    tune.add_argument(
+        "--study",
+        type=_run_name,
+        default="default",
+        help="study name: re-running a study continues it (default 'default')",
+    )
+    tune.add_argument(
+        "--algorithm",
+        choices=("hyperband", "random", "bayesian"),
+        default="hyperband",
+        help="search algorithm (default hyperband)",
+    )
+    tune.add_argument(
+        "--max-trials",
+        type=POSITIVE,
+        default=40,
+        help="stop after this many completed trials (default 40)",
+    )
+    tune.add_argument(
+        "--max-epochs",
+        type=POSITIVE,
+        default=20,
+        help="epochs for the longest trial (default 20); early stopping on "
+        "validation loss inside trials",
+    )
+    tune.add_argument(
+        "--time-budget",
+        type=_number(
+            Field(
+                "time_budget",
+                float,
+                False,
+                13.0,
+                {"minimum": 0.01, "maximum": None, "below": None, "choices": None},
+            )
+        ),
+        default=13.0,
+        help="minutes; the search stops cleanly between trials when it is spent (default 13)",
+    )
     # The validation split is the training runs' own (same field, same default, same seed), so
     # runs and trials compare in the HParams tab.
     add_config_flags(tune, only=("validation_fraction", "seed", "max_train_examples", "device"))
-    tune.add_argument("--overwrite", action="store_true",
-                      help="delete the study's trials and start over")
+    tune.add_argument(
+        "--overwrite", action="store_true", help="delete the study's trials and start over"
+    )
     _add_artifacts(tune)
     tune.add_argument("--tfds-data-dir", type=Path)
-    tune.add_argument("--tfds-manual-dir", type=Path,
-                      default=os.environ.get("MNIST_MANUAL_DIR") or None)
+    tune.add_argument(
+        "--tfds-manual-dir", type=Path, default=os.environ.get("MNIST_MANUAL_DIR") or None
+    )
     return tune
 
 
 def _add_artifacts(group: Any) -> None:
-    group.add_argument("--artifacts-dir", type=Path,
-                       default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts"),
-                       help="where runs, TensorBoard logs and models go "
-                            "(default: $ARTIFACTS_DIR or ./artifacts)")
+    group.add_argument(
+        "--artifacts-dir",
+        type=Path,
+        default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts"),
+        help="where runs, TensorBoard logs and models go (default: $ARTIFACTS_DIR or ./artifacts)",
+    )
 
 
 def resolve_config(args: argparse.Namespace, cls: Any = TrainConfig) -> Any:
@@ -237,8 +319,10 @@ def check_artifacts_dir(path: Path) -> None:
         raise UsageError(f"--artifacts-dir {path} is not writable ({e.strerror})") from None
     for sub in ("runs", "tensorboard", "models", "tuning"):
         if (path / sub).exists() and not (path / sub).is_dir():
-            raise UsageError(f"--artifacts-dir {path}: {path / sub} exists and is not a folder "
-                             f"(move it away; the run writes its {sub} there)")
+            raise UsageError(
+                f"--artifacts-dir {path}: {path / sub} exists and is not a folder "
+                f"(move it away; the run writes its {sub} there)"
+            )
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -281,8 +365,12 @@ def _train(args: argparse.Namespace) -> int:
 
     paths = Paths(args.artifacts_dir, args.tfds_data_dir, args.tfds_manual_dir)
     try:
-        result = train_pipeline(config, paths, run_id=args.run_name,
-                                tf_config=parse_tf_config(os.environ.get("TF_CONFIG")))
+        result = train_pipeline(
+            config,
+            paths,
+            run_id=args.run_name,
+            tf_config=parse_tf_config(os.environ.get("TF_CONFIG")),
+        )
     except Exception as e:
         mapped = map_error(e)
         if mapped is None:
@@ -324,12 +412,22 @@ def map_error(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, ArtifactError):
         return EXIT_PUBLISH, str(e)
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
-        hint = " (disk full: free space and run the same command again with --run-name)" \
-            if e.errno == errno.ENOSPC else ""
+        hint = (
+            " (disk full: free space and run the same command again with --run-name)"
+            if e.errno == errno.ENOSPC
+            else ""
+        )
         return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
-    if isinstance(e, (tf.errors.ResourceExhaustedError, tf.errors.DataLossError,
-                      tf.errors.FailedPreconditionError, tf.errors.PermissionDeniedError,
-                      tf.errors.NotFoundError)):
+    if isinstance(
+        e,
+        (
+            tf.errors.ResourceExhaustedError,
+            tf.errors.DataLossError,
+            tf.errors.FailedPreconditionError,
+            tf.errors.PermissionDeniedError,
+            tf.errors.NotFoundError,
+        ),
+    ):
         # TensorFlow's file I/O errors are not OSErrors (e.g. disk full inside SavedModel or
         # TFRecord writers).
         first = (e.message or str(e)).strip().splitlines()[0][:300]
@@ -357,8 +455,10 @@ def _models(args: argparse.Namespace) -> int:
         else:
             config = versions.canary(base, args.version, args.base_path)
         labels = versions.read_labels(base)
-        print(f"stable: {labels['stable']}, canary: {labels['canary']}; wrote {config} "
-              f"(TF Serving re-reads it with --model_config_file_poll_wait_seconds)")
+        print(
+            f"stable: {labels['stable']}, canary: {labels['canary']}; wrote {config} "
+            f"(TF Serving re-reads it with --model_config_file_poll_wait_seconds)"
+        )
         return EXIT_OK
     except versions.VersionError as e:
         raise UsageError(str(e)) from None
@@ -373,8 +473,11 @@ def _report(args: argparse.Namespace) -> int:
     try:
         written = rebuild_report(run_dir)
     except (OSError, ValueError, KeyError) as e:  # a garbled metrics.json or predictions.npz
-        return _fail(EXIT_PUBLISH, f"{run_dir}: the run's files cannot be read to redraw the "
-                                   f"report ({type(e).__name__}: {e})")
+        return _fail(
+            EXIT_PUBLISH,
+            f"{run_dir}: the run's files cannot be read to redraw the "
+            f"report ({type(e).__name__}: {e})",
+        )
     for path in written:
         print(path)
     return EXIT_OK
@@ -386,15 +489,26 @@ def _tune(args: argparse.Namespace) -> int:
     from components import strategy, tuner
 
     config = tuner.TuneConfig(
-        study=args.study, algorithm=args.algorithm, max_trials=args.max_trials,
-        max_epochs=args.max_epochs, time_budget_minutes=args.time_budget,
-        validation_fraction=args.validation_fraction, seed=args.seed, overwrite=args.overwrite)
+        study=args.study,
+        algorithm=args.algorithm,
+        max_trials=args.max_trials,
+        max_epochs=args.max_epochs,
+        time_budget_minutes=args.time_budget,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     try:
         strategy.setup_device(args.device, deterministic=False, seed=args.seed)  # no TF_CONFIG
         # Only the training split: selection must never see the test split.
-        train = data_lib.validate_split(data_lib.load_split(
-            "train", data_dir=args.tfds_data_dir, manual_dir=args.tfds_manual_dir,
-            limit=args.max_train_examples))
+        train = data_lib.validate_split(
+            data_lib.load_split(
+                "train",
+                data_dir=args.tfds_data_dir,
+                manual_dir=args.tfds_manual_dir,
+                limit=args.max_train_examples,
+            )
+        )
     except strategy.DeviceError as e:
         return _fail(EXIT_USAGE, str(e))
     except data_lib.DataError as e:
@@ -408,15 +522,22 @@ def _tune(args: argparse.Namespace) -> int:
         broken = tuner.unreadable_state_file(study_dir)
         if broken is None:
             raise
-        return _fail(EXIT_USAGE, f"study {args.study}: {broken} is corrupt ({e}); run again "
-                                 f"with --overwrite to start the study over, or restore that "
-                                 f"file")
+        return _fail(
+            EXIT_USAGE,
+            f"study {args.study}: {broken} is corrupt ({e}); run again "
+            f"with --overwrite to start the study over, or restore that "
+            f"file",
+        )
     print(tuner.format_trials(result.best))
     hp = result.best["hparams"]
-    print(f"best: {hp} with {tuner.OBJECTIVE} {result.best['score']:.4f} "
-          f"(trial {result.best['trial_id']}); {len(result.trials_run)} trial(s) run now")
-    print(f"written {study_dir / tuner.BEST_FILE}; train it with:\n"
-          f"  make train ARGS=\"--hparams {study_dir / tuner.BEST_FILE}\"")
+    print(
+        f"best: {hp} with {tuner.OBJECTIVE} {result.best['score']:.4f} "
+        f"(trial {result.best['trial_id']}); {len(result.trials_run)} trial(s) run now"
+    )
+    print(
+        f"written {study_dir / tuner.BEST_FILE}; train it with:\n"
+        f'  make train ARGS="--hparams {study_dir / tuner.BEST_FILE}"'
+    )
     return EXIT_OK
 
 
@@ -439,8 +560,11 @@ def _cluster(args: argparse.Namespace) -> int:
     from pipeline.cluster import run_cluster
     from pipeline.run import new_run_id
 
-    train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] \
+    train_args = (
+        [a for a in args.train_args if a != "--"]
+        if args.train_args[:1] == ["--"]
         else list(args.train_args)
+    )
     parsed = build_parser().parse_args(["train", *train_args])  # flag errors: exit 2 here
     resolve_config(parsed)
     check_artifacts_dir(parsed.artifacts_dir)

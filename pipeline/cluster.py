@@ -32,8 +32,10 @@ def free_ports(n: int) -> list[int]:
 def tf_configs(ports: Sequence[int]) -> list[dict]:
     """One TF_CONFIG per worker; worker 0 is the chief (no separate chief task)."""
     workers = [f"127.0.0.1:{p}" for p in ports]
-    return [{"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-            for i in range(len(workers))]
+    return [
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        for i in range(len(workers))
+    ]
 
 
 def _pump(stream, prefix: str) -> None:
@@ -66,8 +68,7 @@ def _watch(procs: list[subprocess.Popen]) -> tuple[list[int | None], int | None,
         time.sleep(0.2)
 
 
-def run_cluster(workers: int, train_args: list[str], run_name: str, max_restarts: int = 2
-                ) -> int:
+def run_cluster(workers: int, train_args: list[str], run_name: str, max_restarts: int = 2) -> int:
     """Start the workers, wait; on a worker killed by a signal, restart them all (up to
     `max_restarts` times). Returns the chief's exit code."""
     attempt = 0
@@ -76,13 +77,16 @@ def run_cluster(workers: int, train_args: list[str], run_name: str, max_restarts
         procs: list[subprocess.Popen] = []
         for i, config in enumerate(tf_configs(ports)):
             env = {**os.environ, "TF_CONFIG": json.dumps(config)}
-            cmd = [sys.executable, "-m", "pipeline", "train", *train_args, "--run-name",
-                   run_name]
-            p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+            cmd = [sys.executable, "-m", "pipeline", "train", *train_args, "--run-name", run_name]
+            p = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             procs.append(p)
-            print(f"cluster: worker {i} pid {p.pid} on 127.0.0.1:{ports[i]}"
-                  f"{' (chief)' if i == 0 else ''}", flush=True)
+            print(
+                f"cluster: worker {i} pid {p.pid} on 127.0.0.1:{ports[i]}"
+                f"{' (chief)' if i == 0 else ''}",
+                flush=True,
+            )
             threading.Thread(target=_pump, args=(p.stdout, f"worker {i}"), daemon=True).start()
         try:
             codes, killed, failed = _watch(procs)
@@ -95,11 +99,17 @@ def run_cluster(workers: int, train_args: list[str], run_name: str, max_restarts
         if killed is not None and attempt < max_restarts:
             attempt += 1
             signal_number = -(codes[killed] or 0)
-            print(f"cluster: worker {killed} was killed (signal {signal_number}); restarting "
-                  f"all {workers} workers (attempt {attempt}/{max_restarts}), resuming run "
-                  f"{run_name}", flush=True)
+            print(
+                f"cluster: worker {killed} was killed (signal {signal_number}); restarting "
+                f"all {workers} workers (attempt {attempt}/{max_restarts}), resuming run "
+                f"{run_name}",
+                flush=True,
+            )
             continue
         bad = killed if killed is not None else (failed or 0)
-        print(f"cluster: worker {bad} ended with code {procs[bad].returncode}; stopping",
-              file=sys.stderr, flush=True)
+        print(
+            f"cluster: worker {bad} ended with code {procs[bad].returncode}; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         return procs[0].returncode if procs[0].returncode not in (None, 0) else 1

@@ -17,18 +17,34 @@ class ConfigError(ValueError):
     """A config value a user gave is invalid (a usage error: exit code 2)."""
 
 
-def setting(default: Any, help: str, *, minimum: float | None = None,
-            maximum: float | None = None, below: float | None = None,
-            choices: tuple[str, ...] | None = None, hparam: bool = False,
-            group: str = "training") -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    below: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    hparam: bool = False,
+    group: str = "training",
+) -> Any:
     """Declare a config field: `minimum`/`maximum` inclusive, `below` exclusive; `hparam` marks
     the fields logged in TensorBoard's HParams tab and searchable by the tuner."""
-    return dataclasses.field(default=default, metadata=dict(
-        help=help, minimum=minimum, maximum=maximum, below=below, choices=choices,
-        hparam=hparam, group=group))
+    return dataclasses.field(
+        default=default,
+        metadata=dict(
+            help=help,
+            minimum=minimum,
+            maximum=maximum,
+            below=below,
+            choices=choices,
+            hparam=hparam,
+            group=group,
+        ),
+    )
 
 
-SEED_LIMIT = 2 ** 32  # numpy's and TensorFlow's seeds are 32-bit
+SEED_LIMIT = 2**32  # numpy's and TensorFlow's seeds are 32-bit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,53 +52,113 @@ class TrainConfig:
     """Everything that decides what a run does. Defaults are the documented model."""
 
     epochs: int = setting(5, "passes over the training examples", minimum=1, hparam=True)
-    batch_size: int = setting(32, "global batch size (split over replicas)", minimum=1,
-                              hparam=True)
+    batch_size: int = setting(32, "global batch size (split over replicas)", minimum=1, hparam=True)
     learning_rate: float = setting(1e-3, "Adam learning rate", minimum=0, hparam=True)
     hidden_units: int = setting(128, "units of the hidden Dense layer", minimum=1, hparam=True)
-    dropout: float = setting(0.0, "dropout after the hidden layer (0: no Dropout layer)",
-                             minimum=0, below=1, hparam=True)
-    seed: int = setting(0, "random seed (weights, shuffling, the validation split)", minimum=0,
-                        below=SEED_LIMIT, hparam=True)
+    dropout: float = setting(
+        0.0, "dropout after the hidden layer (0: no Dropout layer)", minimum=0, below=1, hparam=True
+    )
+    seed: int = setting(
+        0,
+        "random seed (weights, shuffling, the validation split)",
+        minimum=0,
+        below=SEED_LIMIT,
+        hparam=True,
+    )
     validation_fraction: float = setting(
-        0.05, "fraction of the training split held out (with the seed) for validation curves "
-        "and calibration; 0 trains on all of it with no validation", minimum=0, below=1,
-        hparam=True)
-    device: str = setting("auto", "auto: the GPU(s) when TensorFlow sees any, else the CPU",
-                          choices=("auto", "cpu", "gpu"), group="device")
-    cpu_devices: int = setting(1, "split the CPU into N logical devices and mirror over them "
-                               "(MirroredStrategy without GPUs: tests the multi-device path)",
-                               minimum=1, maximum=64, group="device")
-    deterministic: bool = setting(False, "TensorFlow op determinism: same seed, same weights",
-                                  group="device")
+        0.05,
+        "fraction of the training split held out (with the seed) for validation curves "
+        "and calibration; 0 trains on all of it with no validation",
+        minimum=0,
+        below=1,
+        hparam=True,
+    )
+    device: str = setting(
+        "auto",
+        "auto: the GPU(s) when TensorFlow sees any, else the CPU",
+        choices=("auto", "cpu", "gpu"),
+        group="device",
+    )
+    cpu_devices: int = setting(
+        1,
+        "split the CPU into N logical devices and mirror over them "
+        "(MirroredStrategy without GPUs: tests the multi-device path)",
+        minimum=1,
+        maximum=64,
+        group="device",
+    )
+    deterministic: bool = setting(
+        False, "TensorFlow op determinism: same seed, same weights", group="device"
+    )
     # Keras runs this many train steps per host round-trip; 1 is plain Keras. Does not change
     # the maths (same batches, same updates), only how often Python is re-entered.
-    steps_per_execution: int = setting(100, "train steps per host round-trip (1: plain Keras)",
-                                       minimum=1, hparam=True, group="device")
-    jit_compile: bool = setting(True, "compile the train step with XLA (where the strategy "
-                                "allows it)", hparam=True, group="device")
-    mixed_precision: str = setting("auto", "float16 compute with float32 weights: auto = on "
-                                   "for GPUs of compute capability >= 7.0, off on CPUs",
-                                   choices=("auto", "on", "off"), group="device")
-    tensorboard_update_freq: int = setting(100, "TensorBoard step scalars every N steps",
-                                           minimum=1, group="monitoring")
-    min_accuracy: float = setting(0.97, "publish only at or above this test accuracy",
-                                  minimum=0, maximum=1, group="publish gate")
-    max_regression: float = setting(0.002, "refuse a model this far below the latest version "
-                                    "(when the drop is also significant, McNemar p < 0.05)",
-                                    minimum=0, maximum=1, group="publish gate")
-    keep_versions: int = setting(0, "after publishing keep the newest K versions (0: all; "
-                                 "labelled versions are always kept)", minimum=0,
-                                 group="publish gate")
-    max_train_examples: int | None = setting(None, "use only the first N training examples "
-                                             "(smoke runs)", minimum=1, group="smoke runs")
-    max_test_examples: int | None = setting(None, "evaluate on the first N test examples only "
-                                            "(smoke runs: never published unless "
-                                            "--publish-partial-test)", minimum=1,
-                                            group="smoke runs")
-    publish_partial_test: bool = setting(False, "allow publishing a model evaluated on part of "
-                                         "the test split (recorded in metrics.json)",
-                                         group="smoke runs")
+    steps_per_execution: int = setting(
+        100,
+        "train steps per host round-trip (1: plain Keras)",
+        minimum=1,
+        hparam=True,
+        group="device",
+    )
+    jit_compile: bool = setting(
+        True,
+        "compile the train step with XLA (where the strategy allows it)",
+        hparam=True,
+        group="device",
+    )
+    mixed_precision: str = setting(
+        "auto",
+        "float16 compute with float32 weights: auto = on "
+        "for GPUs of compute capability >= 7.0, off on CPUs",
+        choices=("auto", "on", "off"),
+        group="device",
+    )
+    tensorboard_update_freq: int = setting(
+        100, "TensorBoard step scalars every N steps", minimum=1, group="monitoring"
+    )
+    profile_executions: int = setting(
+        0,
+        "write a TensorBoard profile (Profile tab; `pip install -e '.[profile]'`) of N host "
+        "round-trips early in epoch 2 (0: none)",
+        minimum=0,
+        group="monitoring",
+    )
+    min_accuracy: float = setting(
+        0.97,
+        "publish only at or above this test accuracy",
+        minimum=0,
+        maximum=1,
+        group="publish gate",
+    )
+    max_regression: float = setting(
+        0.002,
+        "refuse a model this far below the latest version "
+        "(when the drop is also significant, McNemar p < 0.05)",
+        minimum=0,
+        maximum=1,
+        group="publish gate",
+    )
+    keep_versions: int = setting(
+        0,
+        "after publishing keep the newest K versions (0: all; labelled versions are always kept)",
+        minimum=0,
+        group="publish gate",
+    )
+    max_train_examples: int | None = setting(
+        None, "use only the first N training examples (smoke runs)", minimum=1, group="smoke runs"
+    )
+    max_test_examples: int | None = setting(
+        None,
+        "evaluate on the first N test examples only "
+        "(smoke runs: never published unless "
+        "--publish-partial-test)",
+        minimum=1,
+        group="smoke runs",
+    )
+    publish_partial_test: bool = setting(
+        False,
+        "allow publishing a model evaluated on part of the test split (recorded in metrics.json)",
+        group="smoke runs",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -116,9 +192,16 @@ class TrainConfig:
 def small_config(**overrides: Any) -> TrainConfig:
     """The "run locally" preset for tests and smoke runs: one epoch on a few hundred examples."""
     values: dict[str, Any] = dict(
-        epochs=1, batch_size=16, max_train_examples=256, max_test_examples=128,
-        steps_per_execution=1, jit_compile=False, min_accuracy=0.0, max_regression=1.0,
-        tensorboard_update_freq=4, publish_partial_test=True,
+        epochs=1,
+        batch_size=16,
+        max_train_examples=256,
+        max_test_examples=128,
+        steps_per_execution=1,
+        jit_compile=False,
+        min_accuracy=0.0,
+        max_regression=1.0,
+        tensorboard_update_freq=4,
+        publish_partial_test=True,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -146,14 +229,22 @@ class Field:
             return "one of " + ", ".join(m["choices"])
         kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
         low, high, below = m["minimum"], m["maximum"], m["below"]
-        if self.type is float and low == 0 and below is None and high is None \
-                and self.name == "learning_rate":
+        if (
+            self.type is float
+            and low == 0
+            and below is None
+            and high is None
+            and self.name == "learning_rate"
+        ):
             return "a finite number > 0"
         parts = [kind[self.type]]
         if low is not None or high is not None or below is not None:
             lo = f"[{low:g}" if low is not None else "(-inf"
-            hi = f"{high:g}]" if high is not None else (f"{below:g})" if below is not None
-                                                        else "inf)")
+            hi = (
+                f"{high:g}]"
+                if high is not None
+                else (f"{below:g})" if below is not None else "inf)")
+            )
             parts.append(f"in {lo}, {hi}")
         return " ".join(parts) + (" (or null)" if self.optional else "")
 
@@ -176,6 +267,7 @@ def hparam_keys(cls: type = TrainConfig) -> tuple[str, ...]:
 
 def check_value(field: Field, value: Any) -> Any:
     """The value if it has the field's type and range, else ConfigError naming both."""
+
     def bad() -> ConfigError:
         return ConfigError(f"{field.name} must be {field.describe_range()}, got {value!r}")
 
@@ -188,8 +280,9 @@ def check_value(field: Field, value: Any) -> Any:
             raise bad()
         return value
     if field.type is str:
-        if not isinstance(value, str) or (field.meta["choices"] and
-                                          value not in field.meta["choices"]):
+        if not isinstance(value, str) or (
+            field.meta["choices"] and value not in field.meta["choices"]
+        ):
             raise bad()
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -201,9 +294,11 @@ def check_value(field: Field, value: Any) -> Any:
     m = field.meta
     if field.name == "learning_rate" and value <= 0:
         raise bad()
-    if (m["minimum"] is not None and value < m["minimum"]) or \
-            (m["maximum"] is not None and value > m["maximum"]) or \
-            (m["below"] is not None and value >= m["below"]):
+    if (
+        (m["minimum"] is not None and value < m["minimum"])
+        or (m["maximum"] is not None and value > m["maximum"])
+        or (m["below"] is not None and value >= m["below"])
+    ):
         raise bad()
     return float(value) if field.type is float else value
 

@@ -35,6 +35,7 @@ class Paths:
     @property
     def models(self) -> Path:
         from components.exporter import MODEL_NAME
+
         return self.artifacts / "models" / MODEL_NAME
 
     def run_dir(self, run_id: str) -> Path:
@@ -73,9 +74,14 @@ def update_latest(runs: Path, run_id: str) -> None:
 STAGES = ("train", "export", "validate", "gate", "publish", "report")
 
 
-def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = None,
-                   data: tuple[Any, Any] | None = None,
-                   tf_config: dict[str, Any] | None = None) -> RunResult:
+def train_pipeline(
+    config: TrainConfig,
+    paths: Paths,
+    *,
+    run_id: str | None = None,
+    data: tuple[Any, Any] | None = None,
+    tf_config: dict[str, Any] | None = None,
+) -> RunResult:
     """ingest -> train -> export -> validate (as served) -> gate -> publish -> report.
 
     `data` optionally supplies (train, test) Splits directly (tests, other sources); otherwise
@@ -98,18 +104,29 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
         return _train_as_worker(config, paths, run_id, data, tf_config, role.task)
     run = None
     try:
-        run = stages.Run(config, run_id, stages.RunLayout(paths.run_dir(run_id)),
-                         paths.artifacts, paths.tensorboard_dir(run_id), paths.models,
-                         validator=validator, tfds_data_dir=paths.tfds_data_dir,
-                         tfds_manual_dir=paths.tfds_manual_dir, data_override=data,
-                         tf_config=tf_config)
+        run = stages.Run(
+            config,
+            run_id,
+            stages.RunLayout(paths.run_dir(run_id)),
+            paths.artifacts,
+            paths.tensorboard_dir(run_id),
+            paths.models,
+            validator=validator,
+            tfds_data_dir=paths.tfds_data_dir,
+            tfds_manual_dir=paths.tfds_manual_dir,
+            data_override=data,
+            tf_config=tf_config,
+        )
         run.timings["import_tensorflow_seconds"] = import_seconds
         stages.ingest(run)
-        outputs = {"train": [run.layout.model, run.layout.history, run.layout.calibration],
-                   "export": [run.layout.export / "saved_model.pb"],
-                   "validate": [run.layout.served, run.layout.predictions],
-                   "gate": [run.layout.blessing], "publish": [run.layout.publication],
-                   "report": []}
+        outputs = {
+            "train": [run.layout.model, run.layout.history, run.layout.calibration],
+            "export": [run.layout.export / "saved_model.pb"],
+            "validate": [run.layout.served, run.layout.predictions],
+            "gate": [run.layout.blessing],
+            "publish": [run.layout.publication],
+            "report": [],
+        }
         for name in STAGES:
             stages.run_stage(run, name, getattr(stages, name), outputs[name])
             stages.announce(run, name)
@@ -120,8 +137,14 @@ def train_pipeline(config: TrainConfig, paths: Paths, *, run_id: str | None = No
             run.lock.close()  # the run folder is free for the next attempt
 
 
-def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
-                     tf_config: dict[str, Any] | None, task: str) -> RunResult:
+def _train_as_worker(
+    config: TrainConfig,
+    paths: Paths,
+    run_id: str,
+    data: Any,
+    tf_config: dict[str, Any] | None,
+    task: str,
+) -> RunResult:
     """A non-chief worker trains with the chief (resuming from the chief's backup, read-only)
     and saves into a scratch folder it deletes; the chief does everything else."""
     # A fixed place per (run, task): a worker killed mid-run leaves it behind, and its next
@@ -140,12 +163,20 @@ def _train_as_worker(config: TrainConfig, paths: Paths, run_id: str, data: Any,
     # Only the chief's lines are news; the others' would repeat them.
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     try:
-        run = stages.Run(config, run_id, stages.RunLayout(scratch / "run"), scratch,
-                         scratch / "tensorboard", scratch / "models", is_chief=False,
-                         restore_from=paths.run_dir(run_id) / "backup",
-                         tfds_data_dir=paths.tfds_data_dir,
-                         tfds_manual_dir=paths.tfds_manual_dir, data_override=data,
-                         tf_config=tf_config)
+        run = stages.Run(
+            config,
+            run_id,
+            stages.RunLayout(scratch / "run"),
+            scratch,
+            scratch / "tensorboard",
+            scratch / "models",
+            is_chief=False,
+            restore_from=paths.run_dir(run_id) / "backup",
+            tfds_data_dir=paths.tfds_data_dir,
+            tfds_manual_dir=paths.tfds_manual_dir,
+            data_override=data,
+            tf_config=tf_config,
+        )
         stages.ingest(run)
         stages.run_stage(run, "train", stages.train, [])
         print(f"{task}: done; the chief evaluates, publishes and reports")
@@ -165,8 +196,10 @@ def finish(run: stages.Run) -> RunResult:
     run.metrics.update(history=history, timings=run.timings)
     write_json(run.layout.metrics, run.metrics)
     update_latest(run.layout.root.parent, run.run_id)
-    print(f"Run {run.run_id}: metrics {run.layout.metrics}, report {run.layout.report}, "
-          f"TensorBoard {run.tensorboard}")
+    print(
+        f"Run {run.run_id}: metrics {run.layout.metrics}, report {run.layout.report}, "
+        f"TensorBoard {run.tensorboard}"
+    )
     return RunResult(run.run_id, run.layout.root, run.metrics)
 
 
@@ -178,5 +211,10 @@ def rebuild_report(run_dir: Path) -> list[Path]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     predictions = evaluator.load_predictions(run_dir / evaluator.PREDICTIONS_FILE)
     config = json.loads((run_dir / "config.json").read_text())
-    return report.write_report(run_dir / "report", predictions, metrics, metrics.get("history"),
-                               config.get("requested", config))
+    return report.write_report(
+        run_dir / "report",
+        predictions,
+        metrics,
+        metrics.get("history"),
+        config.get("requested", config),
+    )

@@ -100,7 +100,8 @@ class Run:
                     f"{self.layout.model} cannot be loaded ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete "
                     f"{self.layout.model.parent} and {self.layout.records / 'train.json'} to "
-                    f"train again, or pick another --run-name") from None
+                    f"train again, or pick another --run-name"
+                ) from None
         return self.model
 
 
@@ -113,13 +114,15 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} cannot be read ({e}); delete it (and the stage's record "
-                            f"in stages/) to redo that stage, or pick another --run-name"
-                            ) from None
+        raise ArtifactError(
+            f"{path} cannot be read ({e}); delete it (and the stage's record "
+            f"in stages/) to redo that stage, or pick another --run-name"
+        ) from None
 
 
-def run_stage(run: Run, name: str, stage: Callable[[Run], dict[str, Any]],
-              outputs: list[Path]) -> None:
+def run_stage(
+    run: Run, name: str, stage: Callable[[Run], dict[str, Any]], outputs: list[Path]
+) -> None:
     """Run `stage` unless a readable record and every output exist from an earlier attempt
     and no earlier stage of this attempt was redone (a redone stage invalidates the later
     ones: their inputs changed)."""
@@ -136,9 +139,16 @@ def run_stage(run: Run, name: str, stage: Callable[[Run], dict[str, Any]],
     run.timings[f"{name}_seconds"] = seconds
     if run.is_chief:
         run.layout.records.mkdir(parents=True, exist_ok=True)
-        write_json(record_path, {
-            "stage": name, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "seconds": round(seconds, 3), "outputs": [str(p) for p in outputs], **settings})
+        write_json(
+            record_path,
+            {
+                "stage": name,
+                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3),
+                "outputs": [str(p) for p in outputs],
+                **settings,
+            },
+        )
 
 
 def _lock_run(run_dir: Path) -> Any:
@@ -151,8 +161,10 @@ def _lock_run(run_dir: Path) -> Any:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise RunStateError(f"run {run_dir.name} is in use by another process; wait for it "
-                            f"to end, or pick another --run-name") from None
+        raise RunStateError(
+            f"run {run_dir.name} is in use by another process; wait for it "
+            f"to end, or pick another --run-name"
+        ) from None
     return handle
 
 
@@ -178,18 +190,23 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any
         config.to_json(run_dir / "config.json", effective)
         return False
     if (run_dir / "metrics.json").exists():
-        raise RunStateError(f"run {run_dir.name} already finished ({run_dir}); pick another "
-                            f"--run-name")
+        raise RunStateError(
+            f"run {run_dir.name} already finished ({run_dir}); pick another --run-name"
+        )
     try:
         previous = TrainConfig.from_json(run_dir / "config.json").to_dict()
     except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise RunStateError(f"run {run_dir.name} exists but its config.json cannot be read "
-                            f"({e}); pick another --run-name") from None
+        raise RunStateError(
+            f"run {run_dir.name} exists but its config.json cannot be read "
+            f"({e}); pick another --run-name"
+        ) from None
     changed = {k: (previous[k], v) for k, v in config.to_dict().items() if previous[k] != v}
     if changed:
         diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise RunStateError(f"run {run_dir.name} was started with another config ({diff}); "
-                            f"resume it with the same flags, or pick another --run-name")
+        raise RunStateError(
+            f"run {run_dir.name} was started with another config ({diff}); "
+            f"resume it with the same flags, or pick another --run-name"
+        )
     return True
 
 
@@ -204,17 +221,30 @@ def setup(run: Run) -> Any:
     config = run.config
     t = time.perf_counter()
     choice, run.strategy, capability = setup_device(
-        config.device, deterministic=config.deterministic, seed=config.seed,
-        tf_config=run.tf_config, cpu_devices=config.cpu_devices)
+        config.device,
+        deterministic=config.deterministic,
+        seed=config.seed,
+        tf_config=run.tf_config,
+        cpu_devices=config.cpu_devices,
+    )
     run.effective = effective_settings(
-        choice, run.strategy.num_replicas_in_sync, batch_size=config.batch_size,
-        steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile,
-        mixed_precision=config.mixed_precision, dropout=config.dropout,
-        compute_capability=capability)
+        choice,
+        run.strategy.num_replicas_in_sync,
+        batch_size=config.batch_size,
+        steps_per_execution=config.steps_per_execution,
+        jit_compile=config.jit_compile,
+        mixed_precision=config.mixed_precision,
+        dropout=config.dropout,
+        compute_capability=capability,
+    )
     set_precision(run.effective.mixed_precision)
-    log.info("device: %s; %d replica(s), global batch %d, per-replica batch %d",
-             choice.description, run.effective.replicas, config.batch_size,
-             run.effective.per_replica_batch)
+    log.info(
+        "device: %s; %d replica(s), global batch %d, per-replica batch %d",
+        choice.description,
+        run.effective.replicas,
+        config.batch_size,
+        run.effective.per_replica_batch,
+    )
     for reason in run.effective.why:
         log.info("setting: %s", reason)
     run.timings["device_seconds"] = time.perf_counter() - t
@@ -231,67 +261,97 @@ def ingest(run: Run) -> None:
     t = time.perf_counter()
     data = run.data_override
     train, test, from_tfds = _load(config, run.tfds_data_dir, run.tfds_manual_dir, data)
-    run.full_test_split = len(test) == (data_lib.EXPECTED_COUNTS["test"] if from_tfds
-                                        else len(data[1]))  # type: ignore[index]
+    run.full_test_split = len(test) == (
+        data_lib.EXPECTED_COUNTS["test"] if from_tfds else len(data[1])
+    )  # type: ignore[index]
     fit, validation = train, None
     if config.validation_fraction > 0:
-        fit, validation = data_lib.carve_validation(train, config.validation_fraction,
-                                                    config.seed)
+        fit, validation = data_lib.carve_validation(train, config.validation_fraction, config.seed)
         if len(validation) == 0 or len(fit) == 0:
-            raise ConfigError(f"validation_fraction {config.validation_fraction:g} of "
-                              f"{len(train)} training examples leaves {len(validation)} for "
-                              f"validation and {len(fit)} for training; use 0 or a larger "
-                              f"fraction")
-    run.splits = {"train": fit, "validation": validation, "test": test,
-                  "sample": train.take(1)}
+            raise ConfigError(
+                f"validation_fraction {config.validation_fraction:g} of "
+                f"{len(train)} training examples leaves {len(validation)} for "
+                f"validation and {len(fit)} for training; use 0 or a larger "
+                f"fraction"
+            )
+    run.splits = {"train": fit, "validation": validation, "test": test, "sample": train.take(1)}
     # The TFDS splits as read (what the drift check compares: they do not depend on the seed
     # or the validation fraction), then the carved ones.
-    stats = statistics.compute({k: v for k, v in (
-        ("train", train), ("test", test), ("train (fit)", fit if validation is not None else None),
-        ("validation", validation)) if v is not None})
+    stats = statistics.compute(
+        {
+            k: v
+            for k, v in (
+                ("train", train),
+                ("test", test),
+                ("train (fit)", fit if validation is not None else None),
+                ("validation", validation),
+            )
+            if v is not None
+        }
+    )
     if from_tfds and config.max_train_examples is None and run.full_test_split:
         _check_drift(stats, run.models)
     run.timings["data_seconds"] = time.perf_counter() - t
-    log.info("data: %d train, %s, %d test examples (the test split is read after training)",
-             len(fit), f"{len(validation)} validation (held out of train, seed {config.seed})"
-             if validation is not None else "no validation", len(test))
+    log.info(
+        "data: %d train, %s, %d test examples (the test split is read after training)",
+        len(fit),
+        f"{len(validation)} validation (held out of train, seed {config.seed})"
+        if validation is not None
+        else "no validation",
+        len(test),
+    )
     if not run.is_chief:
         return
     run.resuming = prepare_run_dir(run.layout.root, config, run.effective.to_dict())
     run.lock = _lock_run(run.layout.root)
-    log.info("run %s -> %s%s", run.run_id, run.layout.root,
-             " (resuming)" if run.resuming else "")
+    log.info("run %s -> %s%s", run.run_id, run.layout.root, " (resuming)" if run.resuming else "")
     run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
     statistics.write(run.layout.statistics, stats)
     run.layout.evaluation.mkdir(parents=True, exist_ok=True)
     tmp = run.layout.examples.with_name(".tmp-test_examples.npz")
     np.savez(tmp, images=test.images, labels=test.labels)
     os.replace(tmp, run.layout.examples)
-    run.metrics.update(run_id=run.run_id, device=choice.device, strategy=choice.kind,
-                       replicas=run.effective.replicas,
-                       examples={"train": len(fit), "validation": len(validation or ()),
-                                 "test": len(test)},
-                       full_test_split=run.full_test_split)
-    run.metrics["data"] = {**_data_record(train, test, from_tfds),
-                           "examples": run.metrics["examples"]}
+    run.metrics.update(
+        run_id=run.run_id,
+        device=choice.device,
+        strategy=choice.kind,
+        replicas=run.effective.replicas,
+        examples={"train": len(fit), "validation": len(validation or ()), "test": len(test)},
+        full_test_split=run.full_test_split,
+    )
+    run.metrics["data"] = {
+        **_data_record(train, test, from_tfds),
+        "examples": run.metrics["examples"],
+    }
 
 
-def _load(config: TrainConfig, data_dir: Path | None, manual_dir: Path | None,
-          data: tuple[Any, Any] | None) -> tuple[Any, Any, bool]:
+def _load(
+    config: TrainConfig,
+    data_dir: Path | None,
+    manual_dir: Path | None,
+    data: tuple[Any, Any] | None,
+) -> tuple[Any, Any, bool]:
     from components import data as data_lib
 
     if data is None:
         full = config.max_train_examples is None and config.max_test_examples is None
-        raw = [data_lib.load_split(name, data_dir=data_dir, manual_dir=manual_dir, limit=limit)
-               for name, limit in (("train", config.max_train_examples),
-                                   ("test", config.max_test_examples))]
+        raw = [
+            data_lib.load_split(name, data_dir=data_dir, manual_dir=manual_dir, limit=limit)
+            for name, limit in (
+                ("train", config.max_train_examples),
+                ("test", config.max_test_examples),
+            )
+        ]
         counts = data_lib.EXPECTED_COUNTS if full else {}
     else:
-        raw = [split.take(limit) for split, limit in
-               zip(data, (config.max_train_examples, config.max_test_examples))]
+        raw = [
+            split.take(limit)
+            for split, limit in zip(data, (config.max_train_examples, config.max_test_examples))
+        ]
         counts = {}
-    train, test = (data_lib.validate_split(split, expected_count=counts.get(split.name))
-                   for split in raw)
+    train, test = (
+        data_lib.validate_split(split, expected_count=counts.get(split.name)) for split in raw
+    )
     return train, test, data is None
 
 
@@ -304,13 +364,18 @@ def _data_record(train: Any, test: Any, from_tfds: bool) -> dict[str, Any]:
     digest = hashlib.sha256()
     for array in (train.images, train.labels, test.images, test.labels):
         digest.update(np.ascontiguousarray(array).tobytes())
-    record: dict[str, Any] = {"fingerprint": digest.hexdigest()[:32],
-                              "source": "tfds" if from_tfds else "in-memory (tests, other "
-                                                                  "sources)"}
+    record: dict[str, Any] = {
+        "fingerprint": digest.hexdigest()[:32],
+        "source": "tfds" if from_tfds else "in-memory (tests, other sources)",
+    }
     if from_tfds:
-        record.update(tfds_name=data_lib.DATASET, tfds_version=data_lib.tfds_version(),
-                      manual_files_sha256={name: sha for name, (_, sha) in
-                                           data_lib._registered_files().items()})
+        record.update(
+            tfds_name=data_lib.DATASET,
+            tfds_version=data_lib.tfds_version(),
+            manual_files_sha256={
+                name: sha for name, (_, sha) in data_lib._registered_files().items()
+            },
+        )
     return record
 
 
@@ -328,12 +393,16 @@ def _check_drift(stats: Any, models: Path) -> None:
         before = statistics.read(baseline)
         findings = statistics.check_drift(stats, before, f"version {latest.name}")
     except Exception as e:  # a garbled file (protobuf DecodeError, missing fields)
-        log.warning("the statistics of version %s are unreadable (%s): no drift check",
-                    latest.name, type(e).__name__)
+        log.warning(
+            "the statistics of version %s are unreadable (%s): no drift check",
+            latest.name,
+            type(e).__name__,
+        )
         return
     if findings:
-        raise DataError("the data drifted from what trained the published model: "
-                        + "; ".join(findings))
+        raise DataError(
+            "the data drifted from what trained the published model: " + "; ".join(findings)
+        )
 
 
 def announce(run: Run, name: str) -> None:
@@ -341,29 +410,40 @@ def announce(run: Run, name: str) -> None:
     m = run.metrics
     if name == "validate":
         infra = m.get("infra_validation", {})
-        print(f"Infra validation: the exported model loads as TF Serving loads it, replays "
-              f"{infra.get('warmup_records_replayed')} warmup records and matches the trained "
-              f"model on {m['test_examples']} test images ({infra.get('seconds', 0):.1f} s)")
-        print(f"Test accuracy: {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f}, "
-              f"{m['test_examples']} test images, exported model)")
+        print(
+            f"Infra validation: the exported model loads as TF Serving loads it, replays "
+            f"{infra.get('warmup_records_replayed')} warmup records and matches the trained "
+            f"model on {m['test_examples']} test images ({infra.get('seconds', 0):.1f} s)"
+        )
+        print(
+            f"Test accuracy: {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f}, "
+            f"{m['test_examples']} test images, exported model)"
+        )
         u = m.get("uncertainty") or {}
         if u.get("flagged_fraction") and u.get("accuracy_flagged") is not None:
-            how = "calibrated on validation" if u.get("calibrated", True) else \
-                "a fixed threshold: no validation split to calibrate on"
-            print(f"Unsure: {u['flagged_fraction']:.1%} of test predictions flagged (top "
-                  f"probability < {u['threshold']:.3f}, {how}): accuracy "
-                  f"{u['accuracy_flagged']:.3f} flagged vs {u['accuracy_unflagged']:.4f} not")
+            how = (
+                "calibrated on validation"
+                if u.get("calibrated", True)
+                else "a fixed threshold: no validation split to calibrate on"
+            )
+            print(
+                f"Unsure: {u['flagged_fraction']:.1%} of test predictions flagged (top "
+                f"probability < {u['threshold']:.3f}, {how}): accuracy "
+                f"{u['accuracy_flagged']:.3f} flagged vs {u['accuracy_unflagged']:.4f} not"
+            )
         predictions = np.load(run.layout.served)
-        print(f"First test image: predicted {int(predictions[0].argmax())}, true "
-              f"{int(run.splits['test'].labels[0])}")
+        print(
+            f"First test image: predicted {int(predictions[0].argmax())}, true "
+            f"{int(run.splits['test'].labels[0])}"
+        )
     elif name == "publish":
         if m.get("published_version") is not None:
-            print(f"Published version {m['published_version']}: {m['published_path']} "
-                  f"({m['gate']['reason']})")
+            print(
+                f"Published version {m['published_version']}: {m['published_path']} "
+                f"({m['gate']['reason']})"
+            )
         else:
             print(f"NOT published: {m['gate']['reason']}")
-
-
 
 
 def train(run: Run) -> dict[str, Any]:
@@ -375,28 +455,46 @@ def train(run: Run) -> dict[str, Any]:
     config, eff = run.config, run.effective
     fit_split, val_split = run.splits["train"], run.splits.get("validation")
     result = trainer.train(
-        lambda: build_model(config.hidden_units, config.learning_rate, config.dropout,
-                            steps_per_execution=eff.steps_per_execution,
-                            jit_compile=eff.jit_compile),
-        lambda epoch: data_lib.make_train_dataset(fit_split, config.batch_size,
-                                                  seed=config.seed, epoch=epoch),
+        lambda: build_model(
+            config.hidden_units,
+            config.learning_rate,
+            config.dropout,
+            steps_per_execution=eff.steps_per_execution,
+            jit_compile=eff.jit_compile,
+        ),
+        lambda epoch: data_lib.make_train_dataset(
+            fit_split, config.batch_size, seed=config.seed, epoch=epoch
+        ),
         data_lib.make_dataset(val_split, max(config.batch_size, 1024))
-        if val_split is not None else None,
-        epochs=config.epochs, strategy=run.strategy,
+        if val_split is not None
+        else None,
+        epochs=config.epochs,
+        strategy=run.strategy,
         # Every worker logs (a non-chief into its scratch folder): under MultiWorkerMirrored the
         # callbacks' predict passes are collective, so all workers must run them.
         tensorboard_dir=run.tensorboard,
-        backup_dir=run.layout.backup, restore_from=run.restore_from,
-        update_freq=config.tensorboard_update_freq, verbose=None if run.is_chief else 0,
-        extra_callbacks=[monitoring.EpochImages(run.tensorboard, val_split.images,
-                                                val_split.labels)]
-        if val_split is not None else [])
+        backup_dir=run.layout.backup,
+        restore_from=run.restore_from,
+        update_freq=config.tensorboard_update_freq,
+        verbose=None if run.is_chief else 0,
+        # Keras counts host round-trips here; start a few into epoch 2 (past tracing).
+        profile=_profile_window(run, fit_split) if config.profile_executions else None,
+        extra_callbacks=[
+            monitoring.EpochImages(run.tensorboard, val_split.images, val_split.labels)
+        ]
+        if val_split is not None
+        else [],
+    )
     run.history = result.history
     # Later stages run on the chief alone: a model whose variables are mirrored across workers
     # would make their predictions collective (waiting forever for the others), so they read the
     # saved model instead; on one device the in-memory model is the same and saves a load.
-    run.model = result.model if run.strategy.num_replicas_in_sync == 1 and \
-        run.effective.strategy in ("default", "one_device") else None
+    run.model = (
+        result.model
+        if run.strategy.num_replicas_in_sync == 1
+        and run.effective.strategy in ("default", "one_device")
+        else None
+    )
     run.layout.model.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.layout.model.with_name(".tmp-model.keras")
     result.model.save(tmp)
@@ -404,25 +502,43 @@ def train(run: Run) -> dict[str, Any]:
     write_json(run.layout.history, result.history)
     run.timings["fit_seconds"] = result.fit_seconds
     run.timings["fit_phases"] = result.phases
-    metrics = {"epochs_trained": result.initial_epoch + len(result.epoch_seconds),
-               "resumed_from_epoch": result.initial_epoch,
-               "epoch_seconds": result.epoch_seconds,
-               "weights_sha256": trainer.weights_sha256(result.model)}
+    metrics = {
+        "epochs_trained": result.initial_epoch + len(result.epoch_seconds),
+        "resumed_from_epoch": result.initial_epoch,
+        "epoch_seconds": result.epoch_seconds,
+        "weights_sha256": trainer.weights_sha256(result.model),
+    }
     if run.is_chief:
         from components import evaluator
 
         val = run.splits.get("validation")
-        probs = (evaluator.predict_probabilities(run.keras_model(), val.images)
-                 if val is not None else None)
+        probs = (
+            evaluator.predict_probabilities(run.keras_model(), val.images)
+            if val is not None
+            else None
+        )
         calibration = evaluator.calibrate_uncertainty(
-            probs, val.labels if val is not None else None)
+            probs, val.labels if val is not None else None
+        )
         write_json(run.layout.calibration, calibration)
         metrics["uncertainty_calibration"] = calibration
     # Only now, with every output of the stage written, is the backup no longer needed.
     shutil.rmtree(run.layout.backup, ignore_errors=True)
     run.metrics.update(metrics)
-    return {"inputs": {"data": str(run.layout.statistics)}, "metrics": metrics,
-            "settings": run.effective.to_dict()}
+    return {
+        "inputs": {"data": str(run.layout.statistics)},
+        "metrics": metrics,
+        "settings": run.effective.to_dict(),
+    }
+
+
+def _profile_window(run: Run, fit_split: Any) -> tuple[int, int]:
+    """Keras's profile_batch counts batches as `on_train_batch_begin` sees them (one per host
+    round-trip) from the start of training: a few round-trips into epoch 2."""
+    steps = -(-len(fit_split) // run.config.batch_size)
+    per_epoch = -(-steps // run.effective.steps_per_execution)
+    start = per_epoch + min(2, per_epoch - 1) + 1
+    return start, start + run.config.profile_executions - 1
 
 
 def export(run: Run) -> dict[str, Any]:
@@ -444,8 +560,9 @@ def validate(run: Run) -> dict[str, Any]:
     from components.infra_validator import InfraValidationError
 
     baseline = exporter.latest_version_dir(run.models)
-    record = run.validator.validate(run.layout.export, run.layout.examples,
-                                    run.layout.evaluation, baseline=baseline)
+    record = run.validator.validate(
+        run.layout.export, run.layout.examples, run.layout.evaluation, baseline=baseline
+    )
     served = np.load(run.layout.served)
     test = run.splits["test"]
     trained = evaluator.predict_probabilities(run.keras_model(), test.images)
@@ -461,21 +578,30 @@ def validate(run: Run) -> dict[str, Any]:
     if len(differs) or gap > tolerance:
         raise InfraValidationError(
             f"the exported model disagrees with the trained model: {len(differs)} different "
-            f"classes, probabilities up to {gap:.2e} apart (tolerance {tolerance:g})")
+            f"classes, probabilities up to {gap:.2e} apart (tolerance {tolerance:g})"
+        )
     calibration = read_json(run.layout.calibration)
     threshold = calibration["threshold"]
-    metrics = {**evaluator.compute_metrics(served, test.labels),
-               "baseline_version": int(baseline.name) if baseline is not None else None,
-               "uncertainty": {"threshold": threshold,
-                               "calibrated": bool(calibration.get("calibrated")),
-                               **evaluator.uncertainty_rates(served, test.labels, threshold)},
-               "evaluated": "the exported SavedModel, as served",
-               "infra_validation": {**record, "passed": True}}
+    metrics = {
+        **evaluator.compute_metrics(served, test.labels),
+        "baseline_version": int(baseline.name) if baseline is not None else None,
+        "uncertainty": {
+            "threshold": threshold,
+            "calibrated": bool(calibration.get("calibrated")),
+            **evaluator.uncertainty_rates(served, test.labels, threshold),
+        },
+        "evaluated": "the exported SavedModel, as served",
+        "infra_validation": {**record, "passed": True},
+    }
     run.metrics.update(metrics)
     evaluator.save_predictions(run.layout.predictions, served, test, run.splits["sample"])
-    return {"inputs": {"export": str(run.layout.export),
-                       "baseline": str(baseline) if baseline else None},
-            "metrics": metrics}
+    return {
+        "inputs": {
+            "export": str(run.layout.export),
+            "baseline": str(baseline) if baseline else None,
+        },
+        "metrics": metrics,
+    }
 
 
 def gate(run: Run) -> dict[str, Any]:
@@ -486,14 +612,18 @@ def gate(run: Run) -> dict[str, Any]:
     # The baseline the validating process evaluated (not whatever is latest by now: publish
     # checks that, under its lock, and gates again if another run published meanwhile).
     baseline_version = run.metrics.get("baseline_version")
-    baseline_correct = (np.load(run.layout.baseline).argmax(1) == labels
-                        if baseline_version is not None else None)
+    baseline_correct = (
+        np.load(run.layout.baseline).argmax(1) == labels if baseline_version is not None else None
+    )
     decision = exporter.gate(
-        correct, full_test_split=run.full_test_split, min_accuracy=run.config.min_accuracy,
+        correct,
+        full_test_split=run.full_test_split,
+        min_accuracy=run.config.min_accuracy,
         max_regression=run.config.max_regression,
         allow_partial_test=run.config.publish_partial_test,
         baseline_correct=baseline_correct,
-        baseline_version=baseline_version)
+        baseline_version=baseline_version,
+    )
     write_json(run.layout.blessing, decision.to_dict())
     metrics = {"blessed": decision.blessed, "gate": decision.to_dict()}
     run.metrics.update(metrics)
@@ -517,22 +647,33 @@ def publish(run: Run) -> dict[str, Any]:
 
         def assets(version: int) -> dict[str, str | bytes]:
             card = _model_card(run, version)
-            return {exporter.METRICS_FILE: json.dumps(
-                        {k: run.metrics[k] for k in ("test_accuracy", "test_loss",
-                                                     "test_examples")} |
-                        {"run_id": run.run_id, "version": version, "gate": run.metrics["gate"],
-                         "uncertainty": run.metrics.get("uncertainty")},
-                        indent=2) + "\n",
-                    statistics.STATISTICS_FILE: run.layout.statistics.read_bytes(),
-                    model_card.CARD_JSON: json.dumps(card, indent=2) + "\n",
-                    model_card.CARD_MD: model_card.markdown(card)}
+            return {
+                exporter.METRICS_FILE: json.dumps(
+                    {k: run.metrics[k] for k in ("test_accuracy", "test_loss", "test_examples")}
+                    | {
+                        "run_id": run.run_id,
+                        "version": version,
+                        "gate": run.metrics["gate"],
+                        "uncertainty": run.metrics.get("uncertainty"),
+                    },
+                    indent=2,
+                )
+                + "\n",
+                statistics.STATISTICS_FILE: run.layout.statistics.read_bytes(),
+                model_card.CARD_JSON: json.dumps(card, indent=2) + "\n",
+                model_card.CARD_MD: model_card.markdown(card),
+            }
 
         try:
             result = exporter.publish_staged(
-                run.layout.export, run.models, run_id=run.run_id,
-                baseline_version=run.metrics["gate"]["baseline_version"], assets=assets,
+                run.layout.export,
+                run.models,
+                run_id=run.run_id,
+                baseline_version=run.metrics["gate"]["baseline_version"],
+                assets=assets,
                 keep_versions=run.config.keep_versions,
-                protected=lambda: versions.labelled(run.models))
+                protected=lambda: versions.labelled(run.models),
+            )
         except exporter.BaselineMoved as moved:
             log.info("version %d was published meanwhile: validating against it", moved.latest)
             validate(run)
@@ -541,8 +682,10 @@ def publish(run: Run) -> dict[str, Any]:
         metrics = {"published_version": result.version, "published_path": str(result.path)}
         break
     if run.metrics["blessed"] and metrics["published_version"] is None:
-        raise exporter.PublishError("other runs kept publishing while this one was being "
-                                    "validated (3 tries); run the same command again")
+        raise exporter.PublishError(
+            "other runs kept publishing while this one was being "
+            "validated (3 tries); run the same command again"
+        )
     run.metrics.update(metrics)
     write_json(run.layout.publication, metrics)
     return {"metrics": metrics}
@@ -555,11 +698,17 @@ def report(run: Run) -> dict[str, Any]:
     predictions = evaluator.load_predictions(run.layout.predictions)
     history = read_json(run.layout.history) if run.layout.history.is_file() else {}
     config = read_json(run.layout.config)
-    report_lib.write_report(run.layout.report, predictions, run.metrics, history,
-                            config["requested"])
-    monitoring.log_run_summary(run.tensorboard, run.run_id, config["requested"], run.metrics,
-                               statistics.table(statistics.read(run.layout.statistics)),
-                               hparam_keys())
+    report_lib.write_report(
+        run.layout.report, predictions, run.metrics, history, config["requested"]
+    )
+    monitoring.log_run_summary(
+        run.tensorboard,
+        run.run_id,
+        config["requested"],
+        run.metrics,
+        statistics.table(statistics.read(run.layout.statistics)),
+        hparam_keys(),
+    )
     return {}
 
 
@@ -569,9 +718,15 @@ def _model_card(run: Run, version: int) -> dict[str, Any]:
     predictions = np.load(run.layout.served)
     config = read_json(run.layout.config)
     return model_card.build(
-        version=version, run_id=run.run_id, metrics=run.metrics, config=config["requested"],
-        effective=config.get("effective", {}), probabilities=predictions,
-        labels=run.splits["test"].labels, parameters=int(run.keras_model().count_params()),
-        data=run.metrics.get("data", {}), code=model_card.code_version(
-            Path(__file__).resolve().parents[1]),
-        signatures=run.metrics.get("infra_validation", {}).get("signatures", []))
+        version=version,
+        run_id=run.run_id,
+        metrics=run.metrics,
+        config=config["requested"],
+        effective=config.get("effective", {}),
+        probabilities=predictions,
+        labels=run.splits["test"].labels,
+        parameters=int(run.keras_model().count_params()),
+        data=run.metrics.get("data", {}),
+        code=model_card.code_version(Path(__file__).resolve().parents[1]),
+        signatures=run.metrics.get("infra_validation", {}).get("signatures", []),
+    )

@@ -9,15 +9,23 @@ from tests.helpers import ROOT
 
 def run_cli(args, cwd, **kw):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-                          **kw)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("flags", [
-    ["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "abc"], ["--batch-size", "0"],
-    ["--learning-rate", "0"], ["--learning-rate", "-0.1"], ["--seed", "1.5"],
-    ["--device", "tpu"], ["--min-accuracy", "2"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--epochs", "0"],
+        ["--epochs", "-1"],
+        ["--epochs", "abc"],
+        ["--batch-size", "0"],
+        ["--learning-rate", "0"],
+        ["--learning-rate", "-0.1"],
+        ["--seed", "1.5"],
+        ["--device", "tpu"],
+        ["--min-accuracy", "2"],
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(flags, python_cmd, tmp_path):
     r = run_cli(python_cmd + ["train", "--artifacts-dir", str(tmp_path / "a"), *flags], tmp_path)
     assert r.returncode == 2, r.stderr
@@ -43,8 +51,11 @@ def test_artifacts_path_not_writable(python_cmd, tmp_path):
 
 def test_bad_hparams_file(python_cmd, tmp_path):
     (tmp_path / "hp.json").write_text("{not json")
-    r = run_cli(python_cmd + ["train", "--hparams", str(tmp_path / "hp.json"),
-                              "--artifacts-dir", str(tmp_path / "a")], tmp_path)
+    r = run_cli(
+        python_cmd
+        + ["train", "--hparams", str(tmp_path / "hp.json"), "--artifacts-dir", str(tmp_path / "a")],
+        tmp_path,
+    )
     assert r.returncode == 2 and "cannot read JSON" in r.stderr
 
 
@@ -60,31 +71,41 @@ def test_artifacts_subfolder_that_is_a_file(python_cmd, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"error: --artifacts-dir {tmp_path / 'a'}: {tmp_path / 'a' / 'tensorboard'} exists and "
-        f"is not a folder (move it away; the run writes its tensorboard there)"]
+        f"is not a folder (move it away; the run writes its tensorboard there)"
+    ]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--seed", "4294967296"], "expected an integer in [0, 4.29497e+09)"),
-    (["--validation-fraction", "1"], "expected a number in [0, 1)"),
-    (["--mixed-precision", "false"], "invalid choice: 'false'"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seed", "4294967296"], "expected an integer in [0, 4.29497e+09)"),
+        (["--validation-fraction", "1"], "expected a number in [0, 1)"),
+        (["--mixed-precision", "false"], "invalid choice: 'false'"),
+    ],
+)
 def test_out_of_range_flags_name_the_range(flags, message, python_cmd, tmp_path):
     r = run_cli(python_cmd + ["train", "--artifacts-dir", str(tmp_path / "a"), *flags], tmp_path)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("hparams,message", [
-    ({"dropout": "0.1"}, "dropout must be a number in [0, 1)"),
-    ({"validation_fraction": None}, "validation_fraction must be a number in [0, 1)"),
-    ({"jit_compile": "no"}, "jit_compile must be true or false"),
-    ({"mixed_precision": "false"}, "mixed_precision must be one of auto, on, off"),
-])
+@pytest.mark.parametrize(
+    "hparams,message",
+    [
+        ({"dropout": "0.1"}, "dropout must be a number in [0, 1)"),
+        ({"validation_fraction": None}, "validation_fraction must be a number in [0, 1)"),
+        ({"jit_compile": "no"}, "jit_compile must be true or false"),
+        ({"mixed_precision": "false"}, "mixed_precision must be one of auto, on, off"),
+    ],
+)
 def test_wrong_typed_hparams_are_one_line_exit_2(hparams, message, python_cmd, tmp_path):
     import json
 
     (tmp_path / "hp.json").write_text(json.dumps(hparams))
-    r = run_cli(python_cmd + ["train", "--hparams", str(tmp_path / "hp.json"),
-                              "--artifacts-dir", str(tmp_path / "a")], tmp_path)
+    r = run_cli(
+        python_cmd
+        + ["train", "--hparams", str(tmp_path / "hp.json"), "--artifacts-dir", str(tmp_path / "a")],
+        tmp_path,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()

@@ -14,22 +14,55 @@ from components import exporter, strategy
 from pipeline.cluster import tf_configs
 from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
 
-SMALL = ["--max-train-examples", "4000", "--max-test-examples", "1000", "--device", "cpu",
-         "--min-accuracy", "0", "--max-regression", "1", "--publish-partial-test",
-         "--tfds-manual-dir", str(SHARED_MNIST)]
+SMALL = [
+    "--max-train-examples",
+    "4000",
+    "--max-test-examples",
+    "1000",
+    "--device",
+    "cpu",
+    "--min-accuracy",
+    "0",
+    "--max-regression",
+    "1",
+    "--publish-partial-test",
+    "--tfds-manual-dir",
+    str(SHARED_MNIST),
+]
 
 
-@pytest.mark.parametrize("tf_config,chief,task", [
-    (None, True, "local"),
-    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, True,
-     "worker-0"),
-    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, False,
-     "worker-1"),
-    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
-     True, "chief-0"),
-    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
-     False, "worker-0"),
-])
+@pytest.mark.parametrize(
+    "tf_config,chief,task",
+    [
+        (None, True, "local"),
+        (
+            {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}},
+            True,
+            "worker-0",
+        ),
+        (
+            {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}},
+            False,
+            "worker-1",
+        ),
+        (
+            {
+                "cluster": {"chief": ["c:1"], "worker": ["a:1"]},
+                "task": {"type": "chief", "index": 0},
+            },
+            True,
+            "chief-0",
+        ),
+        (
+            {
+                "cluster": {"chief": ["c:1"], "worker": ["a:1"]},
+                "task": {"type": "worker", "index": 0},
+            },
+            False,
+            "worker-0",
+        ),
+    ],
+)
 def test_cluster_role(tf_config, chief, task):
     assert strategy.cluster_role(tf_config) == strategy.ClusterRole(chief, task)
 
@@ -37,15 +70,28 @@ def test_cluster_role(tf_config, chief, task):
 def test_generated_tf_configs_name_every_worker_and_one_task_each():
     configs = tf_configs([1111, 2222, 3333])
     assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
-    assert all(c["cluster"] == {"worker": ["127.0.0.1:1111", "127.0.0.1:2222",
-                                           "127.0.0.1:3333"]} for c in configs)
+    assert all(
+        c["cluster"] == {"worker": ["127.0.0.1:1111", "127.0.0.1:2222", "127.0.0.1:3333"]}
+        for c in configs
+    )
     assert all(strategy.parse_tf_config(json.dumps(c)) == c for c in configs)
     assert [strategy.cluster_role(c).is_chief for c in configs] == [True, False, False]
 
 
 def _cluster_cmd(artifacts, *flags, workers=2):
-    return [sys.executable, "-m", "pipeline", "cluster", "--workers", str(workers), "--",
-            "--artifacts-dir", str(artifacts), *SMALL, *flags]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "cluster",
+        "--workers",
+        str(workers),
+        "--",
+        "--artifacts-dir",
+        str(artifacts),
+        *SMALL,
+        *flags,
+    ]
 
 
 def _runs(artifacts):
@@ -56,8 +102,13 @@ def _runs(artifacts):
 @requires_mnist
 def test_two_workers_train_publish_once_and_report_once(tmp_path):
     artifacts = tmp_path / "cluster"
-    r = subprocess.run(_cluster_cmd(artifacts, "--epochs", "1"), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        _cluster_cmd(artifacts, "--epochs", "1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:]
     assert "2 replica(s), global batch 32, per-replica batch 16" in r.stdout
     assert exporter.published_versions(artifacts / "models" / "mnist") == [1]
@@ -70,9 +121,25 @@ def test_two_workers_train_publish_once_and_report_once(tmp_path):
     assert [p.name for p in (artifacts / "tensorboard").iterdir()] == [run.name]
 
     single = tmp_path / "single"
-    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--artifacts-dir",
-                        str(single), *SMALL, "--epochs", "1", "--steps-per-execution", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--artifacts-dir",
+            str(single),
+            *SMALL,
+            "--epochs",
+            "1",
+            "--steps-per-execution",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     one = json.loads((_runs(single)[0] / "metrics.json").read_text())
     assert abs(metrics["test_accuracy"] - one["test_accuracy"]) < 0.03
@@ -83,15 +150,20 @@ def test_two_workers_train_publish_once_and_report_once(tmp_path):
 def test_a_killed_worker_is_restarted_and_the_job_completes(tmp_path):
     artifacts = tmp_path / "cluster"
     cmd = _cluster_cmd(artifacts, "--epochs", "3", "--run-name", "preempted")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
+    )
     reader.start()
     wait_for_backup_epoch(artifacts / "runs" / "preempted", proc)
-    pid = next(int(m.group(1)) for line in list(lines)
-               if (m := re.match(r"cluster: worker 1 pid (\d+)", line)))
+    pid = next(
+        int(m.group(1))
+        for line in list(lines)
+        if (m := re.match(r"cluster: worker 1 pid (\d+)", line))
+    )
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     reader.join(timeout=5)

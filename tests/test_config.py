@@ -12,8 +12,13 @@ from pipeline.config import ConfigError, TrainConfig, small_config
 
 def test_documented_defaults():
     c = TrainConfig()
-    assert (c.epochs, c.batch_size, c.learning_rate, c.hidden_units, c.seed) == (5, 32, 1e-3,
-                                                                                 128, 0)
+    assert (c.epochs, c.batch_size, c.learning_rate, c.hidden_units, c.seed) == (
+        5,
+        32,
+        1e-3,
+        128,
+        0,
+    )
     assert c.device == "auto" and c.dropout == 0.0
 
 
@@ -24,15 +29,34 @@ def test_json_round_trip(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["requested"]["epochs"] == 3
 
 
-@pytest.mark.parametrize("field,value", [
-    ("epochs", 0), ("epochs", -1), ("batch_size", 0), ("learning_rate", 0.0),
-    ("learning_rate", -1e-3), ("learning_rate", float("nan")), ("seed", 1.5), ("seed", -1),
-    ("hidden_units", 0), ("device", "tpu"), ("dropout", 1.0), ("min_accuracy", 1.5),
-    # wrong types from a JSON file: never coerced
-    ("dropout", "0.1"), ("validation_fraction", None), ("jit_compile", "no"),
-    ("mixed_precision", "false"), ("mixed_precision", False), ("epochs", 2.0), ("epochs", True),
-    ("seed", 2 ** 32), ("learning_rate", float("inf")), ("deterministic", 1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("epochs", 0),
+        ("epochs", -1),
+        ("batch_size", 0),
+        ("learning_rate", 0.0),
+        ("learning_rate", -1e-3),
+        ("learning_rate", float("nan")),
+        ("seed", 1.5),
+        ("seed", -1),
+        ("hidden_units", 0),
+        ("device", "tpu"),
+        ("dropout", 1.0),
+        ("min_accuracy", 1.5),
+        # wrong types from a JSON file: never coerced
+        ("dropout", "0.1"),
+        ("validation_fraction", None),
+        ("jit_compile", "no"),
+        ("mixed_precision", "false"),
+        ("mixed_precision", False),
+        ("epochs", 2.0),
+        ("epochs", True),
+        ("seed", 2**32),
+        ("learning_rate", float("inf")),
+        ("deterministic", 1),
+    ],
+)
 def test_invalid_values_are_refused_with_the_field_named(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
@@ -65,9 +89,17 @@ def test_a_new_setting_gets_its_flag_type_check_and_hparams_entry(tmp_path):
     from pipeline.config import hparam_keys, setting
 
     Extended = dataclasses.make_dataclass(
-        "Extended", [("label_smoothing", float,
-                      setting(0.0, "label smoothing", minimum=0, below=1, hparam=True))],
-        bases=(TrainConfig,), frozen=True)
+        "Extended",
+        [
+            (
+                "label_smoothing",
+                float,
+                setting(0.0, "label smoothing", minimum=0, below=1, hparam=True),
+            )
+        ],
+        bases=(TrainConfig,),
+        frozen=True,
+    )
     assert "label_smoothing" in hparam_keys(Extended)
     parser = argparse.ArgumentParser()
     add_config_flags(parser, Extended)

@@ -31,8 +31,9 @@ def test_preprocess_range_and_dtype():
 
 
 def _pass(split, batch_size, seed=0, epoch=0):
-    ds = data.make_train_dataset(split, batch_size, seed=seed,
-                                 epoch=tf.Variable(epoch, dtype=tf.int64))
+    ds = data.make_train_dataset(
+        split, batch_size, seed=seed, epoch=tf.Variable(epoch, dtype=tf.int64)
+    )
     return ds, list(ds.as_numpy_iterator())
 
 
@@ -71,15 +72,22 @@ def test_eval_dataset_keeps_the_order():
     assert ys.tolist() == split.labels.tolist()
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda s: Split(s.name, s.images, np.where(np.arange(len(s)) == 5, 10, s.labels)),
-     "labels outside 0..9, first at index 5 \\(label 10\\)"),
-    (lambda s: Split(s.name, s.images, np.where(np.arange(len(s)) == 3, -1, s.labels)),
-     "first at index 3 \\(label -1\\)"),
-    (lambda s: Split(s.name, s.images[:, :27], s.labels), "shape \\(27, 28, 1\\)"),
-    (lambda s: Split(s.name, s.images.astype(np.float32), s.labels), "float32, expected uint8"),
-    (lambda s: Split(s.name, s.images, s.labels[:-1]), "19 labels for 20 images"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda s: Split(s.name, s.images, np.where(np.arange(len(s)) == 5, 10, s.labels)),
+            "labels outside 0..9, first at index 5 \\(label 10\\)",
+        ),
+        (
+            lambda s: Split(s.name, s.images, np.where(np.arange(len(s)) == 3, -1, s.labels)),
+            "first at index 3 \\(label -1\\)",
+        ),
+        (lambda s: Split(s.name, s.images[:, :27], s.labels), "shape \\(27, 28, 1\\)"),
+        (lambda s: Split(s.name, s.images.astype(np.float32), s.labels), "float32, expected uint8"),
+        (lambda s: Split(s.name, s.images, s.labels[:-1]), "19 labels for 20 images"),
+    ],
+)
 def test_validation_names_the_violation(mutate, message):
     with pytest.raises(DataError, match=message):
         data.validate_split(mutate(make_digits(20)))

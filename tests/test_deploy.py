@@ -35,15 +35,18 @@ def parse_cli(argv: list[str], where: str):
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse's error(): exit 2 with a message on stderr
-        pytest.fail(f"{where}: `python -m pipeline {shlex.join(argv)}` is not a valid command "
-                    f"of pipeline/cli.py (exit {e.code})")
+        pytest.fail(
+            f"{where}: `python -m pipeline {shlex.join(argv)}` is not a valid command "
+            f"of pipeline/cli.py (exit {e.code})"
+        )
     known = _subparser(parser, args.command)._option_string_actions
     for token in argv[1:]:
         if token == "--":
             break
         if token.startswith("--"):
-            assert token.split("=", 1)[0] in known, \
+            assert token.split("=", 1)[0] in known, (
                 f"{where}: {token} is not a flag of `python -m pipeline {args.command}`"
+            )
     if args.command == "train":
         try:
             resolve_config(args)
@@ -90,6 +93,7 @@ def exec_form(instructions, name: str) -> list[str]:
 
 # --- the training image ------------------------------------------------------------------------
 
+
 def test_the_image_runs_the_cli_with_real_flags():
     instructions = dockerfile()
     assert exec_form(instructions, "ENTRYPOINT") == ENTRYPOINT
@@ -101,8 +105,10 @@ def test_the_image_runs_the_cli_with_real_flags():
 def test_the_image_installs_from_the_locks_with_hashes():
     instructions = dockerfile()
     text = " ".join(rest for _, rest in instructions)
-    assert re.search(r"^VARIANT=cpu$", next(rest for ins, rest in instructions
-                                              if ins == "ARG" and rest.startswith("VARIANT")))
+    assert re.search(
+        r"^VARIANT=cpu$",
+        next(rest for ins, rest in instructions if ins == "ARG" and rest.startswith("VARIANT")),
+    )
     copies = " ".join(rest for ins, rest in instructions if ins == "COPY")
     for lock in ("requirements.lock", "requirements-gpu.lock"):
         assert (ROOT / lock).is_file() and lock in copies
@@ -124,6 +130,7 @@ def test_the_image_copies_every_package_pyproject_installs():
 
 # --- the TFJob ---------------------------------------------------------------------------------
 
+
 def _tfjob():
     job = one(load_all("tfjob.yaml"), "TFJob")
     assert job["apiVersion"] == "kubeflow.org/v1"
@@ -144,15 +151,17 @@ def test_tfjob_trains_with_the_cli_real_flags():
     assert args.run_name, "--run-name is what lets a restarted job resume"
     assert worker["replicas"] >= 2
     assert worker["restartPolicy"] == "OnFailure"
-    assert not any(e.get("name") == "TF_CONFIG" for e in container.get("env", [])), \
+    assert not any(e.get("name") == "TF_CONFIG" for e in container.get("env", [])), (
         "the TFJob operator sets TF_CONFIG"
+    )
     assert {"name": "tfjob-port", "containerPort": 2222} in container["ports"]
 
 
 def _mount_of(pod_spec: dict, container: dict, path: str) -> tuple[dict, dict]:
     """The (volumeMount, volume) that holds `path` in the container."""
-    mounts = [m for m in container["volumeMounts"]
-              if PurePosixPath(path).is_relative_to(m["mountPath"])]
+    mounts = [
+        m for m in container["volumeMounts"] if PurePosixPath(path).is_relative_to(m["mountPath"])
+    ]
     assert mounts, f"{path} is on no mounted volume"
     mount = max(mounts, key=lambda m: len(m["mountPath"]))
     (volume,) = [v for v in pod_spec["volumes"] if v["name"] == mount["name"]]
@@ -194,13 +203,15 @@ def test_tfjob_reads_its_other_paths_from_mounted_volumes():
 
 
 def test_the_run_name_is_valid_and_resumable():
-    container = _container(_tfjob()["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"],
-                           "tensorflow")
+    container = _container(
+        _tfjob()["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"], "tensorflow"
+    )
     args = parse_cli([str(a) for a in container["args"]], "deploy/tfjob.yaml")
     assert args.run_name != "latest"
 
 
 # --- TF Serving --------------------------------------------------------------------------------
+
 
 def _serving():
     docs = load_all("tf-serving.yaml")
@@ -231,8 +242,10 @@ def test_serving_ports_grpc_8500_rest_8501():
     assert ports == {"grpc": 8500, "http": 8501}
     flags = dict(a.split("=", 1) for a in container["args"] if "=" in a)
     assert flags["--port"] == "8500" and flags["--rest_api_port"] == "8501"
-    assert {(p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == \
-        {(8500, "grpc"), (8501, "http")}
+    assert {(p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        (8500, "grpc"),
+        (8501, "http"),
+    }
     selector = service["spec"]["selector"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
@@ -265,19 +278,23 @@ def test_serving_reads_the_config_files_of_serving():
     container = _container(pod, "tf-serving")
     flags = dict(a.split("=", 1) for a in container["args"] if "=" in a)
     config_name = None
-    for flag, filename in (("--model_config_file", "models.config"),
-                           ("--batching_parameters_file", "batching.config")):
+    for flag, filename in (
+        ("--model_config_file", "models.config"),
+        ("--batching_parameters_file", "batching.config"),
+        ("--monitoring_config_file", "monitoring.config"),
+    ):
         path = PurePosixPath(flags[flag])
         assert path.name == filename and (ROOT / "serving" / filename).is_file()
         mount, volume = _mount_of(pod, container, str(path))
         assert mount.get("readOnly") is True and "configMap" in volume
         config_name = volume["configMap"]["name"]
-    assert "--enable_batching" in container["args"]
+    # batching off by default: a bad request must not fail the requests batched with it
+    assert "--enable_batching" not in container["args"]
     # The documented command that makes that ConfigMap from serving/.
     header = (DEPLOY / "tf-serving.yaml").read_text()
     m = re.search(r"kubectl create configmap (\S+)((?: --from-file=\S+)+)", header)
     assert m and m.group(1) == config_name
     files = {PurePosixPath(f).name for f in re.findall(r"--from-file=(\S+)", m.group(2))}
-    assert files == {"models.config", "batching.config"}
+    assert files == {"models.config", "batching.config", "monitoring.config"}
     for f in re.findall(r"--from-file=(\S+)", m.group(2)):
         assert (ROOT / f).is_file()

@@ -17,10 +17,27 @@ pytestmark = [
 def test_one_epoch_on_real_mnist_writes_every_artifact(tmp_path):
     artifacts = tmp_path / "artifacts"
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--epochs", "1", "--device", "cpu",
-         "--artifacts-dir", str(artifacts), "--tfds-manual-dir", str(SHARED_MNIST),
-         "--min-accuracy", "0.9"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--artifacts-dir",
+            str(artifacts),
+            "--tfds-manual-dir",
+            str(SHARED_MNIST),
+            "--min-accuracy",
+            "0.9",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run = artifacts / "runs" / "latest"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -41,9 +58,13 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     """`make train` at the defaults, as a user runs it: at most 25 lines, no library noise,
     a held-out validation split, the whole test split, every epoch one pass."""
     artifacts = tmp_path / "artifacts"
-    r = subprocess.run(["make", "-s", "--no-print-directory", "train",
-                        f"ARTIFACTS_DIR={artifacts}"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        ["make", "-s", "--no-print-directory", "train", f"ARTIFACTS_DIR={artifacts}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = (r.stdout + r.stderr).strip().splitlines()
     assert len(lines) <= 25, "\n".join(lines)
@@ -56,6 +77,5 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["examples"]["validation"] > 0 and metrics["examples"]["test"] == 10_000
     steps = -(-metrics["examples"]["train"] // 32)
-    assert [line.count(f"{steps} steps") for line in lines if line.startswith("epoch ")] == \
-        [1] * 5
+    assert [line.count(f"{steps} steps") for line in lines if line.startswith("epoch ")] == [1] * 5
     assert metrics["test_accuracy"] >= 0.975

@@ -47,13 +47,19 @@ def test_signature_names_dtypes_shapes(exported):
 def test_warmup_and_metrics_are_beside_the_model(exported):
     from tensorflow_serving.apis import prediction_log_pb2
 
-    records = list(tf.data.TFRecordDataset(
-        str(exported / "assets.extra" / exporter.WARMUP_FILE)).as_numpy_iterator())
-    signatures = [prediction_log_pb2.PredictionLog.FromString(r).predict_log.request
-                  .model_spec.signature_name for r in records]
+    records = list(
+        tf.data.TFRecordDataset(
+            str(exported / "assets.extra" / exporter.WARMUP_FILE)
+        ).as_numpy_iterator()
+    )
+    signatures = [
+        prediction_log_pb2.PredictionLog.FromString(r).predict_log.request.model_spec.signature_name
+        for r in records
+    ]
     assert signatures.count("serving_default") >= 2 and signatures.count("predict_png") >= 2
-    assert json.loads((exported / "assets.extra" / "metrics.json").read_text()) == \
-        {"test_accuracy": 0.5}
+    assert json.loads((exported / "assets.extra" / "metrics.json").read_text()) == {
+        "test_accuracy": 0.5
+    }
 
 
 @pytest.mark.parametrize("bad", [b"not an image", b""])
@@ -75,14 +81,21 @@ def test_wrong_size_png_is_invalid_argument(exported):
 
 # ---------------------------------------------------------------------------- gate and publish
 
+
 @pytest.fixture
 def staged(model, tmp_path):
     return exporter.export_saved_model(model, tmp_path / "staged")
 
 
 def _publish(staged, base, run_id, baseline=None, **kw):
-    return exporter.publish_staged(staged, base, run_id=run_id, baseline_version=baseline,
-                                   assets={"metrics.json": f'{{"run_id": "{run_id}"}}'}, **kw)
+    return exporter.publish_staged(
+        staged,
+        base,
+        run_id=run_id,
+        baseline_version=baseline,
+        assets={"metrics.json": f'{{"run_id": "{run_id}"}}'},
+        **kw,
+    )
 
 
 def _correct(n, wrong):
@@ -96,13 +109,13 @@ def test_gate_floor_and_smoke_runs():
     g = exporter.gate(_correct(100, range(4)), full_test_split=True, **kw)
     assert not g.blessed and "below --min-accuracy" in g.reason
     assert exporter.gate(_correct(100, range(2)), full_test_split=True, **kw).blessed
-    assert not exporter.gate(np.array([], bool), full_test_split=True, min_accuracy=0.0,
-                             max_regression=1).blessed
+    assert not exporter.gate(
+        np.array([], bool), full_test_split=True, min_accuracy=0.0, max_regression=1
+    ).blessed
     # one perfect test image is not a model to publish (nor a baseline for later gates)
     smoke = exporter.gate(np.ones(1, bool), full_test_split=False, **kw)
     assert not smoke.blessed and "never published" in smoke.reason
-    forced = exporter.gate(np.ones(1, bool), full_test_split=False, allow_partial_test=True,
-                           **kw)
+    forced = exporter.gate(np.ones(1, bool), full_test_split=False, allow_partial_test=True, **kw)
     assert forced.blessed and forced.forced_partial_test
 
 

@@ -18,8 +18,9 @@ from pipeline.run import Paths, train_pipeline
 
 
 def _run(tmp_path, tiny_data, run_id="r1"):
-    return train_pipeline(small_config(device="cpu"), Paths(tmp_path / "artifacts"),
-                          run_id=run_id, data=tiny_data)
+    return train_pipeline(
+        small_config(device="cpu"), Paths(tmp_path / "artifacts"), run_id=run_id, data=tiny_data
+    )
 
 
 def _nothing_published(tmp_path, run_id="r1"):
@@ -67,8 +68,9 @@ def test_corrupt_variables_publish_nothing(tmp_path, tiny_data, monkeypatch):
     _nothing_published(tmp_path)
 
 
-def test_a_signature_that_disagrees_with_the_model_publishes_nothing(tmp_path, tiny_data,
-                                                                    monkeypatch):
+def test_a_signature_that_disagrees_with_the_model_publishes_nothing(
+    tmp_path, tiny_data, monkeypatch
+):
     # a preprocessing drift: the exported graph divides by 128 where training divided by 255
     monkeypatch.setattr(exporter, "preprocess", lambda x: tf.cast(x, tf.float32) / 128.0)
     with pytest.raises(InfraValidationError, match="disagrees with the trained model"):
@@ -80,11 +82,13 @@ def test_a_failing_warmup_record_publishes_nothing(tmp_path, tiny_data, monkeypa
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     def bad_warmup(export_dir):
-        request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
-            name="mnist", signature_name="serving_default"))
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name="mnist", signature_name="serving_default")
+        )
         request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 27, 27), np.uint8)))
         record = prediction_log_pb2.PredictionLog(
-            predict_log=prediction_log_pb2.PredictLog(request=request))
+            predict_log=prediction_log_pb2.PredictLog(request=request)
+        )
         path = export_dir / "assets.extra" / exporter.WARMUP_FILE
         with tf.io.TFRecordWriter(str(path)) as writer:
             writer.write(record.SerializeToString())
@@ -95,8 +99,7 @@ def test_a_failing_warmup_record_publishes_nothing(tmp_path, tiny_data, monkeypa
     _nothing_published(tmp_path)
 
 
-def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_data,
-                                                             monkeypatch):
+def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_data, monkeypatch):
     """With tensorflow_model_server on PATH the real server is used; a stand-in that dies on
     start-up shows the failure path (no TF Serving binary is installable here)."""
     bin_dir = tmp_path / "bin"
@@ -105,8 +108,9 @@ def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_dat
     fake.write_text("#!/bin/sh\necho 'Failed to start server: address in use' >&2\nexit 1\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    with pytest.raises(InfraValidationError, match="exited with code 1 before serving: "
-                                                   "Failed to start server"):
+    with pytest.raises(
+        InfraValidationError, match="exited with code 1 before serving: Failed to start server"
+    ):
         _run(tmp_path, tiny_data)
     _nothing_published(tmp_path)
 

@@ -24,8 +24,9 @@ A100_L = "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-x)"
 A100_QUERY = "NVIDIA A100-SXM4-40GB, 40960 MiB"
 
 
-def fake_nvidia_smi(folder: Path, list_output: str = A100_L, query_output: str = A100_QUERY,
-                    exit_code: int = 0) -> Path:
+def fake_nvidia_smi(
+    folder: Path, list_output: str = A100_L, query_output: str = A100_QUERY, exit_code: int = 0
+) -> Path:
     """An `nvidia-smi` that answers -L and --query-gpu like the real one, in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "list.txt").write_text(list_output + "\n")
@@ -36,7 +37,8 @@ def fake_nvidia_smi(folder: Path, list_output: str = A100_L, query_output: str =
         'here=$(dirname "$0")\n'
         f'if [ "$1" = "-L" ]; then cat "$here/list.txt"; exit {exit_code}; fi\n'
         f'case "$1" in --query-gpu=*) cat "$here/query.txt"; exit {exit_code};; esac\n'
-        "exit 9\n")
+        "exit 9\n"
+    )
     script.chmod(0o755)
     return folder
 
@@ -60,9 +62,11 @@ def no_gpu_path(tmp_path, monkeypatch):
 
 # --- components/gpu_diagnostics ------------------------------------------------------------
 
+
 def test_diagnostics_module_does_not_import_tensorflow():
-    code = ("import sys, components.gpu_diagnostics; "
-            "sys.exit(1 if 'tensorflow' in sys.modules else 0)")
+    code = (
+        "import sys, components.gpu_diagnostics; sys.exit(1 if 'tensorflow' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
 
 
@@ -165,6 +169,7 @@ def test_describe_gpu_with_little_detail(no_gpu_path):
 
 # --- pyproject.toml and the lock files ---------------------------------------------------------
 
+
 def _pins(requirements: list[str]) -> dict[str, str]:
     pins = {}
     for line in requirements:
@@ -200,8 +205,11 @@ def test_requires_python_matches_the_pins():
 
 def test_build_backend_understands_the_license_string():
     assert PYPROJECT["project"]["license"] == "Apache-2.0"  # PEP 639: setuptools >= 77
-    (setuptools,) = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]
-                     if Requirement(r).name == "setuptools"]
+    (setuptools,) = [
+        Requirement(r)
+        for r in PYPROJECT["build-system"]["requires"]
+        if Requirement(r).name == "setuptools"
+    ]
     assert setuptools.specifier.contains("77.0.0") and not setuptools.specifier.contains("76.9")
 
 
@@ -215,12 +223,16 @@ def test_extras_are_pinned():
 
 def test_lock_has_every_pin_of_pyproject_hashed():
     lock = _lock(ROOT / "requirements.lock")
-    wanted = {**_pins(PYPROJECT["project"]["dependencies"]),
-              **_pins(PYPROJECT["project"]["optional-dependencies"]["dev"])}
+    wanted = {
+        **_pins(PYPROJECT["project"]["dependencies"]),
+        **_pins(PYPROJECT["project"]["optional-dependencies"]["dev"]),
+    }
     for name, version in wanted.items():
         assert name in lock, f"requirements.lock lacks {name}: run `make lock`"
-        assert lock[name][0] == version, (f"requirements.lock has {name}=={lock[name][0]}, "
-                                          f"pyproject.toml {version}: run `make lock`")
+        assert lock[name][0] == version, (
+            f"requirements.lock has {name}=={lock[name][0]}, "
+            f"pyproject.toml {version}: run `make lock`"
+        )
     assert all(hashes for _, hashes in lock.values())
     assert "setuptools" in lock  # tensorflow needs it, and `pip install --no-build-isolation -e .`
     assert not any(name.startswith("nvidia-") for name in lock)
@@ -252,8 +264,15 @@ def _make_n(*args: str, path: str | None = None) -> str:
     if path is not None:
         env["PATH"] = path
     env.pop("GPU", None)
-    done = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        ["make", "-n", "-B", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -300,8 +319,14 @@ def test_make_picks_the_cpu_build_when_nvidia_smi_fails(tmp_path):
 
 @needs_make
 def test_make_refuses_a_bad_gpu_value():
-    done = subprocess.run(["make", "-n", "train", "GPU=yes"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        ["make", "-n", "train", "GPU=yes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode != 0 and "GPU=yes" in done.stderr
 
 
@@ -309,8 +334,9 @@ def test_make_refuses_a_bad_gpu_value():
 def test_make_help_lists_every_target_on_one_line():
     text = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z][a-z_-]*):(?!=)", text, flags=re.MULTILINE))
-    done = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          check=False)
+    done = subprocess.run(
+        ["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     listed = {}
     for line in done.stdout.splitlines():

@@ -31,15 +31,18 @@ def test_config_drives_units_lr_and_dropout():
     assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("device,gpus,tf_config,kind,used", [
-    ("auto", 0, None, "default", "cpu"),
-    ("cpu", 2, None, "default", "cpu"),
-    ("auto", 1, None, "one_device", "gpu"),
-    ("gpu", 1, None, "one_device", "gpu"),
-    ("auto", 4, None, "mirrored", "gpu"),
-    ("auto", 0, {"cluster": {"worker": ["a:1", "b:2"]}}, "multi_worker", "cpu"),
-    ("cpu", 2, {"cluster": {"worker": ["a:1", "b:2"]}}, "multi_worker", "cpu"),
-])
+@pytest.mark.parametrize(
+    "device,gpus,tf_config,kind,used",
+    [
+        ("auto", 0, None, "default", "cpu"),
+        ("cpu", 2, None, "default", "cpu"),
+        ("auto", 1, None, "one_device", "gpu"),
+        ("gpu", 1, None, "one_device", "gpu"),
+        ("auto", 4, None, "mirrored", "gpu"),
+        ("auto", 0, {"cluster": {"worker": ["a:1", "b:2"]}}, "multi_worker", "cpu"),
+        ("cpu", 2, {"cluster": {"worker": ["a:1", "b:2"]}}, "multi_worker", "cpu"),
+    ],
+)
 def test_choose_strategy(device, gpus, tf_config, kind, used):
     choice = choose_strategy(device, gpus, tf_config)
     assert (choice.kind, choice.device) == (kind, used)
@@ -51,8 +54,10 @@ def test_gpu_demanded_but_absent():
 
 
 def test_tf_config_single_task_is_not_a_cluster():
-    assert parse_tf_config('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", '
-                           '"index": 0}}') is None
+    assert (
+        parse_tf_config('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}')
+        is None
+    )
     assert parse_tf_config(None) is None
     assert parse_tf_config('{"cluster": {"chief": ["a:1"], "worker": ["b:1"]}}') is not None
     with pytest.raises(DeviceError, match="TF_CONFIG is not valid JSON"):
@@ -65,9 +70,14 @@ def _fit(tmp_path, epochs=2, n=512, extra_callbacks=None, **kw):
     return trainer.train(
         lambda: build_model(**kw),
         lambda epoch: data.make_train_dataset(train, 32, seed=0, epoch=epoch),
-        data.make_dataset(val, 128), epochs=epochs, strategy=tf.distribute.get_strategy(),
-        tensorboard_dir=tmp_path / "tb", backup_dir=tmp_path / "backup", verbose=0,
-        extra_callbacks=extra_callbacks)
+        data.make_dataset(val, 128),
+        epochs=epochs,
+        strategy=tf.distribute.get_strategy(),
+        tensorboard_dir=tmp_path / "tb",
+        backup_dir=tmp_path / "backup",
+        verbose=0,
+        extra_callbacks=extra_callbacks,
+    )
 
 
 class _StepsPerEpoch(keras.callbacks.Callback):
@@ -87,8 +97,14 @@ def test_an_epoch_is_one_pass_at_the_default_steps_per_execution(tmp_path, recwa
 
     defaults = TrainConfig()
     counter = _StepsPerEpoch()
-    _fit(tmp_path, epochs=3, n=1001, extra_callbacks=[counter],
-         steps_per_execution=defaults.steps_per_execution, jit_compile=defaults.jit_compile)
+    _fit(
+        tmp_path,
+        epochs=3,
+        n=1001,
+        extra_callbacks=[counter],
+        steps_per_execution=defaults.steps_per_execution,
+        jit_compile=defaults.jit_compile,
+    )
     assert counter.steps == [32, 64, 96]
     assert not [w for w in recwarn if "ran out of data" in str(w.message)]
 

@@ -11,8 +11,16 @@ from pipeline.config import TrainConfig, small_config
 from pipeline.run import Paths, new_run_id, rebuild_report, train_pipeline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-REPORT_FILES = {"train_sample.png", "first_test.png", "predictions.png", "mistakes.png",
-                "confusion_matrix.png", "confidence.png", "training_curves.png", "index.html"}
+REPORT_FILES = {
+    "train_sample.png",
+    "first_test.png",
+    "predictions.png",
+    "mistakes.png",
+    "confusion_matrix.png",
+    "confidence.png",
+    "training_curves.png",
+    "index.html",
+}
 
 
 def check_run_artifacts(artifacts, result, epochs):
@@ -40,21 +48,34 @@ def test_run_on_tfds_mock_data(tmp_path, capsys):
     with tfds.testing.mock_data(num_examples=64):
         result = train_pipeline(small_config(device="cpu"), Paths(artifacts))
     metrics, figures = check_run_artifacts(artifacts, result, epochs=1)
-    assert {"first_test.png", "predictions.png", "confusion_matrix.png",
-            "train_sample.png"} <= figures
+    assert {
+        "first_test.png",
+        "predictions.png",
+        "confusion_matrix.png",
+        "train_sample.png",
+    } <= figures
     out = capsys.readouterr().out
     assert "Test accuracy:" in out and "First test image: predicted" in out
     # gate open (min_accuracy 0 in the small preset): version 1 published with its metrics
     assert metrics["blessed"] and metrics["published_version"] == 1
     version = artifacts / "models" / "mnist" / "1"
-    assert json.loads((version / "assets.extra" / "metrics.json").read_text())[
-        "test_accuracy"] == metrics["test_accuracy"]
+    assert (
+        json.loads((version / "assets.extra" / "metrics.json").read_text())["test_accuracy"]
+        == metrics["test_accuracy"]
+    )
 
 
 def test_run_on_learnable_data_publishes_a_servable_model(tmp_path, tiny_data):
     artifacts = tmp_path / "artifacts"
-    config = small_config(device="cpu", epochs=2, learning_rate=0.01, max_train_examples=None,
-                          max_test_examples=None, min_accuracy=0.9, max_regression=0.002)
+    config = small_config(
+        device="cpu",
+        epochs=2,
+        learning_rate=0.01,
+        max_train_examples=None,
+        max_test_examples=None,
+        min_accuracy=0.9,
+        max_regression=0.002,
+    )
     result = train_pipeline(config, Paths(artifacts), data=tiny_data)
     metrics, figures = check_run_artifacts(artifacts, result, epochs=2)
     assert figures == REPORT_FILES
@@ -66,8 +87,11 @@ def test_run_on_learnable_data_publishes_a_servable_model(tmp_path, tiny_data):
     np.testing.assert_array_equal(out["class_ids"].numpy(), probs.argmax(1))
 
     # a second run that is much worse is refused, and nothing new is published
-    worse = train_pipeline(config.replace(epochs=1, learning_rate=1e-6, min_accuracy=0.0),
-                           Paths(artifacts), data=tiny_data)
+    worse = train_pipeline(
+        config.replace(epochs=1, learning_rate=1e-6, min_accuracy=0.0),
+        Paths(artifacts),
+        data=tiny_data,
+    )
     assert not worse.blessed and worse.metrics["published_version"] is None
     assert "below version 1" in worse.metrics["gate"]["reason"]
     assert sorted(os.listdir(artifacts / "models" / "mnist")) == [".publish.lock", "1"]

@@ -17,15 +17,34 @@ from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
 from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
 
-SMALL_RUN = ["--max-train-examples", "6000", "--max-test-examples", "1000", "--device", "cpu",
-             "--min-accuracy", "0", "--max-regression", "1", "--publish-partial-test",
-             "--tfds-manual-dir",
-             str(SHARED_MNIST)]
+SMALL_RUN = [
+    "--max-train-examples",
+    "6000",
+    "--max-test-examples",
+    "1000",
+    "--device",
+    "cpu",
+    "--min-accuracy",
+    "0",
+    "--max-regression",
+    "1",
+    "--publish-partial-test",
+    "--tfds-manual-dir",
+    str(SHARED_MNIST),
+]
 
 
 def train_cmd(artifacts, *flags):
-    return [sys.executable, "-m", "pipeline", "train", "--artifacts-dir", str(artifacts),
-            *SMALL_RUN, *flags]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--artifacts-dir",
+        str(artifacts),
+        *SMALL_RUN,
+        *flags,
+    ]
 
 
 def run(cmd, timeout=300):
@@ -38,14 +57,26 @@ def metrics_of(artifacts, run_name):
 
 # ------------------------------------------------------------ 1, 2, 9: kill, resume, determinism
 
+
 @pytest.mark.slow
 @requires_mnist
 def test_sigkill_then_resume_matches_an_uninterrupted_run_at_the_defaults(tmp_path):
     """The real defaults (5 epochs on all of MNIST, batch 32, 100 steps per execution, XLA),
     only --deterministic added; killed during epoch 2, then the same command again."""
     artifacts = tmp_path / "artifacts"
-    flags = ["--deterministic", "--device", "cpu", "--min-accuracy", "0", "--max-regression",
-             "1", "--tfds-manual-dir", str(SHARED_MNIST), "--artifacts-dir", str(artifacts)]
+    flags = [
+        "--deterministic",
+        "--device",
+        "cpu",
+        "--min-accuracy",
+        "0",
+        "--max-regression",
+        "1",
+        "--tfds-manual-dir",
+        str(SHARED_MNIST),
+        "--artifacts-dir",
+        str(artifacts),
+    ]
     cmd = [sys.executable, "-m", "pipeline", "train", *flags]
     for name in ("straight", "straight-again"):
         r = run([*cmd, "--run-name", name])
@@ -57,8 +88,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_at_the_defaults(tmp_pa
 
     # SIGKILL as soon as epoch 1's backup exists: the kill lands in epoch 2
     killed = [*cmd, "--run-name", "killed"]
-    proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_backup_epoch(artifacts / "runs" / "killed", proc, epoch=1)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
@@ -125,8 +155,10 @@ def _backup(tmp_path, epochs_done):
     model = build_model()
     for suffix, epoch in (("", epochs_done), (".bkp", epochs_done - 1)):
         model.save_weights(str(backup / f"{trainer.WEIGHTS_FILE}{suffix}.weights.h5"))
-        os.rename(backup / f"{trainer.WEIGHTS_FILE}{suffix}.weights.h5",
-                  backup / f"{trainer.WEIGHTS_FILE}{suffix}")
+        os.rename(
+            backup / f"{trainer.WEIGHTS_FILE}{suffix}.weights.h5",
+            backup / f"{trainer.WEIGHTS_FILE}{suffix}",
+        )
         (backup / f"{trainer.METADATA_FILE}{suffix}").write_text(json.dumps({"epoch": epoch}))
     return backup
 
@@ -168,10 +200,16 @@ def _real_backup(tmp_path, epochs=3):
 
     split = data.validate_split(make_digits(256, seed=1))
     backup = tmp_path / "backup"
-    trainer.train(lambda: build_model(), lambda e: data.make_train_dataset(split, 32, seed=0,
-                                                                           epoch=e),
-                  None, epochs=epochs, strategy=tf.distribute.get_strategy(),
-                  tensorboard_dir=None, backup_dir=backup, verbose=0)
+    trainer.train(
+        lambda: build_model(),
+        lambda e: data.make_train_dataset(split, 32, seed=0, epoch=e),
+        None,
+        epochs=epochs,
+        strategy=tf.distribute.get_strategy(),
+        tensorboard_dir=None,
+        backup_dir=backup,
+        verbose=0,
+    )
     return backup
 
 
@@ -181,7 +219,7 @@ def test_flipped_bytes_in_a_readable_backup_fall_back_to_the_verified_copy(tmp_p
     weights = backup / trainer.WEIGHTS_FILE
     raw = bytearray(weights.read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 4096] = bytes(b ^ 0xFF for b in raw[middle:middle + 4096])
+    raw[middle : middle + 4096] = bytes(b ^ 0xFF for b in raw[middle : middle + 4096])
     weights.write_bytes(bytes(raw))  # still a readable HDF5 file, with other weights
     assert trainer.resume_epoch(backup, epochs=6) == 2
     assert "does not match its checksum" in caplog.text
@@ -233,11 +271,13 @@ def test_resuming_with_another_config_is_refused(tmp_path, tiny_data):
     (paths.runs / "r1").mkdir(parents=True)
     small_config(device="cpu", epochs=3).to_json(paths.runs / "r1" / "config.json")
     from pipeline.stages import RunStateError
+
     with pytest.raises(RunStateError, match="another config \\(epochs: 3 -> 1\\)"):
         train_pipeline(small_config(device="cpu"), paths, run_id="r1", data=tiny_data)
 
 
 # ---------------------------------------------------------------- 3: NaN loss
+
 
 @pytest.mark.slow
 @requires_mnist
@@ -249,6 +289,7 @@ def test_nan_loss_stops_with_exit_5_nothing_published_logs_kept(tmp_path):
     assert "nothing was published" in r.stderr and "Traceback" not in r.stderr
     assert exporter.published_versions(artifacts / "models" / "mnist") == []
     from tensorboard.backend.event_processing import event_accumulator as ea
+
     # readable, with what was written before the NaN (the graph), every writer closed
     tb = artifacts / "tensorboard" / "nan"
     assert ea.EventAccumulator(str(tb / "model")).Reload().Graph().node
@@ -277,9 +318,13 @@ def test_kill_during_publish_leaves_no_version_and_the_next_run_cleans_up(tmp_pa
     staged = exporter.export_saved_model(model, tmp_path / "staged")
     first = exporter.publish_staged(staged, base, run_id="r1", baseline_version=None, assets={})
     before = {p: p.read_bytes() for p in first.path.rglob("*") if p.is_file()}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISH, str(base), str(staged)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PUBLISH, str(base), str(staged)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "copied"
     assert (base / ".tmp-doomed" / "saved_model.pb").exists()
     proc.kill()
@@ -292,26 +337,39 @@ def test_kill_during_publish_leaves_no_version_and_the_next_run_cleans_up(tmp_pa
 
 # ---------------------------------------------------------------- 5: two runs at once
 
+
 @pytest.mark.slow
 @requires_mnist
 def test_two_runs_at_once_get_distinct_ids_files_and_versions(tmp_path):
     artifacts = tmp_path / "artifacts"
-    procs = [subprocess.Popen(train_cmd(artifacts, "--epochs", "1"), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            train_cmd(artifacts, "--epochs", "1"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outputs]
     runs = sorted(p.name for p in (artifacts / "runs").iterdir() if p.name != "latest")
     assert len(runs) == 2
     assert exporter.published_versions(artifacts / "models" / "mnist") == [1, 2]
-    owners = {json.loads((artifacts / "models" / "mnist" / v / "assets.extra" /
-                          "metrics.json").read_text())["run_id"] for v in ("1", "2")}
+    owners = {
+        json.loads(
+            (artifacts / "models" / "mnist" / v / "assets.extra" / "metrics.json").read_text()
+        )["run_id"]
+        for v in ("1", "2")
+    }
     assert owners == set(runs)
     assert {metrics_of(artifacts, r)["published_version"] for r in runs} == {1, 2}
     assert sorted(p.name for p in (artifacts / "tensorboard").iterdir()) == runs
 
 
 # ---------------------------------------------------------------- 6, 7, 8: bad data, bad flags
+
 
 def test_corrupt_manual_dir_file_exits_4_naming_file_and_checksum(tmp_path):
     manual = tmp_path / "manual"
@@ -320,14 +378,24 @@ def test_corrupt_manual_dir_file_exits_4_naming_file_and_checksum(tmp_path):
     for name, (size, _) in files.items():
         (manual / name).write_bytes(b"\0" * size)
     first = sorted(files)[0]
-    r = run([sys.executable, "-m", "pipeline", "train", "--artifacts-dir",
-             str(tmp_path / "artifacts"), "--tfds-manual-dir", str(manual), "--tfds-data-dir",
-             str(tmp_path / "tfds")])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--artifacts-dir",
+            str(tmp_path / "artifacts"),
+            "--tfds-manual-dir",
+            str(manual),
+            "--tfds-data-dir",
+            str(tmp_path / "tfds"),
+        ]
+    )
     assert r.returncode == 4
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: data: {manual / first} has sha256 ")
-    assert last.endswith(f"expected {files[first][1]}: the file is corrupt or not the official "
-                         f"one")
+    assert last.endswith(f"expected {files[first][1]}: the file is corrupt or not the official one")
     assert "Traceback" not in r.stderr and not (tmp_path / "artifacts").exists()
 
 
@@ -343,27 +411,42 @@ def test_bad_records_stop_before_training(tmp_path, tiny_data, bad):
         images = images[:, :, :20]
     paths = Paths(tmp_path / "artifacts")
     with pytest.raises(DataError, match="index 7" if "label" in bad else "\\(28, 20, 1\\)"):
-        train_pipeline(small_config(device="cpu"), paths,
-                       data=(Split("train", images, labels), test))
+        train_pipeline(
+            small_config(device="cpu"), paths, data=(Split("train", images, labels), test)
+        )
     assert not (tmp_path / "artifacts").exists()
 
 
 def test_gpu_demanded_without_gpu_is_a_usage_error(tmp_path):
     import tensorflow as tf
+
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
-    r = run([sys.executable, "-m", "pipeline", "train", "--device", "gpu", "--artifacts-dir",
-             str(tmp_path / "artifacts")])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--device",
+            "gpu",
+            "--artifacts-dir",
+            str(tmp_path / "artifacts"),
+        ]
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith(
-        "error: --device gpu was requested but TensorFlow sees no GPU")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --device gpu was requested but TensorFlow sees no GPU")
+    )
     assert "Traceback" not in r.stderr and not (tmp_path / "artifacts").exists()
 
 
 # ---------------------------------------------------------------- 10: disk full
 
-def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, monkeypatch,
-                                                         capsys):
+
+def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, monkeypatch, capsys):
     from components import report
     from pipeline import cli
 
@@ -372,34 +455,47 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
 
     monkeypatch.setattr(report, "write_report", full)
     paths = Paths(tmp_path / "artifacts")
-    monkeypatch.setattr("pipeline.run.train_pipeline",
-                        lambda config, p, run_id=None, tf_config=None:
-                        train_pipeline(config.replace(**small_config(device="cpu").to_dict()),
-                                       paths, data=tiny_data))
+    monkeypatch.setattr(
+        "pipeline.run.train_pipeline",
+        lambda config, p, run_id=None, tf_config=None: train_pipeline(
+            config.replace(**small_config(device="cpu").to_dict()), paths, data=tiny_data
+        ),
+    )
     code = cli.main(["train", "--artifacts-dir", str(paths.artifacts)])
     assert code == cli.EXIT_PUBLISH == 6
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "error: could not write artifacts: [Errno 28] No space left on device (disk full")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: could not write artifacts: [Errno 28] No space left on device (disk full"
+        )
+    )
     # what was published before the failure is complete; no temporary folder is left behind
     for v in exporter.published_versions(paths.models):
         assert (paths.models / str(v) / "saved_model.pb").is_file()
     assert not [p for p in paths.models.iterdir() if p.name.startswith(exporter.TMP_PREFIX)]
 
 
-def test_a_validation_fraction_that_leaves_no_example_is_refused_before_the_run(tmp_path,
-                                                                                tiny_data):
+def test_a_validation_fraction_that_leaves_no_example_is_refused_before_the_run(
+    tmp_path, tiny_data
+):
     from pipeline.config import ConfigError
 
     paths = Paths(tmp_path / "artifacts")
     with pytest.raises(ConfigError, match="leaves 0 for validation"):
-        train_pipeline(small_config(device="cpu", validation_fraction=1e-6), paths,
-                       data=tiny_data)
+        train_pipeline(small_config(device="cpu", validation_fraction=1e-6), paths, data=tiny_data)
     assert not paths.runs.exists()
 
 
-@pytest.mark.parametrize("args", [["--epochs", "1", "--run-name", "x"],
-                                  ["--epochs", "1", "--run-name=x"],
-                                  ["--run-n", "x", "--epochs", "1"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--epochs", "1", "--run-name", "x"],
+        ["--epochs", "1", "--run-name=x"],
+        ["--run-n", "x", "--epochs", "1"],
+    ],
+)
 def test_cluster_takes_the_run_name_in_any_spelling(args):
     from pipeline.cli import without_run_name
 
@@ -422,7 +518,8 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, tiny_data):
 
 
 def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
-        tmp_path, tiny_data, monkeypatch):
+    tmp_path, tiny_data, monkeypatch
+):
     import keras
 
     paths = Paths(tmp_path / "artifacts")
@@ -434,8 +531,13 @@ def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
                 raise KeyboardInterrupt
 
     real = trainer.train
-    monkeypatch.setattr(trainer, "train", lambda *a, **k: real(
-        *a, **{**k, "extra_callbacks": [*k.get("extra_callbacks", []), Crash()]}))
+    monkeypatch.setattr(
+        trainer,
+        "train",
+        lambda *a, **k: real(
+            *a, **{**k, "extra_callbacks": [*k.get("extra_callbacks", []), Crash()]}
+        ),
+    )
     with pytest.raises(KeyboardInterrupt):
         train_pipeline(config, paths, run_id="r", data=tiny_data)
     monkeypatch.setattr(trainer, "train", real)

@@ -9,8 +9,11 @@ from tests.helpers import make_digits
 
 
 def test_statistics_match_numpy_and_round_trip(tmp_path):
-    split = Split("train", make_digits(300, seed=1).images.reshape(-1, 28, 28),
-                  make_digits(300, seed=1).labels)
+    split = Split(
+        "train",
+        make_digits(300, seed=1).images.reshape(-1, 28, 28),
+        make_digits(300, seed=1).labels,
+    )
     stats = statistics.compute({"train": split})
     statistics.write(tmp_path / "s.pb", stats)
     [ds] = statistics.read(tmp_path / "s.pb").datasets
@@ -34,8 +37,15 @@ def test_drift_is_found_beyond_the_thresholds_only():
     skewed = statistics.compute({"train": Split("train", split.images[keep], split.labels[keep])})
     [finding] = statistics.check_drift(skewed, same, "version 1")
     assert "class 3's share moved" in finding
-    brighter = statistics.compute({"train": Split(
-        "train", np.clip(split.images.astype(int) + 20, 0, 255).astype(np.uint8), split.labels)})
+    brighter = statistics.compute(
+        {
+            "train": Split(
+                "train",
+                np.clip(split.images.astype(int) + 20, 0, 255).astype(np.uint8),
+                split.labels,
+            )
+        }
+    )
     assert any("mean pixel" in f for f in statistics.check_drift(brighter, same, "version 1"))
 
 

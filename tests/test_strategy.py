@@ -28,15 +28,25 @@ PRELUDE = textwrap.dedent(f"""
 
 
 def run_script(body: str, timeout: int = 300) -> dict:
-    r = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_policy_what_each_strategy_allows():
-    kw = dict(batch_size=32, steps_per_execution=100, jit_compile=True, mixed_precision="auto",
-              dropout=0.0)
+    kw = dict(
+        batch_size=32,
+        steps_per_execution=100,
+        jit_compile=True,
+        mixed_precision="auto",
+        dropout=0.0,
+    )
     cpu = strategy.choose_strategy("auto", 0)
     e = strategy.effective_settings(cpu, 1, **kw)
     assert (e.steps_per_execution, e.jit_compile, e.mixed_precision) == (100, True, False)
@@ -58,8 +68,9 @@ def test_patched_keras_names_still_exist():
 
     for name in strategy.PATCHED_KERAS_NAMES:
         module_name, _, attr = name.rpartition(".")
-        owner = keras.Model if module_name == "keras.Model" else \
-            importlib.import_module(module_name)
+        owner = (
+            keras.Model if module_name == "keras.Model" else importlib.import_module(module_name)
+        )
         assert hasattr(owner, attr), name
 
 

@@ -37,10 +37,20 @@ class TensorBoardServer:
         self.port = _free_port()
         tensorboard = Path(sys.executable).with_name("tensorboard")
         self.proc = subprocess.Popen(
-            [str(tensorboard), "--logdir_spec",
-             f"runs:{artifacts / 'tensorboard'},tuning:{artifacts / 'tuning'}",
-             "--host", "127.0.0.1", "--port", str(self.port), "--reload_interval", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(tensorboard),
+                "--logdir_spec",
+                f"runs:{artifacts / 'tensorboard'},tuning:{artifacts / 'tuning'}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--reload_interval",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 60
         while True:
             try:
@@ -59,9 +69,11 @@ class TensorBoardServer:
 
     def scalar_points(self) -> dict[tuple[str, str], int]:
         tags = json.loads(self.get("/data/plugin/scalars/tags"))
-        return {(run, tag): len(json.loads(self.get("/data/plugin/scalars/scalars",
-                                                    run=run, tag=tag)))
-                for run, run_tags in tags.items() for tag in run_tags}
+        return {
+            (run, tag): len(json.loads(self.get("/data/plugin/scalars/scalars", run=run, tag=tag)))
+            for run, run_tags in tags.items()
+            for tag in run_tags
+        }
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -98,10 +110,15 @@ def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path)
         trainer.train(
             lambda: build_model(steps_per_execution=10, jit_compile=False),
             lambda epoch: data.make_train_dataset(train, 32, seed=0, epoch=epoch),
-            data.make_dataset(val, 256), epochs=4, strategy=tf.distribute.get_strategy(),
-            tensorboard_dir=log_dir, backup_dir=None, update_freq=10, verbose=0,
-            extra_callbacks=[watcher,
-                             monitoring.EpochImages(log_dir, val.images, val.labels)])
+            data.make_dataset(val, 256),
+            epochs=4,
+            strategy=tf.distribute.get_strategy(),
+            tensorboard_dir=log_dir,
+            backup_dir=None,
+            update_freq=10,
+            verbose=0,
+            extra_callbacks=[watcher, monitoring.EpochImages(log_dir, val.images, val.labels)],
+        )
         assert watcher.seen == sorted(watcher.seen) and watcher.seen[0] > 0
         time.sleep(3)  # a few reload cycles after the writers closed
         live = watching.scalar_points()
@@ -110,8 +127,9 @@ def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path)
     fresh_server = TensorBoardServer(artifacts)
     try:
         fresh = fresh_server.scalar_points()
-        graph_text = fresh_server.get("/data/plugin/graphs/graph", run="runs/run-1/model",
-                                      conceptual="false")
+        graph_text = fresh_server.get(
+            "/data/plugin/graphs/graph", run="runs/run-1/model", conceptual="false"
+        )
     finally:
         fresh_server.stop()
     assert live == fresh
@@ -120,5 +138,6 @@ def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path)
     assert fresh[("runs/run-1/validation", "epoch_loss")] == 4
 
     from google.protobuf import text_format
+
     graph = text_format.Parse(graph_text.decode(), tf.compat.v1.GraphDef())
     assert any("hidden" in node.name for node in graph.node)

@@ -23,8 +23,13 @@ def run(tmp_path_factory):
 
     artifacts = tmp_path_factory.mktemp("tb") / "artifacts"
     data = (make_digits(512, seed=1), make_digits(256, seed=2, name="test"))
-    config = small_config(device="cpu", epochs=EPOCHS, learning_rate=0.003,
-                          max_train_examples=None, max_test_examples=None)
+    config = small_config(
+        device="cpu",
+        epochs=EPOCHS,
+        learning_rate=0.003,
+        max_train_examples=None,
+        max_test_examples=None,
+    )
     result = train_pipeline(config, Paths(artifacts), data=data)
     return artifacts, result
 
@@ -37,6 +42,7 @@ def tensors(path):
 
 def scalar_values(events):
     import tensorflow as tf
+
     return [float(tf.make_ndarray(e.tensor_proto)) for e in events]
 
 
@@ -62,14 +68,19 @@ def test_tensorboard_scalars_histograms_images_text_hparams(run):
     assert [e.step for e in images["predictions"]] == list(range(1, EPOCHS + 1))
     assert [e.step for e in images["confusion_matrix"]] == list(range(1, EPOCHS + 1))
     root = tensors(tb)
-    assert {"config", "final_metrics", "_hparams_/session_start_info",
-            "hparams/test_accuracy"} <= set(root)
+    assert {
+        "config",
+        "final_metrics",
+        "_hparams_/session_start_info",
+        "hparams/test_accuracy",
+    } <= set(root)
     assert scalar_values(root["hparams/test_accuracy"]) == [result.metrics["test_accuracy"]]
     from tensorboard.plugins.hparams import plugin_data_pb2
-    metadata = ea.EventAccumulator(str(tb)).Reload().SummaryMetadata(
-        "_hparams_/session_start_info")
+
+    metadata = ea.EventAccumulator(str(tb)).Reload().SummaryMetadata("_hparams_/session_start_info")
     start = plugin_data_pb2.HParamsPluginData.FromString(
-        metadata.plugin_data.content).session_start_info
+        metadata.plugin_data.content
+    ).session_start_info
     assert start.hparams["learning_rate"].number_value == pytest.approx(0.003)
     assert start.hparams["hidden_units"].number_value == 128
 
@@ -87,9 +98,15 @@ def test_report_figures_are_sensible_pngs(run):
     _, result = run
     report = result.run_dir / "report"
     pngs = sorted(report.glob("*.png"))
-    assert {p.name for p in pngs} >= {"train_sample.png", "first_test.png", "predictions.png",
-                                       "mistakes.png", "confusion_matrix.png", "confidence.png",
-                                       "training_curves.png"}
+    assert {p.name for p in pngs} >= {
+        "train_sample.png",
+        "first_test.png",
+        "predictions.png",
+        "mistakes.png",
+        "confusion_matrix.png",
+        "confidence.png",
+        "training_curves.png",
+    }
     for p in pngs:
         with Image.open(p) as img:
             img.verify()
@@ -107,22 +124,34 @@ def test_report_page_is_self_contained_and_matches_metrics(run):
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert f'id="test-accuracy">{metrics["test_accuracy"]:.4f}<' in page
     table = page.split('id="per-class"')[1].split("</table>")[0]
-    rows = re.findall(r"<tr><td>(\d)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([\d.]+)</td>"
-                      r"<td>(\d+)</td></tr>", table)
+    rows = re.findall(
+        r"<tr><td>(\d)</td><td>([\d.]+)</td><td>([\d.]+)</td><td>([\d.]+)</td>"
+        r"<td>(\d+)</td></tr>",
+        table,
+    )
     assert len(rows) == 10
     for c, p, r, f, n in rows:
         m = metrics["per_class"][c]
         assert (float(p), float(r), float(f), int(n)) == pytest.approx(
-            (m["precision"], m["recall"], m["f1"], m["support"]), abs=6e-5)
+            (m["precision"], m["recall"], m["f1"], m["support"]), abs=6e-5
+        )
     assert page.count("data:image/png;base64,") == 7
     config = json.loads(html.unescape(page.split('<pre id="config">')[1].split("</pre>")[0]))
     assert config["epochs"] == EPOCHS
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
@@ -131,12 +160,17 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     url = (result.run_dir / "report" / "index.html").resolve().as_uri()
     common = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     shot = tmp_path / "report.png"
-    subprocess.run(common + [f"--screenshot={shot}", "--window-size=1200,1600", url],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        common + [f"--screenshot={shot}", "--window-size=1200,1600", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     with Image.open(shot) as img:
         pixels = np.asarray(img.convert("L"))
     assert pixels.shape == (1600, 1200) and pixels.std() > 10, "blank screenshot"
-    dom = subprocess.run(common + ["--dump-dom", url], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert f'{result.metrics["test_accuracy"]:.4f}' in dom
+    dom = subprocess.run(
+        common + ["--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert f"{result.metrics['test_accuracy']:.4f}" in dom
     assert dom.count("<img") == 7

@@ -24,29 +24,51 @@ def train_split():
 
 def _config(**kw):
     defaults = TrainConfig()
-    base = dict(study="s", algorithm="random", max_trials=2, max_epochs=2, time_budget_minutes=5,
-                steps_per_execution=4, validation_fraction=defaults.validation_fraction,
-                seed=defaults.seed)
+    base = dict(
+        study="s",
+        algorithm="random",
+        max_trials=2,
+        max_epochs=2,
+        time_budget_minutes=5,
+        steps_per_execution=4,
+        validation_fraction=defaults.validation_fraction,
+        seed=defaults.seed,
+    )
     return tuner.TuneConfig(**{**base, **kw})
 
 
 def test_search_writes_best_resumes_without_rerunning_and_overwrite_starts_over(
-        tmp_path, train_split):
+    tmp_path, train_split
+):
     lines = []
     first = tuner.tune(_config(), train_split, tmp_path / "s", out=lines.append)
     assert len(first.trials_run) == 2
     best = json.loads((tmp_path / "s" / tuner.BEST_FILE).read_text())
-    assert set(best["hparams"]) == {"hidden_units", "dropout", "learning_rate", "batch_size",
-                                    "epochs"}
+    assert set(best["hparams"]) == {
+        "hidden_units",
+        "dropout",
+        "learning_rate",
+        "batch_size",
+        "epochs",
+    }
     assert best["objective"] == "val_loss"
     assert best["score"] == min(t["score"] for t in best["trials"])
     assert 0.0 <= best["val_accuracy"] <= 1.0
     # the training runs' own held-out split (same default fraction, same seed)
-    assert best["validation"] == {"fraction": 0.05, "seed": 0, "train_examples": 380,
-                                  "validation_examples": 20}
-    assert any(re.match(r"trial 0 completed: val_loss \d+\.\d{4} \(val_accuracy [01]\.\d{4}\), "
-                        r"best so far \d+\.\d{4}; \d+ s elapsed, \d+ s of budget left", line)
-               for line in lines)
+    assert best["validation"] == {
+        "fraction": 0.05,
+        "seed": 0,
+        "train_examples": 380,
+        "validation_examples": 20,
+    }
+    assert any(
+        re.match(
+            r"trial 0 completed: val_loss \d+\.\d{4} \(val_accuracy [01]\.\d{4}\), "
+            r"best so far \d+\.\d{4}; \d+ s elapsed, \d+ s of budget left",
+            line,
+        )
+        for line in lines
+    )
 
     again = tuner.tune(_config(), train_split, tmp_path / "s", out=lines.append)
     assert again.trials_run == [] and any("resuming study s: 2 trial(s)" in l for l in lines)
@@ -60,21 +82,27 @@ def test_search_writes_best_resumes_without_rerunning_and_overwrite_starts_over(
 
 
 def test_hyperband_runs_and_trial_logs_carry_hparams(tmp_path, train_split):
-    result = tuner.tune(_config(algorithm="hyperband", max_trials=3, max_epochs=2),
-                        train_split, tmp_path / "h", out=lambda _: None)
+    result = tuner.tune(
+        _config(algorithm="hyperband", max_trials=3, max_epochs=2),
+        train_split,
+        tmp_path / "h",
+        out=lambda _: None,
+    )
     assert 1 <= len(result.trials_run) <= 3
     for trial_id in result.trials_run:
         acc = ea.EventAccumulator(str(tmp_path / "h" / "tensorboard" / trial_id / "execution0"))
         acc.Reload()
-        start = plugin_data_pb2.HParamsPluginData.FromString(acc.SummaryMetadata(
-            "_hparams_/session_start_info").plugin_data.content).session_start_info
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+        ).session_start_info
         assert {"hidden_units", "dropout", "learning_rate", "batch_size"} <= set(start.hparams)
 
 
 def test_time_budget_stops_cleanly_between_trials(tmp_path, train_split):
     with pytest.raises(tuner.NoTrialCompleted, match="raise --time-budget"):
-        tuner.tune(_config(time_budget_minutes=1e-9), train_split, tmp_path / "t",
-                   out=lambda _: None)
+        tuner.tune(
+            _config(time_budget_minutes=1e-9), train_split, tmp_path / "t", out=lambda _: None
+        )
 
 
 def test_tune_cli_never_asks_for_the_test_split(tmp_path, monkeypatch, capsys):
@@ -87,23 +115,48 @@ def test_tune_cli_never_asks_for_the_test_split(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(data_lib, "load_split", spy)
     with tfds.testing.mock_data(num_examples=120):
-        code = cli.main(["tune", "--artifacts-dir", str(tmp_path), "--algorithm", "random",
-                         "--max-trials", "1", "--max-epochs", "1", "--device", "cpu"])
+        code = cli.main(
+            [
+                "tune",
+                "--artifacts-dir",
+                str(tmp_path),
+                "--algorithm",
+                "random",
+                "--max-trials",
+                "1",
+                "--max-epochs",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
     assert code == 0 and asked == ["train"]
     assert (tmp_path / "tuning" / "default" / tuner.BEST_FILE).is_file()
-    assert "make train ARGS=\"--hparams" in capsys.readouterr().out
+    assert 'make train ARGS="--hparams' in capsys.readouterr().out
 
 
 def test_training_reads_best_hparams_into_its_config(tmp_path, tiny_data):
-    best = {"hparams": {"hidden_units": 48, "dropout": 0.2, "learning_rate": 0.004,
-                        "batch_size": 64, "epochs": 2}, "score": 0.9}
+    best = {
+        "hparams": {
+            "hidden_units": 48,
+            "dropout": 0.2,
+            "learning_rate": 0.004,
+            "batch_size": 64,
+            "epochs": 2,
+        },
+        "score": 0.9,
+    }
     path = tmp_path / tuner.BEST_FILE
     path.write_text(json.dumps(best))
     args = cli.build_parser().parse_args(["train", "--hparams", str(path), "--device", "cpu"])
     config = cli.resolve_config(args)
     small = small_config().to_dict()
-    config = config.replace(**{k: small[k] for k in ("max_train_examples", "max_test_examples",
-                                                     "min_accuracy", "max_regression")})
+    config = config.replace(
+        **{
+            k: small[k]
+            for k in ("max_train_examples", "max_test_examples", "min_accuracy", "max_regression")
+        }
+    )
     result = train_pipeline(config, Paths(tmp_path / "artifacts"), data=tiny_data)
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert {k: saved["requested"][k] for k in best["hparams"]} == best["hparams"]
@@ -114,8 +167,9 @@ def test_best_epoch_counts_the_epochs_a_continued_hyperband_trial_inherited():
     from types import SimpleNamespace
 
     def trial(values, best_step, score=0.9):
-        return SimpleNamespace(hyperparameters=SimpleNamespace(values=values),
-                               best_step=best_step, score=score)
+        return SimpleNamespace(
+            hyperparameters=SimpleNamespace(values=values), best_step=best_step, score=score
+        )
 
     assert tuner.best_epoch(trial({"tuner/initial_epoch": 7, "tuner/epochs": 20}, 4)) == 12
     assert tuner.best_epoch(trial({}, 4)) == 5
@@ -124,25 +178,44 @@ def test_best_epoch_counts_the_epochs_a_continued_hyperband_trial_inherited():
 
 def test_a_study_that_runs_fewer_trials_than_asked_says_why(tmp_path, train_split):
     lines: list[str] = []
-    result = tuner.tune(_config(algorithm="hyperband", max_trials=40, max_epochs=2),
-                        train_split, tmp_path / "s", out=lines.append)
+    result = tuner.tune(
+        _config(algorithm="hyperband", max_trials=40, max_epochs=2),
+        train_split,
+        tmp_path / "s",
+        out=lines.append,
+    )
     assert len(result.trials_run) < 40
     [stopped] = [line for line in lines if line.startswith("search stopped:")]
     assert f"holds {len(result.trials_run)} trial(s), fewer than --max-trials 40" in stopped
 
 
-def test_a_truncated_study_file_is_one_line_with_advice(tmp_path, train_split, capsys,
-                                                       monkeypatch):
+def test_a_truncated_study_file_is_one_line_with_advice(tmp_path, train_split, capsys, monkeypatch):
     from pipeline import cli
 
     artifacts = tmp_path / "artifacts"
-    tuner.tune(_config(max_trials=1), train_split, artifacts / "tuning" / "s",
-               out=lambda line: None)
+    tuner.tune(
+        _config(max_trials=1), train_split, artifacts / "tuning" / "s", out=lambda line: None
+    )
     oracle = next((artifacts / "tuning" / "s").rglob("oracle.json"))
     oracle.write_text(oracle.read_text()[:40])
     monkeypatch.setattr("components.data.load_split", lambda *a, **k: make_digits(400, seed=3))
-    code = cli.main(["tune", "--study", "s", "--artifacts-dir", str(artifacts), "--algorithm",
-                     "random", "--max-trials", "2", "--max-epochs", "1", "--device", "cpu"])
+    code = cli.main(
+        [
+            "tune",
+            "--study",
+            "s",
+            "--artifacts-dir",
+            str(artifacts),
+            "--algorithm",
+            "random",
+            "--max-trials",
+            "2",
+            "--max-epochs",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == cli.EXIT_USAGE and len(err) == 1
     assert str(oracle) in err[0] and "--overwrite" in err[0]

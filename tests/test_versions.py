@@ -18,10 +18,15 @@ def three_versions(exported, tmp_path):
     base = tmp_path / "artifacts" / "models" / "mnist"
     for v in (1, 2, 3):
         shutil.copytree(exported, base / str(v))
-        (base / str(v) / "assets.extra" / "model_card.json").write_text(json.dumps({
-            "model_details": {"run_id": f"run-{v}", "date": f"2026-11-2{v}T10:00:00"},
-            "quantitative_analysis": {"accuracy": 0.97 + v / 1000},
-            "lineage": {"code": {"commit": f"{v}" * 40}, "data_fingerprint": "ab" * 16}}))
+        (base / str(v) / "assets.extra" / "model_card.json").write_text(
+            json.dumps(
+                {
+                    "model_details": {"run_id": f"run-{v}", "date": f"2026-11-2{v}T10:00:00"},
+                    "quantitative_analysis": {"accuracy": 0.97 + v / 1000},
+                    "lineage": {"code": {"commit": f"{v}" * 40}, "data_fingerprint": "ab" * 16},
+                }
+            )
+        )
     return base
 
 
@@ -52,8 +57,10 @@ def test_list_promote_canary_rollback(three_versions, capsys):
 
 
 def test_list_as_json(three_versions, capsys):
-    assert cli.main(["models", "list", "--json", "--artifacts-dir",
-                     str(three_versions.parents[1])]) == 0
+    assert (
+        cli.main(["models", "list", "--json", "--artifacts-dir", str(three_versions.parents[1])])
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in rows] == [1, 2, 3]
     assert rows[0]["run_id"] == "run-1" and rows[2]["accuracy"] == pytest.approx(0.973)
@@ -62,9 +69,15 @@ def test_list_as_json(three_versions, capsys):
 def test_pruning_keeps_labelled_versions(three_versions, exported):
     base = three_versions
     versions.promote(base, 1)
-    result = exporter.publish_staged(exported, base, run_id="r4", baseline_version=3,
-                                     assets={}, keep_versions=1,
-                                     protected=lambda: versions.labelled(base))
+    result = exporter.publish_staged(
+        exported,
+        base,
+        run_id="r4",
+        baseline_version=3,
+        assets={},
+        keep_versions=1,
+        protected=lambda: versions.labelled(base),
+    )
     assert result.version == 4 and versions.published(base) == [1, 4]
 
 

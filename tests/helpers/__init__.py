@@ -24,7 +24,7 @@ def make_digits(n: int, seed: int = 0, name: str = "train"):
     labels = rng.integers(0, 10, size=n).astype(np.int64)
     images = rng.integers(0, 60, size=(n, 28, 28, 1), dtype=np.uint8)
     for i, c in enumerate(labels):
-        images[i, 2 + 2 * c: 4 + 2 * c, 4:24, 0] = 255
+        images[i, 2 + 2 * c : 4 + 2 * c, 4:24, 0] = 255
     return Split(name, images, labels)
 
 
@@ -45,5 +45,6 @@ def wait_for_backup_epoch(run_dir: Path, proc, epoch: int = 1, timeout: float = 
 
 requires_mnist = pytest.mark.skipif(
     not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"real MNIST not found at {SHARED_MNIST}")
+    reason=f"real MNIST not found at {SHARED_MNIST}",
+)
 """The one skip condition for tests that need the real MNIST (../shared/datasets/mnist)."""
