@@ -51,6 +51,11 @@ class _Served:
             meta = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], str(export_dir))
         # (TF2 SavedModels also carry "__saved_model_init_op", which is not a serving signature)
         self.signatures = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+        try:  # the calibrated threshold the `uncertain` output must follow
+            extra = Path(export_dir) / "assets.extra" / "uncertainty.json"
+            self.threshold = float(json.loads(extra.read_text())["threshold"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.threshold = 0.0
 
     def run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sig = self.signatures[signature]
@@ -101,6 +106,13 @@ def _probabilities(served: _Served, images: np.ndarray) -> np.ndarray:
         if not np.array_equal(ids, probs.argmax(1)):
             raise InfraValidationError(
                 "serving_default's class_ids disagree with its probabilities"
+            )
+        if "uncertain" in result and not np.array_equal(
+            np.asarray(result["uncertain"]), probs.max(1) < served.threshold
+        ):
+            raise InfraValidationError(
+                "serving_default's uncertain flags disagree with its probabilities and the "
+                "calibrated threshold"
             )
         out.append(probs)
     return np.concatenate(out)

@@ -547,7 +547,9 @@ def export(run: Run) -> dict[str, Any]:
 
     tmp = run.layout.export.with_name(".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    exporter.export_saved_model(run.keras_model(), tmp)
+    exporter.export_saved_model(
+        run.keras_model(), tmp, uncertainty=read_json(run.layout.calibration)
+    )
     shutil.rmtree(run.layout.export, ignore_errors=True)
     os.replace(tmp, run.layout.export)
     return {"inputs": {"model": str(run.layout.model)}}

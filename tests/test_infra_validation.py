@@ -117,3 +117,22 @@ def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_dat
 
 def test_infra_validation_failure_is_exit_8():
     assert cli.map_error(InfraValidationError("x"))[0] == cli.EXIT_INFRA == 8
+
+
+def test_every_signature_says_when_it_is_unsure(tmp_path, tiny_data):
+    """`uncertain` from every signature, from the threshold calibrated at training time and
+    stored in the graph (and beside it in assets.extra), equal to the report's rule."""
+    result = _run(tmp_path, tiny_data)
+    version = tmp_path / "artifacts" / "models" / "mnist" / "1"
+    stored = json.loads((version / "assets.extra" / exporter.UNCERTAINTY_FILE).read_text())
+    assert stored["threshold"] == result.metrics["uncertainty"]["threshold"] > 0
+    loaded = tf.saved_model.load(str(version))
+    images = tiny_data[1].images[:16, ..., 0]
+    pngs = tf.constant([tf.io.encode_png(img[..., None]).numpy() for img in images])
+    for name, kwargs in (("serving_default", {"images": tf.constant(images)}),
+                         ("predict_png", {"image_bytes": pngs})):
+        out = loaded.signatures[name](**kwargs)
+        probs = out["probabilities"].numpy()
+        np.testing.assert_array_equal(out["uncertain"].numpy(),
+                                      probs.max(1) < np.float32(stored["threshold"]))
+    assert "uncertain" in loaded.signatures["predict_image"].structured_outputs
