@@ -52,48 +52,84 @@ def _check_images(images: tf.Tensor) -> tf.Tensor:
     opaque = tf.io.parse_tensor(tf.io.serialize_tensor(images), tf.uint8)
     shape = tf.shape(opaque)
     padded = tf.concat([shape, [0, 0, 0]], 0)  # so [1:3] exists for any rank
-    ok = tf.logical_and(tf.equal(tf.size(shape), 3),
-                        tf.reduce_all(tf.equal(padded[1:3], IMAGE_SHAPE)))
-    with tf.control_dependencies([tf.debugging.Assert(
-            ok, ["images must be uint8 [N, 28, 28]; got shape", shape])]):
+    ok = tf.logical_and(
+        tf.equal(tf.size(shape), 3), tf.reduce_all(tf.equal(padded[1:3], IMAGE_SHAPE))
+    )
+    with tf.control_dependencies(
+        [tf.debugging.Assert(ok, ["images must be uint8 [N, 28, 28]; got shape", shape])]
+    ):
         return tf.identity(images)
 
 
 def _decode_image(data: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
     shape = tf.shape(image)
-    with tf.control_dependencies([tf.debugging.Assert(
-            tf.reduce_all(tf.equal(shape[:2], IMAGE_SHAPE)),
-            ["image must be 28x28 pixels; got", shape[:2]])]):
+    with tf.control_dependencies(
+        [
+            tf.debugging.Assert(
+                tf.reduce_all(tf.equal(shape[:2], IMAGE_SHAPE)),
+                ["image must be 28x28 pixels; got", shape[:2]],
+            )
+        ]
+    ):
         return tf.reshape(image, IMAGE_SHAPE)
 
 
-def build_export_archive(model: keras.Model) -> keras.export.ExportArchive:
+def build_export_archive(
+    model: keras.Model, uncertainty_threshold: float = 0.0
+) -> keras.export.ExportArchive:
     """The exported graph: the shared preprocess + the model, behind the contract's signatures.
+
+    Every signature also answers `uncertain` (bool [N]): the top probability is below the
+    threshold calibrated on the validation split at training time, a constant of the graph, so
+    a served model and its report agree.
 
     Keras's ExportArchive (rather than a bare tf.Module holding the model) is what makes the
     variables restorable by the graph-level loader that TF Serving's C++ server uses.
     """
+    threshold = tf.constant(uncertainty_threshold, tf.float32, name="uncertainty_threshold")
 
     def predict(images: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.cast(model(preprocess(images), training=False), tf.float32)
-        return {"probabilities": probabilities,
-                "class_ids": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
+        return {
+            "probabilities": probabilities,
+            "class_ids": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+            "uncertain": tf.reduce_max(probabilities, axis=-1) < threshold,
+        }
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return predict(_check_images(images))
 
     def serve_png(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(_decode_image, image_bytes,
-                           fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8))
+        images = tf.map_fn(
+            _decode_image, image_bytes, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8)
+        )
         return predict(images)
+
+    def serve_photo(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        # Photos of any size -> MNIST's 28x28 in the graph (components/photo.py), then the
+        # same preprocess + model as the other signatures.
+        from components.photo import normalize_photos
+
+        return predict(normalize_photos(image_bytes))
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", serve_images, input_signature=[
-        tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
-    archive.add_endpoint("predict_png", serve_png, input_signature=[
-        tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(
+        "serving_default",
+        serve_images,
+        input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")],
+    )
+    archive.add_endpoint(
+        "predict_png",
+        serve_png,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    archive.add_endpoint(
+        "predict_image",
+        serve_photo,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
     return archive
 
 
@@ -101,33 +137,64 @@ def write_warmup(path: Path, model_name: str = MODEL_NAME) -> None:
     """A few PredictionLog records per signature, which TF Serving replays on load."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+    from components.photo import example_photos
+
     blank = np.zeros((1, *IMAGE_SHAPE), np.uint8)
     stroke = blank.copy()
     stroke[0, 4:24, 13:15] = 255  # a "1"
     batches = [blank, stroke, np.concatenate([blank, stroke] * 4)]
+    photos = example_photos()  # photo-like JPEG/PNG digits of a few sizes (no blank page)
+    requests = []
+    for batch in batches:
+        requests.append(("serving_default", "images", tf.make_tensor_proto(batch)))
+        pngs = [tf.io.encode_png(img[..., None]).numpy() for img in batch]
+        requests.append(
+            (
+                "predict_png",
+                "image_bytes",
+                tf.make_tensor_proto(pngs, dtype=tf.string, shape=[len(pngs)]),
+            )
+        )
+    for blobs in ([photos[0]], photos):
+        requests.append(
+            (
+                "predict_image",
+                "image_bytes",
+                tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]),
+            )
+        )
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for batch in batches:
-            for signature in ("serving_default", "predict_png"):
-                request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
-                    name=model_name, signature_name=signature))
-                if signature == "serving_default":
-                    request.inputs["images"].CopyFrom(tf.make_tensor_proto(batch))
-                else:
-                    pngs = [tf.io.encode_png(img[..., None]).numpy() for img in batch]
-                    request.inputs["image_bytes"].CopyFrom(
-                        tf.make_tensor_proto(pngs, dtype=tf.string, shape=[len(pngs)]))
-                log_record = prediction_log_pb2.PredictionLog(
-                    predict_log=prediction_log_pb2.PredictLog(request=request))
-                writer.write(log_record.SerializeToString())
+        for signature, input_name, tensor in requests:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
+            )
+            request.inputs[input_name].CopyFrom(tensor)
+            log_record = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log_record.SerializeToString())
 
 
-def export_saved_model(model: keras.Model, export_dir: Path, metrics: dict[str, Any] | None = None
-                       ) -> Path:
-    """Write a complete SavedModel (signatures, warmup, metrics) into `export_dir`."""
-    build_export_archive(model).write_out(str(export_dir), verbose=False)
+UNCERTAINTY_FILE = "uncertainty.json"
+
+
+def export_saved_model(
+    model: keras.Model,
+    export_dir: Path,
+    metrics: dict[str, Any] | None = None,
+    uncertainty: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete SavedModel (signatures, warmup, metrics) into `export_dir`.
+
+    `uncertainty`: the calibration ({"threshold": t, ...}); without one nothing is flagged."""
+    threshold = float((uncertainty or {}).get("threshold", 0.0))
+    build_export_archive(model, threshold).write_out(str(export_dir), verbose=False)
     extra = Path(export_dir) / "assets.extra"
     extra.mkdir(exist_ok=True)
     write_warmup(extra / WARMUP_FILE)
+    (extra / UNCERTAINTY_FILE).write_text(
+        json.dumps(uncertainty or {"threshold": threshold}, indent=2) + "\n"
+    )
     if metrics is not None:
         (extra / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return Path(export_dir)
@@ -141,8 +208,11 @@ def published_versions(base: Path) -> list[int]:
     """Complete versions under `base`, ascending (numeric folder names only)."""
     if not Path(base).is_dir():
         return []
-    return sorted(int(p.name) for p in Path(base).iterdir() if p.is_dir() and p.name.isdigit()
-                  and int(p.name) > 0)
+    return sorted(
+        int(p.name)
+        for p in Path(base).iterdir()
+        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def latest_version_dir(base: Path) -> Path | None:
@@ -162,7 +232,7 @@ def mcnemar_p(candidate_only_wrong: int, baseline_only_wrong: int) -> float:
     n = candidate_only_wrong + baseline_only_wrong
     if n == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(candidate_only_wrong, n + 1)) / 2 ** n
+    return sum(math.comb(n, k) for k in range(candidate_only_wrong, n + 1)) / 2**n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,40 +254,72 @@ class GateDecision:
         return dataclasses.asdict(self)
 
 
-def gate(candidate_correct: np.ndarray, *, full_test_split: bool, min_accuracy: float,
-         max_regression: float, allow_partial_test: bool = False,
-         baseline_correct: np.ndarray | None = None, baseline_version: int | None = None
-         ) -> GateDecision:
+def gate(
+    candidate_correct: np.ndarray,
+    *,
+    full_test_split: bool,
+    min_accuracy: float,
+    max_regression: float,
+    allow_partial_test: bool = False,
+    baseline_correct: np.ndarray | None = None,
+    baseline_version: int | None = None,
+) -> GateDecision:
     """TFX-Evaluator-style blessing of the exported model, from per-example correctness on the
     test examples (the baseline's on the same examples, in the same validation process)."""
     n = int(len(candidate_correct))
     accuracy = float(np.mean(candidate_correct)) if n else float("nan")
-    common: dict[str, Any] = dict(accuracy=accuracy, test_examples=n,
-                                  full_test_split=full_test_split)
+    common: dict[str, Any] = dict(
+        accuracy=accuracy, test_examples=n, full_test_split=full_test_split
+    )
     if not full_test_split and not allow_partial_test:
-        return GateDecision(False, f"evaluated on {n} test examples, not the whole test split "
-                                   f"(--max-test-examples): a smoke run is never published "
-                                   f"(--publish-partial-test forces it)", **common)
+        return GateDecision(
+            False,
+            f"evaluated on {n} test examples, not the whole test split "
+            f"(--max-test-examples): a smoke run is never published "
+            f"(--publish-partial-test forces it)",
+            **common,
+        )
     common["forced_partial_test"] = not full_test_split
     if not accuracy >= min_accuracy:  # also refuses NaN
-        return GateDecision(False, f"test accuracy {accuracy:.4f} is below --min-accuracy "
-                                   f"{min_accuracy:.4f}", **common)
+        return GateDecision(
+            False,
+            f"test accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy:.4f}",
+            **common,
+        )
     if baseline_correct is None:
-        return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}; "
-                                  f"first version, no baseline", **common)
+        return GateDecision(
+            True,
+            f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}; first version, no baseline",
+            **common,
+        )
     base_acc = float(np.mean(baseline_correct))
     worse = int(np.sum(~candidate_correct & baseline_correct))
     better = int(np.sum(candidate_correct & ~baseline_correct))
     p = mcnemar_p(worse, better)
-    common.update(baseline_version=baseline_version, baseline_accuracy=base_acc,
-                  candidate_only_wrong=worse, baseline_only_wrong=better, p_value=p)
-    versus = (f"version {baseline_version}'s {base_acc:.4f} on the same {n} examples "
-              f"({worse} newly wrong, {better} newly right, McNemar p={p:.3g})")
+    common.update(
+        baseline_version=baseline_version,
+        baseline_accuracy=base_acc,
+        candidate_only_wrong=worse,
+        baseline_only_wrong=better,
+        p_value=p,
+    )
+    versus = (
+        f"version {baseline_version}'s {base_acc:.4f} on the same {n} examples "
+        f"({worse} newly wrong, {better} newly right, McNemar p={p:.3g})"
+    )
     if accuracy < base_acc - max_regression and p < SIGNIFICANCE:
-        return GateDecision(False, f"test accuracy {accuracy:.4f} is significantly more than "
-                                   f"{max_regression:.4f} below {versus}", **common)
-    return GateDecision(True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}, no "
-                              f"significant regression vs {versus}", **common)
+        return GateDecision(
+            False,
+            f"test accuracy {accuracy:.4f} is significantly more than "
+            f"{max_regression:.4f} below {versus}",
+            **common,
+        )
+    return GateDecision(
+        True,
+        f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}, no "
+        f"significant regression vs {versus}",
+        **common,
+    )
 
 
 @contextlib.contextmanager
@@ -261,10 +363,16 @@ class PublishResult:
     pruned: list[int]
 
 
-def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: int | None,
-                   assets: dict[str, str | bytes] | Callable[[int], dict[str, str | bytes]],
-                   keep_versions: int = 0,
-                   protected: Callable[[], set[int]] | None = None) -> PublishResult:
+def publish_staged(
+    staged: Path,
+    base: Path,
+    *,
+    run_id: str,
+    baseline_version: int | None,
+    assets: dict[str, str | bytes] | Callable[[int], dict[str, str | bytes]],
+    keep_versions: int = 0,
+    protected: Callable[[], set[int]] | None = None,
+) -> PublishResult:
     """Copy a validated, blessed staged SavedModel in as the next version, atomically.
 
     Under the publish lock: `baseline_version` must still be the latest version (else
@@ -278,8 +386,11 @@ def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: i
         versions = published_versions(base)
         latest = versions[-1] if versions else None
         if latest != baseline_version:
-            raise BaselineMoved(latest) if latest is not None else \
-                PublishError(f"baseline version {baseline_version} disappeared from {base}")
+            raise (
+                BaselineMoved(latest)
+                if latest is not None
+                else PublishError(f"baseline version {baseline_version} disappeared from {base}")
+            )
         version = (latest or 0) + 1
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
@@ -288,8 +399,9 @@ def publish_staged(staged: Path, base: Path, *, run_id: str, baseline_version: i
             extra.mkdir(exist_ok=True)
             extras = assets(version) if callable(assets) else assets
             for name, content in extras.items():
-                (extra / name).write_bytes(content if isinstance(content, bytes)
-                                           else content.encode())
+                (extra / name).write_bytes(
+                    content if isinstance(content, bytes) else content.encode()
+                )
             _fsync_tree(tmp)
             os.rename(tmp, final)
         except BaseException as e:
@@ -322,8 +434,11 @@ def prune_versions(base: Path, keep: int, protected: set[int] | None = None) -> 
     """Keep the newest `keep` versions and every `protected` one (a label points at it); delete
     the rest (renamed away first, so TF Serving never sees a half-deleted version)."""
     versions = published_versions(base)
-    doomed = [v for v in (versions[:-keep] if keep < len(versions) else [])
-              if v not in (protected or set())]
+    doomed = [
+        v
+        for v in (versions[:-keep] if keep < len(versions) else [])
+        if v not in (protected or set())
+    ]
     for v in doomed:
         trash = base / f"{TMP_PREFIX}pruned-{v}"
         os.rename(base / str(v), trash)

@@ -261,9 +261,8 @@ def ingest(run: Run) -> None:
     t = time.perf_counter()
     data = run.data_override
     train, test, from_tfds = _load(config, run.tfds_data_dir, run.tfds_manual_dir, data)
-    run.full_test_split = len(test) == (
-        data_lib.EXPECTED_COUNTS["test"] if from_tfds else len(data[1])
-    )  # type: ignore[index]
+    full_count = data_lib.EXPECTED_COUNTS["test"] if data is None else len(data[1])
+    run.full_test_split = len(test) == full_count
     fit, validation = train, None
     if config.validation_fraction > 0:
         fit, validation = data_lib.carve_validation(train, config.validation_fraction, config.seed)

@@ -1,52 +1,97 @@
-"""Client CLI: predict digits in image/array files with a local SavedModel or a TF Serving.
+"""Client CLI: predict the digits in photos and arrays with a local SavedModel or a TF Serving.
 
-    python -m serving predict digit.png --local artifacts/models/mnist
-    python -m serving predict digit.png more.npy --server localhost:8501 [--json]
-    python -m serving predict digit.png --server localhost:8500 --grpc
+    python -m serving predict photo.jpg --local artifacts/models/mnist
+    python -m serving predict photo.jpg more.npy --server localhost:8501 [--json]
+    python -m serving predict photo.jpg --server localhost:8500 --grpc --show seen.png
     python -m serving status --server localhost:8501
+
+Photos (PNG/JPEG/GIF/BMP of any size) go to the `predict_image` signature, which normalises them
+as MNIST did inside the model; .npy/IDX arrays (raw 28x28 pixels) go to `serving_default`, and
+an image file already in MNIST's format (28x28 grayscale, white digit on a black border) to
+`predict_png` unchanged. `--signature predict_image` sends every image file to predict_image;
+`--signature predict_png|serving_default` sends 28x28s, photos normalised here by the same
+graph function (components.photo), for a model exported before `predict_image` existed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NoReturn
 
-from serving.client import GrpcClient, LocalPredictor, RestClient, ServerError
-from serving.inputs import InputError, encode_png, load_inputs
+import numpy as np
+
+from serving.client import GrpcClient, LocalPredictor, Prediction, RestClient, ServerError
+from serving.inputs import InputError, LoadedInput, encode_png, load_inputs, seen_images
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SIGNATURES = ("auto", "predict_image", "predict_png", "serving_default")
+TOP_K = 3
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m serving", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="python -m serving",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("predict", help="predict the digit in each input")
-    p.add_argument("inputs", nargs="+", help="PNG/JPEG (any size, RGB/RGBA/grayscale), .npy "
-                   "([28,28], [N,28,28] or [N,784], values 0..255) or IDX files")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="photos (PNG/JPEG/GIF/BMP, any size; other "
+        "formats Pillow reads are sent as PNG), .npy ([28,28], [N,28,28] or "
+        "[N,784], values 0..255) or IDX files",
+    )
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", type=Path, help="a SavedModel folder, or a models base "
-                       "folder (its latest version); no server")
-    where.add_argument("--server", help="TF Serving host:port (REST 8501, or gRPC 8500 with "
-                       "--grpc)")
+    where.add_argument(
+        "--local",
+        type=Path,
+        help="a SavedModel folder, or a models base folder (its latest version); no server",
+    )
+    where.add_argument(
+        "--server", help="TF Serving host:port (REST 8501, or gRPC 8500 with --grpc)"
+    )
     p.add_argument("--grpc", action="store_true", help="talk gRPC instead of REST")
-    p.add_argument("--form", choices=("row", "columnar"), default="row",
-                   help="REST request form: row `instances` or columnar `inputs`")
-    p.add_argument("--png", action="store_true",
-                   help="send encoded PNGs to the predict_png signature (default: uint8 "
-                        "arrays to serving_default)")
+    p.add_argument(
+        "--form",
+        choices=("row", "columnar"),
+        default="row",
+        help="REST request form: row `instances` or columnar `inputs`",
+    )
+    p.add_argument(
+        "--signature",
+        choices=SIGNATURES,
+        default="auto",
+        help="auto (default): photos to predict_image (normalised in the model), arrays to "
+        "serving_default, 28x28 images already in MNIST's format to predict_png unchanged. "
+        "predict_image: every image file to predict_image. predict_png / serving_default: "
+        "every input as a 28x28 PNG / uint8 array, photos normalised here by the same graph "
+        "function (for a model without predict_image)",
+    )
+    p.add_argument("--png", action="store_true", help="same as --signature predict_png")
+    p.add_argument(
+        "--show",
+        type=Path,
+        metavar="PATH",
+        help="write a PNG of the 28x28 image the model saw for each input, beside "
+        "its prediction (photos: computed here with components.photo, the "
+        "function inside predict_image)",
+    )
     _common(p)
-    for name, text in (("status", "model version status over REST"),
-                       ("metadata", "model signatures over REST")):
+    for name, text in (
+        ("status", "model version status over REST"),
+        ("metadata", "model signatures over REST"),
+    ):
         s = sub.add_parser(name, help=text)
         s.add_argument("--server", required=True, help="TF Serving REST host:port")
         _common(s)
@@ -56,17 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mnist", help="model name in TF Serving (default mnist)")
     p.add_argument("--version", type=int, help="a specific version (default: the latest)")
+    p.add_argument(
+        "--label",
+        help="a version label TF Serving serves (stable, canary: see "
+        "`python -m pipeline models`); instead of --version",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show TensorFlow's native start-up lines (hidden by default)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from components import console
+
+    console.setup(args.verbose)
     try:
         if args.command == "predict":
             return _predict(args)
-        client = RestClient(args.server, args.model, args.version, args.timeout)
+        client = RestClient(args.server, args.model, args.version, args.timeout, label=args.label)
         answer = client.status() if args.command == "status" else client.metadata()
         print(json.dumps(answer, indent=2))
         return EXIT_OK
@@ -80,32 +137,144 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     inputs = load_inputs(args.inputs)  # every input checked before anything is sent
+    signature = "predict_png" if args.png else args.signature
+    routes = _routes(inputs, signature)
+    # What the model sees, computed here when it is needed: to send 28x28s, or to show them.
+    needed = args.show or any(
+        sig != "predict_image" and item.image is None for item, sig in zip(inputs, routes)
+    )
+    seen = (
+        seen_images(
+            inputs, [sig == "predict_image" or i.image is None for i, sig in zip(inputs, routes)]
+        )
+        if needed
+        else None
+    )
+    client: LocalPredictor | RestClient | GrpcClient
     if args.local is not None:
         client = LocalPredictor(args.local)
         where = f"local SavedModel {client.path}"
     elif args.server:
-        client = (GrpcClient(args.server, args.model, args.version, args.timeout) if args.grpc
-                  else RestClient(args.server, args.model, args.version, args.timeout, args.form))
+        client = (
+            GrpcClient(args.server, args.model, args.version, args.timeout, label=args.label)
+            if args.grpc
+            else RestClient(
+                args.server, args.model, args.version, args.timeout, args.form, label=args.label
+            )
+        )
         where = f"TF Serving {'gRPC' if args.grpc else 'REST'} at {args.server}"
     else:
         raise InputError("say where the model is: --local DIR or --server HOST:PORT")
-    import numpy as np
 
-    if args.png:
-        result = client.predict_encoded([i.encoded or encode_png(i.image) for i in inputs])
-    else:
-        result = client.predict(np.stack([i.image for i in inputs]))
-    rows = [{"input": i.source, "digit": int(c), "confidence": float(p[c]),
-             "probabilities": [round(float(x), 6) for x in p], "preprocessing": list(i.notes)}
-            for i, p, c in zip(inputs, result.probabilities, result.class_ids)]
+    results: list[tuple[str, Prediction, int] | None] = [None] * len(inputs)
+    groups: dict[str, list[int]] = {}
+    for i, sig in enumerate(routes):
+        groups.setdefault(sig, []).append(i)
+    for sig, indices in groups.items():
+        if sig == "predict_image":
+            prediction = client.predict_photos([inputs[i].photo for i in indices])
+        elif sig == "predict_png":
+            prediction = client.predict_encoded(
+                [
+                    inputs[i].photo
+                    if inputs[i].mnist_format
+                    else encode_png(seen[i] if seen is not None else inputs[i].pixels)
+                    for i in indices
+                ]
+            )
+        else:
+            prediction = client.predict(
+                np.stack([seen[i] if seen is not None else inputs[i].pixels for i in indices])
+            )
+        for row, i in enumerate(indices):
+            results[i] = (sig, prediction, row)
+
+    rows = [_row(item, *result) for item, result in zip(inputs, results) if result]
+    if args.show and seen is not None:
+        _write_sheet(args.show, seen, rows)
+        for r in rows:
+            r["seen"] = str(args.show)
     if args.json:
         print(json.dumps({"model": where, "predictions": rows}, indent=2))
         return EXIT_OK
     print(f"model: {where}")
     for r in rows:
+        flag = "  UNCERTAIN" if r.get("uncertain") else ""
+        print(f"{r['input']}: digit {r['digit']} (confidence {r['confidence']:.3f}){flag}")
+        top = ", ".join(f"{t['digit']} {t['probability']:.3f}" for t in r["top3"])
+        print(f"  top {TOP_K}: {top}")
+        print(
+            f"  sent to {r['signature']}"
+            + (f"; preprocessing: {'; '.join(r['preprocessing'])}" if r["preprocessing"] else "")
+        )
         probs = " ".join(f"{d}:{p:.3f}" for d, p in enumerate(r["probabilities"]))
-        print(f"{r['input']}: digit {r['digit']} (confidence {r['confidence']:.3f})")
-        if r["preprocessing"]:
-            print(f"  preprocessing: {'; '.join(r['preprocessing'])}")
         print(f"  probabilities: {probs}")
+    if args.show:
+        print(f"what the model saw: {args.show}")
     return EXIT_OK
+
+
+def _routes(inputs: list[LoadedInput], signature: str) -> list[str]:
+    """The signature each input goes to."""
+    routes = []
+    for item in inputs:
+        if signature in ("auto", "predict_image") and not item.is_photo:
+            routes.append("serving_default")  # arrays are 28x28 pixels already
+        elif signature == "auto":
+            routes.append("predict_png" if item.mnist_format else "predict_image")
+        else:
+            routes.append(signature)
+    return routes
+
+
+def _row(item: LoadedInput, signature: str, prediction: Prediction, i: int) -> dict[str, Any]:
+    p = prediction.probabilities[i]
+    c = int(prediction.class_ids[i])
+    notes = list(item.notes)
+    if item.mnist_format and signature != "predict_image":
+        notes.append("already in MNIST's format (28x28, white on black): sent unchanged")
+    elif item.is_photo and signature != "predict_image":
+        notes.append("normalised here like MNIST (components.photo)")
+    row: dict[str, Any] = {
+        "input": item.source,
+        "digit": c,
+        "confidence": float(p[c]),
+        "top3": [{"digit": d, "probability": round(q, 6)} for d, q in prediction.top(TOP_K)[i]],
+        "probabilities": [round(float(x), 6) for x in p],
+        "signature": signature,
+        "preprocessing": notes,
+    }
+    uncertain = prediction.uncertain
+    if uncertain is not None:
+        row["uncertain"] = bool(uncertain[i])
+    return row
+
+
+def _write_sheet(path: Path, seen: np.ndarray, rows: list[dict[str, Any]]) -> None:
+    """One PNG: each input's 28x28 (pixels as the model saw them, enlarged 6x, on a grey
+    frame) with its prediction written beside it."""
+    from PIL import Image, ImageDraw
+
+    scale, pad, text_width = 6, 8, 360
+    cell = 28 * scale
+    sheet = Image.new(
+        "RGB", (pad * 3 + cell + text_width, pad + len(rows) * (cell + pad)), (96, 96, 96)
+    )
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, r) in enumerate(zip(seen, rows)):
+        top = pad + k * (cell + pad)
+        sheet.paste(
+            Image.fromarray(image, mode="L")
+            .resize((cell, cell), Image.Resampling.NEAREST)
+            .convert("RGB"),
+            (pad, top),
+        )
+        lines = [r["input"], f"digit {r['digit']}  ({r['confidence']:.3f})"]
+        if r.get("uncertain"):
+            lines[-1] += "  uncertain"
+        lines.append("top: " + ", ".join(f"{t['digit']} {t['probability']:.2f}" for t in r["top3"]))
+        lines.append(f"via {r['signature']}")
+        for j, line in enumerate(lines):
+            draw.text((pad * 2 + cell, top + 4 + 18 * j), line, fill=(255, 255, 255))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")

@@ -1,7 +1,9 @@
 """Prediction clients: a SavedModel in-process, TF Serving over REST, TF Serving over gRPC.
 
-All three take uint8 images [N, 28, 28] (or encoded PNG/JPEG bytes for `predict_png`) and return
-a Prediction; server failures become ServerError with a message a person can act on.
+All three offer the three signatures: `predict` (uint8 images [N, 28, 28] -> serving_default),
+`predict_encoded` (28x28 PNGs -> predict_png) and `predict_photos` (photos of any size ->
+predict_image, normalised in the graph), and return a Prediction; server failures become
+ServerError with a message a person can act on.
 """
 
 from __future__ import annotations
@@ -28,11 +30,35 @@ class ServerError(RuntimeError):
 class Prediction:
     probabilities: np.ndarray  # float32 [N, 10]
     class_ids: np.ndarray  # int64 [N]
+    outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # every output
+
+    @property
+    def uncertain(self) -> np.ndarray | None:
+        """bool [N] when the model says which predictions it is unsure of, else None."""
+        value = self.outputs.get("uncertain")
+        return None if value is None else np.asarray(value, bool).reshape(-1)
+
+    def top(self, k: int = 3) -> list[list[tuple[int, float]]]:
+        """The k most probable classes of each prediction, most probable first."""
+        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return [[(int(c), float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
+
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, Any]) -> Prediction:
+        arrays = {k: np.asarray(v) for k, v in outputs.items()}
+        return cls(
+            arrays["probabilities"].astype(np.float32),
+            arrays["class_ids"].astype(np.int64).reshape(-1),
+            arrays,
+        )
 
 
 def latest_version(base: Path) -> Path:
-    versions = sorted(int(p.name) for p in Path(base).iterdir()
-                      if p.is_dir() and p.name.isdigit()) if Path(base).is_dir() else []
+    versions = (
+        sorted(int(p.name) for p in Path(base).iterdir() if p.is_dir() and p.name.isdigit())
+        if Path(base).is_dir()
+        else []
+    )
     if not versions:
         raise ServerError(f"no published model under {base} (run `make train` first)")
     return Path(base) / str(versions[-1])
@@ -51,48 +77,83 @@ class LocalPredictor:
         self._tf = tf
         self._model = tf.saved_model.load(str(path))
 
+    def _run(self, signature: str, **inputs: Any) -> Prediction:
+        if signature not in self._model.signatures:
+            raise ServerError(
+                f"{self.path} has no {signature} signature (it was exported "
+                f"before that signature existed): export it again"
+                + (
+                    ", or send 28x28 images with --signature serving_default"
+                    if signature == "predict_image"
+                    else ""
+                )
+            )
+        try:
+            out = self._model.signatures[signature](**inputs)
+        except self._tf.errors.InvalidArgumentError as e:
+            raise ServerError(
+                f"{self.path}: {signature} refused the request: {assertion_text(e.message)}"
+            ) from None
+        return Prediction.from_outputs({k: v.numpy() for k, v in out.items()})
+
     def predict(self, images: np.ndarray) -> Prediction:
-        out = self._model.signatures["serving_default"](images=self._tf.constant(images,
-                                                                                 self._tf.uint8))
-        return Prediction(out["probabilities"].numpy(), out["class_ids"].numpy())
+        return self._run("serving_default", images=self._tf.constant(images, self._tf.uint8))
 
     def predict_encoded(self, blobs: list[bytes]) -> Prediction:
-        out = self._model.signatures["predict_png"](image_bytes=self._tf.constant(blobs))
-        return Prediction(out["probabilities"].numpy(), out["class_ids"].numpy())
+        return self._run("predict_png", image_bytes=self._tf.constant(blobs))
+
+    def predict_photos(self, blobs: list[bytes]) -> Prediction:
+        return self._run("predict_image", image_bytes=self._tf.constant(blobs))
 
 
 class RestClient:
     """TF Serving's REST API (port 8501): predict, model status, model metadata."""
 
-    def __init__(self, server: str, model: str = MODEL_NAME, version: int | None = None,
-                 timeout: float = 10.0, form: str = "row"):
+    def __init__(
+        self,
+        server: str,
+        model: str = MODEL_NAME,
+        version: int | None = None,
+        timeout: float = 10.0,
+        form: str = "row",
+        label: str | None = None,
+    ):
         if form not in ("row", "columnar"):
             raise ValueError("form must be 'row' or 'columnar'")
         self.base = server if server.startswith("http") else f"http://{server}"
         self.model, self.version, self.timeout, self.form = model, version, timeout, form
+        self.label = label
 
     def _model_url(self) -> str:
         url = f"{self.base}/v1/models/{self.model}"
+        if self.label is not None:  # a version label (`python -m pipeline models promote`)
+            return f"{url}/labels/{self.label}"
         return f"{url}/versions/{self.version}" if self.version is not None else url
 
     def _call(self, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url,
+            data=data,
+            method="POST" if data else "GET",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as e:
-            raise ServerError(f"{url}: HTTP {e.code}: {_error_text(e.read()) or e.reason}") from None
+            detail = _error_text(e.read()) or e.reason
+            raise ServerError(f"{url}: HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
             reason = e.reason
             if isinstance(reason, (socket.timeout, TimeoutError)):
                 raise ServerError(f"{url}: timed out after {self.timeout:g} s") from None
             if isinstance(reason, ConnectionRefusedError):
-                raise ServerError(f"{url}: connection refused (is TF Serving running? "
-                                  f"`make serve`)") from None
+                raise ServerError(
+                    f"{url}: connection refused (is TF Serving running? `make serve`)"
+                ) from None
             raise ServerError(f"{url}: cannot connect ({reason})") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:  # socket.timeout is TimeoutError
             raise ServerError(f"{url}: timed out after {self.timeout:g} s") from None
         try:
             value = json.loads(payload)
@@ -103,31 +164,40 @@ class RestClient:
         return value
 
     def _predict(self, signature: str, input_name: str, values: list[Any]) -> Prediction:
+        body: dict[str, Any]
         if self.form == "row":
             body = {"signature_name": signature, "instances": values}
         else:
             body = {"signature_name": signature, "inputs": {input_name: values}}
         answer = self._call(f"{self._model_url()}:predict", body)
         try:
+            outputs: dict[str, Any]
             if "predictions" in answer:
                 rows = answer["predictions"]
-                probs = [r["probabilities"] for r in rows]
-                ids = [r["class_ids"] for r in rows]
+                outputs = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+                outputs.setdefault("probabilities", np.zeros((0, 10)))
+                outputs.setdefault("class_ids", [])
             else:
-                probs = answer["outputs"]["probabilities"]
-                ids = answer["outputs"]["class_ids"]
-            return Prediction(np.asarray(probs, np.float32), np.asarray(ids, np.int64))
-        except (KeyError, TypeError) as e:
-            raise ServerError(f"unexpected answer from the server (missing {e}): "
-                              f"{str(answer)[:200]}") from None
+                outputs = answer["outputs"]
+            return Prediction.from_outputs(outputs)
+        except (KeyError, TypeError, IndexError) as e:
+            raise ServerError(
+                f"unexpected answer from the server (missing {e}): {str(answer)[:200]}"
+            ) from None
 
     def predict(self, images: np.ndarray) -> Prediction:
         return self._predict("serving_default", "images", np.asarray(images).tolist())
 
     def predict_encoded(self, blobs: list[bytes]) -> Prediction:
         # Binary values travel as {"b64": ...}, as TF Serving's REST API documents.
-        return self._predict("predict_png", "image_bytes",
-                             [{"b64": base64.b64encode(b).decode()} for b in blobs])
+        return self._predict(
+            "predict_png", "image_bytes", [{"b64": base64.b64encode(b).decode()} for b in blobs]
+        )
+
+    def predict_photos(self, blobs: list[bytes]) -> Prediction:
+        return self._predict(
+            "predict_image", "image_bytes", [{"b64": base64.b64encode(b).decode()} for b in blobs]
+        )
 
     def status(self) -> dict[str, Any]:
         return self._call(self._model_url())
@@ -139,13 +209,20 @@ class RestClient:
 class GrpcClient:
     """TF Serving's gRPC API (port 8500), through tensorflow-serving-api."""
 
-    def __init__(self, server: str, model: str = MODEL_NAME, version: int | None = None,
-                 timeout: float = 10.0):
+    def __init__(
+        self,
+        server: str,
+        model: str = MODEL_NAME,
+        version: int | None = None,
+        timeout: float = 10.0,
+        label: str | None = None,
+    ):
         import grpc
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
         self._grpc = grpc
         self.server, self.model, self.version, self.timeout = server, model, version, timeout
+        self.label = label
         self._channel = grpc.insecure_channel(server)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
@@ -156,27 +233,52 @@ class GrpcClient:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model
         request.model_spec.signature_name = signature
-        if self.version is not None:
+        if self.label is not None:
+            request.model_spec.version_label = self.label
+        elif self.version is not None:
             request.model_spec.version.value = self.version
         request.inputs[input_name].CopyFrom(tensor)
         try:
             response = self._stub.Predict(request, timeout=self.timeout)
         except self._grpc.RpcError as e:
             raise ServerError(f"{self.server}: gRPC {e.code().name}: {e.details()}") from None
-        return Prediction(tf.make_ndarray(response.outputs["probabilities"]),
-                          tf.make_ndarray(response.outputs["class_ids"]))
+        try:
+            return Prediction.from_outputs(
+                {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+            )
+        except KeyError as e:
+            raise ServerError(f"{self.server}: answer lacks output {e}") from None
 
     def predict(self, images: np.ndarray) -> Prediction:
         import tensorflow as tf
 
-        return self._predict("serving_default", "images",
-                             tf.make_tensor_proto(np.asarray(images, np.uint8)))
+        return self._predict(
+            "serving_default", "images", tf.make_tensor_proto(np.asarray(images, np.uint8))
+        )
 
     def predict_encoded(self, blobs: list[bytes]) -> Prediction:
         import tensorflow as tf
 
-        return self._predict("predict_png", "image_bytes",
-                             tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]))
+        return self._predict(
+            "predict_png",
+            "image_bytes",
+            tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]),
+        )
+
+    def predict_photos(self, blobs: list[bytes]) -> Prediction:
+        import tensorflow as tf
+
+        return self._predict(
+            "predict_image",
+            "image_bytes",
+            tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]),
+        )
+
+
+def assertion_text(message: str) -> str:
+    """The readable part of a TensorFlow InvalidArgument from a failed tf.debugging.Assert."""
+    text = message.split("assertion failed:", 1)[-1].split("\n\t [[", 1)[0]
+    return " ".join(text.replace("] [", " ").strip(" []").split())
 
 
 def _error_text(body: bytes) -> str:

@@ -1,7 +1,22 @@
-"""Client-side inputs: PNG/JPEG, .npy and IDX files -> uint8 [N, 28, 28], saying what was done.
+"""Client-side inputs: photos of digits, .npy arrays and IDX files, checked before anything is sent.
 
-Everything is checked here, before anything is sent: a pixel outside 0..255, a missing file or a
-file that is not an image is refused with the reason.
+Photos (PNG, JPEG, GIF, BMP, of any size; other formats Pillow reads are converted to PNG) are
+sent as encoded bytes to the model's `predict_image` signature, which does MNIST's
+normalisation inside the exported graph (components/photo.py: background, polarity, crop, fit
+20x20, centre by mass). The client does not normalise photos itself; when it needs the 28x28
+the model sees (`--show`, or sending to `predict_png`/`serving_default`) it runs that same
+graph function in-process (`seen_images`), so there is one implementation.
+
+What the client does to a photo, and says it did: turn it upright by its EXIF orientation
+(phone cameras store pictures sideways and record the turn there; TensorFlow's decoders ignore
+it) and re-encode it as PNG when it was turned, when its format is not one the graph decodes,
+or when it is a GIF with transparency (TensorFlow's GIF decoder drops transparency).
+
+Arrays (.npy: [28,28], [N,28,28], [N,28,28,1] or [N,784]; IDX, .gz or not) are raw MNIST pixels
+0..255 and go to `serving_default` unchanged; so does, to `predict_png`, an image file already in
+MNIST's format (28x28 grayscale, a bright digit on a black border). A pixel outside 0..255, a
+missing file, a file that is not an image, or a photo above MAX_PIXELS is refused with the
+reason, before anything is sent.
 """
 
 from __future__ import annotations
@@ -11,10 +26,19 @@ import gzip
 import io
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 SIDE = 28
+# The graph refuses more pixels than this (components.photo.MAX_PIXELS; a test keeps the two
+# equal); the client refuses them before sending, without importing TensorFlow.
+MAX_PIXELS = 50_000_000
+GRAPH_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what predict_image decodes itself
+EXIF_ORIENTATION = 0x0112
 
 
 class InputError(ValueError):
@@ -24,9 +48,32 @@ class InputError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class LoadedInput:
     source: str  # file name, with an index for multi-image files
-    image: np.ndarray  # uint8 [28, 28], white digit on black, as in MNIST
+    # uint8 [28, 28], white digit on black: an array's pixels, or those of an image already in
+    # MNIST's format; None for a photo (the graph normalises it)
+    image: np.ndarray | None
     notes: tuple[str, ...]  # what the client did to it
-    encoded: bytes | None = None  # the original PNG/JPEG bytes when sent as-is is possible
+    encoded: bytes | None = None  # a photo's bytes, as they will be sent
+
+    @property
+    def is_photo(self) -> bool:
+        return self.encoded is not None
+
+    @property
+    def mnist_format(self) -> bool:
+        """An image file already in MNIST's format (28x28 grayscale, white digit on black)."""
+        return self.is_photo and self.image is not None
+
+    @property
+    def photo(self) -> bytes:
+        if self.encoded is None:
+            raise ValueError(f"{self.source} is an array, not a photo")
+        return self.encoded
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self.image is None:
+            raise ValueError(f"{self.source} is a photo: see seen_images()")
+        return self.image
 
 
 def load_inputs(paths: list[str | Path]) -> list[LoadedInput]:
@@ -44,8 +91,49 @@ def load_inputs(paths: list[str | Path]) -> list[LoadedInput]:
         elif _is_idx(data):
             loaded.extend(_from_array(path, _read_idx(path, data)))
         else:
-            loaded.append(_from_image(path, data))
+            loaded.append(_from_photo(path, data))
     return loaded
+
+
+def seen_images(inputs: list[LoadedInput], normalize: list[bool] | None = None) -> np.ndarray:
+    """uint8 [N, 28, 28]: what the model sees for each input. Photos (and, where `normalize`
+    says so, images already in MNIST's format) go through components.photo.normalize_photos,
+    the function inside `predict_image`, in-process; the others are their own pixels."""
+    if normalize is None:
+        normalize = [i.image is None for i in inputs]
+    photos = [i.photo for i, n in zip(inputs, normalize) if n]
+    normalized = iter(())
+    if photos:
+        import tensorflow as tf
+
+        from components.photo import normalize_photos
+
+        try:
+            normalized = iter(normalize_photos(tf.constant(photos)).numpy())
+        except tf.errors.InvalidArgumentError as e:
+            raise InputError(_graph_refusal(inputs, photos, e)) from None
+    return np.stack([next(normalized) if n else i.pixels for i, n in zip(inputs, normalize)])
+
+
+def _graph_refusal(inputs: list[LoadedInput], photos: list[bytes], error: Exception) -> str:
+    """Name the photo the graph refused (it fails the whole batch) and why."""
+    import tensorflow as tf
+
+    from components.photo import normalize_photos
+
+    for item in inputs:
+        if item.is_photo:
+            try:
+                normalize_photos(tf.constant([item.encoded]))
+            except tf.errors.InvalidArgumentError as e:
+                return f"{item.source}: {_assertion_text(e)}"
+    return _assertion_text(error)
+
+
+def _assertion_text(error: Exception) -> str:
+    from serving.client import assertion_text
+
+    return assertion_text(getattr(error, "message", str(error)))
 
 
 def _read_npy(path: Path, data: bytes) -> np.ndarray:
@@ -68,7 +156,7 @@ def _read_idx(path: Path, data: bytes) -> np.ndarray:
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise InputError(f"{path}: IDX header says {dims} but holds {body.size} bytes")
@@ -86,75 +174,83 @@ def _from_array(path: Path, array: np.ndarray) -> list[LoadedInput]:
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
-        raise InputError(f"{path}: shape {original_shape}, expected [28, 28], [N, 28, 28], "
-                         f"[N, 28, 28, 1] or [N, 784]")
+        raise InputError(
+            f"{path}: shape {original_shape}, expected [28, 28], [N, 28, 28], "
+            f"[N, 28, 28, 1] or [N, 784]"
+        )
     if array.size and (array.min() < 0 or array.max() > 255):
         bad = array.max() if array.max() > 255 else array.min()
         raise InputError(f"{path}: pixel value {bad} outside 0..255")
     if array.dtype.kind == "f" and not np.all(array == np.round(array)):
-        raise InputError(f"{path}: pixels must be whole numbers 0..255 (raw MNIST pixels), "
-                         f"got fractions; multiply [0, 1] data by 255")
+        raise InputError(
+            f"{path}: pixels must be whole numbers 0..255 (raw MNIST pixels), "
+            f"got fractions; multiply [0, 1] data by 255"
+        )
     images = array.astype(np.uint8)
-    return [LoadedInput(f"{path.name}[{i}]" if len(images) > 1 else path.name, img, ())
-            for i, img in enumerate(images)]
+    return [
+        LoadedInput(f"{path.name}[{i}]" if len(images) > 1 else path.name, img, ())
+        for i, img in enumerate(images)
+    ]
 
 
-def _from_image(path: Path, data: bytes) -> LoadedInput:
-    from PIL import Image, UnidentifiedImageError
+def _from_photo(path: Path, data: bytes) -> LoadedInput:
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        img: Image.Image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise InputError(
+            f"{path}: more than the {MAX_PIXELS:,} pixels the model accepts ({e})"
+        ) from None
     except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{path}: not an image the client can read "
-                         f"(PNG, JPEG, .npy or IDX expected): {e}") from None
-    notes = []
-    if img.format not in ("PNG", "JPEG"):
-        notes.append(f"read {img.format}")
-    if img.mode not in ("L",):
-        if img.mode in ("RGBA", "LA") or "transparency" in img.info:
-            # Transparent pixels become the background (white), as most viewers show them.
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img.convert("RGBA"))
-            notes.append("flattened alpha onto white")
-        notes.append(f"converted {img.mode} to grayscale")
-        img = img.convert("L")
-    pixels = np.asarray(img, dtype=np.uint8)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if border.mean() > 127:
-        pixels = 255 - pixels
-        notes.append("inverted (dark digit on light background)")
-    if pixels.shape != (SIDE, SIDE):
-        notes.append(f"resized {pixels.shape[1]}x{pixels.shape[0]} to 28x28 "
-                     f"(digit fitted to 20x20 and centred, as in MNIST)")
-        pixels = _fit_like_mnist(pixels)
-    sendable = data if not notes and img.format in ("PNG", "JPEG") else None
-    return LoadedInput(path.name, pixels, tuple(notes), sendable)
+        raise InputError(
+            f"{path}: not an image the client can read "
+            f"(PNG, JPEG, GIF, BMP, .npy or IDX expected): {e}"
+        ) from None
+    width, height = img.size
+    if width * height > MAX_PIXELS:  # read from the header: nothing decoded yet
+        raise InputError(
+            f"{path}: {width}x{height} is {width * height:,} pixels, more than "
+            f"the {MAX_PIXELS:,} pixels the model accepts; scale it down"
+        )
+    try:
+        img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: the image does not decode: {e}") from None
+    notes: list[str] = []
+    fmt = "JPEG" if img.format == "MPO" else img.format  # MPO: a camera's JPEG (+ extras)
+    reencode = False
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in range(2, 9):
+        img = ImageOps.exif_transpose(img)
+        notes.append(f"turned upright (EXIF orientation {orientation})")
+        reencode = True
+    if fmt not in GRAPH_FORMATS:
+        notes.append(f"read {fmt}")
+        reencode = True
+    elif fmt == "GIF" and "transparency" in img.info:
+        notes.append("GIF with transparency (TensorFlow would drop it)")
+        reencode = True
+    if not reencode:
+        return LoadedInput(path.name, _mnist_pixels(img), tuple(notes), data)
+    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
+        img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    notes.append("sent as PNG")
+    return LoadedInput(path.name, None, tuple(notes), buf.getvalue())
 
 
-def _fit_like_mnist(pixels: np.ndarray) -> np.ndarray:
-    """MNIST's own normalisation: crop to the ink, scale to fit 20x20 keeping the aspect ratio,
-    and centre by centre of mass in a 28x28 black field."""
-    from PIL import Image
-
-    ink = pixels > max(30, int(pixels.max()) // 4)
-    if not ink.any():
-        return np.asarray(Image.fromarray(pixels).resize((SIDE, SIDE), Image.LANCZOS))
-    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    crop = pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    h, w = crop.shape
-    scale = 20.0 / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    small = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.LANCZOS),
-                       dtype=np.float64)
-    total = small.sum() or 1.0
-    cy = (small.sum(1) * np.arange(new_h)).sum() / total
-    cx = (small.sum(0) * np.arange(new_w)).sum() / total
-    top = int(np.clip(round(SIDE / 2 - cy), 0, SIDE - new_h))
-    left = int(np.clip(round(SIDE / 2 - cx), 0, SIDE - new_w))
-    out = np.zeros((SIDE, SIDE), np.uint8)
-    out[top:top + new_h, left:left + new_w] = np.clip(small, 0, 255).astype(np.uint8)
-    return out
+def _mnist_pixels(img: Image.Image) -> np.ndarray | None:
+    """The pixels of an image already in MNIST's format (28x28 grayscale, a bright digit, a
+    black border: what predict_png takes as it is), else None."""
+    if img.size != (SIDE, SIDE) or img.mode != "L":
+        return None
+    pixels = np.asarray(img, np.uint8)
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return pixels if ring.mean() < 16 and pixels.max() > 128 else None
 
 
 def encode_png(image: np.ndarray) -> bytes:

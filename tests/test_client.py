@@ -1,6 +1,7 @@
 """The client: input conversion and refusals, REST against a TF Serving stand-in, gRPC, CLI."""
 
 import base64
+import io
 import json
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.photo import example_photos, render_digit
 from serving.cli import main as client_main
 from serving.client import GrpcClient, LocalPredictor, RestClient, ServerError
-from serving.inputs import InputError, load_inputs
+from serving.inputs import InputError, load_inputs, seen_images
 from tests.helpers import ROOT
 
 
@@ -24,23 +26,95 @@ def _digit_image():
     return img
 
 
+def _photo(path, digit=7, size=(240, 320), fmt="JPEG"):
+    """A photo-like digit (dark ink, uneven light, noise) saved at `path`."""
+    pixels = np.round(render_digit(digit, size, box=(0.2, 0.3, 0.6)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
 # ---------------------------------------------------------------------------- inputs
 
-def test_rgba_large_dark_on_light_png_is_converted_and_says_so(tmp_path):
+
+def test_a_photo_is_sent_as_it_is_and_normalised_by_the_graph(tmp_path):
+    """No normalisation in the client: the bytes go to predict_image; what the model sees is
+    computed by the graph's own function (components.photo) when asked for."""
     big = Image.fromarray(255 - _digit_image()).resize((112, 112)).convert("RGBA")
     big.save(tmp_path / "d.png")
     [loaded] = load_inputs([tmp_path / "d.png"])
-    assert loaded.image.shape == (28, 28) and loaded.image.dtype == np.uint8
-    assert loaded.image[14, 14] > 200 and loaded.image[1, 1] == 0  # white digit on black now
-    notes = " ".join(loaded.notes)
-    assert "grayscale" in notes and "inverted" in notes and "resized 112x112" in notes
+    assert loaded.is_photo and loaded.image is None and loaded.notes == ()
+    assert loaded.encoded == (tmp_path / "d.png").read_bytes()
+    [seen] = seen_images([loaded])
+    assert seen.shape == (28, 28) and seen.dtype == np.uint8
+    assert seen[14, 14] > 200 and seen[1, 1] == 0  # white digit on black, centred
 
 
-def test_grayscale_28x28_png_is_sent_as_is(tmp_path):
+def test_an_image_already_in_mnist_format_is_kept_as_it_is(tmp_path):
+    """28x28 grayscale, white digit on a black border: MNIST's format, sent unchanged (to
+    predict_png) unless predict_image is asked for."""
     Image.fromarray(_digit_image()).save(tmp_path / "d.png")
-    [loaded] = load_inputs([tmp_path / "d.png"])
-    assert loaded.notes == () and loaded.encoded == (tmp_path / "d.png").read_bytes()
+    Image.fromarray(255 - _digit_image()).save(tmp_path / "dark.png")  # not MNIST's polarity
+    loaded, dark = load_inputs([tmp_path / "d.png", tmp_path / "dark.png"])
+    assert loaded.mnist_format and loaded.encoded == (tmp_path / "d.png").read_bytes()
     np.testing.assert_array_equal(loaded.image, _digit_image())
+    np.testing.assert_array_equal(seen_images([loaded])[0], _digit_image())
+    assert dark.is_photo and not dark.mnist_format
+    [seen] = seen_images([loaded], normalize=[True])  # as predict_image would see it
+    assert seen[14, 14] > 200 and seen[:3].max() == 0
+
+
+def test_exif_orientation_is_applied_before_sending(tmp_path):
+    """A phone stores the picture sideways with EXIF orientation 6 ("turn 90 degrees clockwise
+    to view"); TensorFlow's decoders ignore EXIF, so the client turns it and sends a PNG."""
+    upright = np.round(render_digit(7, (240, 180), box=(0.2, 0.2, 0.6)) * 255).astype(np.uint8)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # as the sensor saw
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", format="JPEG", quality=95, exif=exif)
+    [loaded] = load_inputs([tmp_path / "phone.jpg"])
+    assert any("EXIF orientation 6" in n for n in loaded.notes)
+    assert loaded.encoded[:4] == b"\x89PNG"
+    sent = np.asarray(Image.open(io.BytesIO(loaded.encoded)).convert("RGB"), np.float64)
+    assert sent.shape == upright.shape and np.abs(sent - upright).mean() < 8
+
+
+def test_formats_the_graph_does_not_decode_are_sent_as_png(tmp_path):
+    _photo(tmp_path / "d.tiff", fmt="TIFF")
+    [loaded] = load_inputs([tmp_path / "d.tiff"])
+    assert loaded.encoded[:4] == b"\x89PNG" and "read TIFF" in loaded.notes
+
+
+def test_a_transparent_gif_is_sent_as_png(tmp_path):
+    img = Image.new("P", (64, 64), 0)
+    img.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    for y in range(10, 54):
+        img.putpixel((32, y), 1)
+    img.save(tmp_path / "d.gif", transparency=0)
+    [loaded] = load_inputs([tmp_path / "d.gif"])
+    assert loaded.encoded[:4] == b"\x89PNG" and any("transparency" in n for n in loaded.notes)
+
+
+def test_a_photo_too_large_is_refused_from_its_header(tmp_path):
+    import struct
+    import zlib
+
+    from serving.inputs import MAX_PIXELS
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    # A header saying 8000 x 6400 (51.2 million pixels) and no pixels: refused unread.
+    (tmp_path / "big.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8000, 6400, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+    assert 8000 * 6400 > MAX_PIXELS
+    with pytest.raises(InputError, match="more than the 50,000,000 pixels"):
+        load_inputs([tmp_path / "big.png"])
 
 
 def test_npy_and_idx_inputs(tmp_path):
@@ -57,14 +131,17 @@ def test_npy_and_idx_inputs(tmp_path):
         np.testing.assert_array_equal(x.image, _digit_image())
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: np.save(p / "x.npy", np.full((28, 28), 300)), "pixel value 300 outside 0..255"),
-    (lambda p: np.save(p / "x.npy", np.full((28, 28), -1)), "pixel value -1 outside 0..255"),
-    (lambda p: np.save(p / "x.npy", np.zeros((30, 30))), "shape \\(30, 30\\)"),
-    (lambda p: (p / "x.npy").write_text("hello"), "not a readable .npy"),
-    (lambda p: (p / "x.png").write_text("hello"), "not an image"),
-    (lambda p: None, "no such file"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: np.save(p / "x.npy", np.full((28, 28), 300)), "pixel value 300 outside 0..255"),
+        (lambda p: np.save(p / "x.npy", np.full((28, 28), -1)), "pixel value -1 outside 0..255"),
+        (lambda p: np.save(p / "x.npy", np.zeros((30, 30))), "shape \\(30, 30\\)"),
+        (lambda p: (p / "x.npy").write_text("hello"), "not a readable .npy"),
+        (lambda p: (p / "x.png").write_text("hello"), "not an image"),
+        (lambda p: None, "no such file"),
+    ],
+)
 def test_bad_inputs_are_refused_with_the_reason(tmp_path, make, message):
     make(tmp_path)
     target = next(iter(tmp_path.iterdir()), tmp_path / "missing.png")
@@ -74,12 +151,14 @@ def test_bad_inputs_are_refused_with_the_reason(tmp_path, make, message):
 
 # ---------------------------------------------------------------------------- REST stand-in
 
+
 class FakeTFServing(BaseHTTPRequestHandler):
     """Answers like TF Serving's REST API, after checking the body against its documented forms
     (https://www.tensorflow.org/tfx/serving/api_rest). Predictions come from a real export."""
 
     predictor: LocalPredictor
     requests: list
+    extra: dict = {}  # more outputs to answer with, e.g. {"uncertain": [...]}, like a newer model
 
     def log_message(self, *args):
         pass
@@ -94,11 +173,22 @@ class FakeTFServing(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/v1/models/mnist":
-            return self._send(200, {"model_version_status": [
-                {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK"}}]})
+            return self._send(
+                200,
+                {
+                    "model_version_status": [
+                        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK"}}
+                    ]
+                },
+            )
         if self.path == "/v1/models/mnist/metadata":
-            return self._send(200, {"model_spec": {"name": "mnist", "version": "1"},
-                                    "metadata": {"signature_def": {}}})
+            return self._send(
+                200,
+                {
+                    "model_spec": {"name": "mnist", "version": "1"},
+                    "metadata": {"signature_def": {}},
+                },
+            )
         self._send(404, {"error": f"Servable not found for request: {self.path}"})
 
     def do_POST(self):
@@ -114,31 +204,63 @@ class FakeTFServing(BaseHTTPRequestHandler):
         if not row:
             if not isinstance(values, dict) or len(values) != 1:
                 return self._send(400, {"error": "columnar inputs must name the input"})
-            (name, values), = values.items()
-            expected = {"serving_default": "images", "predict_png": "image_bytes"}[signature]
+            ((name, values),) = values.items()
+            expected = {
+                "serving_default": "images",
+                "predict_png": "image_bytes",
+                "predict_image": "image_bytes",
+            }[signature]
             if name != expected:
                 return self._send(400, {"error": f"input {name} not in signature"})
-        if signature == "predict_png":
+        if signature in ("predict_png", "predict_image"):
             if not all(isinstance(v, dict) and set(v) == {"b64"} for v in values):
-                return self._send(400, {"error": "binary input must be {\"b64\": ...}"})
-            result = self.predictor.predict_encoded([base64.b64decode(v["b64"]) for v in values])
+                return self._send(400, {"error": 'binary input must be {"b64": ...}'})
+            blobs = [base64.b64decode(v["b64"]) for v in values]
+            try:
+                result = (
+                    self.predictor.predict_encoded(blobs)
+                    if signature == "predict_png"
+                    else self.predictor.predict_photos(blobs)
+                )
+            except ServerError as e:
+                return self._send(400, {"error": str(e)})
         else:
             arr = np.asarray(values)
             if arr.ndim != 3 or arr.shape[1:] != (28, 28):
                 return self._send(400, {"error": f"images must be [N, 28, 28], got {arr.shape}"})
             result = self.predictor.predict(arr.astype(np.uint8))
+        extra = {k: v[: len(result.class_ids)] for k, v in self.extra.items()}
         if row:
-            return self._send(200, {"predictions": [
-                {"probabilities": p.tolist(), "class_ids": int(c)}
-                for p, c in zip(result.probabilities, result.class_ids)]})
-        self._send(200, {"outputs": {"probabilities": result.probabilities.tolist(),
-                                     "class_ids": result.class_ids.tolist()}})
+            return self._send(
+                200,
+                {
+                    "predictions": [
+                        {
+                            "probabilities": p.tolist(),
+                            "class_ids": int(c),
+                            **{k: v[i] for k, v in extra.items()},
+                        }
+                        for i, (p, c) in enumerate(zip(result.probabilities, result.class_ids))
+                    ]
+                },
+            )
+        self._send(
+            200,
+            {
+                "outputs": {
+                    "probabilities": result.probabilities.tolist(),
+                    "class_ids": result.class_ids.tolist(),
+                    **extra,
+                }
+            },
+        )
 
 
 @pytest.fixture(scope="module")
 def rest_server(exported):
     FakeTFServing.predictor = LocalPredictor(exported)
     FakeTFServing.requests = []
+    FakeTFServing.extra = {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTFServing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"127.0.0.1:{server.server_address[1]}"
@@ -146,22 +268,26 @@ def rest_server(exported):
 
 
 @pytest.mark.parametrize("form", ["row", "columnar"])
-@pytest.mark.parametrize("png", [False, True])
-def test_rest_predict_matches_local(rest_server, exported, form, png):
+@pytest.mark.parametrize("signature", ["serving_default", "predict_png", "predict_image"])
+def test_rest_predict_matches_local(rest_server, exported, form, signature):
     local = LocalPredictor(exported)
     images = np.stack([_digit_image(), 255 - _digit_image()])
     client = RestClient(rest_server, form=form)
-    if png:
+    if signature == "predict_png":
         from serving.inputs import encode_png
+
         blobs = [encode_png(i) for i in images]
         got, want = client.predict_encoded(blobs), local.predict_encoded(blobs)
+    elif signature == "predict_image":
+        blobs = example_photos()
+        got, want = client.predict_photos(blobs), local.predict_photos(blobs)
     else:
         got, want = client.predict(images), local.predict(images)
     np.testing.assert_array_equal(got.class_ids, want.class_ids)
     np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-5)
     path, body = FakeTFServing.requests[-1]
     assert path == "/v1/models/mnist:predict"
-    assert body["signature_name"] == ("predict_png" if png else "serving_default")
+    assert body["signature_name"] == signature
 
 
 def test_rest_status_metadata_and_errors(rest_server):
@@ -177,6 +303,7 @@ def test_rest_refused_connection_and_timeout():
     with pytest.raises(ServerError, match="connection refused"):
         RestClient("127.0.0.1:9").status()
     import socket
+
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(1)  # accepts, never answers
@@ -189,6 +316,7 @@ def test_rest_refused_connection_and_timeout():
 
 # ---------------------------------------------------------------------------- gRPC stand-in
 
+
 def test_grpc_predict_against_a_prediction_service(exported):
     import grpc
     import tensorflow as tf
@@ -200,8 +328,10 @@ def test_grpc_predict_against_a_prediction_service(exported):
         def Predict(self, request, context):
             if request.model_spec.name != "mnist":
                 context.abort(grpc.StatusCode.NOT_FOUND, "Servable not found")
-            x = tf.make_ndarray(request.inputs["images"])
-            result = local.predict(x)
+            if request.model_spec.signature_name == "predict_image":
+                result = local.predict_photos(list(tf.make_ndarray(request.inputs["image_bytes"])))
+            else:
+                result = local.predict(tf.make_ndarray(request.inputs["images"]))
             response = predict_pb2.PredictResponse()
             response.outputs["probabilities"].CopyFrom(tf.make_tensor_proto(result.probabilities))
             response.outputs["class_ids"].CopyFrom(tf.make_tensor_proto(result.class_ids))
@@ -215,6 +345,11 @@ def test_grpc_predict_against_a_prediction_service(exported):
         images = np.stack([_digit_image()])
         got = GrpcClient(f"127.0.0.1:{port}").predict(images)
         np.testing.assert_array_equal(got.class_ids, local.predict(images).class_ids)
+        photos = example_photos()
+        got = GrpcClient(f"127.0.0.1:{port}").predict_photos(photos)
+        np.testing.assert_allclose(
+            got.probabilities, local.predict_photos(photos).probabilities, rtol=1e-6
+        )
         with pytest.raises(ServerError, match="NOT_FOUND: Servable not found"):
             GrpcClient(f"127.0.0.1:{port}", model="other").predict(images)
     finally:
@@ -223,24 +358,190 @@ def test_grpc_predict_against_a_prediction_service(exported):
 
 # ---------------------------------------------------------------------------- CLI
 
+
 def test_cli_predict_local_json(exported, tmp_path, capsys):
     Image.fromarray(_digit_image()).save(tmp_path / "d.png")
-    assert client_main(["predict", str(tmp_path / "d.png"), "--local", str(exported),
-                        "--json"]) == 0
+    assert (
+        client_main(["predict", str(tmp_path / "d.png"), "--local", str(exported), "--json"]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     [row] = out["predictions"]
     assert row["input"] == "d.png" and 0 <= row["digit"] <= 9
     assert len(row["probabilities"]) == 10 and abs(sum(row["probabilities"]) - 1) < 1e-4
+    assert row["signature"] == "predict_png" and isinstance(row.get("uncertain", False), bool)
+    assert row["preprocessing"] == [
+        "already in MNIST's format (28x28, white on black): sent unchanged"
+    ]
+    assert [t["digit"] for t in row["top3"]][0] == row["digit"] and len(row["top3"]) == 3
+    want = LocalPredictor(exported).predict(_digit_image()[None])
+    np.testing.assert_allclose(row["probabilities"], want.probabilities[0], atol=1e-5)
+    assert (
+        client_main(
+            [
+                "predict",
+                str(tmp_path / "d.png"),
+                "--local",
+                str(exported),
+                "--json",
+                "--signature",
+                "predict_image",
+            ]
+        )
+        == 0
+    )
+    [row] = json.loads(capsys.readouterr().out)["predictions"]
+    assert row["signature"] == "predict_image" and row["preprocessing"] == []
+
+
+def test_cli_photos_to_predict_image_arrays_to_serving_default(exported, tmp_path, capsys):
+    _photo(tmp_path / "a.jpg")
+    np.save(tmp_path / "b.npy", np.stack([_digit_image()] * 2))
+    assert (
+        client_main(
+            [
+                "predict",
+                str(tmp_path / "a.jpg"),
+                str(tmp_path / "b.npy"),
+                "--local",
+                str(exported),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert [(r["input"], r["signature"]) for r in rows] == [
+        ("a.jpg", "predict_image"),
+        ("b.npy[0]", "serving_default"),
+        ("b.npy[1]", "serving_default"),
+    ]
+    local = LocalPredictor(exported)
+    want = local.predict_photos([(tmp_path / "a.jpg").read_bytes()])
+    assert rows[0]["digit"] == int(want.class_ids[0])
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "predict_png"])
+def test_cli_can_normalise_here_for_an_older_model(exported, tmp_path, capsys, signature):
+    """Sent as 28x28s, normalised in the client by the graph's own function: the same
+    probabilities as predict_image computes in the model."""
+    _photo(tmp_path / "a.jpg")
+    assert (
+        client_main(
+            [
+                "predict",
+                str(tmp_path / "a.jpg"),
+                "--local",
+                str(exported),
+                "--signature",
+                signature,
+                "--json",
+            ]
+        )
+        == 0
+    )
+    [row] = json.loads(capsys.readouterr().out)["predictions"]
+    assert row["signature"] == signature
+    want = LocalPredictor(exported).predict_photos([(tmp_path / "a.jpg").read_bytes()])
+    np.testing.assert_allclose(row["probabilities"], want.probabilities[0], atol=1e-5)
+
+
+def test_cli_show_writes_what_the_model_saw(exported, tmp_path, capsys):
+    _photo(tmp_path / "a.jpg")
+    np.save(tmp_path / "b.npy", _digit_image())
+    sheet = tmp_path / "out" / "seen.png"
+    assert (
+        client_main(
+            [
+                "predict",
+                str(tmp_path / "a.jpg"),
+                str(tmp_path / "b.npy"),
+                "--local",
+                str(exported),
+                "--show",
+                str(sheet),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"what the model saw: {sheet}" in out and "top 3:" in out
+    image = np.asarray(Image.open(sheet).convert("L"))
+    assert image.shape[0] > 2 * 28 * 6  # one row per input, each 28x28 enlarged 6x
+    seen = seen_images(load_inputs([tmp_path / "a.jpg"]))[0]
+    enlarged = np.asarray(Image.fromarray(seen).resize((168, 168), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(image[8 : 8 + 168, 8 : 8 + 168], enlarged)
+
+
+def test_cli_shows_uncertain_and_the_top_3_when_the_model_says(rest_server, tmp_path, capsys):
+    _photo(tmp_path / "a.jpg")
+    _photo(tmp_path / "b.png", digit=4, fmt="PNG")
+    FakeTFServing.extra = {"uncertain": [True, False]}
+    try:
+        assert (
+            client_main(
+                [
+                    "predict",
+                    str(tmp_path / "a.jpg"),
+                    str(tmp_path / "b.png"),
+                    "--server",
+                    rest_server,
+                    "--json",
+                ]
+            )
+            == 0
+        )
+        rows = json.loads(capsys.readouterr().out)["predictions"]
+        assert [r["uncertain"] for r in rows] == [True, False]
+        assert (
+            client_main(
+                [
+                    "predict",
+                    str(tmp_path / "a.jpg"),
+                    str(tmp_path / "b.png"),
+                    "--server",
+                    rest_server,
+                    "--form",
+                    "columnar",
+                ]
+            )
+            == 0
+        )
+        out = capsys.readouterr().out
+    finally:
+        FakeTFServing.extra = {}
+    first, second = out.split("b.png:")
+    assert "UNCERTAIN" in first and "UNCERTAIN" not in second
+    assert first.count("top 3:") == 1 and "sent to predict_image" in first
+
+
+def test_cli_a_photo_without_a_digit_is_a_clear_error(exported, tmp_path, capsys):
+    Image.new("RGB", (200, 150), (235, 230, 220)).save(tmp_path / "blank.jpg")
+    assert client_main(["predict", str(tmp_path / "blank.jpg"), "--local", str(exported)]) == 1
+    err = capsys.readouterr().err
+    assert "predict_image refused the request: no digit found" in err
 
 
 def test_cli_refuses_bad_pixel_before_sending(tmp_path):
     np.save(tmp_path / "x.npy", np.full((28, 28), 300))
-    r = subprocess.run([sys.executable, "-m", "serving", "predict", str(tmp_path / "x.npy"),
-                        "--server", "127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "predict",
+            str(tmp_path / "x.npy"),
+            "--server",
+            "127.0.0.1:9",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().endswith("input refused, nothing sent: "
-                                     f"{tmp_path / 'x.npy'}: pixel value 300 outside 0..255")
+    assert r.stderr.strip().endswith(
+        f"input refused, nothing sent: {tmp_path / 'x.npy'}: pixel value 300 outside 0..255"
+    )
 
 
 def test_cli_server_down_is_a_clear_error(tmp_path, capsys):

@@ -39,7 +39,9 @@ def test_signature_names_dtypes_shapes(exported):
     sig = loaded.signatures["serving_default"]
     (_, inputs) = sig.structured_input_signature
     assert inputs["images"].dtype == tf.uint8 and inputs["images"].shape.as_list() == [None, 28, 28]
-    assert set(sig.structured_outputs) == {"probabilities", "class_ids"}
+    assert set(sig.structured_outputs) == {"probabilities", "class_ids", "uncertain"}
+    assert sig.structured_outputs["uncertain"].dtype == tf.bool
+    assert set(loaded.signatures) >= {"serving_default", "predict_png", "predict_image"}
     png = loaded.signatures["predict_png"].structured_input_signature[1]["image_bytes"]
     assert png.dtype == tf.string and png.shape.as_list() == [None]
 

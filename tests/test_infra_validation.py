@@ -129,10 +129,13 @@ def test_every_signature_says_when_it_is_unsure(tmp_path, tiny_data):
     loaded = tf.saved_model.load(str(version))
     images = tiny_data[1].images[:16, ..., 0]
     pngs = tf.constant([tf.io.encode_png(img[..., None]).numpy() for img in images])
-    for name, kwargs in (("serving_default", {"images": tf.constant(images)}),
-                         ("predict_png", {"image_bytes": pngs})):
+    for name, kwargs in (
+        ("serving_default", {"images": tf.constant(images)}),
+        ("predict_png", {"image_bytes": pngs}),
+    ):
         out = loaded.signatures[name](**kwargs)
         probs = out["probabilities"].numpy()
-        np.testing.assert_array_equal(out["uncertain"].numpy(),
-                                      probs.max(1) < np.float32(stored["threshold"]))
+        np.testing.assert_array_equal(
+            out["uncertain"].numpy(), probs.max(1) < np.float32(stored["threshold"])
+        )
     assert "uncertain" in loaded.signatures["predict_image"].structured_outputs

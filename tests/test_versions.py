@@ -85,3 +85,16 @@ def test_without_labels_the_latest_version_is_served(tmp_path):
     text = versions.model_server_config(versions.read_labels(tmp_path / "m"), "/models/mnist")
     config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     assert config.model_config_list.config[0].model_version_policy.latest.num_versions == 1
+
+
+def test_the_client_addresses_a_label():
+    from serving.client import RestClient
+
+    assert (
+        RestClient("localhost:8501", label="stable")._model_url()
+        == "http://localhost:8501/v1/models/mnist/labels/stable"
+    )
+    assert (
+        RestClient("localhost:8501", version=3)._model_url()
+        == "http://localhost:8501/v1/models/mnist/versions/3"
+    )

@@ -1,0 +1,543 @@
+"""Photos of MNIST test digits, and how `predict_image` does on them (issue #14).
+
+    .venv/bin/python -m benchmarks.photos MODEL_DIR [--n 300] [--seed 0] [--save-failures DIR]
+
+`generate(n, seed)` renders MNIST *test* digits (loaded through TFDS, offline from the manual dir)
+as photos of handwriting: dark or blue ink (or pencil) on an off-white page, lit unevenly (a
+gradient, a vignette, sometimes a hard shadow), with paper texture, sensor noise, sometimes ruled
+lines or a margin line; a thick or thin pen; sometimes low contrast; the digit off-centre at a
+random size, sometimes touching the border; a slight rotation (+-10 degrees) and blur; saved as
+JPEG (quality 35..95) or PNG (some grayscale), on canvases whose longer side is 120..1000 px.
+Everything is drawn from seeded generators, so the same (n, seed) gives the same bytes, and
+photo k is the same whatever n. `generate_blank` renders the same pages with no digit.
+
+`main` loads a SavedModel and prints: the accuracy of its `predict_image` signature on the photos
+(overall and by condition); the accuracy of `serving_default` on the same digits as clean 28x28
+arrays (the model's own ceiling here) and on the whole clean test split (which photo support must
+not change); how many blank pages `predict_image` refuses; and its batch-1 latency on a 1000x1000
+JPEG photo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
+
+Photo = tuple[bytes, int, str]  # (encoded image, true label, what was done to it)
+
+
+def load_test_digits(
+    manual_dir: Path | None = None, data_dir: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST test images uint8 [10000, 28, 28] and labels, through TFDS (offline manual dir)."""
+    from components.data import load_split
+
+    split = load_split("test", manual_dir=Path(manual_dir or SHARED_MNIST), data_dir=data_dir)
+    return split.images.reshape(-1, 28, 28), split.labels.astype(np.int64)
+
+
+def generate(
+    n: int,
+    seed: int = 0,
+    *,
+    digits: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    size: tuple[int, int] | None = None,
+) -> list[Photo]:
+    """`n` photo-like renderings of distinct MNIST test digits, deterministic in (n, seed).
+
+    `digits`/`labels` default to the MNIST test split; `size` (width, height) fixes the canvas.
+    """
+    if digits is None or labels is None:
+        digits, labels = load_test_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits))  # a prefix of one order: photo k does not depend on n
+    chosen = [order[k % len(order)] for k in range(n)]
+    photos = []
+    for k, i in enumerate(chosen):
+        sample_rng = np.random.default_rng([seed, k])
+        data, description = render(digits[i], sample_rng, size=size)
+        photos.append((data, int(labels[i]), f"test[{i}] {description}"))
+    return photos
+
+
+def generate_blank(n: int, seed: int = 0) -> list[tuple[bytes, str]]:
+    """`n` photos of blank pages (lighting, texture, lines, noise; no digit), deterministic."""
+    return [render(None, np.random.default_rng([seed, 1_000_000 + k])) for k in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(
+    digit: np.ndarray | None, rng: np.random.Generator, size: tuple[int, int] | None = None
+) -> tuple[bytes, str]:
+    """One MNIST digit (uint8 [28, 28], white on black) as an encoded photo of handwriting;
+    `digit` None gives a blank page under the same conditions (which must be refused)."""
+    from PIL import Image, ImageFilter
+
+    notes = []
+    if size is None:
+        long_side = int(rng.integers(120, 1001))
+        aspect = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9]))
+        short_side = max(96, int(round(long_side / aspect)))
+        width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+    else:
+        width, height = size
+    notes.append(f"{width}x{height}")
+
+    # The page: off-white, a little tinted, with paper texture.
+    paper = np.array([rng.uniform(222, 250), 0, 0])
+    paper[1] = paper[0] - rng.uniform(0, 10)
+    paper[2] = paper[0] - rng.uniform(0, 28)
+    page = np.broadcast_to(paper, (height, width, 3)).astype(np.float64).copy()
+    page *= (
+        1
+        + _smooth_noise(
+            rng, (height, width), cells=int(rng.integers(4, 12)), amplitude=rng.uniform(0.01, 0.04)
+        )
+    )[..., None]
+    page *= (
+        1
+        + _smooth_noise(
+            rng, (height, width), cells=max(8, width // 6), amplitude=rng.uniform(0.005, 0.025)
+        )
+    )[..., None]
+
+    # Ruled lines (light blue or grey, thinner and fainter than ink), maybe a red margin.
+    if rng.random() < 0.35:
+        spacing = rng.uniform(0.07, 0.14) * height
+        thickness = max(1, int(round(height * rng.uniform(0.002, 0.005))))
+        color = np.array([150, 180, 225]) if rng.random() < 0.7 else np.array([165, 165, 165])
+        tilt = rng.uniform(-3, 3)
+        strength = rng.uniform(0.4, 0.8)
+        lines = _ruled_lines((height, width), spacing, thickness, tilt, rng.uniform(0, spacing))
+        page = page * (1 - strength * lines[..., None]) + color * strength * lines[..., None]
+        notes.append(f"ruled(every {spacing:.0f}px, {thickness}px, tilt {tilt:+.1f})")
+        if rng.random() < 0.25:
+            margin = np.zeros((height, width))
+            x = int(rng.uniform(0.03, 0.12) * width)
+            margin[:, x : x + thickness] = 1
+            page = (
+                page * (1 - 0.6 * margin[..., None])
+                + np.array([220, 110, 110]) * 0.6 * margin[..., None]
+            )
+            notes.append("margin line")
+
+    # The digit: MNIST's strokes upscaled into a pen trace, thicker or thinner, rotated.
+    if digit is None:
+        digit = np.zeros((28, 28), np.uint8)
+        digit[14, 14] = 1  # a trace too faint to draw: the same random draws, no ink
+        notes.append("blank page")
+    ys, xs = np.nonzero(digit)
+    crop = digit[max(0, ys.min() - 1) : ys.max() + 2, max(0, xs.min() - 1) : xs.max() + 2]
+    pen_scale = 6  # strokes are shaped at 6x MNIST resolution, then resized
+    trace = Image.fromarray(crop).resize(
+        (crop.shape[1] * pen_scale, crop.shape[0] * pen_scale), Image.Resampling.BICUBIC
+    )
+    trace = Image.fromarray(
+        np.clip((np.asarray(trace, np.float64) - 64) * 255 / 128, 0, 255).astype(np.uint8)
+    )
+    pen = rng.choice(["normal", "thick", "thin"], p=[0.5, 0.25, 0.25])
+    if pen == "thick":
+        r = int(rng.integers(1, 4))
+        trace = trace.filter(ImageFilter.MaxFilter(2 * r + 1))
+        notes.append(f"thick pen (+{2 * r}px at 6x)")
+    elif pen == "thin":
+        r = int(rng.integers(1, 3))
+        trace = trace.filter(ImageFilter.MinFilter(2 * r + 1))
+        notes.append(f"thin pen (-{2 * r}px at 6x)")
+    angle = rng.uniform(-10, 10)
+    trace = trace.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    notes.append(f"rotated {angle:+.1f}")
+    bbox = trace.getbbox() or (0, 0, trace.width, trace.height)
+    trace = trace.crop(bbox)
+    digit_height = rng.uniform(0.25, 0.85) * min(width, height)
+    scale = min(
+        digit_height / trace.height, 0.95 * width / trace.width, 0.95 * height / trace.height
+    )
+    dw, dh = max(4, int(round(trace.width * scale))), max(4, int(round(trace.height * scale)))
+    alpha = np.asarray(trace.resize((dw, dh), Image.Resampling.BILINEAR), np.float64) / 255
+    notes.append(f"digit {dh}px high")
+    if rng.random() < 0.15:  # touching a border
+        side = rng.integers(4)
+        x0 = 0 if side == 0 else width - dw if side == 1 else int(rng.integers(0, width - dw + 1))
+        y0 = 0 if side == 2 else height - dh if side == 3 else int(rng.integers(0, height - dh + 1))
+        notes.append("touching the border")
+    else:
+        x0, y0 = int(rng.integers(0, width - dw + 1)), int(rng.integers(0, height - dh + 1))
+    full_alpha = np.zeros((height, width))
+    full_alpha[y0 : y0 + dh, x0 : x0 + dw] = alpha
+
+    kind = rng.choice(["black", "blue", "pencil"], p=[0.5, 0.3, 0.2])
+    if kind == "black":
+        ink = np.full(3, rng.uniform(15, 60))
+    elif kind == "blue":
+        ink = np.array([rng.uniform(10, 50), rng.uniform(30, 70), rng.uniform(120, 180)])
+    else:
+        ink = np.full(3, rng.uniform(80, 120))
+    notes.append(f"{kind} ink")
+    if rng.random() < 0.2:
+        c = rng.uniform(0.35, 0.6)
+        ink = paper * (1 - c) + ink * c
+        notes.append(f"low contrast ({c:.2f})")
+    opacity = rng.uniform(0.85, 1.0)
+    a = (opacity * full_alpha)[..., None]
+    image = page * (1 - a) + ink * a
+
+    # Lighting: a gradient, a vignette, sometimes a shadow with a soft edge; a colour cast.
+    yy, xx = np.mgrid[0:height, 0:width]
+    u, v = xx / max(width - 1, 1) - 0.5, yy / max(height - 1, 1) - 0.5
+    direction = rng.uniform(0, 2 * np.pi)
+    gradient = rng.uniform(0, 0.5)
+    light = rng.uniform(0.7, 1.05) * (
+        1 + gradient * (np.cos(direction) * u + np.sin(direction) * v)
+    )
+    vignette = rng.uniform(0, 0.5)
+    light *= 1 - vignette * (u**2 + v**2) * 2
+    notes.append(f"gradient {gradient:.2f}, vignette {vignette:.2f}")
+    if rng.random() < 0.4:
+        theta = rng.uniform(0, 2 * np.pi)
+        offset = rng.uniform(-0.35, 0.35)
+        softness = rng.uniform(0.01, 0.08)
+        d = np.cos(theta) * u + np.sin(theta) * v - offset
+        depth = rng.uniform(0.25, 0.55)
+        light *= 1 - depth / (1 + np.exp(-d / softness))
+        notes.append(f"shadow {depth:.2f}")
+    cast = np.array([1.0, rng.uniform(0.95, 1.0), rng.uniform(0.85, 1.0)])
+    image = image * light[..., None] * cast
+
+    # Optics and sensor: blur, noise.
+    img = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    blur = rng.uniform(0, 1.5) * max(width, height) / 500
+    if blur > 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(blur))
+    noise = rng.uniform(2, 10)
+    pixels = np.asarray(img, np.float64)
+    pixels = (
+        pixels
+        + rng.normal(0, noise, pixels.shape)
+        + rng.normal(0, noise / 2, pixels.shape[:2])[..., None]
+    )
+    img = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    notes.append(f"blur {blur:.1f}px, noise {noise:.1f}")
+
+    buf = io.BytesIO()
+    if rng.random() < 0.7:
+        quality = int(rng.integers(35, 96))
+        img.save(buf, format="JPEG", quality=quality)
+        notes.append(f"JPEG q{quality}")
+    else:
+        if rng.random() < 0.2:
+            img = img.convert("L")
+            notes.append("grayscale")
+        img.save(buf, format="PNG")
+        notes.append("PNG")
+    return buf.getvalue(), ", ".join(notes)
+
+
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int], cells: int, amplitude: float
+) -> np.ndarray:
+    """Random values on a coarse grid, bicubically upsampled: blotches of about shape/cells."""
+    from PIL import Image
+
+    h, w = shape
+    gh, gw = max(2, int(cells * h / max(h, w))), max(2, int(cells * w / max(h, w)))
+    grid = rng.normal(0, 1, (gh, gw)).astype(np.float32)
+    resized = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC)
+    up = np.asarray(resized, np.float64)
+    return np.asarray(amplitude * up / (np.abs(up).max() or 1))
+
+
+def _ruled_lines(
+    shape: tuple[int, int], spacing: float, thickness: int, tilt: float, phase: float
+) -> np.ndarray:
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    t = np.tan(np.radians(tilt))
+    pos = (yy - t * (xx - w / 2) - phase) % spacing
+    return np.clip(thickness + 0.5 - np.minimum(pos, spacing - pos), 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+def evaluate(signature: Any, photos: list[Photo], batch_size: int = 32) -> dict[str, Any]:
+    """Run `predict_image` over the photos; accuracy overall and by condition. A photo the
+    signature refuses (InvalidArgument: "no digit found") counts as wrong, with its reason."""
+    import tensorflow as tf
+
+    predicted: list[int] = []
+    flagged: list[bool] = []  # the model's `uncertain` output (a refused photo counts as flagged)
+    refused: dict[int, str] = {}
+    for start in range(0, len(photos), batch_size):
+        batch = [p[0] for p in photos[start : start + batch_size]]
+        try:
+            out = signature(image_bytes=tf.constant(batch))
+            predicted.extend(int(c) for c in out["class_ids"].numpy())
+            flagged.extend(_flags(out, len(batch)))
+        except tf.errors.InvalidArgumentError:  # one bad photo fails its batch: go one by one
+            for i, data in enumerate(batch, start):
+                try:
+                    one = signature(image_bytes=tf.constant([data]))
+                    predicted.append(int(one["class_ids"].numpy()[0]))
+                    flagged.extend(_flags(one, 1))
+                except tf.errors.InvalidArgumentError as e:
+                    predicted.append(-1)
+                    flagged.append(True)
+                    refused[i] = e.message.split("assertion failed:")[-1].strip()[:300]
+    right = [p == label for p, (_, label, _) in zip(predicted, photos)]
+    wrong_flagged = [f for f, ok in zip(flagged, right) if not ok]
+    right_flagged = [f for f, ok in zip(flagged, right) if ok]
+    by_condition: dict[str, list[bool]] = {}
+    for ok, (_, _, description) in zip(right, photos):
+        for condition in _conditions(description):
+            by_condition.setdefault(condition, []).append(ok)
+    return {
+        "photos": len(photos),
+        "correct": int(sum(right)),
+        "accuracy": sum(right) / max(1, len(right)),
+        "refused": len(refused),
+        # the `uncertain` flag: how much of what is wrong it catches, how much right it doubts
+        "mistakes_flagged": sum(wrong_flagged) / len(wrong_flagged) if wrong_flagged else None,
+        "correct_flagged": sum(right_flagged) / max(1, len(right_flagged)),
+        "by_condition": {
+            k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_condition.items())
+        },
+        "failures": [
+            {
+                "index": i,
+                "label": photos[i][1],
+                "predicted": predicted[i],
+                "description": photos[i][2],
+                **({"refused": refused[i]} if i in refused else {}),
+            }
+            for i, ok in enumerate(right)
+            if not ok
+        ],
+    }
+
+
+def _flags(out: Any, n: int) -> list[bool]:
+    if "uncertain" not in out:
+        return [False] * n
+    return [bool(x) for x in out["uncertain"].numpy()]
+
+
+def refusals(signature: Any, pages: list[tuple[bytes, str]]) -> int:
+    """How many of these (blank) photos `predict_image` refuses with InvalidArgument."""
+    import tensorflow as tf
+
+    count = 0
+    for data, _ in pages:
+        try:
+            signature(image_bytes=tf.constant([data]))
+        except tf.errors.InvalidArgumentError:
+            count += 1
+    return count
+
+
+def _conditions(description: str) -> list[str]:
+    keys = [
+        "JPEG",
+        "PNG",
+        "thick pen",
+        "thin pen",
+        "blue ink",
+        "pencil ink",
+        "black ink",
+        "low contrast",
+        "ruled",
+        "margin line",
+        "shadow",
+        "touching the border",
+        "grayscale",
+    ]
+    return ["all"] + [k for k in keys if k in description]
+
+
+def latency(signature: Any, data: bytes, runs: int = 50) -> dict[str, float]:
+    import tensorflow as tf
+
+    x = tf.constant([data])
+    for _ in range(5):
+        signature(image_bytes=x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        signature(image_bytes=x)["class_ids"].numpy()
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return {
+        "p50_ms": statistics.median(times),
+        "p90_ms": times[int(0.9 * (runs - 1))],
+        "max_ms": times[-1],
+        "runs": runs,
+    }
+
+
+def latency_photo(digits: np.ndarray, labels: np.ndarray, seed: int = 0) -> bytes:
+    """A 1000x1000 photo, always as a JPEG (quality 85), for timing."""
+    from PIL import Image
+
+    [(data, _, _)] = generate(1, seed + 1, digits=digits, labels=labels, size=(1000, 1000))
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def clean_accuracy(model: Any, digits: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of `serving_default` on clean 28x28 digits."""
+    import tensorflow as tf
+
+    sig = model.signatures["serving_default"]
+    predicted = np.concatenate(
+        [
+            sig(images=tf.constant(digits[i : i + 2000]))["class_ids"].numpy()
+            for i in range(0, len(digits), 2000)
+        ]
+    )
+    return float((predicted == labels).mean())
+
+
+def _test_indices(photos: list[Photo]) -> list[int]:
+    return [int(p[2].split("]", 1)[0].removeprefix("test[")) for p in photos]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.photos", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("model_dir", type=Path, help="a SavedModel with predict_image")
+    parser.add_argument("--n", type=int, default=300, help="photos (default 300)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--blank",
+        type=int,
+        default=50,
+        help="blank pages (no digit) that should be refused (default 50)",
+    )
+    parser.add_argument(
+        "--manual-dir",
+        type=Path,
+        default=SHARED_MNIST,
+        help="MNIST manual dir for TFDS (default ../shared/datasets/mnist)",
+    )
+    parser.add_argument(
+        "--save-failures",
+        type=Path,
+        help="write each misread photo and the 28x28 the model saw here",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    from components import console
+
+    console.setup(verbose=False)  # refused photos are expected here: no native log lines
+
+    import tensorflow as tf
+
+    digits, labels = load_test_digits(args.manual_dir)
+    model = tf.saved_model.load(str(args.model_dir))
+    if "predict_image" not in model.signatures:
+        print(
+            f"error: {args.model_dir} has no predict_image signature (export it again)",
+            file=sys.stderr,
+        )
+        return 2
+    signature = model.signatures["predict_image"]
+    start = time.perf_counter()
+    photos = generate(args.n, args.seed, digits=digits, labels=labels)
+    generated_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = evaluate(signature, photos)
+    result["predict_seconds"] = time.perf_counter() - start
+    result["clean_28x28_accuracy_serving_default"] = clean_accuracy(model, digits, labels)
+    same = _test_indices(photos)
+    result["same_digits_clean_accuracy"] = clean_accuracy(model, digits[same], labels[same])
+    blanks = generate_blank(args.blank, args.seed)
+    result["blank_pages"] = {"n": len(blanks), "refused": refusals(signature, blanks)}
+    big = latency_photo(digits, labels, args.seed)
+    result["latency_batch1_1000x1000_jpeg"] = {**latency(signature, big), "bytes": len(big)}
+    result["settings"] = {
+        "n": args.n,
+        "seed": args.seed,
+        "model_dir": str(args.model_dir),
+        "generate_seconds": generated_s,
+    }
+
+    print(
+        f"photos: {result['correct']}/{result['photos']} right through predict_image = "
+        f"{result['accuracy']:.1%}  (n={args.n}, seed={args.seed}; {result['refused']} "
+        f"refused as no digit; {result['predict_seconds']:.1f} s)"
+    )
+    if result["mistakes_flagged"] is not None:
+        print(
+            f"flagged uncertain: {result['mistakes_flagged']:.0%} of the wrong answers (refusals "
+            f"included), {result['correct_flagged']:.1%} of the right ones"
+        )
+    print(
+        f"the same {args.n} digits as clean 28x28 arrays through serving_default: "
+        f"{result['same_digits_clean_accuracy']:.1%} (the model's own ceiling here)"
+    )
+    for condition, v in result["by_condition"].items():
+        print(f"  {condition:<20} {v['accuracy']:6.1%}  of {v['n']}")
+    print(
+        f"clean 28x28 test digits through serving_default: "
+        f"{result['clean_28x28_accuracy_serving_default']:.2%} (10,000)"
+    )
+    blank = result["blank_pages"]
+    print(
+        f"blank pages (same conditions, no digit) refused with InvalidArgument: "
+        f"{blank['refused']}/{blank['n']}"
+    )
+    lat = result["latency_batch1_1000x1000_jpeg"]
+    print(
+        f"predict_image batch-1 latency, 1000x1000 JPEG ({lat['bytes']} bytes): "
+        f"p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
+        f"({lat['runs']} runs)"
+    )
+    for f in result["failures"]:
+        what = "refused" if "refused" in f else f"read {f['predicted']}"
+        print(f"  miss #{f['index']}: true {f['label']} {what}: {f['description']}")
+    if args.save_failures:
+        _save_failures(args.save_failures, photos, result["failures"])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _save_failures(folder: Path, photos: list[Photo], failures: list[dict[str, Any]]) -> None:
+    import tensorflow as tf
+    from PIL import Image
+
+    from components.photo import normalize_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in failures:
+        data = photos[f["index"]][0]
+        stem = f"{f['index']:04d}-true{f['label']}-read{f['predicted']}"
+        ext = "jpg" if data[:2] == b"\xff\xd8" else "png"
+        (folder / f"{stem}.{ext}").write_bytes(data)
+        if "refused" not in f:
+            seen = normalize_photos(tf.constant([data])).numpy()[0]
+            Image.fromarray(seen).resize((112, 112), Image.Resampling.NEAREST).save(
+                folder / f"{stem}-seen.png"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
