@@ -184,6 +184,27 @@ def serving_figures(model_dir: str) -> dict[str, float]:
     return out
 
 
+def photo_figures(model_dir: str, manual_dir: str | None) -> dict[str, Any]:
+    """The photo benchmark (benchmarks/photos.py) on the default run's published model: 300
+    photo-like renderings of MNIST test digits through `predict_image`, the `uncertain` flag's
+    rates, and batch-1 latency on a 1000x1000 JPEG."""
+    import tensorflow as tf
+
+    from benchmarks import photos
+
+    digits, labels = photos.load_test_digits(Path(manual_dir) if manual_dir else None)
+    signature = tf.saved_model.load(model_dir).signatures["predict_image"]
+    result = photos.evaluate(signature, photos.generate(300, 0, digits=digits, labels=labels))
+    latency = photos.latency(signature, photos.latency_photo(digits, labels, 0))
+    return {
+        "photo_accuracy": result["accuracy"],
+        "photo_n": result["photos"],
+        "photo_mistakes_flagged": result["mistakes_flagged"],
+        "photo_correct_flagged": result["correct_flagged"],
+        "predict_image_1000px_jpeg_p50_ms": latency["p50_ms"],
+    }
+
+
 def _measure(
     env: dict[str, str], manual_dir: str | None, user_args: list[str], pairs: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float, dict[str, float]]:
@@ -217,7 +238,8 @@ def _measure(
                     flush=True,
                 )
         pipeline_rate = input_pipeline_images_per_s(manual_dir)
-        serving = serving_figures(our_runs[-1]["model_dir"])
+        serving = serving_figures(default_run["model_dir"])
+        serving.update(photo_figures(default_run["model_dir"], manual_dir))
 
     return seed_runs, our_runs, default_run, pipeline_rate, serving
 
@@ -344,6 +366,11 @@ def format_table(r: dict[str, Any]) -> str:
         f"training consumes {r['train_images_per_s']:,.0f} images/s; the input pipeline alone "
         f"delivers {r['input_pipeline_images_per_s']:,.0f} images/s "
         f"({r['input_pipeline_over_training']:.1f}x)",
+        "",
+        f"photos (benchmarks/photos.py, {r['photo_n']}, seed 0) through predict_image: "
+        f"{r['photo_accuracy']:.1%} right; uncertain flags {r['photo_mistakes_flagged']:.0%} "
+        f"of the wrong answers and {r['photo_correct_flagged']:.1%} of the right ones; batch-1 "
+        f"latency on a 1000x1000 JPEG p50 {r['predict_image_1000px_jpeg_p50_ms']:.1f} ms",
         "",
         "| serving (in-process SavedModel) | batch-1 p50 ms | batch-1 p99 ms | batch 256 img/s "
         "| batch 1024 img/s |",
