@@ -369,23 +369,7 @@ def train(
             callbacks.append(EpochLine(epochs))
         verbose = 1 if interactive else 0
     start = time.perf_counter()
-    try:
-        history = model.fit(
-            train_ds,
-            validation_data=validation_ds,
-            epochs=epochs,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,
-        )  # the dataset shuffles itself
-    except BaseException:
-        # Keras closes its TensorBoard writers only on a normal end: flush them so the logs
-        # stay readable up to the failure.
-        for callback in callbacks:
-            close = getattr(callback, "_close_writers", None) or getattr(callback, "close", None)
-            if close is not None:
-                close()
-        raise
+    history = _fit(model, train_ds, validation_ds, epochs, callbacks, verbose)
     fit_seconds = time.perf_counter() - start
     earlier = backed_up_history(backup_dir, start_epoch) if backup_dir and start_epoch else {}
     ran = {k: [float(v) for v in vs] for k, vs in history.history.items()}
@@ -397,6 +381,33 @@ def train(
         initial_epoch=start_epoch,
         phases=timer.summary(),
     )
+
+
+def _fit(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    validation_ds: tf.data.Dataset | None,
+    epochs: int,
+    callbacks: list[keras.callbacks.Callback],
+    verbose: int,
+) -> keras.callbacks.History:
+    try:
+        return model.fit(
+            train_ds,
+            validation_data=validation_ds,
+            epochs=epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles itself
+        )
+    except BaseException:
+        # Keras closes its TensorBoard writers only on a normal end: flush them so the logs
+        # stay readable up to the failure.
+        for callback in callbacks:
+            close = getattr(callback, "_close_writers", None) or getattr(callback, "close", None)
+            if close is not None:
+                close()
+        raise
 
 
 def _prepare_for_replicas(

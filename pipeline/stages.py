@@ -508,19 +508,7 @@ def train(run: Run) -> dict[str, Any]:
         "weights_sha256": trainer.weights_sha256(result.model),
     }
     if run.is_chief:
-        from components import evaluator
-
-        val = run.splits.get("validation")
-        probs = (
-            evaluator.predict_probabilities(run.keras_model(), val.images)
-            if val is not None
-            else None
-        )
-        calibration = evaluator.calibrate_uncertainty(
-            probs, val.labels if val is not None else None
-        )
-        write_json(run.layout.calibration, calibration)
-        metrics["uncertainty_calibration"] = calibration
+        metrics["uncertainty_calibration"] = _calibrate(run)
     # Only now, with every output of the stage written, is the backup no longer needed.
     shutil.rmtree(run.layout.backup, ignore_errors=True)
     run.metrics.update(metrics)
@@ -529,6 +517,19 @@ def train(run: Run) -> dict[str, Any]:
         "metrics": metrics,
         "settings": run.effective.to_dict(),
     }
+
+
+def _calibrate(run: Run) -> dict[str, Any]:
+    """The `uncertain` threshold, from the trained model on the validation split."""
+    from components import evaluator
+
+    val = run.splits.get("validation")
+    probs = (
+        evaluator.predict_probabilities(run.keras_model(), val.images) if val is not None else None
+    )
+    calibration = evaluator.calibrate_uncertainty(probs, val.labels if val is not None else None)
+    write_json(run.layout.calibration, calibration)
+    return calibration
 
 
 def _profile_window(run: Run, fit_split: Any) -> tuple[int, int]:
