@@ -154,8 +154,15 @@ def _is_idx(data: bytes) -> bool:
 
 def _read_idx(path: Path, data: bytes) -> np.ndarray:
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise InputError(f"{path}: truncated or corrupt gzip ({e})") from None
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise InputError(
+            f"{path}: IDX file of {len(data)} bytes ends inside its header (truncated)"
+        )
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -178,6 +185,12 @@ def _from_array(path: Path, array: np.ndarray) -> list[LoadedInput]:
             f"{path}: shape {original_shape}, expected [28, 28], [N, 28, 28], "
             f"[N, 28, 28, 1] or [N, 784]"
         )
+    if array.shape[0] == 0:
+        raise InputError(f"{path}: shape {original_shape} holds no image")
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise InputError(f"{path}: {int(np.isnan(array).sum())} pixel(s) are NaN")
+    if array.dtype.kind == "f" and np.isinf(array).any():
+        raise InputError(f"{path}: {int(np.isinf(array).sum())} pixel(s) are infinite")
     if array.size and (array.min() < 0 or array.max() > 255):
         bad = array.max() if array.max() > 255 else array.min()
         raise InputError(f"{path}: pixel value {bad} outside 0..255")
@@ -185,6 +198,17 @@ def _from_array(path: Path, array: np.ndarray) -> list[LoadedInput]:
         raise InputError(
             f"{path}: pixels must be whole numbers 0..255 (raw MNIST pixels), "
             f"got fractions; multiply [0, 1] data by 255"
+        )
+    peaks = array.reshape(len(array), -1).max(axis=1)
+    if (peaks == 0).any():
+        raise InputError(
+            f"{path}: image {int(np.argmax(peaks == 0))} is blank (no ink found): "
+            f"nothing to classify"
+        )
+    if (peaks <= 1).all():
+        raise InputError(
+            f"{path}: every pixel is 0 or 1: the array looks scaled to [0, 1]; "
+            f"MNIST pixels are 0..255 (multiply by 255)"
         )
     images = array.astype(np.uint8)
     return [

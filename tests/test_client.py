@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -548,3 +549,27 @@ def test_cli_server_down_is_a_clear_error(tmp_path, capsys):
     Image.fromarray(_digit_image()).save(tmp_path / "d.png")
     assert client_main(["predict", str(tmp_path / "d.png"), "--server", "127.0.0.1:9"]) == 1
     assert "connection refused (is TF Serving running?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.zeros((0, 28, 28), np.uint8), "holds no image"),
+        (np.zeros((28, 28), np.uint8), "blank (no ink found)"),
+        ((np.arange(784).reshape(28, 28) % 2).astype(np.float32), "looks scaled to [0, 1]"),
+        (np.where(np.eye(28) > 0, np.nan, 0).astype(np.float32), "are NaN"),
+    ],
+)
+def test_unusable_arrays_are_refused_with_the_reason(tmp_path, array, message):
+    path = tmp_path / "x.npy"
+    np.save(path, array)
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_inputs([path])
+
+
+@pytest.mark.parametrize("data", [b"\x00\x00\x08\x03", b"\x00\x00\x08\x03\x00\x00"])
+def test_a_truncated_idx_header_is_one_line(tmp_path, data):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(data)
+    with pytest.raises(InputError, match="truncated"):
+        load_inputs([path])
