@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +11,6 @@ import numpy as np
 from components.data import NUM_CLASSES, Split, preprocess
 
 PREDICTIONS_FILE = "predictions.npz"
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """What the evaluator produced: the metrics and the raw outputs they came from."""
-
-    metrics: dict[str, Any]
-    probabilities: np.ndarray  # float32 [N, 10]
-    labels: np.ndarray  # int64 [N]
 
 
 def predict_probabilities(
@@ -63,11 +53,6 @@ def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, 
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
     }
-
-
-def evaluate(model: keras.Model, test: Split) -> Evaluation:
-    probabilities = predict_probabilities(model, test.images)
-    return Evaluation(compute_metrics(probabilities, test.labels), probabilities, test.labels)
 
 
 def save_predictions(

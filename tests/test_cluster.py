@@ -12,23 +12,9 @@ import pytest
 
 from components import exporter, strategy
 from pipeline.cluster import tf_configs
-from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
+from tests.helpers import ROOT, requires_mnist, small_run_flags, wait_for_backup_epoch
 
-SMALL = [
-    "--max-train-examples",
-    "4000",
-    "--max-test-examples",
-    "1000",
-    "--device",
-    "cpu",
-    "--min-accuracy",
-    "0",
-    "--max-regression",
-    "1",
-    "--publish-partial-test",
-    "--tfds-manual-dir",
-    str(SHARED_MNIST),
-]
+SMALL = small_run_flags(4000)
 
 
 @pytest.mark.parametrize(

@@ -15,23 +15,9 @@ from components import exporter, trainer
 from components.data import DataError, Split, _registered_files
 from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
-from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, wait_for_backup_epoch
+from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, small_run_flags, wait_for_backup_epoch
 
-SMALL_RUN = [
-    "--max-train-examples",
-    "6000",
-    "--max-test-examples",
-    "1000",
-    "--device",
-    "cpu",
-    "--min-accuracy",
-    "0",
-    "--max-regression",
-    "1",
-    "--publish-partial-test",
-    "--tfds-manual-dir",
-    str(SHARED_MNIST),
-]
+SMALL_RUN = small_run_flags(6000)
 
 
 def train_cmd(artifacts, *flags):

@@ -48,3 +48,22 @@ requires_mnist = pytest.mark.skipif(
     reason=f"real MNIST not found at {SHARED_MNIST}",
 )
 """The one skip condition for tests that need the real MNIST (../shared/datasets/mnist)."""
+
+
+def small_run_flags(train_examples: int) -> list[str]:
+    """CLI flags of a smoke run on the real MNIST: a subset, an open gate, published anyway."""
+    return [
+        "--max-train-examples",
+        str(train_examples),
+        "--max-test-examples",
+        "1000",
+        "--device",
+        "cpu",
+        "--min-accuracy",
+        "0",
+        "--max-regression",
+        "1",
+        "--publish-partial-test",
+        "--tfds-manual-dir",
+        str(SHARED_MNIST),
+    ]
