@@ -70,7 +70,7 @@ MERGE_MASS, MERGE_GAP = 0.08, 0.35  # other pieces of the digit: see _digit_comp
 FIT, SIDE = 20, 28  # MNIST: the digit fits 20x20, centred by mass in 28x28
 
 
-@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+@tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
 def normalize_photos(image_bytes: tf.Tensor) -> tf.Tensor:
     """Encoded photos (string [N]) -> uint8 [N, 28, 28], white digit on black, like MNIST."""
     return tf.map_fn(
