@@ -6,12 +6,16 @@ The one `preprocess` below is used by the training input pipeline and by every s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import os
+import re
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -117,71 +121,128 @@ def load_split(
     data_dir: Path | None = None,
     manual_dir: Path | None = None,
     limit: int | None = None,
-    _retry: bool = True,
 ) -> Split:
     """Load one MNIST split through `tfds.load(..., as_supervised=True)` into memory.
 
     The first call prepares the dataset into `data_dir` (TFDS's default when None), taking the
     raw files from `manual_dir` when given; later calls read the prepared files, through an
     array cache beside them (keyed by the prepared files' names, sizes and times) that loads in
-    a fraction of a second. Prepared files that cannot be read are prepared again from
-    `manual_dir` once; without one, the error names the folder to delete.
+    a fraction of a second. Prepared files that cannot be read (truncated, flipped, missing,
+    unparsable metadata) are prepared again from `manual_dir` once; without one, the error
+    names the folder to delete.
     """
+    try:
+        with _quiet_tfds():
+            return _load(split, data_dir, manual_dir).take(limit)
+    except _Unreadable as e:
+        if manual_dir is None:
+            raise DataError(
+                f"the prepared TFDS files in {e.folder} cannot be read ({e.reason}); delete "
+                f"that folder to prepare them again"
+            ) from None
+        log.warning(
+            "the prepared TFDS files in %s cannot be read (%s): preparing them again from %s",
+            e.folder,
+            e.reason,
+            manual_dir,
+        )
+        shutil.rmtree(e.folder, ignore_errors=True)
+    try:
+        with _quiet_tfds():
+            return _load(split, data_dir, manual_dir).take(limit)
+    except _Unreadable as e:
+        raise DataError(
+            f"the TFDS files prepared again in {e.folder} cannot be read ({e.reason})"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """TFDS's own console output while it prepares: progress bars, a "Downloading and preparing
+    dataset Unknown size" print and absl warnings about folders it has not written yet. Our log
+    says what happens ("preparing TFDS mnist into ... (first run only)") in one line."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(DATASET, data_dir=str(data_dir) if data_dir else None)
-    cache = _cache_path(Path(builder.data_dir), split) if builder.is_prepared() else None
-    if cache is not None and cache.is_file():
-        try:
-            with np.load(cache) as arrays:
-                split_data = Split(split, arrays["images"], arrays["labels"])
-            log.info("loaded %s: %d examples (array cache)", split, len(split_data))
-            return split_data.take(limit)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            log.warning("array cache %s is unreadable: reading TFDS's files instead", cache)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl.setLevel(level)
+        tfds.display_progress_bar(True)
+
+
+class _Unreadable(Exception):
+    """Prepared TFDS files (or their metadata) that exist but cannot be read."""
+
+    def __init__(self, folder: Path, error: BaseException):
+        super().__init__(str(folder))
+        self.folder = folder
+        self.reason = _reason(error)
+
+
+def _reason(error: BaseException) -> str:
+    """`Kind: first line`, without TensorFlow's `{{function_node ...}}` and `[Op:...]` noise."""
+    noise = r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\s+name:\s*\S*\s*$"
+    text = re.sub(noise, "", str(error), flags=re.MULTILINE).strip()
+    return f"{type(error).__name__}: {(text.splitlines() or [''])[0].strip()[:200]}"
+
+
+def _load(split: str, data_dir: Path | None, manual_dir: Path | None) -> Split:
+    import tensorflow_datasets as tfds
+
+    root = Path(data_dir) if data_dir else Path(tfds.core.constants.DATA_DIR)
+    try:
+        builder = tfds.builder(DATASET, data_dir=str(root))
+        prepared = builder.is_prepared()
+    except Exception as e:  # TFDS reads the prepared metadata here (JSON, protobuf, IO)
+        if (root / DATASET).exists():
+            raise _Unreadable(root / DATASET, e) from None
+        raise DataError(_explain_load_failure(e, manual_dir)) from e
+    folder = Path(builder.data_dir)
+    cached = _read_cache(folder, split) if prepared else None
+    if cached is not None:
+        return cached
     kwargs = {}
-    if not builder.is_prepared():
+    if not prepared:
         if manual_dir is not None:
             verify_manual_dir(Path(manual_dir))
             kwargs["download_and_prepare_kwargs"] = {
                 "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))
             }
-        log.info("preparing TFDS %s into %s (first run only)", DATASET, builder.data_dir)
+        log.info("preparing TFDS %s into %s (first run only)", DATASET, folder)
     try:
-        ds = tfds.load(
-            DATASET,
-            split=split,
-            as_supervised=True,
-            data_dir=str(data_dir) if data_dir else None,
-            **kwargs,
-        )
+        ds = tfds.load(DATASET, split=split, as_supervised=True, data_dir=str(root), **kwargs)
         images, labels = _to_numpy(ds)
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        prepared = Path(builder.data_dir)
-        if _retry and manual_dir is not None:
-            log.warning(
-                "the prepared TFDS files in %s cannot be read (%s): preparing them again from %s",
-                prepared,
-                type(e).__name__,
-                manual_dir,
-            )
-            shutil.rmtree(prepared, ignore_errors=True)
-            return load_split(
-                split, data_dir=data_dir, manual_dir=manual_dir, limit=limit, _retry=False
-            )
-        raise DataError(
-            f"the prepared TFDS files in {prepared} cannot be read "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); delete "
-            f"that folder to prepare them again"
-        ) from None
+    except tf.errors.OpError as e:  # reading TFRecords: data loss, truncation, missing file
+        if prepared:
+            raise _Unreadable(folder, e) from None
+        raise DataError(_explain_load_failure(e, manual_dir)) from e
     except Exception as e:  # TFDS raises many kinds (download, checksum, IO); all end here
         raise DataError(_explain_load_failure(e, manual_dir)) from e
     split_data = Split(split, images, labels)
     log.info("loaded %s: %d examples", split, len(split_data))
-    cache = _cache_path(Path(builder.data_dir), split)
+    cache = _cache_path(folder, split)
     if cache is not None:
         _write_cache(cache, split_data)
-    return split_data.take(limit)
+    return split_data
+
+
+def _read_cache(folder: Path, split: str) -> Split | None:
+    cache = _cache_path(folder, split)
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as arrays:
+            split_data = Split(split, arrays["images"], arrays["labels"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        log.warning("array cache %s is unreadable: reading TFDS's files instead", cache)
+        return None
+    log.info("loaded %s: %d examples (array cache)", split, len(split_data))
+    return split_data
 
 
 def _cache_path(prepared: Path, split: str) -> Path | None:

@@ -17,6 +17,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from components.compile_cache import enable as compile_cache_enable
+from components.compile_cache import promote as compile_cache_promote
+
 log = logging.getLogger(__name__)
 
 
@@ -334,6 +337,7 @@ def train(
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | None = None,
     profile: tuple[int, int] | None = None,
+    compile_cache: Path | None = None,
 ) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
 
@@ -344,7 +348,8 @@ def train(
     resumed run restarts at the epoch boundary, so no batch is trained twice), with the previous
     copy kept so a garbled latest backup falls back to it. `restore_from`: resume from that
     backup instead (a non-chief worker resumes from the chief's). `verbose`: None prints one
-    line per epoch (a Keras progress bar on a terminal), 0 nothing.
+    line per epoch (a Keras progress bar on a terminal), 0 nothing. `compile_cache`: the folder
+    keeping XLA's compiled programs across runs (components/compile_cache.py).
     """
     start_epoch = resume_epoch(backup_dir, restore_from, epochs) if backup_dir is not None else 0
     if start_epoch:
@@ -368,9 +373,11 @@ def train(
         if not interactive:
             callbacks.append(EpochLine(epochs))
         verbose = 1 if interactive else 0
+    store = compile_cache_enable(compile_cache) if compile_cache is not None else None
     start = time.perf_counter()
     history = _fit(model, train_ds, validation_ds, epochs, callbacks, verbose)
     fit_seconds = time.perf_counter() - start
+    compile_cache_promote(store)
     earlier = backed_up_history(backup_dir, start_epoch) if backup_dir and start_epoch else {}
     ran = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     return TrainResult(

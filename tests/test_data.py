@@ -1,5 +1,7 @@
 """Data: TFDS loading (mock), validation, the tf.data pipeline, manual-dir checksums."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from components import data
 from components.data import DataError, Split
-from tests.helpers import make_digits
+from tests.helpers import ROOT, SHARED_MNIST, make_digits, requires_mnist, small_run_flags
 
 
 def test_load_split_through_tfds_mock():
@@ -133,3 +135,105 @@ def test_manual_dir_truncated_file_is_named(tmp_path):
 def test_missing_manual_dir(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         data.verify_manual_dir(tmp_path / "nope")
+
+
+# ------------------------------------------------------------ prepared TFDS files gone bad
+
+
+def _prepared_copy(tmp_path):
+    """A data dir with MNIST prepared from the shared manual dir, without the array cache (so
+    the prepared TFRecords themselves are read)."""
+    from pathlib import Path
+
+    root = Path(tmp_path) / "tfds"
+    data.load_split("test", data_dir=root, manual_dir=SHARED_MNIST)
+    (folder,) = (root / "mnist").iterdir()
+    for cache in folder.glob("arrays-*.npz"):
+        cache.unlink()
+    return root, folder
+
+
+def _flip_middle(path):
+    blob = bytearray(path.read_bytes())
+    middle = len(blob) // 2
+    blob[middle : middle + 4096] = bytes(b ^ 0xFF for b in blob[middle : middle + 4096])
+    path.write_bytes(bytes(blob))
+
+
+CORRUPTIONS = {
+    "flipped": lambda folder: _flip_middle(next(folder.glob("mnist-train.tfrecord*"))),
+    "truncated": lambda folder: (lambda p: p.write_bytes(p.read_bytes()[:100_000]))(
+        next(folder.glob("mnist-test.tfrecord*"))
+    ),
+    "missing": lambda folder: next(folder.glob("mnist-test.tfrecord*")).unlink(),
+    "metadata": lambda folder: (folder / "dataset_info.json").write_text('{"name": '),
+}
+
+
+@requires_mnist
+@pytest.mark.slow
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_unreadable_prepared_files_without_a_manual_dir_name_the_folder(tmp_path, corruption):
+    root, folder = _prepared_copy(tmp_path)
+    CORRUPTIONS[corruption](folder)
+    with pytest.raises(DataError, match="delete that folder to prepare them again") as raised:
+        for split in ("train", "test"):
+            data.load_split(split, data_dir=root)
+    message = str(raised.value)
+    assert str(root / "mnist") in message and "{{" not in message and "[Op:" not in message
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_a_run_on_corrupted_prepared_files_prepares_them_again(tmp_path):
+    import subprocess
+    import sys
+
+    root, folder = _prepared_copy(tmp_path)
+    _flip_middle(next(folder.glob("mnist-train.tfrecord*")))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--epochs",
+            "1",
+            *small_run_flags(2000),
+            "--tfds-data-dir",
+            str(root),
+            "--artifacts-dir",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "cannot be read (DataLossError: corrupted record at" in r.stderr
+    assert "preparing them again from" in r.stderr
+    assert "Downloading and preparing" not in r.stdout and "absl" not in r.stderr  # TFDS's noise
+    # Prepared again: the same 60,000 + 10,000 official examples, readable as TFRecords.
+    assert len(data.load_split("train", data_dir=root)) == 60_000
+
+    # Without a manual dir the same corruption is one line and the data exit code.
+    for cache in folder.glob("arrays-*.npz"):
+        cache.unlink()
+    _flip_middle(next(folder.glob("mnist-train.tfrecord*")))
+    flags = small_run_flags(2000)
+    del flags[flags.index("--tfds-manual-dir") : flags.index("--tfds-manual-dir") + 2]
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--epochs", "1", *flags]
+        + ["--tfds-data-dir", str(root), "--artifacts-dir", str(tmp_path / "artifacts2")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "MNIST_MANUAL_DIR"},
+    )
+    assert r.returncode == 4, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: data: the prepared TFDS files in {folder} cannot be read")
+    assert "Traceback" not in r.stderr

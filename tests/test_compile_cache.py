@@ -1,0 +1,114 @@
+"""XLA's compiled programs kept across runs: only verified entries reach TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from components import compile_cache
+from tests.helpers import ROOT
+
+# A fresh process per run (TensorFlow reads TF_XLA_FLAGS once per process): compile and fit a
+# small XLA model with the cache under argv[1], or (argv[2] == "raw") with TensorFlow pointed
+# straight at the store, as it would be without components/compile_cache.py.
+FIT = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    root, mode = Path(sys.argv[1]), sys.argv[2]
+    from components import compile_cache
+    if mode == "raw":
+        (store,) = [p for p in root.iterdir() if p.is_dir()]
+        os.environ["TF_XLA_FLAGS"] = f"{compile_cache.FLAG}={store}"
+    else:
+        store = compile_cache.enable(root)
+    import keras, numpy as np
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=True,
+                  steps_per_execution=2)
+    x, y = np.ones((8, 4), np.float32), np.zeros(8, np.int64)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    if mode != "raw":
+        print("promoted", len(compile_cache.promote(store)))
+    """
+)
+
+
+def _fit(root: Path, mode: str = "cached") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", FIT, str(root), mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 512):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_corrupted_entry_is_dropped_not_trusted(tmp_path):
+    first = _fit(tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "promoted 0" not in first.stdout, first.stdout  # the run's programs were kept
+    (store,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    entries = sorted(store.glob("*.pb"))
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert entries and sorted(manifest) == [p.name for p in entries]
+
+    # The same entries reused: nothing new to promote.
+    again = _fit(tmp_path)
+    assert again.returncode == 0 and "promoted 0" in again.stdout, again.stderr[-2000:]
+
+    for entry in entries:
+        _flip(entry)
+    # TensorFlow itself trusts the flipped entry and fails (what the module guards against) ...
+    raw = _fit(tmp_path, "raw")
+    assert raw.returncode != 0 and "InternalError" in raw.stderr, raw.stderr[-300:]
+    # ... through the cache the flipped entry is dropped, the run compiles and stores it again.
+    after = _fit(tmp_path)
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert f"promoted {len(entries)}" in after.stdout, after.stdout
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert all(compile_cache._sha256(p) == manifest[p.name] for p in store.glob("*.pb"))
+
+
+def test_only_entries_the_manifest_vouches_for_are_kept(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    good, flipped, unlisted = (store / f"{n}.pb" for n in ("good", "flipped", "unlisted"))
+    for path in (good, flipped, unlisted):
+        path.write_bytes(path.name.encode() * 100)
+    manifest = {p.name: compile_cache._sha256(p) for p in (good, flipped)}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    _flip(flipped)
+    (store / ".good.pb.tmp").write_bytes(b"half a copy")
+
+    assert compile_cache._verified_entries(store) == {"good.pb": manifest["good.pb"]}
+    assert sorted(p.name for p in store.iterdir()) == ["good.pb", "manifest.json"]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"a.pb": 3}'])
+def test_an_unreadable_manifest_trusts_nothing(tmp_path, text):
+    (tmp_path / "a.pb").write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(text)
+    assert compile_cache._verified_entries(tmp_path) == {}
+    assert not (tmp_path / "a.pb").exists()
+
+
+def test_an_unwritable_store_is_a_warning_not_a_failure(tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert compile_cache.enable(blocked) is None
+    assert "compile cache unavailable" in caplog.text
