@@ -17,16 +17,48 @@ def predict_probabilities(
     model: keras.Model, images: np.ndarray, batch_size: int = 2048
 ) -> np.ndarray:
     """Class probabilities for uint8 images [N, 28, 28], normalised by the shared preprocess."""
-    x = preprocess(images).numpy()
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+    return predict_with_loss(model, images, None, batch_size)[0]
 
 
-def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Loss, accuracy, per-class precision/recall/F1/support and the confusion matrix."""
+def predict_with_loss(
+    model: keras.Model, images: np.ndarray, labels: np.ndarray | None, batch_size: int = 2048
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and, given labels, each example's loss as Keras computes `val_loss`: from
+    the logits behind the softmax (Keras keeps them on the output), not from probabilities,
+    which would cap a confidently wrong example at -log(1e-7) = 16.1.
+
+    Eager batches rather than `model.predict`: no predict function to trace and compile.
+    """
+    probabilities, losses = [], []
+    for start in range(0, len(images), batch_size):
+        output = model(preprocess(images[start : start + batch_size]), training=False)
+        probabilities.append(np.asarray(output, dtype=np.float32))
+        if labels is not None:
+            loss = keras.losses.sparse_categorical_crossentropy(
+                np.asarray(labels[start : start + batch_size], np.int64), output
+            )
+            losses.append(np.asarray(loss, dtype=np.float64))
+    empty = np.zeros((0, NUM_CLASSES), np.float32)
+    return (
+        np.concatenate(probabilities) if probabilities else empty,
+        (np.concatenate(losses) if losses else np.zeros(0)) if labels is not None else None,
+    )
+
+
+def compute_metrics(
+    probabilities: np.ndarray, labels: np.ndarray, losses: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision/recall/F1/support and the confusion matrix.
+
+    `losses`: per-example losses from `predict_with_loss` (Keras's definition, as `val_loss`);
+    without them the loss is computed from the probabilities, clipped at 1e-7 as Keras clips
+    probabilities (the same for any example the model does not get confidently wrong).
+    """
     labels = np.asarray(labels, dtype=np.int64)
     predicted = probabilities.argmax(axis=1)
-    # Same clipping as Keras's sparse categorical cross-entropy on probabilities.
-    p_true = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    if losses is None:
+        p_true = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+        losses = -np.log(p_true)
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     true_pos = np.diag(confusion).astype(np.float64)
@@ -46,7 +78,7 @@ def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, 
         for c in range(NUM_CLASSES)
     }
     return {
-        "test_loss": float(-np.log(p_true).mean()),
+        "test_loss": float(np.mean(losses)) if len(labels) else float("nan"),
         "test_accuracy": float((predicted == labels).mean()),
         "test_examples": int(len(labels)),
         "macro_f1": float(f1.mean()),

@@ -136,3 +136,22 @@ def test_mixed_precision_computes_in_float16_with_a_float32_softmax():
         assert out.dtype == "float32"
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def test_test_loss_is_kerass_loss_even_for_a_confidently_wrong_model():
+    """val_loss comes from the logits behind the softmax; a loss from clipped probabilities
+    would cap each confidently wrong example at 16.1 and disagree with it."""
+    from components import evaluator
+
+    model = build_model(jit_compile=False)
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        weight.assign(rng.normal(0, 3.0, weight.shape).astype(np.float32))
+    images = rng.integers(0, 256, (500, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 500)
+    keras_loss = model.evaluate(images / 255.0, labels, batch_size=64, verbose=0)[0]
+    probabilities, losses = evaluator.predict_with_loss(model, images, labels, batch_size=128)
+    assert keras_loss > 100  # extreme: far beyond what clipped probabilities can express
+    metrics = evaluator.compute_metrics(probabilities, labels, losses)
+    assert metrics["test_loss"] == pytest.approx(keras_loss, rel=1e-4)
+    assert evaluator.compute_metrics(probabilities, labels)["test_loss"] < 16.2
