@@ -292,11 +292,28 @@ def gate(
             f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}; first version, no baseline",
             **common,
         )
+    return _versus_baseline(
+        candidate_correct, baseline_correct, baseline_version, max_regression, min_accuracy, common
+    )
+
+
+def _versus_baseline(
+    candidate_correct: np.ndarray,
+    baseline_correct: np.ndarray,
+    baseline_version: int | None,
+    max_regression: float,
+    min_accuracy: float,
+    common: dict[str, Any],
+) -> GateDecision:
+    """The regression check: refused only when the candidate is more than `max_regression`
+    below the baseline on the same examples *and* McNemar's test says that is not noise."""
+    n, accuracy = int(len(candidate_correct)), float(np.mean(candidate_correct))
     base_acc = float(np.mean(baseline_correct))
     worse = int(np.sum(~candidate_correct & baseline_correct))
     better = int(np.sum(candidate_correct & ~baseline_correct))
     p = mcnemar_p(worse, better)
-    common.update(
+    common = dict(
+        common,
         baseline_version=baseline_version,
         baseline_accuracy=base_acc,
         candidate_only_wrong=worse,

@@ -134,25 +134,18 @@ def image_format_and_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Ten
         lambda: tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64),
         lambda: tf.zeros([2], tf.int64),
     )
-    heights = tf.stack(
+    # (height, width) by format: none, PNG (IHDR, big-endian 32-bit), JPEG (SOF), GIF
+    # (little-endian 16-bit), BMP (a negative height means top-down rows)
+    sizes = tf.stack(
         [
-            tf.constant(0, tf.int64),
-            _bytes_at(head, 20, 4, True),
-            jpeg_hw[0],
-            _bytes_at(head, 8, 2, False),
-            tf.abs(bmp_h),
+            tf.zeros([2], tf.int64),
+            tf.stack([_bytes_at(head, 20, 4, True), _bytes_at(head, 16, 4, True)]),
+            jpeg_hw,
+            tf.stack([_bytes_at(head, 8, 2, False), _bytes_at(head, 6, 2, False)]),
+            tf.abs(tf.stack([bmp_h, bmp_w])),
         ]
     )
-    widths = tf.stack(
-        [
-            tf.constant(0, tf.int64),
-            _bytes_at(head, 16, 4, True),
-            jpeg_hw[1],
-            _bytes_at(head, 6, 2, False),
-            tf.abs(bmp_w),
-        ]
-    )
-    return fmt, heights[fmt], widths[fmt]
+    return fmt, sizes[fmt][0], sizes[fmt][1]
 
 
 def _signed32(v: tf.Tensor) -> tf.Tensor:
@@ -160,8 +153,35 @@ def _signed32(v: tf.Tensor) -> tf.Tensor:
 
 
 def _decode_gray(data: tf.Tensor) -> tf.Tensor:
+    """Encoded image -> float32 [H, W] gray in 0..1 over white (or black, see below), its
+    longer side at most ANALYSIS_SIDE; refuses what is not an image or is too large first."""
     fmt, height, width = image_format_and_size(data)
-    checks = [
+    with tf.control_dependencies(_header_checks(data, fmt, height, width)):
+        data = tf.identity(data)  # nothing is decoded before the checks pass
+    longest = tf.maximum(height, width)
+    # libjpeg's DCT scaling: a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size, keeping
+    # at least twice ANALYSIS_SIDE, which is far cheaper than decoding it whole.
+    ratio_index = tf.add_n([tf.cast(longest >= f * ANALYSIS_SIDE, tf.int32) for f in (4, 8, 16)])
+
+    def jpeg(ratio: int):
+        return lambda: _opaque(tf.io.decode_jpeg(data, channels=3, ratio=ratio))
+
+    branches = [
+        lambda: _with_alpha(tf.io.decode_png(data, channels=4)),
+        lambda: tf.switch_case(ratio_index, [jpeg(1), jpeg(2), jpeg(4), jpeg(8)]),
+        lambda: _opaque(tf.io.decode_image(data, channels=3, expand_animations=False)),
+        lambda: _with_alpha(tf.io.decode_bmp(data, channels=4)),
+    ]
+    gray, alpha = tf.switch_case(tf.maximum(fmt - 1, 0), branches)
+    # Over white, unless what is opaque is light (a light digit on transparent): over black.
+    backdrop = tf.where(tf.reduce_sum(gray) > 0.5 * tf.reduce_sum(alpha), 0.0, 1.0)
+    return gray + backdrop * (1.0 - alpha)
+
+
+def _header_checks(
+    data: tf.Tensor, fmt: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+) -> list[tf.Operation]:
+    return [
         tf.debugging.Assert(
             fmt > 0,
             [
@@ -178,56 +198,42 @@ def _decode_gray(data: tf.Tensor) -> tf.Tensor:
             [f"image too large: more than {MAX_PIXELS} pixels; header says", width, "x", height],
         ),
     ]
-    with tf.control_dependencies(checks):  # nothing is decoded before the checks pass
-        data = tf.identity(data)
-    longest = tf.maximum(height, width)
-    # libjpeg's DCT scaling: a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size, keeping
-    # at least twice ANALYSIS_SIDE, which is far cheaper than decoding it whole.
-    ratio_index = tf.add_n([tf.cast(longest >= f * ANALYSIS_SIDE, tf.int32) for f in (4, 8, 16)])
 
-    luma = tf.constant([0.299, 0.587, 0.114])
 
-    def checked(image: tf.Tensor) -> tf.Tensor:  # what was decoded (a GIF's frames may differ)
-        shape = tf.shape(image, out_type=tf.int64)
-        with tf.control_dependencies(
-            [
-                tf.debugging.Assert(
-                    shape[0] * shape[1] <= MAX_PIXELS,
-                    [f"image too large: more than {MAX_PIXELS} pixels decoded:", shape],
-                )
-            ]
-        ):
-            return tf.identity(image)
+LUMA = (0.299, 0.587, 0.114)
 
-    def opaque(rgb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        gray = tf.tensordot(_resize_within(checked(rgb), ANALYSIS_SIDE) / 255.0, luma, 1)
-        return gray, tf.ones_like(gray)
 
-    def with_alpha(rgba: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        def transparent():  # premultiplied: downscaling then mixes colours as compositing does
-            x = tf.cast(rgba, tf.float32) / 255.0
-            alpha = x[..., 3:]
-            small = _resize_within(tf.concat([x[..., :3] * alpha, alpha], -1), ANALYSIS_SIDE)
-            return tf.tensordot(small[..., :3], luma, 1), small[..., 3]
+def _checked(image: tf.Tensor) -> tf.Tensor:
+    """What was decoded is within MAX_PIXELS too (a GIF's frames may differ from its header)."""
+    shape = tf.shape(image, out_type=tf.int64)
+    with tf.control_dependencies(
+        [
+            tf.debugging.Assert(
+                shape[0] * shape[1] <= MAX_PIXELS,
+                [f"image too large: more than {MAX_PIXELS} pixels decoded:", shape],
+            )
+        ]
+    ):
+        return tf.identity(image)
 
-        rgba = checked(rgba)
-        return tf.cond(
-            tf.reduce_min(rgba[..., 3]) < 255, transparent, lambda: opaque(rgba[..., :3])
-        )
 
-    def jpeg(ratio: int):
-        return lambda: opaque(tf.io.decode_jpeg(data, channels=3, ratio=ratio))
+def _opaque(rgb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """uint8 RGB -> (gray, alpha 1) at ANALYSIS_SIDE."""
+    gray = tf.tensordot(_resize_within(_checked(rgb), ANALYSIS_SIDE) / 255.0, tf.constant(LUMA), 1)
+    return gray, tf.ones_like(gray)
 
-    branches = [
-        lambda: with_alpha(tf.io.decode_png(data, channels=4)),
-        lambda: tf.switch_case(ratio_index, [jpeg(1), jpeg(2), jpeg(4), jpeg(8)]),
-        lambda: opaque(tf.io.decode_image(data, channels=3, expand_animations=False)),
-        lambda: with_alpha(tf.io.decode_bmp(data, channels=4)),
-    ]
-    gray, alpha = tf.switch_case(tf.maximum(fmt - 1, 0), branches)
-    # Over white, unless what is opaque is light (a light digit on transparent): over black.
-    backdrop = tf.where(tf.reduce_sum(gray) > 0.5 * tf.reduce_sum(alpha), 0.0, 1.0)
-    return gray + backdrop * (1.0 - alpha)
+
+def _with_alpha(rgba: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """uint8 RGBA -> (gray, alpha) at ANALYSIS_SIDE; fully opaque images as _opaque."""
+
+    def transparent():  # premultiplied: downscaling then mixes colours as compositing does
+        x = tf.cast(rgba, tf.float32) / 255.0
+        alpha = x[..., 3:]
+        small = _resize_within(tf.concat([x[..., :3] * alpha, alpha], -1), ANALYSIS_SIDE)
+        return tf.tensordot(small[..., :3], tf.constant(LUMA), 1), small[..., 3]
+
+    rgba = _checked(rgba)
+    return tf.cond(tf.reduce_min(rgba[..., 3]) < 255, transparent, lambda: _opaque(rgba[..., :3]))
 
 
 def _resize_within(image: tf.Tensor, side: int) -> tf.Tensor:
