@@ -368,26 +368,40 @@ def train(
         *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq, profile),
         *(extra_callbacks or []),
     ]
-    if verbose is None:
-        interactive = sys.stdout.isatty()
-        if not interactive:
-            callbacks.append(EpochLine(epochs))
-        verbose = 1 if interactive else 0
+    verbose = _console(callbacks, epochs, verbose)
     store = compile_cache_enable(compile_cache) if compile_cache is not None else None
     start = time.perf_counter()
     history = _fit(model, train_ds, validation_ds, epochs, callbacks, verbose)
     fit_seconds = time.perf_counter() - start
     compile_cache_promote(store)
-    earlier = backed_up_history(backup_dir, start_epoch) if backup_dir and start_epoch else {}
-    ran = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     return TrainResult(
         model=model,
-        history={k: earlier.get(k, []) + ran.get(k, []) for k in {*earlier, *ran}},
+        history=_whole_history(history, backup_dir, start_epoch),
         epoch_seconds=timer.seconds,
         fit_seconds=fit_seconds,
         initial_epoch=start_epoch,
         phases=timer.summary(),
     )
+
+
+def _whole_history(
+    history: keras.callbacks.History, backup_dir: Path | None, start_epoch: int
+) -> dict[str, list[float]]:
+    """This fit's history after the epochs a resumed run had trained before (in its backup)."""
+    earlier = backed_up_history(backup_dir, start_epoch) if backup_dir and start_epoch else {}
+    ran = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    return {k: earlier.get(k, []) + ran.get(k, []) for k in {*earlier, *ran}}
+
+
+def _console(callbacks: list[keras.callbacks.Callback], epochs: int, verbose: int | None) -> int:
+    """Keras's `verbose` for fit: its progress bar on a terminal; elsewhere (a log, CI) one
+    line per epoch from EpochLine, appended to `callbacks`."""
+    if verbose is not None:
+        return verbose
+    if sys.stdout.isatty():
+        return 1
+    callbacks.append(EpochLine(epochs))
+    return 0
 
 
 def _fit(
