@@ -263,6 +263,26 @@ def main(argv: list[str] | None = None) -> int:
         env, manual_dir, shlex.split(args.ours_args), args.pairs
     )
     extra = ["--validation-fraction", "0", *shlex.split(args.ours_args)]
+    result = _result(extra, args.pairs, seed_runs, our_runs, default_run, pipeline_rate, serving)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    print(f"\nwritten {path}")
+    return 0
+
+
+def _result(
+    extra: list[str],
+    pairs: int,
+    seed_runs: list[dict[str, Any]],
+    our_runs: list[dict[str, Any]],
+    default_run: dict[str, Any],
+    pipeline_rate: float,
+    serving: dict[str, Any],
+) -> dict[str, Any]:
+    """What the bench writes: medians of the pairs, speed-ups, rates, the serving figures and
+    every run."""
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in runs)
@@ -272,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         s["process_seconds"] / o["process_seconds"] for s, o in zip(seed_runs, our_runs)
     ]
     train_rate = IMAGES_PER_RUN / med(our_runs, "train_seconds")
-    result = {
+    return {
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "device": "cpu",
         "ours_args": extra,
-        "pairs": args.pairs,
+        "pairs": pairs,
         "seed_train_seconds_median": med(seed_runs, "train_seconds"),
         "ours_train_seconds_median": med(our_runs, "train_seconds"),
         "seed_process_seconds_median": med(seed_runs, "process_seconds"),
@@ -301,19 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         "phases_seed_median": _median_phases(seed_runs),
         "phases_ours_median": _median_phases(our_runs),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    print(f"\nwritten {path}")
-    return 0
 
 
 def _median_phases(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {k: statistics.median(r["phases"][k] for r in runs) for k in runs[0]["phases"]}
 
 
-def format_table(r: dict[str, Any]) -> str:
+def _comparison_table(r: dict[str, Any]) -> list[str]:
+    """The seed script against ours at equal data, and ours at the defaults, as table lines."""
     d = r["ours_default"]
     rows = [
         ("", "seed script", "ours, all 60,000 (--validation-fraction 0)", "seed/ours"),
@@ -351,6 +366,11 @@ def format_table(r: dict[str, Any]) -> str:
     ]
     lines = [f"| {' | '.join(row)} |" for row in rows]
     lines.insert(1, "| --- | --- | --- | --- |")
+    return lines
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = _comparison_table(r)
     per_pair = ", ".join(f"{x:.2f}x" for x in r["train_speedup_per_pair"])
     lines += [
         "",

@@ -86,19 +86,33 @@ def render(
 ) -> tuple[bytes, str]:
     """One MNIST digit (uint8 [28, 28], white on black) as an encoded photo of handwriting;
     `digit` None gives a blank page under the same conditions (which must be refused)."""
-    from PIL import Image, ImageFilter
-
-    notes = []
-    if size is None:
-        long_side = int(rng.integers(120, 1001))
-        aspect = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9]))
-        short_side = max(96, int(round(long_side / aspect)))
-        width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
-    else:
-        width, height = size
+    # Each step appends what it did to `notes` and draws from `rng` in a fixed order: the same
+    # generator gives the same bytes.
+    notes: list[str] = []
+    width, height = _canvas_size(rng, size)
     notes.append(f"{width}x{height}")
+    paper, page = _paper(rng, width, height)
+    page = _ruled(rng, page, notes)
+    alpha = _place(_pen_trace(digit, rng, notes), rng, width, height, notes)
+    ink = _ink(rng, paper, notes)
+    opacity = rng.uniform(0.85, 1.0)
+    a = (opacity * alpha)[..., None]
+    image = _light(rng, page * (1 - a) + ink * a, notes)
+    return _encode(rng, _camera(rng, image, notes), notes), ", ".join(notes)
 
-    # The page: off-white, a little tinted, with paper texture.
+
+def _canvas_size(rng: np.random.Generator, size: tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height): `size`, or a random photo shape, landscape or portrait."""
+    if size is not None:
+        return size
+    long_side = int(rng.integers(120, 1001))
+    aspect = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9]))
+    short_side = max(96, int(round(long_side / aspect)))
+    return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+
+
+def _paper(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The page: off-white, a little tinted, with paper texture; (its colour, the page)."""
     paper = np.array([rng.uniform(222, 250), 0, 0])
     paper[1] = paper[0] - rng.uniform(0, 10)
     paper[2] = paper[0] - rng.uniform(0, 28)
@@ -115,28 +129,39 @@ def render(
             rng, (height, width), cells=max(8, width // 6), amplitude=rng.uniform(0.005, 0.025)
         )
     )[..., None]
+    return paper, page
 
-    # Ruled lines (light blue or grey, thinner and fainter than ink), maybe a red margin.
-    if rng.random() < 0.35:
-        spacing = rng.uniform(0.07, 0.14) * height
-        thickness = max(1, int(round(height * rng.uniform(0.002, 0.005))))
-        color = np.array([150, 180, 225]) if rng.random() < 0.7 else np.array([165, 165, 165])
-        tilt = rng.uniform(-3, 3)
-        strength = rng.uniform(0.4, 0.8)
-        lines = _ruled_lines((height, width), spacing, thickness, tilt, rng.uniform(0, spacing))
-        page = page * (1 - strength * lines[..., None]) + color * strength * lines[..., None]
-        notes.append(f"ruled(every {spacing:.0f}px, {thickness}px, tilt {tilt:+.1f})")
-        if rng.random() < 0.25:
-            margin = np.zeros((height, width))
-            x = int(rng.uniform(0.03, 0.12) * width)
-            margin[:, x : x + thickness] = 1
-            page = (
-                page * (1 - 0.6 * margin[..., None])
-                + np.array([220, 110, 110]) * 0.6 * margin[..., None]
-            )
-            notes.append("margin line")
 
-    # The digit: MNIST's strokes upscaled into a pen trace, thicker or thinner, rotated.
+def _ruled(rng: np.random.Generator, page: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Ruled lines (light blue or grey, thinner and fainter than ink), maybe a red margin."""
+    if rng.random() >= 0.35:
+        return page
+    height, width = page.shape[:2]
+    spacing = rng.uniform(0.07, 0.14) * height
+    thickness = max(1, int(round(height * rng.uniform(0.002, 0.005))))
+    color = np.array([150, 180, 225]) if rng.random() < 0.7 else np.array([165, 165, 165])
+    tilt = rng.uniform(-3, 3)
+    strength = rng.uniform(0.4, 0.8)
+    lines = _ruled_lines((height, width), spacing, thickness, tilt, rng.uniform(0, spacing))
+    page = page * (1 - strength * lines[..., None]) + color * strength * lines[..., None]
+    notes.append(f"ruled(every {spacing:.0f}px, {thickness}px, tilt {tilt:+.1f})")
+    if rng.random() < 0.25:
+        margin = np.zeros((height, width))
+        x = int(rng.uniform(0.03, 0.12) * width)
+        margin[:, x : x + thickness] = 1
+        page = (
+            page * (1 - 0.6 * margin[..., None])
+            + np.array([220, 110, 110]) * 0.6 * margin[..., None]
+        )
+        notes.append("margin line")
+    return page
+
+
+def _pen_trace(digit: np.ndarray | None, rng: np.random.Generator, notes: list[str]) -> Any:
+    """The digit: MNIST's strokes upscaled into a pen trace, thicker or thinner, rotated and
+    cropped to its ink (a PIL image, 0..255 ink)."""
+    from PIL import Image, ImageFilter
+
     if digit is None:
         digit = np.zeros((28, 28), np.uint8)
         digit[14, 14] = 1  # a trace too faint to draw: the same random draws, no ink
@@ -163,7 +188,16 @@ def render(
     trace = trace.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     notes.append(f"rotated {angle:+.1f}")
     bbox = trace.getbbox() or (0, 0, trace.width, trace.height)
-    trace = trace.crop(bbox)
+    return trace.crop(bbox)
+
+
+def _place(
+    trace: Any, rng: np.random.Generator, width: int, height: int, notes: list[str]
+) -> np.ndarray:
+    """The trace at a random size and place on the page (sometimes touching a border), as
+    ink coverage [height, width] in 0..1."""
+    from PIL import Image
+
     digit_height = rng.uniform(0.25, 0.85) * min(width, height)
     scale = min(
         digit_height / trace.height, 0.95 * width / trace.width, 0.95 * height / trace.height
@@ -180,7 +214,11 @@ def render(
         x0, y0 = int(rng.integers(0, width - dw + 1)), int(rng.integers(0, height - dh + 1))
     full_alpha = np.zeros((height, width))
     full_alpha[y0 : y0 + dh, x0 : x0 + dw] = alpha
+    return full_alpha
 
+
+def _ink(rng: np.random.Generator, paper: np.ndarray, notes: list[str]) -> np.ndarray:
+    """The ink's colour: black, blue or pencil, sometimes faint against the paper."""
     kind = rng.choice(["black", "blue", "pencil"], p=[0.5, 0.3, 0.2])
     if kind == "black":
         ink = np.full(3, rng.uniform(15, 60))
@@ -193,11 +231,12 @@ def render(
         c = rng.uniform(0.35, 0.6)
         ink = paper * (1 - c) + ink * c
         notes.append(f"low contrast ({c:.2f})")
-    opacity = rng.uniform(0.85, 1.0)
-    a = (opacity * full_alpha)[..., None]
-    image = page * (1 - a) + ink * a
+    return ink
 
-    # Lighting: a gradient, a vignette, sometimes a shadow with a soft edge; a colour cast.
+
+def _light(rng: np.random.Generator, image: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Lighting: a gradient, a vignette, sometimes a shadow with a soft edge; a colour cast."""
+    height, width = image.shape[:2]
     yy, xx = np.mgrid[0:height, 0:width]
     u, v = xx / max(width - 1, 1) - 0.5, yy / max(height - 1, 1) - 0.5
     direction = rng.uniform(0, 2 * np.pi)
@@ -217,9 +256,14 @@ def render(
         light *= 1 - depth / (1 + np.exp(-d / softness))
         notes.append(f"shadow {depth:.2f}")
     cast = np.array([1.0, rng.uniform(0.95, 1.0), rng.uniform(0.85, 1.0)])
-    image = image * light[..., None] * cast
+    return image * light[..., None] * cast
 
-    # Optics and sensor: blur, noise.
+
+def _camera(rng: np.random.Generator, image: np.ndarray, notes: list[str]) -> Any:
+    """Optics and sensor: blur, noise; the photo as a PIL image."""
+    from PIL import Image, ImageFilter
+
+    height, width = image.shape[:2]
     img = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     blur = rng.uniform(0, 1.5) * max(width, height) / 500
     if blur > 0.3:
@@ -233,7 +277,11 @@ def render(
     )
     img = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
     notes.append(f"blur {blur:.1f}px, noise {noise:.1f}")
+    return img
 
+
+def _encode(rng: np.random.Generator, img: Any, notes: list[str]) -> bytes:
+    """The photo as a JPEG (some quality) or a PNG (sometimes grayscale)."""
     buf = io.BytesIO()
     if rng.random() < 0.7:
         quality = int(rng.integers(35, 96))
@@ -245,7 +293,7 @@ def render(
             notes.append("grayscale")
         img.save(buf, format="PNG")
         notes.append("PNG")
-    return buf.getvalue(), ", ".join(notes)
+    return buf.getvalue()
 
 
 def _smooth_noise(
@@ -419,6 +467,32 @@ def _test_indices(photos: list[Photo]) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from components import console
+
+    console.setup(verbose=False)  # refused photos are expected here: no native log lines
+
+    import tensorflow as tf
+
+    digits, labels = load_test_digits(args.manual_dir)
+    model = tf.saved_model.load(str(args.model_dir))
+    if "predict_image" not in model.signatures:
+        print(
+            f"error: {args.model_dir} has no predict_image signature (export it again)",
+            file=sys.stderr,
+        )
+        return 2
+    photos, result = _measure(model, digits, labels, args)
+    _print_result(result, args.n, args.seed)
+    if args.save_failures:
+        _save_failures(args.save_failures, photos, result["failures"])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `main`."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.photos", description=__doc__.split("\n\n")[0]
     )
@@ -443,21 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         help="write each misread photo and the 28x28 the model saw here",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    from components import console
+    return parser
 
-    console.setup(verbose=False)  # refused photos are expected here: no native log lines
 
-    import tensorflow as tf
-
-    digits, labels = load_test_digits(args.manual_dir)
-    model = tf.saved_model.load(str(args.model_dir))
-    if "predict_image" not in model.signatures:
-        print(
-            f"error: {args.model_dir} has no predict_image signature (export it again)",
-            file=sys.stderr,
-        )
-        return 2
+def _measure(
+    model: Any, digits: np.ndarray, labels: np.ndarray, args: argparse.Namespace
+) -> tuple[list[Photo], dict[str, Any]]:
+    """The photos, and every figure `main` prints about the model on them."""
     signature = model.signatures["predict_image"]
     start = time.perf_counter()
     photos = generate(args.n, args.seed, digits=digits, labels=labels)
@@ -478,10 +544,14 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(args.model_dir),
         "generate_seconds": generated_s,
     }
+    return photos, result
 
+
+def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
+    """What a person reads: the figures of `_measure`, then each misread photo."""
     print(
         f"photos: {result['correct']}/{result['photos']} right through predict_image = "
-        f"{result['accuracy']:.1%}  (n={args.n}, seed={args.seed}; {result['refused']} "
+        f"{result['accuracy']:.1%}  (n={n}, seed={seed}; {result['refused']} "
         f"refused as no digit; {result['predict_seconds']:.1f} s)"
     )
     if result["mistakes_flagged"] is not None:
@@ -490,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             f"included), {result['correct_flagged']:.1%} of the right ones"
         )
     print(
-        f"the same {args.n} digits as clean 28x28 arrays through serving_default: "
+        f"the same {n} digits as clean 28x28 arrays through serving_default: "
         f"{result['same_digits_clean_accuracy']:.1%} (the model's own ceiling here)"
     )
     for condition, v in result["by_condition"].items():
@@ -513,11 +583,6 @@ def main(argv: list[str] | None = None) -> int:
     for f in result["failures"]:
         what = "refused" if "refused" in f else f"read {f['predicted']}"
         print(f"  miss #{f['index']}: true {f['label']} {what}: {f['description']}")
-    if args.save_failures:
-        _save_failures(args.save_failures, photos, result["failures"])
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 def _save_failures(folder: Path, photos: list[Photo], failures: list[dict[str, Any]]) -> None:

@@ -177,7 +177,6 @@ def validate_with_model_server(
     AVAILABLE, send a REST and a gRPC request, compare with the graph loader's answers, stop."""
     import shutil
     import tempfile
-    import urllib.request
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="infra-") as tmp:
@@ -208,15 +207,7 @@ def validate_with_model_server(
         try:
             _wait_until_available(binary, server, rest, server_log)
             sample, want = images[:8], expected[:8]
-            body = json.dumps(
-                {"signature_name": "serving_default", "instances": sample.tolist()}
-            ).encode()
-            with urllib.request.urlopen(
-                urllib.request.Request(f"{rest}:predict", data=body, method="POST"), timeout=30
-            ) as r:
-                rest_probs = np.array(
-                    [p["probabilities"] for p in json.loads(r.read())["predictions"]], np.float32
-                )
+            rest_probs = _rest_predict(rest, sample)
             grpc_probs = _grpc_predict(grpc_port, sample)
             for name, got in (("REST", rest_probs), ("gRPC", grpc_probs)):
                 if got.shape != want.shape or float(np.abs(got - want).max()) > 1e-5:
@@ -273,6 +264,19 @@ def _wait_until_available(
                 f"{MODEL_SERVER_TIMEOUT_S:g} s: {server_log()}"
             )
         time.sleep(0.5)
+
+
+def _rest_predict(model_url: str, images: np.ndarray) -> np.ndarray:
+    """The server's probabilities for `images`, over REST."""
+    import urllib.request
+
+    body = json.dumps({"signature_name": "serving_default", "instances": images.tolist()}).encode()
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{model_url}:predict", data=body, method="POST"), timeout=30
+    ) as r:
+        return np.array(
+            [p["probabilities"] for p in json.loads(r.read())["predictions"]], np.float32
+        )
 
 
 def _grpc_predict(port: int, images: np.ndarray) -> np.ndarray:

@@ -28,27 +28,23 @@ SCHEMA = (
 def code_version(root: Path) -> dict[str, Any]:
     """The git commit of the code that trained the model, and whether the tree was dirty."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.strip()
-        )
+        commit = _git(root, "rev-parse", "HEAD")
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None, "note": "not a git checkout"}
+
+
+def _git(root: Path, *args: str) -> str:
+    """What a git command prints in `root`, stripped; raises when git fails or is missing."""
+    return subprocess.run(
+        ["git", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.strip()
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -105,25 +101,12 @@ def build(
     code: dict[str, Any],
     signatures: list[str],
 ) -> dict[str, Any]:
-    n = int(len(labels))
-    correct = int((probabilities.argmax(1) == labels).sum())
-    low, high = wilson_interval(correct, n)
     per_class = metrics["per_class"]
     weakest = sorted(per_class, key=lambda c: per_class[c]["f1"])[:3]
     gate = metrics.get("gate", {})
     return {
         "schema": SCHEMA,
-        "model_details": {
-            "name": "mnist",
-            "version": version,
-            "run_id": run_id,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "overview": "Handwritten-digit classifier: Flatten (28x28 -> 784) -> Dense("
-            f"{config['hidden_units']}, ReLU)"
-            + (f" -> Dropout({config['dropout']})" if config["dropout"] else "")
-            + " -> Dense(10, softmax); Adam, sparse categorical cross-entropy.",
-            "parameters": parameters,
-        },
+        "model_details": _model_details(version, run_id, config, parameters),
         "intended_use": {
             **INTENDED_USE,
             "input_contract": {**INPUT_CONTRACT, "signatures": signatures},
@@ -133,17 +116,7 @@ def build(
             "config": config,
             "effective_settings": effective,
         },
-        "quantitative_analysis": {
-            "test_examples": n,
-            "accuracy": metrics["test_accuracy"],
-            "accuracy_95ci": [round(low, 5), round(high, 5)],
-            "loss": metrics["test_loss"],
-            "per_class": per_class,
-            "weakest_classes": [{"class": int(c), **per_class[c]} for c in weakest],
-            "expected_calibration_error": round(
-                expected_calibration_error(probabilities, labels), 5
-            ),
-        },
+        "quantitative_analysis": _quantitative_analysis(metrics, probabilities, labels, weakest),
         "considerations": {
             "limitations": [
                 "trained on MNIST only: centred, size-normalised digits by American writers; "
@@ -160,6 +133,43 @@ def build(
             "gate": gate,
             "infra_validation": metrics.get("infra_validation"),
         },
+    }
+
+
+def _model_details(
+    version: int, run_id: str, config: dict[str, Any], parameters: int
+) -> dict[str, Any]:
+    """Which model this is, and its architecture in a sentence."""
+    return {
+        "name": "mnist",
+        "version": version,
+        "run_id": run_id,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "overview": "Handwritten-digit classifier: Flatten (28x28 -> 784) -> Dense("
+        f"{config['hidden_units']}, ReLU)"
+        + (f" -> Dropout({config['dropout']})" if config["dropout"] else "")
+        + " -> Dense(10, softmax); Adam, sparse categorical cross-entropy.",
+        "parameters": parameters,
+    }
+
+
+def _quantitative_analysis(
+    metrics: dict[str, Any], probabilities: np.ndarray, labels: np.ndarray, weakest: list[str]
+) -> dict[str, Any]:
+    """How good the model is on the test split: accuracy with its 95% interval, per class,
+    and calibration."""
+    n = int(len(labels))
+    correct = int((probabilities.argmax(1) == labels).sum())
+    low, high = wilson_interval(correct, n)
+    per_class = metrics["per_class"]
+    return {
+        "test_examples": n,
+        "accuracy": metrics["test_accuracy"],
+        "accuracy_95ci": [round(low, 5), round(high, 5)],
+        "loss": metrics["test_loss"],
+        "per_class": per_class,
+        "weakest_classes": [{"class": int(c), **per_class[c]} for c in weakest],
+        "expected_calibration_error": round(expected_calibration_error(probabilities, labels), 5),
     }
 
 

@@ -275,22 +275,8 @@ def render_html(
     import json
 
     e = html.escape
-    acc = metrics["test_accuracy"]
-    errors = int(round((1 - acc) * metrics["test_examples"]))
     per_class = sorted(metrics["per_class"].items(), key=lambda kv: int(kv[0]))
-    worst = min(per_class, key=lambda kv: kv[1]["f1"])
-    confusion = np.asarray(metrics["confusion_matrix"])
-    off = confusion - np.diag(np.diag(confusion))
-    r, c = np.unravel_index(off.argmax(), off.shape)
-    blessed = metrics.get("blessed")
-    gate = metrics.get("gate", {}).get("reason", "")
-    status = (
-        "published as version " + str(metrics.get("published_version"))
-        if blessed
-        else "NOT published"
-        if blessed is False
-        else "not gated"
-    )
+    headline = _headline_html(metrics, per_class)
     rows = "".join(
         f"<tr><td>{k}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td>"
         f"<td>{m['f1']:.4f}</td><td>{m['support']}</td></tr>"
@@ -306,18 +292,7 @@ def render_html(
 <title>MNIST run {e(str(metrics.get("run_id", "")))}</title>
 {STYLE}</head><body>
 <h1>MNIST run <code>{e(str(metrics.get("run_id", "")))}</code></h1>
-<div class="headline">
- <div class="card"><div>test accuracy</div><div class="big" id="test-accuracy">{acc:.4f}</div>
-  <div>{errors} errors in {metrics["test_examples"]} test images</div></div>
- <div class="card"><div>test loss</div><div class="big">{metrics["test_loss"]:.4f}</div>
-  <div>macro F1 {metrics.get("macro_f1", float("nan")):.4f}</div></div>
- <div class="card"><div>gate</div><div class="big {"ok" if blessed else "bad"}">{e(status)}</div>
-  <div>{e(gate)}</div></div>
- <div class="card"><div>where it fails</div>
-  <div>weakest class: <b>{worst[0]}</b> (F1 {worst[1]["f1"]:.4f})</div>
-  <div>most common confusion: true <b>{r}</b> predicted as <b>{c}</b> ({off[r, c]} times)</div>
-  <div>device: {e(str(metrics.get("device", "?")))}</div></div>
-</div>
+{headline}
 {provenance}
 {img("training_curves.png")}
 <h2>Per class</h2>
@@ -333,6 +308,40 @@ def render_html(
 <pre id="config">{e(json.dumps(config or {}, indent=2, sort_keys=True))}</pre>
 </body></html>
 """
+
+
+def _headline_html(metrics: dict[str, Any], per_class: list[tuple[str, Any]]) -> str:
+    """The cards at the top: accuracy, loss, the gate's decision, and where the model fails."""
+    import html
+
+    e = html.escape
+    acc = metrics["test_accuracy"]
+    errors = int(round((1 - acc) * metrics["test_examples"]))
+    worst = min(per_class, key=lambda kv: kv[1]["f1"])
+    confusion = np.asarray(metrics["confusion_matrix"])
+    off = confusion - np.diag(np.diag(confusion))
+    r, c = np.unravel_index(off.argmax(), off.shape)
+    blessed = metrics.get("blessed")
+    gate = metrics.get("gate", {}).get("reason", "")
+    status = (
+        "published as version " + str(metrics.get("published_version"))
+        if blessed
+        else "NOT published"
+        if blessed is False
+        else "not gated"
+    )
+    return f"""<div class="headline">
+ <div class="card"><div>test accuracy</div><div class="big" id="test-accuracy">{acc:.4f}</div>
+  <div>{errors} errors in {metrics["test_examples"]} test images</div></div>
+ <div class="card"><div>test loss</div><div class="big">{metrics["test_loss"]:.4f}</div>
+  <div>macro F1 {metrics.get("macro_f1", float("nan")):.4f}</div></div>
+ <div class="card"><div>gate</div><div class="big {"ok" if blessed else "bad"}">{e(status)}</div>
+  <div>{e(gate)}</div></div>
+ <div class="card"><div>where it fails</div>
+  <div>weakest class: <b>{worst[0]}</b> (F1 {worst[1]["f1"]:.4f})</div>
+  <div>most common confusion: true <b>{r}</b> predicted as <b>{c}</b> ({off[r, c]} times)</div>
+  <div>device: {e(str(metrics.get("device", "?")))}</div></div>
+</div>"""
 
 
 def _provenance_html(metrics: dict[str, Any]) -> str:

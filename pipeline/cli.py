@@ -122,10 +122,35 @@ NON_NEGATIVE = _int("an integer >= 0", 0)
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
     train = sub.add_parser(
         "train", help="ingest -> train -> export -> validate as served -> gate -> publish -> report"
     )
+    _add_train_flags(train)
+    tune = _add_tune_parser(sub)
+    clu = sub.add_parser(
+        "cluster",
+        help="train with N local worker processes "
+        "(MultiWorkerMirroredStrategy, generated TF_CONFIG)",
+    )
+    _add_cluster_flags(clu)
+    mod = sub.add_parser(
+        "models", help="published versions: list, and serve by label (promote, canary, rollback)"
+    )
+    _add_models_flags(mod)
+    rep = sub.add_parser("report", help="rebuild the report of an earlier run")
+    rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
+    for command in (train, tune, clu, rep, mod):
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show library logs (TensorFlow's native start-up and "
+            "XLA lines, TFDS progress) that are hidden by default",
+        )
+    return parser
+
+
+def _add_train_flags(train: argparse.ArgumentParser) -> None:
+    """`train`: one flag per config field, --hparams, and where the run reads and writes."""
     add_config_flags(train)
     train.add_argument(
         "--hparams",
@@ -155,13 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $MNIST_MANUAL_DIR)",
     )
 
-    tune = _add_tune_parser(sub)
 
-    clu = sub.add_parser(
-        "cluster",
-        help="train with N local worker processes "
-        "(MultiWorkerMirroredStrategy, generated TF_CONFIG)",
-    )
+def _add_cluster_flags(clu: argparse.ArgumentParser) -> None:
+    """`cluster`: how many workers, how many restarts, and the flags passed on to `train`."""
     clu.add_argument("--workers", type=POSITIVE, default=2, help="worker processes (default 2)")
     clu.add_argument(
         "--max-restarts",
@@ -175,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after `--`: flags for `train`, e.g. -- --epochs 1",
     )
 
-    mod = sub.add_parser(
-        "models", help="published versions: list, and serve by label (promote, canary, rollback)"
-    )
+
+def _add_models_flags(mod: argparse.ArgumentParser) -> None:
+    """`models`: the action on the published versions, and which version it acts on."""
     mod.add_argument("action", choices=("list", "promote", "canary", "rollback"))
     mod.add_argument(
         "version",
@@ -194,17 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mod.add_argument("--json", action="store_true", help="list as JSON")
     _add_artifacts(mod)
-
-    rep = sub.add_parser("report", help="rebuild the report of an earlier run")
-    rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
-    for command in (train, tune, clu, rep, mod):
-        command.add_argument(
-            "--verbose",
-            action="store_true",
-            help="also show library logs (TensorFlow's native start-up and "
-            "XLA lines, TFDS progress) that are hidden by default",
-        )
-    return parser
 
 
 def _add_tune_parser(sub: Any) -> argparse.ArgumentParser:

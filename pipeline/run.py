@@ -119,14 +119,7 @@ def train_pipeline(
         )
         run.timings["import_tensorflow_seconds"] = import_seconds
         stages.ingest(run)
-        outputs = {
-            "train": [run.layout.model, run.layout.history, run.layout.calibration],
-            "export": [run.layout.export / "saved_model.pb"],
-            "validate": [run.layout.served, run.layout.predictions],
-            "gate": [run.layout.blessing],
-            "publish": [run.layout.publication],
-            "report": [],
-        }
+        outputs = _stage_outputs(run.layout)
         for name in STAGES:
             stages.run_stage(run, name, getattr(stages, name), outputs[name])
             stages.announce(run, name)
@@ -135,6 +128,18 @@ def train_pipeline(
         validator.close()
         if run is not None and run.lock is not None:
             run.lock.close()  # the run folder is free for the next attempt
+
+
+def _stage_outputs(layout: stages.RunLayout) -> dict[str, list[Path]]:
+    """The files each stage writes: with its record, what lets a resumed run skip it."""
+    return {
+        "train": [layout.model, layout.history, layout.calibration],
+        "export": [layout.export / "saved_model.pb"],
+        "validate": [layout.served, layout.predictions],
+        "gate": [layout.blessing],
+        "publish": [layout.publication],
+        "report": [],
+    }
 
 
 def _train_as_worker(

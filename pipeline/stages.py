@@ -255,7 +255,6 @@ def ingest(run: Run) -> None:
     """Device and strategy, the splits (validated, the validation split carved with the seed),
     their statistics and the drift check; then the run folder (created or resumed)."""
     from components import data as data_lib
-    from components import statistics
 
     choice, config = setup(run), run.config
     t = time.perf_counter()
@@ -263,31 +262,9 @@ def ingest(run: Run) -> None:
     train, test, from_tfds = _load(config, run.tfds_data_dir, run.tfds_manual_dir, data)
     full_count = data_lib.EXPECTED_COUNTS["test"] if data is None else len(data[1])
     run.full_test_split = len(test) == full_count
-    fit, validation = train, None
-    if config.validation_fraction > 0:
-        fit, validation = data_lib.carve_validation(train, config.validation_fraction, config.seed)
-        if len(validation) == 0 or len(fit) == 0:
-            raise ConfigError(
-                f"validation_fraction {config.validation_fraction:g} of "
-                f"{len(train)} training examples leaves {len(validation)} for "
-                f"validation and {len(fit)} for training; use 0 or a larger "
-                f"fraction"
-            )
+    fit, validation = _carve_validation(train, config)
     run.splits = {"train": fit, "validation": validation, "test": test, "sample": train.take(1)}
-    # The TFDS splits as read (what the drift check compares: they do not depend on the seed
-    # or the validation fraction), then the carved ones.
-    stats = statistics.compute(
-        {
-            k: v
-            for k, v in (
-                ("train", train),
-                ("test", test),
-                ("train (fit)", fit if validation is not None else None),
-                ("validation", validation),
-            )
-            if v is not None
-        }
-    )
+    stats = _split_statistics(train, test, fit, validation)
     if from_tfds and config.max_train_examples is None and run.full_test_split:
         _check_drift(stats, run.models)
     run.timings["data_seconds"] = time.perf_counter() - t
@@ -301,15 +278,7 @@ def ingest(run: Run) -> None:
     )
     if not run.is_chief:
         return
-    run.resuming = prepare_run_dir(run.layout.root, config, run.effective.to_dict())
-    run.lock = _lock_run(run.layout.root)
-    log.info("run %s -> %s%s", run.run_id, run.layout.root, " (resuming)" if run.resuming else "")
-    run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
-    statistics.write(run.layout.statistics, stats)
-    run.layout.evaluation.mkdir(parents=True, exist_ok=True)
-    tmp = run.layout.examples.with_name(".tmp-test_examples.npz")
-    np.savez(tmp, images=test.images, labels=test.labels)
-    os.replace(tmp, run.layout.examples)
+    _open_run_dir(run, stats, test)
     run.metrics.update(
         run_id=run.run_id,
         device=choice.device,
@@ -322,6 +291,59 @@ def ingest(run: Run) -> None:
         **_data_record(train, test, from_tfds),
         "examples": run.metrics["examples"],
     }
+
+
+def _carve_validation(train: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """(fit, validation): the validation split carved out of train with the seed, or None."""
+    from components import data as data_lib
+
+    fit, validation = train, None
+    if config.validation_fraction > 0:
+        fit, validation = data_lib.carve_validation(train, config.validation_fraction, config.seed)
+        if len(validation) == 0 or len(fit) == 0:
+            raise ConfigError(
+                f"validation_fraction {config.validation_fraction:g} of "
+                f"{len(train)} training examples leaves {len(validation)} for "
+                f"validation and {len(fit)} for training; use 0 or a larger "
+                f"fraction"
+            )
+    return fit, validation
+
+
+def _split_statistics(train: Any, test: Any, fit: Any, validation: Any) -> Any:
+    """Statistics of every split the run uses."""
+    from components import statistics
+
+    # The TFDS splits as read (what the drift check compares: they do not depend on the seed
+    # or the validation fraction), then the carved ones.
+    return statistics.compute(
+        {
+            k: v
+            for k, v in (
+                ("train", train),
+                ("test", test),
+                ("train (fit)", fit if validation is not None else None),
+                ("validation", validation),
+            )
+            if v is not None
+        }
+    )
+
+
+def _open_run_dir(run: Run, stats: Any, test: Any) -> None:
+    """The chief's run folder, created or resumed and locked, with the data's statistics and
+    the test examples the validating process evaluates."""
+    from components import statistics
+
+    run.resuming = prepare_run_dir(run.layout.root, run.config, run.effective.to_dict())
+    run.lock = _lock_run(run.layout.root)
+    log.info("run %s -> %s%s", run.run_id, run.layout.root, " (resuming)" if run.resuming else "")
+    run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
+    statistics.write(run.layout.statistics, stats)
+    run.layout.evaluation.mkdir(parents=True, exist_ok=True)
+    tmp = run.layout.examples.with_name(".tmp-test_examples.npz")
+    np.savez(tmp, images=test.images, labels=test.labels)
+    os.replace(tmp, run.layout.examples)
 
 
 def _load(
@@ -447,43 +469,9 @@ def announce(run: Run, name: str) -> None:
 
 def train(run: Run) -> dict[str, Any]:
     """Fit, then save the trained model and its history; the backup goes only after that."""
-    from components import data as data_lib
-    from components import monitoring, trainer
-    from components.model import build_model
+    from components import trainer
 
-    config, eff = run.config, run.effective
-    fit_split, val_split = run.splits["train"], run.splits.get("validation")
-    result = trainer.train(
-        lambda: build_model(
-            config.hidden_units,
-            config.learning_rate,
-            config.dropout,
-            steps_per_execution=eff.steps_per_execution,
-            jit_compile=eff.jit_compile,
-        ),
-        lambda epoch: data_lib.make_train_dataset(
-            fit_split, config.batch_size, seed=config.seed, epoch=epoch
-        ),
-        data_lib.make_dataset(val_split, max(config.batch_size, 1024))
-        if val_split is not None
-        else None,
-        epochs=config.epochs,
-        strategy=run.strategy,
-        # Every worker logs (a non-chief into its scratch folder): under MultiWorkerMirrored the
-        # callbacks' predict passes are collective, so all workers must run them.
-        tensorboard_dir=run.tensorboard,
-        backup_dir=run.layout.backup,
-        restore_from=run.restore_from,
-        update_freq=config.tensorboard_update_freq,
-        verbose=None if run.is_chief else 0,
-        # Keras counts host round-trips here; start a few into epoch 2 (past tracing).
-        profile=_profile_window(run, fit_split) if config.profile_executions else None,
-        extra_callbacks=[
-            monitoring.EpochImages(run.tensorboard, val_split.images, val_split.labels)
-        ]
-        if val_split is not None
-        else [],
-    )
+    result = _fit(run)
     run.history = result.history
     # Later stages run on the chief alone: a model whose variables are mirrored across workers
     # would make their predictions collective (waiting forever for the others), so they read the
@@ -517,6 +505,47 @@ def train(run: Run) -> dict[str, Any]:
         "metrics": metrics,
         "settings": run.effective.to_dict(),
     }
+
+
+def _fit(run: Run) -> Any:
+    """The trainer on the run's splits: a fresh model, or the one its backup holds."""
+    from components import data as data_lib
+    from components import monitoring, trainer
+    from components.model import build_model
+
+    config, eff = run.config, run.effective
+    fit_split, val_split = run.splits["train"], run.splits.get("validation")
+    return trainer.train(
+        lambda: build_model(
+            config.hidden_units,
+            config.learning_rate,
+            config.dropout,
+            steps_per_execution=eff.steps_per_execution,
+            jit_compile=eff.jit_compile,
+        ),
+        lambda epoch: data_lib.make_train_dataset(
+            fit_split, config.batch_size, seed=config.seed, epoch=epoch
+        ),
+        data_lib.make_dataset(val_split, max(config.batch_size, 1024))
+        if val_split is not None
+        else None,
+        epochs=config.epochs,
+        strategy=run.strategy,
+        # Every worker logs (a non-chief into its scratch folder): under MultiWorkerMirrored the
+        # callbacks' predict passes are collective, so all workers must run them.
+        tensorboard_dir=run.tensorboard,
+        backup_dir=run.layout.backup,
+        restore_from=run.restore_from,
+        update_freq=config.tensorboard_update_freq,
+        verbose=None if run.is_chief else 0,
+        # Keras counts host round-trips here; start a few into epoch 2 (past tracing).
+        profile=_profile_window(run, fit_split) if config.profile_executions else None,
+        extra_callbacks=[
+            monitoring.EpochImages(run.tensorboard, val_split.images, val_split.labels)
+        ]
+        if val_split is not None
+        else [],
+    )
 
 
 def _calibrate(run: Run) -> dict[str, Any]:

@@ -150,45 +150,8 @@ def _predict(args: argparse.Namespace) -> int:
         if needed
         else None
     )
-    client: LocalPredictor | RestClient | GrpcClient
-    if args.local is not None:
-        client = LocalPredictor(args.local)
-        where = f"local SavedModel {client.path}"
-    elif args.server:
-        client = (
-            GrpcClient(args.server, args.model, args.version, args.timeout, label=args.label)
-            if args.grpc
-            else RestClient(
-                args.server, args.model, args.version, args.timeout, args.form, label=args.label
-            )
-        )
-        where = f"TF Serving {'gRPC' if args.grpc else 'REST'} at {args.server}"
-    else:
-        raise InputError("say where the model is: --local DIR or --server HOST:PORT")
-
-    results: list[tuple[str, Prediction, int] | None] = [None] * len(inputs)
-    groups: dict[str, list[int]] = {}
-    for i, sig in enumerate(routes):
-        groups.setdefault(sig, []).append(i)
-    for sig, indices in groups.items():
-        if sig == "predict_image":
-            prediction = client.predict_photos([inputs[i].photo for i in indices])
-        elif sig == "predict_png":
-            prediction = client.predict_encoded(
-                [
-                    inputs[i].photo
-                    if inputs[i].mnist_format
-                    else encode_png(seen[i] if seen is not None else inputs[i].pixels)
-                    for i in indices
-                ]
-            )
-        else:
-            prediction = client.predict(
-                np.stack([seen[i] if seen is not None else inputs[i].pixels for i in indices])
-            )
-        for row, i in enumerate(indices):
-            results[i] = (sig, prediction, row)
-
+    client, where = _client(args)
+    results = _send(client, inputs, routes, seen)
     rows = [_row(item, *result) for item, result in zip(inputs, results) if result]
     if args.show and seen is not None:
         _write_sheet(args.show, seen, rows)
@@ -212,6 +175,59 @@ def _predict(args: argparse.Namespace) -> int:
     if args.show:
         print(f"what the model saw: {args.show}")
     return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | GrpcClient, str]:
+    """The client --local or --server asks for, and where it runs the model (for people)."""
+    client: LocalPredictor | RestClient | GrpcClient
+    if args.local is not None:
+        client = LocalPredictor(args.local)
+        where = f"local SavedModel {client.path}"
+    elif args.server:
+        client = (
+            GrpcClient(args.server, args.model, args.version, args.timeout, label=args.label)
+            if args.grpc
+            else RestClient(
+                args.server, args.model, args.version, args.timeout, args.form, label=args.label
+            )
+        )
+        where = f"TF Serving {'gRPC' if args.grpc else 'REST'} at {args.server}"
+    else:
+        raise InputError("say where the model is: --local DIR or --server HOST:PORT")
+    return client, where
+
+
+def _send(
+    client: LocalPredictor | RestClient | GrpcClient,
+    inputs: list[LoadedInput],
+    routes: list[str],
+    seen: np.ndarray | None,
+) -> list[tuple[str, Prediction, int] | None]:
+    """One request per signature, with all the inputs routed to it; for each input, the
+    signature, the prediction of its request and its row in it."""
+    results: list[tuple[str, Prediction, int] | None] = [None] * len(inputs)
+    groups: dict[str, list[int]] = {}
+    for i, sig in enumerate(routes):
+        groups.setdefault(sig, []).append(i)
+    for sig, indices in groups.items():
+        if sig == "predict_image":
+            prediction = client.predict_photos([inputs[i].photo for i in indices])
+        elif sig == "predict_png":
+            prediction = client.predict_encoded(
+                [
+                    inputs[i].photo
+                    if inputs[i].mnist_format
+                    else encode_png(seen[i] if seen is not None else inputs[i].pixels)
+                    for i in indices
+                ]
+            )
+        else:
+            prediction = client.predict(
+                np.stack([seen[i] if seen is not None else inputs[i].pixels for i in indices])
+            )
+        for row, i in enumerate(indices):
+            results[i] = (sig, prediction, row)
+    return results
 
 
 def _routes(inputs: list[LoadedInput], signature: str) -> list[str]:

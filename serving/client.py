@@ -106,23 +106,28 @@ class LocalPredictor:
         return self._run("predict_image", image_bytes=self._tf.constant(blobs))
 
 
-class RestClient:
+@dataclasses.dataclass(eq=False, repr=False)
+class _ServerClient:
+    """What both TF Serving clients are given: the server, the model, which version (or, in
+    the subclasses, a version label) and how long to wait."""
+
+    server: str
+    model: str = MODEL_NAME
+    version: int | None = None
+    timeout: float = 10.0
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class RestClient(_ServerClient):
     """TF Serving's REST API (port 8501): predict, model status, model metadata."""
 
-    def __init__(
-        self,
-        server: str,
-        model: str = MODEL_NAME,
-        version: int | None = None,
-        timeout: float = 10.0,
-        form: str = "row",
-        label: str | None = None,
-    ):
-        if form not in ("row", "columnar"):
+    form: str = "row"
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.form not in ("row", "columnar"):
             raise ValueError("form must be 'row' or 'columnar'")
-        self.base = server if server.startswith("http") else f"http://{server}"
-        self.model, self.version, self.timeout, self.form = model, version, timeout, form
-        self.label = label
+        self.base = self.server if self.server.startswith("http") else f"http://{self.server}"
 
     def _model_url(self) -> str:
         url = f"{self.base}/v1/models/{self.model}"
@@ -206,24 +211,18 @@ class RestClient:
         return self._call(f"{self._model_url()}/metadata")
 
 
-class GrpcClient:
+@dataclasses.dataclass(eq=False, repr=False)
+class GrpcClient(_ServerClient):
     """TF Serving's gRPC API (port 8500), through tensorflow-serving-api."""
 
-    def __init__(
-        self,
-        server: str,
-        model: str = MODEL_NAME,
-        version: int | None = None,
-        timeout: float = 10.0,
-        label: str | None = None,
-    ):
+    label: str | None = None
+
+    def __post_init__(self) -> None:
         import grpc
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
         self._grpc = grpc
-        self.server, self.model, self.version, self.timeout = server, model, version, timeout
-        self.label = label
-        self._channel = grpc.insecure_channel(server)
+        self._channel = grpc.insecure_channel(self.server)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
     def _predict(self, signature: str, input_name: str, tensor: Any) -> Prediction:
