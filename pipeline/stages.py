@@ -545,6 +545,7 @@ def _fit(run: Run) -> Any:
         ]
         if val_split is not None
         else [],
+        compile_cache=run.artifacts / "cache" / "xla",
     )
 
 
@@ -596,7 +597,7 @@ def validate(run: Run) -> dict[str, Any]:
     )
     served = np.load(run.layout.served)
     test = run.splits["test"]
-    trained = evaluator.predict_probabilities(run.keras_model(), test.images)
+    trained, losses = evaluator.predict_with_loss(run.keras_model(), test.images, test.labels)
     # float32 on the CPU on both sides: 1e-5. A model trained on a GPU (TF32 matmuls, float16
     # under mixed precision) is served on the CPU here, so its tolerance is wider, and a class
     # may flip only where the trained model's top two probabilities are within it.
@@ -614,7 +615,9 @@ def validate(run: Run) -> dict[str, Any]:
     calibration = read_json(run.layout.calibration)
     threshold = calibration["threshold"]
     metrics = {
-        **evaluator.compute_metrics(served, test.labels),
+        # test_loss as Keras computes val_loss (from the trained model's logits: the served
+        # probabilities, equal within the tolerance, cannot express a confident mistake's loss)
+        **evaluator.compute_metrics(served, test.labels, losses),
         "baseline_version": int(baseline.name) if baseline is not None else None,
         "uncertainty": {
             "threshold": threshold,
