@@ -79,3 +79,14 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     steps = -(-metrics["examples"]["train"] // 32)
     assert [line.count(f"{steps} steps") for line in lines if line.startswith("epoch ")] == [1] * 5
     assert metrics["test_accuracy"] >= 0.975
+    # test_loss is Keras's loss (val_loss's definition) on the test split, for the trained model.
+    import keras
+    import numpy as np
+
+    model = keras.saving.load_model(run / "train" / "model.keras")
+    with np.load(run / "evaluation" / "test_examples.npz") as test:
+        keras_loss = model.evaluate(test["images"] / 255.0, test["labels"], verbose=0)[0]
+    assert metrics["test_loss"] == pytest.approx(keras_loss, rel=1e-4)
+    # The programs XLA compiled are kept, verified, for the next run.
+    (manifest,) = (artifacts / "cache" / "xla").glob("*/manifest.json")
+    assert len(json.loads(manifest.read_text())) >= 1
