@@ -9,7 +9,9 @@ TensorFlow import overlaps training, and then serves requests, one JSON line eac
 
     {"candidate": DIR, "baseline": DIR or null, "examples": NPZ, "out": DIR, "sample": N}
 
-and answers one JSON line on stdout: {"ok": bool, "reason": str, "seconds": float}.
+and answers one JSON line on stdout: {"ok": bool, "reason": str, "seconds": float}, after a
+{"progress": "probabilities"} line as soon as candidate_probabilities.npy is written (the
+pipeline draws the report's figures from it while the validation goes on).
 Outputs in `out`: candidate_probabilities.npy, baseline_probabilities.npy (with a baseline),
 signature_outputs.npz (the sample through every signature) and infra_validation.json.
 """
@@ -296,8 +298,12 @@ def _grpc_predict(port: int, images: np.ndarray) -> np.ndarray:
     return tf.make_ndarray(response.outputs["probabilities"]).astype(np.float32)
 
 
-def validate(request: dict[str, Any]) -> dict[str, Any]:
-    """One validation; writes its outputs in request["out"]; raises InfraValidationError."""
+def validate(
+    request: dict[str, Any], notify: Callable[[dict[str, Any]], None] = lambda _: None
+) -> dict[str, Any]:
+    """One validation; writes its outputs in request["out"]; raises InfraValidationError.
+    `notify({"progress": "probabilities"})` as soon as the served probabilities of the examples
+    are written (the caller may start on them; the validation is not over)."""
     started = time.perf_counter()
     candidate, out = Path(request["candidate"]), Path(request["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -325,6 +331,8 @@ def validate(request: dict[str, Any]) -> dict[str, Any]:
             warmup = pool.submit(_replay_warmup, served, candidate)
             try:
                 probs = _serving(lambda: _probabilities(served, images))
+                _save(out / "candidate_probabilities.npy", probs)
+                notify({"progress": "probabilities"})
                 baseline_probs = _baseline_probabilities(request.get("baseline"), images)
             finally:
                 record["warmup_records_replayed"] = warmup.result()  # a warmup failure first
@@ -342,13 +350,19 @@ def validate(request: dict[str, Any]) -> dict[str, Any]:
         if binary
         else f"{MODEL_SERVER} not on PATH: validated with TensorFlow's graph-level loader only"
     )
-    np.save(out / "candidate_probabilities.npy", probs)
     if baseline_probs is not None:
-        np.save(out / "baseline_probabilities.npy", baseline_probs)
+        _save(out / "baseline_probabilities.npy", baseline_probs)
         record["baseline"] = request["baseline"]
     record["seconds"] = round(time.perf_counter() - started, 3)
     (out / "infra_validation.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:  # np.save(str) would add ".npy" to the temporary name
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 def _serving(call: Callable[[], Any]) -> Any:
@@ -384,7 +398,9 @@ def serve_requests() -> None:
     for line in sys.stdin:
         started = time.perf_counter()
         try:
-            record = validate(json.loads(line))
+            record = validate(
+                json.loads(line), lambda message: print(json.dumps(message), flush=True)
+            )
             answer = {"ok": True, "reason": "served as expected", "record": record}
         except InfraValidationError as e:
             answer = {"ok": False, "reason": str(e)}
@@ -445,7 +461,10 @@ class Validator:
         out: Path,
         baseline: Path | None = None,
         sample: int = 64,
+        on_probabilities: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
+        """`on_probabilities()` is called once the served probabilities are in `out` (the
+        validation goes on; they count only if it passes)."""
         assert self.proc.stdin is not None
         if self.proc.poll() is not None:
             raise InfraValidationError(
@@ -465,7 +484,9 @@ class Validator:
         except OSError as e:
             raise InfraValidationError(f"the validating process is gone ({e})") from None
         answer = self._read_line()
-        while "ready" in answer:
+        while "ready" in answer or "progress" in answer:
+            if answer.get("progress") == "probabilities" and on_probabilities is not None:
+                on_probabilities()
             answer = self._read_line()
         if not answer["ok"]:
             raise InfraValidationError(answer["reason"])

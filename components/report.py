@@ -399,11 +399,14 @@ def write_report(
     metrics: dict[str, Any],
     history: dict[str, list[float]] | None = None,
     config: dict[str, Any] | None = None,
+    figures: dict[str, bytes] | None = None,
 ) -> list[Path]:
-    """Write every figure as a PNG and index.html embedding them; return the paths written."""
+    """Write every figure as a PNG and index.html embedding them; return the paths written.
+    `figures`: already drawn by `build_figures` from these predictions and history."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    figures = build_figures(predictions, metrics, history)
+    if figures is None:
+        figures = build_figures(predictions, metrics, history)
     written = []
     for name, data in figures.items():
         path = report_dir / name

@@ -85,6 +85,7 @@ class Run:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     redoing: bool = False
     lock: Any = None  # the open run-folder lock, held until the process ends
+    early_figures: Any = None  # a Future: the report's figures, drawn during the validation
     timings: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -263,7 +264,8 @@ def ingest(run: Run) -> None:
     full_count = data_lib.EXPECTED_COUNTS["test"] if data is None else len(data[1])
     run.full_test_split = len(test) == full_count
     fit, validation = _carve_validation(train, config)
-    run.splits = {"train": fit, "validation": validation, "test": test, "sample": train.take(1)}
+    sample = data_lib.Split(train.name, train.images[:1].copy(), train.labels[:1].copy())
+    run.splits = {"train": fit, "validation": validation, "test": test, "sample": sample}
     stats = _split_statistics(train, test, fit, validation)
     if from_tfds and config.max_train_examples is None and run.full_test_split:
         _check_drift(stats, run.models)
@@ -593,7 +595,11 @@ def validate(run: Run) -> dict[str, Any]:
 
     baseline = exporter.latest_version_dir(run.models)
     record = run.validator.validate(
-        run.layout.export, run.layout.examples, run.layout.evaluation, baseline=baseline
+        run.layout.export,
+        run.layout.examples,
+        run.layout.evaluation,
+        baseline=baseline,
+        on_probabilities=lambda: _draw_figures_early(run),
     )
     served = np.load(run.layout.served)
     test = run.splits["test"]
@@ -725,6 +731,51 @@ def publish(run: Run) -> dict[str, Any]:
     return {"metrics": metrics}
 
 
+def _draw_figures_early(run: Run) -> None:
+    """The report's figures, drawn on a thread from the served probabilities as soon as the
+    validating process has written them, while it replays the warmup and scores the baseline:
+    the one stretch of a run where the trainer only waits. `report` uses them only if they were
+    drawn from exactly the predictions it reads."""
+    import concurrent.futures
+    import hashlib
+
+    from components import evaluator
+    from components import report as report_lib
+
+    test, sample = run.splits["test"], run.splits["sample"]
+    history = read_json(run.layout.history) if run.layout.history.is_file() else {}
+
+    def draw() -> tuple[str, dict[str, bytes]]:
+        served = np.load(run.layout.served)
+        predictions = {
+            "images": test.images,
+            "labels": test.labels,
+            "probabilities": served,
+            "train_images": sample.images,
+            "train_labels": sample.labels,
+        }
+        confusion = evaluator.compute_metrics(served, test.labels)["confusion_matrix"]
+        figures = report_lib.build_figures(predictions, {"confusion_matrix": confusion}, history)
+        return hashlib.sha256(served.tobytes()).hexdigest(), figures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="figures")
+    run.early_figures = pool.submit(draw)
+    pool.shutdown(wait=False)
+
+
+def _figures_drawn_from(run: Run, predictions: dict[str, np.ndarray]) -> Any:
+    import hashlib
+
+    if run.early_figures is None:
+        return None
+    try:
+        digest, figures = run.early_figures.result()
+    except Exception:  # drawn again below, where a failure is reported
+        return None
+    served = hashlib.sha256(predictions["probabilities"].tobytes()).hexdigest()
+    return figures if digest == served else None
+
+
 def report(run: Run) -> dict[str, Any]:
     from components import evaluator, monitoring, statistics
     from components import report as report_lib
@@ -733,7 +784,12 @@ def report(run: Run) -> dict[str, Any]:
     history = read_json(run.layout.history) if run.layout.history.is_file() else {}
     config = read_json(run.layout.config)
     report_lib.write_report(
-        run.layout.report, predictions, run.metrics, history, config["requested"]
+        run.layout.report,
+        predictions,
+        run.metrics,
+        history,
+        config["requested"],
+        figures=_figures_drawn_from(run, predictions),
     )
     monitoring.log_run_summary(
         run.tensorboard,

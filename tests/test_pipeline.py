@@ -98,12 +98,41 @@ def test_run_on_learnable_data_publishes_a_servable_model(tmp_path, tiny_data):
 
 
 def test_rebuild_report(tmp_path, tiny_data):
+    """`make report` redraws the report from the run's files: the same figures, byte for byte,
+    as the run drew during its validation (from the served probabilities, on a thread)."""
     artifacts = tmp_path / "artifacts"
     result = train_pipeline(small_config(device="cpu"), Paths(artifacts), data=tiny_data)
+    drawn = {p.name: p.read_bytes() for p in (result.run_dir / "report").iterdir()}
     for p in (result.run_dir / "report").iterdir():
         p.unlink()
     written = rebuild_report(artifacts / "runs" / "latest")
     assert {p.name for p in written} == REPORT_FILES
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes() == drawn[p.name], p.name
+
+
+def test_figures_drawn_from_other_predictions_are_not_used():
+    import concurrent.futures
+    import hashlib
+    from types import SimpleNamespace
+
+    from pipeline.stages import _figures_drawn_from
+
+    served = np.random.default_rng(0).random((5, 10)).astype(np.float32)
+    early: concurrent.futures.Future = concurrent.futures.Future()
+    early.set_result((hashlib.sha256(served.tobytes()).hexdigest(), {"a.png": b"drawn"}))
+    run = SimpleNamespace(early_figures=early)
+    assert _figures_drawn_from(run, {"probabilities": served}) == {"a.png": b"drawn"}
+    other = served.copy()
+    other[2, 3] += 1e-6
+    assert _figures_drawn_from(run, {"probabilities": other}) is None
+    failed: concurrent.futures.Future = concurrent.futures.Future()
+    failed.set_exception(RuntimeError("matplotlib failed"))
+    assert (
+        _figures_drawn_from(SimpleNamespace(early_figures=failed), {"probabilities": served})
+        is None
+    )
 
 
 def test_run_ids_sort_by_time_and_are_unique():
