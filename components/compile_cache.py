@@ -122,7 +122,8 @@ def enable(root: Path) -> Path | None:
         return None
     try:
         store = Path(root) / device_key()
-        store.mkdir(parents=True, exist_ok=True)
+        if not store.is_dir():  # nothing kept yet: `promote` creates it when there is
+            return store
         with _Lock(store):
             for name in _verified_entries(store):
                 if not (_private / name).exists():
@@ -140,6 +141,9 @@ def promote(store: Path | None) -> list[str]:
         return []
     added = []
     try:
+        if not any(_private.glob("*.pb")):
+            return []
+        store.mkdir(parents=True, exist_ok=True)
         with _Lock(store):
             manifest = _verified_entries(store)
             for path in sorted(_private.glob("*.pb")):

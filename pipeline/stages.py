@@ -547,7 +547,8 @@ def _fit(run: Run) -> Any:
         ]
         if val_split is not None
         else [],
-        compile_cache=run.artifacts / "cache" / "xla",
+        # The chief's: a non-chief worker writes nothing into the shared artifacts folder.
+        compile_cache=run.artifacts / "cache" / "xla" if run.is_chief else None,
     )
 
 

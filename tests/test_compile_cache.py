@@ -107,8 +107,22 @@ def test_an_unreadable_manifest_trusts_nothing(tmp_path, text):
     assert not (tmp_path / "a.pb").exists()
 
 
-def test_an_unwritable_store_is_a_warning_not_a_failure(tmp_path, caplog):
+def test_an_unwritable_store_is_a_warning_not_a_failure(tmp_path, caplog, monkeypatch):
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "program.pb").write_bytes(b"compiled")
+    monkeypatch.setattr(compile_cache, "_private", private)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    assert compile_cache.enable(blocked) is None
-    assert "compile cache unavailable" in caplog.text
+    store = compile_cache.enable(blocked)  # nothing to seed from
+    assert store is not None and not store.exists()
+    assert compile_cache.promote(store) == []
+    assert "compile cache not updated" in caplog.text
+
+
+def test_no_store_is_created_when_nothing_was_compiled(tmp_path, monkeypatch):
+    private = tmp_path / "private"
+    private.mkdir()
+    monkeypatch.setattr(compile_cache, "_private", private)
+    store = compile_cache.enable(tmp_path / "cache")
+    assert compile_cache.promote(store) == [] and not (tmp_path / "cache").exists()
