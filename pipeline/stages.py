@@ -84,6 +84,7 @@ class Run:
     tf_config: dict[str, Any] | None = None
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     redoing: bool = False
+    stages_done: list[str] = dataclasses.field(default_factory=list)  # kept or run, this attempt
     lock: Any = None  # the open run-folder lock, held until the process ends
     early_figures: Any = None  # a Future: the report's figures, drawn during the validation
     timings: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -132,12 +133,21 @@ def run_stage(
     if record is not None and all(p.exists() for p in outputs):
         run.metrics.update(record.get("metrics", {}))
         log.info("stage %s: done earlier (%s), not redone", name, record.get("finished"))
+        run.stages_done.append(name)
         return
     run.redoing = True
+    if run.is_chief:
+        # The records of this stage and of every later one, from any earlier attempt, go first:
+        # if this attempt fails halfway, a later one must not trust what was built on the old
+        # inputs (a validation that passed on a model since retrained).
+        for stale in run.layout.records.glob("*.json"):
+            if stale.stem not in run.stages_done:
+                stale.unlink(missing_ok=True)
     started = time.perf_counter()
     settings = stage(run) or {}
     seconds = time.perf_counter() - started
     run.timings[f"{name}_seconds"] = seconds
+    run.stages_done.append(name)
     if run.is_chief:
         run.layout.records.mkdir(parents=True, exist_ok=True)
         write_json(

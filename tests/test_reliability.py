@@ -535,3 +535,33 @@ def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
     (result.run_dir / "stages" / "export.json").write_text("{trunc")
     again = train_pipeline(config, paths, run_id="r", data=tiny_data)
     assert again.metrics["published_version"] == result.metrics["published_version"]
+
+
+def test_a_failed_redo_leaves_no_record_of_the_stages_after_it(tmp_path, tiny_data, monkeypatch):
+    """Retrained after a finished validation, then failing in validation: the old validation's
+    record must not let a later attempt skip validating the new model."""
+    from components.infra_validator import InfraValidationError
+    from pipeline import stages
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu")
+    first = train_pipeline(config, paths, run_id="r", data=tiny_data)
+    records = first.run_dir / "stages"
+    assert (records / "validate.json").is_file()
+    # The user deletes the trained model and its record (as ArtifactError advises), and the
+    # finished mark, so the run is taken up again from training.
+    (first.run_dir / "metrics.json").unlink()
+    (records / "train.json").unlink()
+    (first.run_dir / "train" / "model.keras").unlink()
+
+    def fails(run):
+        raise InfraValidationError("injected: the new model does not serve")
+
+    monkeypatch.setattr(stages, "validate", fails)
+    with pytest.raises(InfraValidationError):
+        train_pipeline(config, paths, run_id="r", data=tiny_data)
+    assert sorted(p.stem for p in records.glob("*.json")) == ["export", "train"]
+
+    monkeypatch.undo()
+    again = train_pipeline(config, paths, run_id="r", data=tiny_data)
+    assert (records / "validate.json").is_file() and again.metrics["infra_validation"]["passed"]
