@@ -35,8 +35,12 @@ _private: Path | None = None  # TensorFlow reads its flags once per process: one
 
 
 def device_key() -> str:
-    """TensorFlow version and the device's instruction set: programs are only shared within."""
+    """What a compiled program is only valid for: TensorFlow's build (version, CUDA, cuDNN),
+    the CPU's instruction set, each GPU's model and compute capability, and how XLA was asked
+    to compile (XLA_FLAGS, the other TF_XLA_FLAGS, op determinism: a deterministic run must
+    not load a program compiled without it)."""
     import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config  # (determinism: not exported)
 
     flags = ""
     try:
@@ -46,8 +50,18 @@ def device_key() -> str:
                 break
     except OSError:
         pass
-    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    digest = hashlib.sha256(f"{platform.machine()} {flags} {gpus}".encode()).hexdigest()[:12]
+    gpus = [
+        tf.config.experimental.get_device_details(gpu)
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+    build = tf.sysconfig.get_build_info()
+    how = [
+        os.environ.get("XLA_FLAGS", ""),
+        without_flag(os.environ),
+        getattr(tf_config, "is_op_determinism_enabled", lambda: None)(),
+    ]
+    what = [platform.machine(), flags, gpus, build.get("cuda_version"), build.get("cudnn_version")]
+    digest = hashlib.sha256(repr([what, how]).encode()).hexdigest()[:12]
     return f"tf-{tf.__version__}-{digest}"
 
 
@@ -96,21 +110,47 @@ def _verified_entries(store: Path) -> dict[str, str]:
     return good
 
 
+PREFIX = "mnist-xla-cache-"
+MIN_FREE_BYTES = 512 * 2**20  # TensorFlow fails the compilation when it cannot write an entry
+
+
 def prepare() -> None:
     """Give this process its private cache folder. TensorFlow reads TF_XLA_FLAGS when it first
-    sets up its devices, so this runs at start-up (pipeline/__main__.py), before any of that;
-    a process started from this one (a worker) gets its own folder, not this one's."""
+    sets up its devices, so this runs first thing in `train` (pipeline/cli.py), before any of
+    that; a process started from this one gets its own folder, or none (`without_flag`)."""
     global _private
     if _private is not None:
         return
     try:
-        _private = Path(tempfile.mkdtemp(prefix="mnist-xla-cache-"))
+        temp = Path(tempfile.gettempdir())
+        _sweep(temp)
+        if shutil.disk_usage(temp).free < MIN_FREE_BYTES:
+            log.info("compile cache off: less than 512 MB free in %s", temp)
+            return
+        _private = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
     except OSError as e:
         log.warning("compile cache unavailable (%s): compiling from scratch", e)
         return
     atexit.register(shutil.rmtree, _private, True)
-    flags = [f for f in os.environ.get("TF_XLA_FLAGS", "").split() if not f.startswith(FLAG)]
-    os.environ["TF_XLA_FLAGS"] = " ".join([*flags, f"{FLAG}={_private}"])
+    os.environ["TF_XLA_FLAGS"] = " ".join([*without_flag(os.environ), f"{FLAG}={_private}"])
+
+
+def without_flag(env: dict[str, str] | os._Environ[str]) -> list[str]:
+    """TF_XLA_FLAGS without the cache folder: for processes this one starts (the validating
+    process, a model server), which must not write into this process's folder."""
+    return [f for f in env.get("TF_XLA_FLAGS", "").split() if not f.startswith(FLAG)]
+
+
+def _sweep(temp: Path) -> None:
+    """Private folders of processes that are gone (killed before their exit handler ran)."""
+    for folder in temp.glob(f"{PREFIX}*"):
+        try:
+            pid = int(folder.name[len(PREFIX) :].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            pass
 
 
 def enable(root: Path) -> Path | None:
@@ -128,10 +168,20 @@ def enable(root: Path) -> Path | None:
             for name in _verified_entries(store):
                 if not (_private / name).exists():
                     shutil.copyfile(store / name, _private / name)
+                os.utime(store / name)  # recently used: kept when the store is trimmed
         return store
     except OSError as e:
         log.warning("compile cache unavailable (%s): compiling from scratch", e)
         return None
+
+
+MAX_ENTRIES = 64  # a few MB: the programs of a handful of configurations
+
+
+def _least_recently_used(store: Path, manifest: dict[str, str]) -> list[str]:
+    """The entries beyond MAX_ENTRIES, least recently used (seeded or added) first."""
+    by_use = sorted(manifest, key=lambda name: (store / name).stat().st_mtime, reverse=True)
+    return by_use[MAX_ENTRIES:]
 
 
 def promote(store: Path | None) -> list[str]:
@@ -154,7 +204,11 @@ def promote(store: Path | None) -> list[str]:
                 os.replace(staged, store / path.name)
                 manifest[path.name] = _sha256(store / path.name)
                 added.append(path.name)
-            if added:
+            trimmed = _least_recently_used(store, manifest)
+            for name in trimmed:
+                (store / name).unlink(missing_ok=True)
+                del manifest[name]
+            if added or trimmed:
                 staged = store / f".{MANIFEST}.tmp"
                 staged.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
                 os.replace(staged, store / MANIFEST)

@@ -419,7 +419,14 @@ class Validator:
 
     def __init__(self, timeout_s: float = 600.0):
         self.timeout_s = timeout_s
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        from components.compile_cache import without_flag
+
+        # Not the trainer's XLA cache folder: the trainer keeps what is written there.
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "TF_XLA_FLAGS": " ".join(without_flag(os.environ)),
+        }
         # No GPU for it: on a GPU machine the trainer holds the device memory, and TF Serving
         # answers the same on the CPU (the comparison's tolerance is the CPU's).
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -5,10 +5,8 @@ import logging
 import os
 import sys
 
-from components import compile_cache
 from pipeline.cli import main
 
-compile_cache.prepare()  # before TensorFlow sets up its devices, when it reads its XLA flags
 code = main()
 # Every file the run writes is closed by now; what is left is the interpreter tearing down
 # TensorFlow's modules, about a second a person waits for. Run the exit handlers (the console

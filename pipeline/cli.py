@@ -368,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from components import compile_cache
+
+    compile_cache.prepare()  # before TensorFlow sets up its devices, when it reads its XLA flags
     config = resolve_config(args)
     check_artifacts_dir(args.artifacts_dir)
     from components.strategy import parse_tf_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -126,3 +127,50 @@ def test_no_store_is_created_when_nothing_was_compiled(tmp_path, monkeypatch):
     monkeypatch.setattr(compile_cache, "_private", private)
     store = compile_cache.enable(tmp_path / "cache")
     assert compile_cache.promote(store) == [] and not (tmp_path / "cache").exists()
+
+
+def test_programs_are_only_shared_between_runs_compiled_the_same_way(monkeypatch):
+    from tensorflow.python.framework import config as tf_config
+
+    plain = compile_cache.device_key()
+    monkeypatch.setattr(tf_config, "is_op_determinism_enabled", lambda: True)
+    deterministic = compile_cache.device_key()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    fast_math = compile_cache.device_key()
+    assert len({plain, deterministic, fast_math}) == 3
+    # ... but not by where this process keeps its private copies
+    monkeypatch.setenv("TF_XLA_FLAGS", f"{compile_cache.FLAG}=/somewhere/else")
+    assert compile_cache.device_key() == fast_math
+
+
+def test_the_store_keeps_the_most_recently_used_programs(tmp_path, monkeypatch):
+    private, store = tmp_path / "private", tmp_path / "store"
+    private.mkdir()
+    monkeypatch.setattr(compile_cache, "_private", private)
+    monkeypatch.setattr(compile_cache, "MAX_ENTRIES", 2)
+    for i, name in enumerate(("old.pb", "unused.pb")):
+        (private / name).write_bytes(name.encode())
+        assert compile_cache.promote(store) == [name]
+        os.utime(store / name, (1000 + i, 1000 + i))
+    os.utime(store / "old.pb", (2000, 2000))  # seeded by a later run: recently used
+    (private / "new.pb").write_bytes(b"new")
+    assert compile_cache.promote(store) == ["new.pb"]
+    assert sorted(p.name for p in store.glob("*.pb")) == ["new.pb", "old.pb"]
+    assert sorted(json.loads((store / "manifest.json").read_text())) == ["new.pb", "old.pb"]
+
+
+def test_folders_of_processes_that_are_gone_are_swept(tmp_path):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = tmp_path / f"{compile_cache.PREFIX}{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"{compile_cache.PREFIX}{os.getpid()}-def"
+    for folder in (dead, alive):
+        folder.mkdir()
+    compile_cache._sweep(tmp_path)
+    assert not dead.exists() and alive.exists()
+
+
+def test_processes_started_from_a_run_do_not_get_its_folder():
+    env = {"TF_XLA_FLAGS": f"--tf_xla_auto_jit=1 {compile_cache.FLAG}=/tmp/x"}
+    assert compile_cache.without_flag(env) == ["--tf_xla_auto_jit=1"]
