@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -147,6 +148,11 @@ def load_split(
             manual_dir,
         )
         shutil.rmtree(e.folder, ignore_errors=True)
+        if e.folder.exists():
+            raise DataError(
+                f"the prepared TFDS files in {e.folder} cannot be read ({e.reason}) and the "
+                f"folder cannot be deleted; delete it to prepare them again"
+            ) from None
     try:
         with _quiet_tfds():
             return _load(split, data_dir, manual_dir).take(limit)
@@ -160,11 +166,16 @@ def load_split(
 def _quiet_tfds() -> Iterator[None]:
     """TFDS's own console output while it prepares: progress bars, a "Downloading and preparing
     dataset Unknown size" print and absl warnings about folders it has not written yet. Our log
-    says what happens ("preparing TFDS mnist into ... (first run only)") in one line."""
+    says what happens ("preparing TFDS mnist into ... (first run only)") in one line. Under
+    --verbose (absl's INFO lines shown) TFDS prints as it does."""
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
 
     absl = logging.getLogger("absl")
-    level = absl.level
+    if absl.getEffectiveLevel() < logging.WARNING:
+        yield
+        return
+    level, bars = absl.level, bool(getattr(tqdm_utils, "_active", True))
     absl.setLevel(logging.ERROR)
     tfds.display_progress_bar(False)
     try:
@@ -172,7 +183,7 @@ def _quiet_tfds() -> Iterator[None]:
             yield
     finally:
         absl.setLevel(level)
-        tfds.display_progress_bar(True)
+        tfds.display_progress_bar(bars)
 
 
 class _Unreadable(Exception):
@@ -182,6 +193,31 @@ class _Unreadable(Exception):
         super().__init__(str(folder))
         self.folder = folder
         self.reason = _reason(error)
+
+
+# What a damaged prepared file raises when read; any other error (permission denied, disk or
+# memory exhausted) is reported as it is, and nothing is deleted.
+_UNREADABLE_FILE = (
+    tf.errors.DataLossError,
+    tf.errors.NotFoundError,
+    tf.errors.InvalidArgumentError,
+    tf.errors.FailedPreconditionError,
+    tf.errors.OutOfRangeError,
+)
+
+
+def _garbled_versions(dataset: Path) -> list[Path]:
+    """Version folders of a prepared dataset whose metadata does not parse (TFDS then fails to
+    build the dataset); only these are prepared again, never the others or TFDS's work folders."""
+    garbled = []
+    for info in sorted(dataset.glob("*/dataset_info.json")):
+        try:
+            json.loads(info.read_text())
+        except ValueError:
+            garbled.append(info.parent)
+        except OSError:
+            pass
+    return garbled
 
 
 def _reason(error: BaseException) -> str:
@@ -199,8 +235,9 @@ def _load(split: str, data_dir: Path | None, manual_dir: Path | None) -> Split:
         builder = tfds.builder(DATASET, data_dir=str(root))
         prepared = builder.is_prepared()
     except Exception as e:  # TFDS reads the prepared metadata here (JSON, protobuf, IO)
-        if (root / DATASET).exists():
-            raise _Unreadable(root / DATASET, e) from None
+        garbled = _garbled_versions(root / DATASET)
+        if garbled:
+            raise _Unreadable(garbled[0], e) from None
         raise DataError(_explain_load_failure(e, manual_dir)) from e
     folder = Path(builder.data_dir)
     cached = _read_cache(folder, split) if prepared else None
@@ -217,7 +254,7 @@ def _load(split: str, data_dir: Path | None, manual_dir: Path | None) -> Split:
     try:
         ds = tfds.load(DATASET, split=split, as_supervised=True, data_dir=str(root), **kwargs)
         images, labels = _to_numpy(ds)
-    except tf.errors.OpError as e:  # reading TFRecords: data loss, truncation, missing file
+    except _UNREADABLE_FILE as e:  # reading TFRecords: flipped, truncated, empty, missing
         if prepared:
             raise _Unreadable(folder, e) from None
         raise DataError(_explain_load_failure(e, manual_dir)) from e

@@ -108,9 +108,8 @@ def build_export_archive(
 
     from components.photo import normalize_photos
 
-    # Traced once, here: the endpoint is traced twice (by Keras, then by the SavedModel saver,
-    # in another tracing context), and a tf.function called inside would be traced again with
-    # it (0.5 s each); a concrete function is only called.
+    # Traced once: Keras and then the SavedModel saver trace the endpoint (in two contexts),
+    # which would trace a tf.function inside it twice too (0.5 s each); this is only called.
     normalize = normalize_photos.get_concrete_function()
 
     def serve_photo(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -237,3 +237,20 @@ def test_a_run_on_corrupted_prepared_files_prepares_them_again(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: data: the prepared TFDS files in {folder} cannot be read")
     assert "Traceback" not in r.stderr
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_errors_that_are_not_damage_delete_nothing(tmp_path, monkeypatch):
+    """A permission error or a full disk while reading is reported as it is: the prepared
+    files are not deleted and prepared again (that would not help, and costs the data)."""
+    root, folder = _prepared_copy(tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+
+    def denied(ds):
+        raise tf.errors.PermissionDeniedError(None, None, "permission denied: mnist-train")
+
+    monkeypatch.setattr(data, "_to_numpy", denied)
+    with pytest.raises(DataError, match="PermissionDeniedError"):
+        data.load_split("train", data_dir=root, manual_dir=SHARED_MNIST)
+    assert sorted(p.name for p in folder.iterdir()) == before
