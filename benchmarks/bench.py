@@ -44,8 +44,9 @@ def _tree_memory_mb(proc: Any) -> tuple[float, float]:
                 rss += int(fields["Rss:"])
                 pss += int(fields["Pss:"])
             except (OSError, KeyError, ValueError):
-                try:  # no smaps_rollup (not Linux, or the process just ended)
+                try:  # no smaps_rollup (not Linux, or the process just ended): RSS for both
                     rss += p.memory_info().rss >> 10
+                    pss += p.memory_info().rss >> 10
                 except psutil.Error:
                     pass
     except psutil.Error:

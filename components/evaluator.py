@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ def predict_with_loss(
         output = model(preprocess(images[start : start + batch_size]), training=False)
         probabilities.append(np.asarray(output, dtype=np.float32))
         if labels is not None:
+            if not hasattr(output, "_keras_logits"):  # e.g. a model without a final softmax
+                warnings.warn(
+                    "no logits on the model's output: the loss is computed from its "
+                    "probabilities (clipped at 1e-7)",
+                    stacklevel=2,
+                )
             loss = keras.losses.sparse_categorical_crossentropy(
                 np.asarray(labels[start : start + batch_size], np.int64), output
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 WARMUP_PATH = Path("assets.extra") / "tf_serving_warmup_requests"
 BATCH = 1024
@@ -442,11 +445,12 @@ class Validator:
             start_new_session=True,
         )
 
-    def _read_line(self) -> dict[str, Any]:
+    def _read_line(self, deadline: float | None = None) -> dict[str, Any]:
         import select
 
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        wait = self.timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([self.proc.stdout], [], [], wait)
         if not ready:
             self.close()
             raise InfraValidationError(f"infra validation timed out after {self.timeout_s:g} s")
@@ -458,8 +462,8 @@ class Validator:
         try:
             answer = json.loads(line)
         except ValueError:  # a library printed to stdout: not an answer
-            return self._read_line()
-        return answer if isinstance(answer, dict) else self._read_line()
+            return self._read_line(deadline)
+        return answer if isinstance(answer, dict) else self._read_line(deadline)
 
     def validate(
         self,
@@ -490,11 +494,15 @@ class Validator:
             self.proc.stdin.flush()
         except OSError as e:
             raise InfraValidationError(f"the validating process is gone ({e})") from None
-        answer = self._read_line()
+        deadline = time.monotonic() + self.timeout_s  # for the whole answer
+        answer = self._read_line(deadline)
         while "ready" in answer or "progress" in answer:
             if answer.get("progress") == "probabilities" and on_probabilities is not None:
-                on_probabilities()
-            answer = self._read_line()
+                try:
+                    on_probabilities()
+                except Exception as e:  # a head start for the caller, never a failure here
+                    log.warning("could not start on the served probabilities early: %s", e)
+            answer = self._read_line(deadline)
         if not answer["ok"]:
             raise InfraValidationError(answer["reason"])
         return dict(answer["record"], seconds=answer["seconds"])

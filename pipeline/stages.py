@@ -642,6 +642,8 @@ def validate(run: Run) -> dict[str, Any]:
             **evaluator.uncertainty_rates(served, test.labels, threshold),
         },
         "evaluated": "the exported SavedModel, as served",
+        "test_loss_from": "the trained Keras model: Keras's loss, as for val_loss (its "
+        "probabilities match the served ones within the tolerance above)",
         "infra_validation": {**record, "passed": True},
     }
     run.metrics.update(metrics)

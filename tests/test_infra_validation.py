@@ -139,3 +139,17 @@ def test_every_signature_says_when_it_is_unsure(tmp_path, tiny_data):
             out["uncertain"].numpy(), probs.max(1) < np.float32(stored["threshold"])
         )
     assert "uncertain" in loaded.signatures["predict_image"].structured_outputs
+
+
+def test_a_failing_early_start_on_the_probabilities_fails_nothing(tmp_path, tiny_data, monkeypatch):
+    """The report's figures drawn early are a head start: if starting them fails, the
+    validation still completes and the report is drawn as usual."""
+    from pipeline import stages
+
+    def fails(run):
+        raise OSError("no thread for you")
+
+    monkeypatch.setattr(stages, "_draw_figures_early", fails)
+    result = _run(tmp_path, tiny_data)
+    assert result.metrics["infra_validation"]["passed"]
+    assert (result.run_dir / "report" / "predictions.png").is_file()
