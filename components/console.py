@@ -23,7 +23,13 @@ _NATIVE_NOISE = re.compile(
     r"^WARNING: All log messages before absl::InitializeLog\(\)"
     r"|^[IW]\d{4} "  # native INFO and WARNING lines (start-up banners, XLA, collectives)
     r"|^E\d{4} .*(failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory"
-    r"|computation_placer|cuda_(platform|executor|dnn|fft|blas))"
+    r"|computation_placer|cuda_(platform|executor|dnn|fft|blas)"
+    # Loading a kept XLA program (components/compile_cache.py): TensorFlow first tries the
+    # entry as text, then reads it as the binary proto it is; and it compares the CPU features
+    # recorded at compilation with the host's, where the tuning hints prefer-no-scatter/-gather
+    # (not instruction sets) are never reported by the host. Any other mismatch still shows.
+    r"|Error parsing text-format tensorflow\.XlaSerializedCacheEntry"
+    r"|Loading XLA:CPU AOT result\. Target machine feature \+prefer-no-(scatter|gather) is not)"
     r"|^To enable the following instructions: .*rebuild TensorFlow"
     r"|^This TensorFlow binary is optimized to use available CPU instructions"
 )

@@ -109,3 +109,22 @@ def test_wrong_typed_hparams_are_one_line_exit_2(hparams, message, python_cmd, t
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_loading_kept_xla_programs_is_quiet_but_a_real_cpu_mismatch_shows():
+    from components.console import is_noise
+
+    prefix = "E0000 00:00:1795724476.358408    4404 "
+    assert is_noise(
+        prefix + "text_format.cc:378] Error parsing text-format "
+        "tensorflow.XlaSerializedCacheEntry: 2:1: Expected identifier, got: 5"
+    )
+    for hint in ("prefer-no-scatter", "prefer-no-gather"):
+        assert is_noise(
+            prefix + "cpu_aot_loader.cc:220] Loading XLA:CPU AOT result. Target machine "
+            f"feature +{hint} is not  supported on the host machine."
+        )
+    assert not is_noise(
+        prefix + "cpu_aot_loader.cc:220] Loading XLA:CPU AOT result. Target machine "
+        "feature +avx512f is not  supported on the host machine."
+    )
