@@ -105,7 +105,11 @@ def _verified_entries(store: Path) -> dict[str, str]:
         if expected is not None and _sha256(path) == expected:
             good[path.name] = expected
         else:
-            log.warning("compile cache: dropping %s (not verified by the manifest)", path.name)
+            log.warning(
+                "compile cache: dropping %s (its SHA-256 is not the manifest's): compiling it "
+                "again",
+                path.name,
+            )
             path.unlink(missing_ok=True)
     return good
 
@@ -162,6 +166,7 @@ def enable(root: Path) -> Path | None:
         return None
     try:
         store = Path(root) / device_key()
+        _prune_unused(Path(root), keep=store)
         if not store.is_dir():  # nothing kept yet: `promote` creates it when there is
             return store
         with _Lock(store):
@@ -173,6 +178,23 @@ def enable(root: Path) -> Path | None:
     except OSError as e:
         log.warning("compile cache unavailable (%s): compiling from scratch", e)
         return None
+
+
+UNUSED_DAYS = 30  # a store of another TensorFlow, device or set of flags, unused this long
+
+
+def _prune_unused(root: Path, keep: Path) -> None:
+    """Stores no run has used for UNUSED_DAYS (an upgraded TensorFlow leaves its old one)."""
+    import time
+
+    if not root.is_dir():
+        return
+    for other in root.iterdir():
+        if other == keep or not other.is_dir():
+            continue
+        used = max((p.stat().st_mtime for p in other.iterdir()), default=other.stat().st_mtime)
+        if time.time() - used > UNUSED_DAYS * 86400:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 MAX_ENTRIES = 64  # a few MB: the programs of a handful of configurations

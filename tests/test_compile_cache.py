@@ -174,3 +174,19 @@ def test_folders_of_processes_that_are_gone_are_swept(tmp_path):
 def test_processes_started_from_a_run_do_not_get_its_folder():
     env = {"TF_XLA_FLAGS": f"--tf_xla_auto_jit=1 {compile_cache.FLAG}=/tmp/x"}
     assert compile_cache.without_flag(env) == ["--tf_xla_auto_jit=1"]
+
+
+def test_stores_unused_for_a_month_are_pruned(tmp_path, monkeypatch):
+    private = tmp_path / "private"
+    private.mkdir()
+    monkeypatch.setattr(compile_cache, "_private", private)
+    root = tmp_path / "xla"
+    old, recent = root / "tf-old", root / "tf-recent"
+    for store in (old, recent):
+        store.mkdir(parents=True)
+        (store / "manifest.json").write_text("{}")
+    month = 31 * 86400
+    os.utime(old / "manifest.json", (os.path.getmtime(old) - month,) * 2)
+    os.utime(old, (os.path.getmtime(old) - month,) * 2)
+    compile_cache.enable(root)
+    assert not old.exists() and recent.exists()
