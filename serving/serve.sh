@@ -59,10 +59,7 @@ error: neither tensorflow_model_server nor a running Docker engine was found. Ei
   1. install the binary (Debian/Ubuntu, see https://www.tensorflow.org/tfx/serving/setup):
        apt-get install tensorflow-model-server     # from TF Serving's apt repository
      then run 'make serve' again; or
-  2. with Docker:
-       docker run --rm -p 8500:8500 -p 8501:8501 \\
-         -v $models:/models/mnist:ro -v $here:/config:ro $TF_SERVING_IMAGE \\
-         --model_config_file=/config/models.config \\
-         --monitoring_config_file=/config/monitoring.config
+  2. install and start Docker, then run 'make serve' again: it runs $TF_SERVING_IMAGE
+     with the labels 'make models' set (stable, canary) and the monitoring config.
 MSG
 exit 1
