@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,6 @@ UNUSED_DAYS = 30  # a store of another TensorFlow, device or set of flags, unuse
 
 def _prune_unused(root: Path, keep: Path) -> None:
     """Stores no run has used for UNUSED_DAYS (an upgraded TensorFlow leaves its old one)."""
-    import time
-
     if not root.is_dir():
         return
     for other in root.iterdir():

@@ -94,17 +94,24 @@ def compute_metrics(
     }
 
 
-def save_predictions(
-    path: Path, probabilities: np.ndarray, test: Split, train_sample: Split
+def report_inputs(
+    probabilities: np.ndarray, test: Split, train_sample: Split
 ) -> dict[str, np.ndarray]:
-    """Save what the report is drawn from (atomically), so it never needs the model again."""
-    arrays = {
+    """What the report is drawn from: the test split, its probabilities, a training sample."""
+    return {
         "images": test.images,
         "labels": test.labels,
         "probabilities": probabilities,
         "train_images": train_sample.images,
         "train_labels": train_sample.labels,
     }
+
+
+def save_predictions(
+    path: Path, probabilities: np.ndarray, test: Split, train_sample: Split
+) -> dict[str, np.ndarray]:
+    """Save what the report is drawn from (atomically), so it never needs the model again."""
+    arrays = report_inputs(probabilities, test, train_sample)
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)

@@ -760,13 +760,7 @@ def _draw_figures_early(run: Run) -> None:
 
     def draw() -> tuple[str, dict[str, bytes]]:
         served = np.load(run.layout.served)
-        predictions = {
-            "images": test.images,
-            "labels": test.labels,
-            "probabilities": served,
-            "train_images": sample.images,
-            "train_labels": sample.labels,
-        }
+        predictions = evaluator.report_inputs(served, test, sample)
         confusion = evaluator.compute_metrics(served, test.labels)["confusion_matrix"]
         figures = report_lib.build_figures(predictions, {"confusion_matrix": confusion}, history)
         return hashlib.sha256(served.tobytes()).hexdigest(), figures

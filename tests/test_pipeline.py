@@ -97,11 +97,17 @@ def test_run_on_learnable_data_publishes_a_servable_model(tmp_path, tiny_data):
     assert sorted(os.listdir(artifacts / "models" / "mnist")) == [".publish.lock", "1"]
 
 
-def test_rebuild_report(tmp_path, tiny_data):
+def test_rebuild_report(tmp_path, tiny_data, monkeypatch):
     """`make report` redraws the report from the run's files: the same figures, byte for byte,
     as the run drew during its validation (from the served probabilities, on a thread)."""
+    from pipeline import stages
+
+    used = []
+    real = stages._figures_drawn_from
+    monkeypatch.setattr(stages, "_figures_drawn_from", lambda *a: used.append(real(*a)) or used[-1])
     artifacts = tmp_path / "artifacts"
     result = train_pipeline(small_config(device="cpu"), Paths(artifacts), data=tiny_data)
+    assert used and used[0] is not None  # the run's report took the figures drawn early
     drawn = {p.name: p.read_bytes() for p in (result.run_dir / "report").iterdir()}
     for p in (result.run_dir / "report").iterdir():
         p.unlink()
