@@ -74,9 +74,11 @@ def test_a_corrupted_entry_is_dropped_not_trusted(tmp_path):
 
     for entry in entries:
         _flip(entry)
-    # TensorFlow itself trusts the flipped entry and fails (what the module guards against) ...
+    # TensorFlow itself trusts the flipped entry and fails (what the module guards against).
+    # Where the flip lands decides how: seen here "Failed to parse serialized
+    # CpuAotCompilationResult" (InternalError) and "Can't parse <entry> as binary proto" ...
     raw = _fit(tmp_path, "raw")
-    assert raw.returncode != 0 and "InternalError" in raw.stderr, raw.stderr[-300:]
+    assert raw.returncode != 0, raw.stderr[-300:]
     # ... through the cache the flipped entry is dropped, the run compiles and stores it again.
     after = _fit(tmp_path)
     assert after.returncode == 0, after.stderr[-2000:]
