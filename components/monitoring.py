@@ -19,10 +19,6 @@ GRID_EXAMPLES = 25
 log = logging.getLogger(__name__)
 
 
-def _png_to_image_tensor(png: bytes) -> tf.Tensor:
-    return tf.expand_dims(tf.io.decode_png(png, channels=4), 0)
-
-
 STEPS_RUN = "steps"
 GRAPH_RUN = "model"
 
@@ -110,7 +106,7 @@ class EpochImages(keras.callbacks.Callback):
 
     def _draw_and_write(self, epoch: int, probs: np.ndarray) -> None:
         confusion = compute_metrics(probs, self.labels)["confusion_matrix"]
-        grid = report.png_bytes(
+        grid = report.rgb_pixels(
             report.figure_grid(
                 self.images,
                 self.labels,
@@ -119,12 +115,12 @@ class EpochImages(keras.callbacks.Callback):
                 f"Validation predictions after epoch {epoch + 1}",
             )
         )
-        matrix = report.png_bytes(
+        matrix = report.rgb_pixels(
             report.figure_confusion(confusion, f"Confusion matrix after epoch {epoch + 1}")
         )
         with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
-            tf.summary.image("predictions", _png_to_image_tensor(grid))
-            tf.summary.image("confusion_matrix", _png_to_image_tensor(matrix))
+            tf.summary.image("predictions", grid[None])
+            tf.summary.image("confusion_matrix", matrix[None])
         self.writer.flush()
 
     def on_train_end(self, logs: dict | None = None) -> None:

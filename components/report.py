@@ -29,6 +29,17 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def rgb_pixels(fig: Figure) -> np.ndarray:
+    """The figure rendered at 100 dpi as uint8 [H, W, 3]: for TensorBoard images, which encodes
+    them itself (no PNG encoded here only to be decoded again)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(100)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def figure_digit(image: np.ndarray, title: str, color: str = "black") -> Figure:
     fig, ax = _subplots(figsize=(3, 3.3))
     ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)

@@ -1,6 +1,7 @@
 """What people look at: TensorBoard event contents, the report files and page, in a browser."""
 
 import html
+import io
 import json
 import re
 import shutil
@@ -67,6 +68,11 @@ def test_tensorboard_scalars_histograms_images_text_hparams(run):
     images = tensors(tb / "images")
     assert [e.step for e in images["predictions"]] == list(range(1, EPOCHS + 1))
     assert [e.step for e in images["confusion_matrix"]] == list(range(1, EPOCHS + 1))
+    for tag, events in images.items():  # what the Images tab decodes: an RGB figure, not blank
+        width, height, png = events[-1].tensor_proto.string_val
+        picture = np.asarray(Image.open(io.BytesIO(png)))
+        assert picture.shape == (int(height), int(width), 3) and picture.shape[0] > 300, tag
+        assert picture.std() > 20 and (picture == 255).mean() > 0.3, tag  # ink on a white page
     root = tensors(tb)
     assert {
         "config",
