@@ -11,8 +11,6 @@ import numpy as np
 
 from components.data import NUM_CLASSES, Split, preprocess
 
-PREDICTIONS_FILE = "predictions.npz"
-
 
 def predict_probabilities(
     model: keras.Model, images: np.ndarray, batch_size: int = 2048
@@ -116,11 +114,6 @@ def save_predictions(
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     tmp.replace(path)
     return arrays
-
-
-def load_predictions(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
 
 
 # Uncertainty: a prediction is flagged `uncertain` when its top probability is below a threshold

@@ -17,6 +17,45 @@ GRID = 25  # test predictions shown in the grid
 MISTAKES = 25  # most confident mistakes shown
 
 
+PREDICTIONS_FILE = "predictions.npz"  # what the report is drawn from, in a run's folder
+
+
+def load_predictions(path: Path) -> dict[str, np.ndarray]:
+    """The report's inputs as the evaluator saved them (NumPy only: redrawing a report needs
+    neither TensorFlow nor the model). A damaged or foreign file is a ValueError naming it."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:
+        # TypeError: a plain .npy (an array, not an archive of arrays)
+        raise ValueError(f"{path} is damaged or not the evaluator's output ({e})") from None
+    _check_report_inputs(path, arrays)
+    return arrays
+
+
+def _check_report_inputs(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    shapes = {k: getattr(arrays.get(k), "shape", None) for k in _REPORT_INPUTS}
+    n, m = (shapes["labels"] or (None,))[0], (shapes["train_labels"] or (None,))[0]
+    expected = {
+        "images": (n, 28, 28),
+        "labels": (n,),
+        "probabilities": (n, 10),
+        "train_images": (m, 28, 28),
+        "train_labels": (m,),
+    }
+    if shapes != expected or n is None:
+        raise ValueError(
+            f"{path} is not the evaluator's output: arrays {shapes}, expected {expected}"
+        )
+
+
+_REPORT_INPUTS = ("images", "labels", "probabilities", "train_images", "train_labels")
+
+
 def _subplots(*grid: int, figsize: tuple[float, float]):
     """pyplot-free figures: no global state, so figures can be drawn off the main thread."""
     fig = Figure(figsize=figsize)

@@ -210,11 +210,11 @@ def finish(run: stages.Run) -> RunResult:
 
 def rebuild_report(run_dir: Path) -> list[Path]:
     """Redraw an earlier run's report from its saved evaluation outputs."""
-    from components import evaluator, report
+    from components import report
 
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    predictions = evaluator.load_predictions(run_dir / evaluator.PREDICTIONS_FILE)
+    predictions = report.load_predictions(run_dir / report.PREDICTIONS_FILE)
     config = json.loads((run_dir / "config.json").read_text())
     return report.write_report(
         run_dir / "report",

@@ -784,10 +784,10 @@ def _figures_drawn_from(run: Run, predictions: dict[str, np.ndarray]) -> Any:
 
 
 def report(run: Run) -> dict[str, Any]:
-    from components import evaluator, monitoring, statistics
+    from components import monitoring, statistics
     from components import report as report_lib
 
-    predictions = evaluator.load_predictions(run.layout.predictions)
+    predictions = report_lib.load_predictions(run.layout.predictions)
     history = read_json(run.layout.history) if run.layout.history.is_file() else {}
     config = read_json(run.layout.config)
     report_lib.write_report(

@@ -2,13 +2,17 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from pipeline.config import TrainConfig, small_config
 from pipeline.run import Paths, new_run_id, rebuild_report, train_pipeline
+from tests.helpers import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_FILES = {
@@ -116,6 +120,51 @@ def test_rebuild_report(tmp_path, tiny_data, monkeypatch):
     for p in written:
         if p.suffix == ".png":
             assert p.read_bytes() == drawn[p.name], p.name
+
+    # `make report` as users run it: its own process, with neither TensorFlow nor Keras.
+    check = (
+        "import sys; from pipeline.cli import main; code = main(['report', sys.argv[1]]); "
+        "sys.exit(code or 10 * any(m in sys.modules for m in ('tensorflow', 'keras')))"
+    )
+    redraw = subprocess.run(
+        [sys.executable, "-c", check, str(result.run_dir)], cwd=ROOT, capture_output=True
+    )
+    assert redraw.returncode == 0, redraw.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a zip", "one array", "other arrays"])
+def test_a_damaged_report_input_is_one_line_and_exit_6(tmp_path, damage, capsys):
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    (run / "config.json").write_text("{}")
+    path = run / "predictions.npz"
+    rng = np.random.default_rng(0)
+    good = {
+        "images": rng.integers(0, 255, (8, 28, 28), dtype=np.uint8),
+        "labels": np.arange(8),
+        "probabilities": rng.random((8, 10), dtype=np.float32),
+        "train_images": rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+        "train_labels": np.arange(4),
+    }
+    with open(path, "wb") as f:
+        np.savez(f, **good)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:3000])
+    elif damage == "not a zip":
+        path.write_text("garbage")
+    elif damage == "one array":
+        with open(path, "wb") as f:
+            np.save(f, good["probabilities"])
+    else:
+        with open(path, "wb") as f:
+            np.savez(f, **{**good, "probabilities": good["probabilities"][:, :9]})
+    assert main(["report", str(run)]) == 6
+    err = capsys.readouterr().err
+    assert "predictions.npz" in err and len(err.strip().splitlines()) == 1, err
+    assert not (run / "report").exists()
 
 
 def test_figures_drawn_from_other_predictions_are_not_used():
