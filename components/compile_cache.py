@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from components.files import sha256
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -66,10 +68,6 @@ def device_key() -> str:
     return f"tf-{tf.__version__}-{digest}"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _read_manifest(store: Path) -> dict[str, str]:
     try:
         value = json.loads((store / MANIFEST).read_text())
@@ -103,7 +101,7 @@ def _verified_entries(store: Path) -> dict[str, str]:
     good = {}
     for path in store.glob("*.pb"):
         expected = manifest.get(path.name)
-        if expected is not None and _sha256(path) == expected:
+        if expected is not None and sha256(path) == expected:
             good[path.name] = expected
         else:
             log.warning(
@@ -223,7 +221,7 @@ def promote(store: Path | None) -> list[str]:
                 staged = store / f".{path.name}.tmp"
                 shutil.copyfile(path, staged)
                 os.replace(staged, store / path.name)
-                manifest[path.name] = _sha256(store / path.name)
+                manifest[path.name] = sha256(store / path.name)
                 added.append(path.name)
             trimmed = _least_recently_used(store, manifest)
             for name in trimmed:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from components.files import sha256
+
 log = logging.getLogger(__name__)
 
 DATASET = "mnist"
@@ -78,14 +80,6 @@ def tfds_version() -> str:
     return str(tfds.builder_cls(DATASET).VERSION)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_manual_dir(manual_dir: Path) -> None:
     """Check the four MNIST files in `manual_dir` against TFDS's registered sizes and SHA-256.
 
@@ -108,7 +102,7 @@ def verify_manual_dir(manual_dir: Path) -> None:
                 f"{path} is {actual_size} bytes, expected {size} "
                 f"(sha256 {checksum}): the file is truncated or not the official one"
             )
-        actual = _sha256(path)
+        actual = sha256(path)
         if actual != checksum:
             raise DataError(
                 f"{path} has sha256 {actual}, expected {checksum}: the file is "

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from components.compile_cache import enable as compile_cache_enable
 from components.compile_cache import promote as compile_cache_promote
+from components.files import sha256
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,6 @@ METADATA_FILE = "training_metadata.json"
 
 
 CHECKSUMS_FILE = "checksums.json"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _recorded(backup_dir: Path) -> list[dict] | None:
@@ -80,7 +75,7 @@ def _verified_epoch(
         epoch = json.loads(metadata.read_text())["epoch"]
         with h5py.File(weights, "r"):
             pass
-        shas = (_sha256(weights), _sha256(metadata))
+        shas = (sha256(weights), sha256(metadata))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
@@ -144,8 +139,8 @@ def resume_epoch(
         shutil.copyfile(metadata, backup_dir / METADATA_FILE)
         checksums = {
             "latest": {
-                "weights_sha256": _sha256(weights),
-                "metadata_sha256": _sha256(metadata),
+                "weights_sha256": sha256(weights),
+                "metadata_sha256": sha256(metadata),
                 "epoch": epoch,
             }
         }
@@ -188,8 +183,8 @@ class BackupChecksums(keras.callbacks.Callback):
         previous = recorded[0] if recorded else None
         value = {
             "latest": {
-                "weights_sha256": _sha256(weights),
-                "metadata_sha256": _sha256(metadata),
+                "weights_sha256": sha256(weights),
+                "metadata_sha256": sha256(metadata),
                 "epoch": epoch + 1,
             },
             "previous": previous,

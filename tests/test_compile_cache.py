@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from components import compile_cache
+from components.files import sha256
 from tests.helpers import ROOT
 
 # A fresh process per run (TensorFlow reads TF_XLA_FLAGS once per process): compile and fit a
@@ -84,7 +85,7 @@ def test_a_corrupted_entry_is_dropped_not_trusted(tmp_path):
     assert after.returncode == 0, after.stderr[-2000:]
     assert f"promoted {len(entries)}" in after.stdout, after.stdout
     manifest = json.loads((store / "manifest.json").read_text())
-    assert all(compile_cache._sha256(p) == manifest[p.name] for p in store.glob("*.pb"))
+    assert all(sha256(p) == manifest[p.name] for p in store.glob("*.pb"))
 
 
 def test_only_entries_the_manifest_vouches_for_are_kept(tmp_path):
@@ -93,7 +94,7 @@ def test_only_entries_the_manifest_vouches_for_are_kept(tmp_path):
     good, flipped, unlisted = (store / f"{n}.pb" for n in ("good", "flipped", "unlisted"))
     for path in (good, flipped, unlisted):
         path.write_bytes(path.name.encode() * 100)
-    manifest = {p.name: compile_cache._sha256(p) for p in (good, flipped)}
+    manifest = {p.name: sha256(p) for p in (good, flipped)}
     (store / "manifest.json").write_text(json.dumps(manifest))
     _flip(flipped)
     (store / ".good.pb.tmp").write_bytes(b"half a copy")
