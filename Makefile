@@ -122,7 +122,7 @@ models: $(STAMP) ## published versions: ARGS="list" (default), "promote N", "can
 serve: ## start TF Serving on the published models (binary, else Docker): gRPC 8500, REST 8501
 	serving/serve.sh $(ARTIFACTS_DIR)/models/mnist
 
-predict: $(STAMP) ## predict IMAGE=file(s): in-process on the latest version, or SERVER=host:port
+predict: $(STAMP) ## predict IMAGE=file(s): in-process (the version TF Serving would serve), or SERVER=host:port
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=digit.png [SERVER=host:8501]" >&2; exit 2; }
 	$(PY) -m serving predict $(IMAGE) $(if $(SERVER),--server $(SERVER),--local $(ARTIFACTS_DIR)/models/mnist) $(ARGS)
 

@@ -24,7 +24,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from serving.client import GrpcClient, LocalPredictor, Prediction, RestClient, ServerError
+from serving.client import (
+    GrpcClient,
+    LocalPredictor,
+    Prediction,
+    RestClient,
+    ServerError,
+    local_model_dir,
+)
 from serving.inputs import InputError, LoadedInput, encode_png, load_inputs, seen_images
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -56,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--local",
         type=Path,
-        help="a SavedModel folder, or a models base folder (its latest version); no server",
+        help="a SavedModel folder, or a models base folder (the version TF Serving would "
+        "answer with: --version, --label, else the newest served); no server",
     )
     where.add_argument(
         "--server", help="TF Serving host:port (REST 8501, or gRPC 8500 with --grpc)"
@@ -100,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mnist", help="model name in TF Serving (default mnist)")
-    p.add_argument("--version", type=int, help="a specific version (default: the latest)")
+    p.add_argument("--version", type=int, help="a specific version (default: the newest served)")
     p.add_argument(
         "--label",
         help="a version label TF Serving serves (stable, canary: see "
@@ -180,8 +188,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | GrpcClient, str]:
     """The client --local or --server asks for, and where it runs the model (for people)."""
     client: LocalPredictor | RestClient | GrpcClient
+    if args.version is not None and args.label is not None:
+        raise InputError("give --version or --label, not both")
     if args.local is not None:
-        client = LocalPredictor(args.local)
+        client = LocalPredictor(local_model_dir(args.local, args.version, args.label))
         where = f"local SavedModel {client.path}"
     elif args.server:
         client = (

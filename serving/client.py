@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.inputs import InputError
+
 MODEL_NAME = "mnist"
 
 
@@ -62,6 +64,50 @@ def latest_version(base: Path) -> Path:
     if not versions:
         raise ServerError(f"no published model under {base} (run `make train` first)")
     return Path(base) / str(versions[-1])
+
+
+def local_model_dir(path: Path, version: int | None = None, label: str | None = None) -> Path:
+    """The SavedModel an in-process (--local) request runs, chosen as TF Serving chooses it
+    from a models base folder: `version`, or the version `label` points to (`python -m pipeline
+    models`), or, for a plain request, the newest version served: the newest labelled one when
+    labels are set (the `specific` policy of models.config), else the latest."""
+    from serving import versions
+
+    path = Path(path)
+    if version is not None and label is not None:
+        raise InputError("give --version or --label, not both")
+    if (path / "saved_model.pb").is_file():
+        if version is not None or label is not None:
+            raise InputError(
+                f"{path} is one SavedModel: --version and --label choose among the versions "
+                f"of a models base folder (e.g. {path.parent})"
+            )
+        return path
+    if version is None and label is None:
+        try:
+            labels = versions.read_labels(path)
+        except versions.VersionError as e:
+            raise ServerError(str(e)) from None
+        served = [v for v in (labels["stable"], labels["canary"]) if isinstance(v, int)]
+        return path / str(max(served)) if served else latest_version(path)
+    if label is not None:
+        try:
+            version = versions.read_labels(path).get(label) if label in versions.LABELS else None
+        except versions.VersionError as e:
+            raise ServerError(str(e)) from None
+        if version is None:
+            raise InputError(
+                f"no version is labelled {label!r} under {path} (labels: "
+                f"{', '.join(versions.LABELS)}; set with `python -m pipeline models promote N`)"
+            )
+    chosen = path / str(version)
+    if not (chosen / "saved_model.pb").is_file():
+        published = versions.published(path) if path.is_dir() else []
+        raise InputError(
+            f"no version {version} under {path} (published: "
+            f"{', '.join(map(str, published)) or 'none'})"
+        )
+    return chosen
 
 
 class LocalPredictor:

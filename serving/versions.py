@@ -16,6 +16,7 @@ from typing import Any
 
 MODEL_NAME = "mnist"
 LABELS_FILE = "labels.json"
+LABELS = ("stable", "canary")  # the version labels TF Serving is given
 CONFIG_FILE = "models.config"
 
 
@@ -49,7 +50,7 @@ def read_labels(base: Path) -> dict[str, Any]:
             "canary": value.get("canary"),
             "history": [v for v in value.get("history") or [] if isinstance(v, int)],
         }
-        for key in ("stable", "canary"):
+        for key in LABELS:
             if labels[key] is not None and not isinstance(labels[key], int):
                 raise ValueError(f"{key} must be a version number")
     except (OSError, ValueError) as e:
@@ -89,7 +90,7 @@ def list_versions(base: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "version": v,
-                "labels": [k for k in ("stable", "canary") if labels[k] == v],
+                "labels": [k for k in LABELS if labels[k] == v],
                 "accuracy": quantitative.get("accuracy", card.get("test_accuracy")),
                 "date": details.get("date"),
                 "run_id": details.get("run_id", card.get("run_id")),
@@ -123,7 +124,7 @@ def model_server_config(labels: dict[str, Any], base_path: str) -> str:
         policy = "specific { " + " ".join(f"versions: {v}" for v in served) + " }"
         version_labels = "".join(
             f'\n    version_labels {{ key: "{k}" value: {labels[k]} }}'
-            for k in ("stable", "canary")
+            for k in LABELS
             if isinstance(labels[k], int)
         )
     else:

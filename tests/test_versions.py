@@ -98,3 +98,39 @@ def test_the_client_addresses_a_label():
         RestClient("localhost:8501", version=3)._model_url()
         == "http://localhost:8501/v1/models/mnist/versions/3"
     )
+
+
+def test_local_predictions_run_the_version_tf_serving_would(three_versions, tmp_path, capsys):
+    """`make predict` (in-process) answers with the version a plain request to TF Serving gets:
+    the latest with no labels; the newest labelled one with labels (the `specific` policy);
+    --label and --version as TF Serving resolves them."""
+    import numpy as np
+
+    from serving import cli as serving_cli
+    from serving.client import local_model_dir
+    from serving.inputs import InputError
+
+    base = three_versions
+    artifacts = ["--artifacts-dir", str(base.parents[1])]
+    assert local_model_dir(base) == base / "3"
+    assert cli.main(["models", "promote", "1", *artifacts]) == 0
+    assert local_model_dir(base) == base / "1"  # 2 and 3 are not served
+    assert cli.main(["models", "canary", "2", *artifacts]) == 0
+    assert local_model_dir(base) == base / "2"
+    assert local_model_dir(base, label="stable") == base / "1"
+    assert local_model_dir(base, version=3) == base / "3"
+    assert local_model_dir(base / "3") == base / "3"
+    for bad in ({"version": 7}, {"label": "beta"}, {"version": 1, "label": "stable"}):
+        with pytest.raises(InputError):
+            local_model_dir(base, **bad)
+    with pytest.raises(InputError, match="one SavedModel"):
+        local_model_dir(base / "3", version=1)
+
+    digit, pixels = tmp_path / "bar.npy", np.zeros((28, 28), np.uint8)
+    pixels[4:24, 12:16] = 255  # a "1"
+    np.save(digit, pixels)
+    capsys.readouterr()
+    assert serving_cli.main(["predict", str(digit), "--local", str(base), "--label", "stable"]) == 0
+    assert f"local SavedModel {base / '1'}" in capsys.readouterr().out
+    assert serving_cli.main(["predict", str(digit), "--local", str(base), "--version", "9"]) == 2
+    assert "no version 9" in capsys.readouterr().err
