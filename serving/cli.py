@@ -27,6 +27,7 @@ import numpy as np
 from serving.client import (
     GrpcClient,
     LocalPredictor,
+    ModelChoiceError,
     Prediction,
     RestClient,
     ServerError,
@@ -135,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         answer = client.status() if args.command == "status" else client.metadata()
         print(json.dumps(answer, indent=2))
         return EXIT_OK
+    except ModelChoiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except InputError as e:
         print(f"error: input refused, nothing sent: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -189,7 +193,7 @@ def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | Grp
     """The client --local or --server asks for, and where it runs the model (for people)."""
     client: LocalPredictor | RestClient | GrpcClient
     if args.version is not None and args.label is not None:
-        raise InputError("give --version or --label, not both")
+        raise ModelChoiceError("give --version or --label, not both")
     if args.local is not None:
         client = LocalPredictor(local_model_dir(args.local, args.version, args.label))
         where = f"local SavedModel {client.path}"

@@ -66,6 +66,10 @@ def latest_version(base: Path) -> Path:
     return Path(base) / str(versions[-1])
 
 
+class ModelChoiceError(InputError):
+    """--local, --version or --label do not name a model (a usage error, like a bad input)."""
+
+
 def local_model_dir(path: Path, version: int | None = None, label: str | None = None) -> Path:
     """The SavedModel an in-process (--local) request runs, chosen as TF Serving chooses it
     from a models base folder: `version`, or the version `label` points to (`python -m pipeline
@@ -75,10 +79,10 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
 
     path = Path(path)
     if version is not None and label is not None:
-        raise InputError("give --version or --label, not both")
+        raise ModelChoiceError("give --version or --label, not both")
     if (path / "saved_model.pb").is_file():
         if version is not None or label is not None:
-            raise InputError(
+            raise ModelChoiceError(
                 f"{path} is one SavedModel: --version and --label choose among the versions "
                 f"of a models base folder (e.g. {path.parent})"
             )
@@ -96,14 +100,14 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
         except versions.VersionError as e:
             raise ServerError(str(e)) from None
         if version is None:
-            raise InputError(
+            raise ModelChoiceError(
                 f"no version is labelled {label!r} under {path} (labels: "
                 f"{', '.join(versions.LABELS)}; set with `python -m pipeline models promote N`)"
             )
     chosen = path / str(version)
     if not (chosen / "saved_model.pb").is_file():
         published = versions.published(path) if path.is_dir() else []
-        raise InputError(
+        raise ModelChoiceError(
             f"no version {version} under {path} (published: "
             f"{', '.join(map(str, published)) or 'none'})"
         )
