@@ -481,8 +481,14 @@ def announce(run: Run, name: str) -> None:
 
 def train(run: Run) -> dict[str, Any]:
     """Fit, then save the trained model and its history; the backup goes only after that."""
+    import keras
+
     from components import trainer
 
+    # Seeded again here, not only at device set-up: whatever ran in between (TFDS preparing the
+    # data on a first run draws from Python's `random`, which Keras's default seeds come from)
+    # must not change the initial weights.
+    keras.utils.set_random_seed(run.config.seed)
     result = _fit(run)
     run.history = result.history
     # Later stages run on the chief alone: a model whose variables are mirrored across workers

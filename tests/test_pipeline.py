@@ -194,3 +194,19 @@ def test_run_ids_sort_by_time_and_are_unique():
     ids = [new_run_id() for _ in range(200)]
     assert len(set(ids)) == 200
     assert ids == sorted(ids)
+
+
+def test_same_seed_same_weights_whatever_ran_before(tmp_path, tiny_data, monkeypatch):
+    """A first run prepares TFDS's data (during ingest, after the device set-up seeded), which
+    draws from Python's `random`, where Keras's default seeds come from: the weights must not
+    depend on that."""
+    import random
+
+    from pipeline import stages
+
+    config = small_config(device="cpu", deterministic=True, epochs=1)
+    first = train_pipeline(config, Paths(tmp_path / "a"), data=tiny_data)
+    ingest = stages.ingest
+    monkeypatch.setattr(stages, "ingest", lambda run: (ingest(run), random.random()))
+    second = train_pipeline(config, Paths(tmp_path / "b"), data=tiny_data)
+    assert first.metrics["weights_sha256"] == second.metrics["weights_sha256"]
