@@ -5,6 +5,10 @@ model, a failing warmup record, a model server that does not start) publishes no
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from components.infra_validator import InfraValidationError
 from pipeline import cli
 from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
+from tests.helpers import ROOT
 
 
 def _run(tmp_path, tiny_data, run_id="r1"):
@@ -153,3 +158,30 @@ def test_a_failing_early_start_on_the_probabilities_fails_nothing(tmp_path, tiny
     result = _run(tmp_path, tiny_data)
     assert result.metrics["infra_validation"]["passed"]
     assert (result.run_dir / "report" / "predictions.png").is_file()
+
+
+def test_the_validating_process_dies_with_the_trainer():
+    """A trainer killed with SIGKILL (no clean-up runs) leaves no validating process behind."""
+    code = (
+        "import time; from components.infra_validator import Validator; "
+        "print(Validator().proc.pid, flush=True); time.sleep(120)"
+    )
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    validator = int(trainer.stdout.readline())
+    trainer.kill()
+    trainer.wait()
+
+    def alive() -> bool:  # a zombie (not yet reaped by whoever adopted it) is dead
+        try:
+            return Path(f"/proc/{validator}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    # Killed with the trainer by the kernel, not when it notices its stdin closed: it would still
+    # be importing TensorFlow (seconds), or in the middle of a validation (tens of seconds).
+    deadline = time.monotonic() + 1.5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(), "the validating process outlived the trainer"
