@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from components.data import IMAGE_SHAPE, preprocess
+from components.files import tree_sha256
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +417,8 @@ def publish_staged(
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
             shutil.copytree(staged, tmp)
+            if tree_sha256(tmp) != tree_sha256(staged):  # read back: what was validated
+                raise PublishError(f"the copy of {staged} in {tmp} differs from it (disk?)")
             extra = tmp / "assets.extra"
             extra.mkdir(exist_ok=True)
             extras = assets(version) if callable(assets) else assets

@@ -134,7 +134,7 @@ def _stage_outputs(layout: stages.RunLayout) -> dict[str, list[Path]]:
     """The files each stage writes: with its record, what lets a resumed run skip it."""
     return {
         "train": [layout.model, layout.history, layout.calibration],
-        "export": [layout.export / "saved_model.pb"],
+        "export": [layout.export],
         "validate": [layout.served, layout.predictions],
         "gate": [layout.blessing],
         "publish": [layout.publication],

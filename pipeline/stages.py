@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from components.files import tree_sha256
 from pipeline.config import ConfigError, TrainConfig, hparam_keys
 
 log = logging.getLogger("pipeline")
@@ -130,7 +131,7 @@ def run_stage(
     ones: their inputs changed)."""
     record_path = run.layout.records / f"{name}.json"
     record = _readable_record(record_path) if not run.redoing else None
-    if record is not None and all(p.exists() for p in outputs):
+    if record is not None and _outputs_intact(name, record, outputs):
         run.metrics.update(record.get("metrics", {}))
         log.info("stage %s: done earlier (%s), not redone", name, record.get("finished"))
         run.stages_done.append(name)
@@ -157,9 +158,25 @@ def run_stage(
                 "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                 "seconds": round(seconds, 3),
                 "outputs": [str(p) for p in outputs],
+                "outputs_sha256": {str(p): tree_sha256(p) for p in outputs if p.exists()},
                 **settings,
             },
         )
+
+
+def _outputs_intact(name: str, record: dict[str, Any], outputs: list[Path]) -> bool:
+    """Every output exists and is byte for byte what the stage wrote: a staged export damaged
+    after its validation must not be published (the stage and every later one are redone)."""
+    recorded = record.get("outputs_sha256")
+    if not isinstance(recorded, dict):
+        return False  # a record from before outputs were fingerprinted: redo
+    for path in outputs:
+        if not path.exists():
+            return False
+        if recorded.get(str(path)) != tree_sha256(path):
+            log.warning("stage %s: %s changed since the stage finished: redoing it", name, path)
+            return False
+    return True
 
 
 def _lock_run(run_dir: Path) -> Any:

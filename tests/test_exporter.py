@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,6 +172,22 @@ def test_failed_write_publishes_nothing(staged, tmp_path, monkeypatch):
 
     monkeypatch.setattr(exporter, "_fsync_tree", full_disk)
     with pytest.raises(exporter.PublishError, match="No space left on device"):
+        _publish(staged, base, "r1")
+    assert os.listdir(base) == [exporter.LOCK_FILE]
+
+
+def test_a_copy_that_reads_back_different_publishes_nothing(staged, tmp_path, monkeypatch):
+    base = tmp_path / "m"
+    copytree = exporter.shutil.copytree
+
+    def bad_copy(src, dst, *args, **kwargs):
+        copytree(src, dst, *args, **kwargs)
+        if Path(src) == Path(staged):
+            data = next(Path(dst).glob("variables/*.data-*"))
+            data.write_bytes(bytes([data.read_bytes()[0] ^ 0xFF]) + data.read_bytes()[1:])
+
+    monkeypatch.setattr(exporter.shutil, "copytree", bad_copy)
+    with pytest.raises(exporter.PublishError, match="differs"):
         _publish(staged, base, "r1")
     assert os.listdir(base) == [exporter.LOCK_FILE]
 

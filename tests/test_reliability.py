@@ -565,3 +565,50 @@ def test_a_failed_redo_leaves_no_record_of_the_stages_after_it(tmp_path, tiny_da
     monkeypatch.undo()
     again = train_pipeline(config, paths, run_id="r", data=tiny_data)
     assert (records / "validate.json").is_file() and again.metrics["infra_validation"]["passed"]
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    ["export/variables/variables.data-00000-of-00001", "evaluation/candidate_probabilities.npy"],
+)
+def test_a_staged_file_damaged_after_validation_is_rebuilt_not_published(
+    tmp_path, tiny_data, monkeypatch, damaged
+):
+    """Killed after the validation (here: publish fails), then a byte of the staged export (or
+    of what the validation wrote) flipped: the same run again must not publish what it
+    validated before; that stage and every later one are redone from intact inputs."""
+    from components import exporter
+    from components.files import tree_sha256
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu")
+    real = exporter.publish_staged
+    monkeypatch.setattr(
+        exporter,
+        "publish_staged",
+        lambda *a, **k: (_ for _ in ()).throw(exporter.PublishError("injected: disk full")),
+    )
+    with pytest.raises(exporter.PublishError):
+        train_pipeline(config, paths, run_id="r", data=tiny_data)
+    run_dir = paths.run_dir("r")
+    validated = tree_sha256(run_dir / "export")
+    target = run_dir / damaged
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    damaged_export = tree_sha256(run_dir / "export")
+
+    monkeypatch.setattr(exporter, "publish_staged", real)
+    result = train_pipeline(config, paths, run_id="r", data=tiny_data)
+    assert result.metrics["published_version"] == 1
+    assert result.metrics["infra_validation"]["passed"]
+    published = paths.models / "1"
+    if damaged.startswith("export"):  # exported again from the trained model
+        assert damaged_export != validated != tree_sha256(run_dir / "export") != damaged_export
+    records = run_dir / "stages"
+    assert json.loads((records / "validate.json").read_text())["outputs_sha256"]
+    for path in (run_dir / "export").rglob("*"):
+        if path.is_file():
+            assert (published / path.relative_to(run_dir / "export")).read_bytes() == (
+                path.read_bytes()
+            ), path
