@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from components.data import IMAGE_SHAPE, preprocess
-from components.files import tree_sha256
+from components.files import tree_sha256, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +426,7 @@ def publish_staged(
                 (extra / name).write_bytes(
                     content if isinstance(content, bytes) else content.encode()
                 )
+            write_manifest(tmp)  # what `make predict`, `models list` and the next gate verify
             _fsync_tree(tmp)
             os.rename(tmp, final)
         except BaseException as e:

@@ -25,3 +25,45 @@ def tree_sha256(path: Path | str) -> str:
         if p.is_file()
     ]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+VERSION_MANIFEST = "assets.extra/files_sha256.json"  # in each published version
+
+
+def write_manifest(folder: Path | str, name: str = VERSION_MANIFEST) -> None:
+    """Record the SHA-256 of every file under `folder` (but the manifest) in `folder/name`."""
+    import json
+
+    folder = Path(folder)
+    manifest = {
+        p.relative_to(folder).as_posix(): sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() != name
+    }
+    (folder / name).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def damaged_files(folder: Path | str, name: str = VERSION_MANIFEST) -> list[str] | None:
+    """The files under `folder` that are missing or differ from its manifest; None when there
+    is no manifest (published before manifests were written: nothing to check against); an
+    unreadable manifest is itself damage."""
+    import json
+
+    folder = Path(folder)
+    path = folder / name
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return [f"{name} (unreadable: {e})"]
+    damaged = []
+    for relative, digest in sorted(manifest.items()):
+        try:
+            if sha256(folder / relative) != digest:
+                damaged.append(relative)
+        except OSError:
+            damaged.append(f"{relative} (missing or unreadable)")
+    return damaged

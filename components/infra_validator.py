@@ -395,11 +395,18 @@ def _serving(call: Callable[[], Any]) -> Any:
 def _baseline_probabilities(baseline: str | None, images: np.ndarray) -> np.ndarray | None:
     if not baseline:
         return None
-    served = _Served(Path(baseline))
     try:
-        return _probabilities(served, images)
-    finally:
-        served.close()
+        served = _Served(Path(baseline))
+        try:
+            return _probabilities(served, images)
+        finally:
+            served.close()
+    except Exception as e:
+        raise InfraValidationError(
+            f"the baseline (the latest published version, {baseline}) does not load or serve: "
+            f"{type(e).__name__}: {_first_line(e)}; that version is damaged, not the new model: "
+            f"delete that folder and run again"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -621,6 +621,22 @@ def export(run: Run) -> dict[str, Any]:
     return {"inputs": {"model": str(run.layout.model)}}
 
 
+def _check_baseline(baseline: Path | None) -> None:
+    """The latest published version is the gate's baseline: damaged, it can neither be compared
+    with nor served, and the new model is not at fault; say which folder and what to do."""
+    from components.files import damaged_files
+    from components.infra_validator import InfraValidationError
+    from serving.client import damaged_message
+
+    damaged = damaged_files(baseline) if baseline is not None else None
+    if damaged:
+        raise InfraValidationError(
+            "the baseline (the latest published version) "
+            + damaged_message(baseline, damaged)
+            + "; the new model was not judged"
+        )
+
+
 def validate(run: Run) -> dict[str, Any]:
     """Infra validation and evaluation of the *exported* model, and the baseline's, in the
     validating process; the served outputs must match the trained Keras model's."""
@@ -628,6 +644,7 @@ def validate(run: Run) -> dict[str, Any]:
     from components.infra_validator import InfraValidationError
 
     baseline = exporter.latest_version_dir(run.models)
+    _check_baseline(baseline)
     record = run.validator.validate(
         run.layout.export,
         run.layout.examples,

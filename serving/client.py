@@ -66,6 +66,16 @@ def latest_version(base: Path) -> Path:
     return Path(base) / str(versions[-1])
 
 
+def damaged_message(path: Path, damaged: list[str]) -> str:
+    """One line for a published version whose files differ from their recorded SHA-256."""
+    shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+    return (
+        f"{path} is damaged: {shown} no longer match the SHA-256 recorded when it was "
+        f"published; TF Serving would fail to load it. Delete that folder (or `python -m "
+        f"pipeline models rollback` if it is labelled) and publish again"
+    )
+
+
 class ModelChoiceError(InputError):
     """--local, --version or --label do not name a model (a usage error, like a bad input)."""
 
@@ -120,12 +130,24 @@ class LocalPredictor:
     def __init__(self, saved_model_dir: Path):
         import tensorflow as tf
 
+        from components.files import damaged_files
+
         path = Path(saved_model_dir)
         if not (path / "saved_model.pb").is_file():
             path = latest_version(path)  # a models base folder: take its latest version
         self.path = path
         self._tf = tf
-        self._model = tf.saved_model.load(str(path))
+        damaged = damaged_files(path)
+        if damaged:
+            raise ServerError(damaged_message(path, damaged))
+        try:
+            self._model = tf.saved_model.load(str(path))
+        except (tf.errors.OpError, OSError, ValueError, IndexError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ServerError(
+                f"{path} does not load ({type(e).__name__}: {first}): the SavedModel is damaged "
+                f"or not one; with a models folder, `--version N` picks another version"
+            ) from None
 
     def _run(self, signature: str, **inputs: Any) -> Prediction:
         if signature not in self._model.signatures:

@@ -96,22 +96,35 @@ def list_versions(base: Path) -> list[dict[str, Any]]:
                 "run_id": details.get("run_id", card.get("run_id")),
                 "commit": (lineage.get("code") or {}).get("commit"),
                 "data_fingerprint": lineage.get("data_fingerprint"),
+                "files": _files_state(Path(base) / str(v)),
             }
         )
     return rows
 
 
+def _files_state(version_dir: Path) -> str:
+    """ "ok" (every file as published), "DAMAGED: <files>", or "unverified" (published before
+    versions carried their files' SHA-256)."""
+    from components.files import damaged_files
+
+    damaged = damaged_files(version_dir)
+    if damaged is None:
+        return "unverified"
+    return "ok" if not damaged else "DAMAGED: " + ", ".join(damaged)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "version  labels         accuracy  date                 run id"
-        "                          commit        data"
+        "                          commit        data          files"
     ]
     for r in rows:
         accuracy = f"{r['accuracy']:.4f}" if isinstance(r["accuracy"], float) else "-"
         lines.append(
             f"{r['version']:<8} {','.join(r['labels']) or '-':<14} {accuracy:<9} "
             f"{r['date'] or '-':<20} {r['run_id'] or '-':<31} "
-            f"{(r['commit'] or '-')[:12]:<13} {(r['data_fingerprint'] or '-')[:12]}"
+            f"{(r['commit'] or '-')[:12]:<13} {(r['data_fingerprint'] or '-')[:12]:<13} "
+            f"{r['files']}"
         )
     return "\n".join(lines)
 

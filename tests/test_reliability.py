@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from components import exporter, trainer
@@ -612,3 +613,46 @@ def test_a_staged_file_damaged_after_validation_is_rebuilt_not_published(
             assert (published / path.relative_to(run_dir / "export")).read_bytes() == (
                 path.read_bytes()
             ), path
+
+
+def test_a_damaged_published_version_is_named_everywhere(tmp_path, tiny_data, capsys):
+    """A byte flipped in a published version: `models list` flags it, the client refuses it in
+    one line, and the next run stops naming it as the baseline (not blaming the new model)."""
+    from components.infra_validator import InfraValidationError
+    from pipeline import cli
+    from serving import cli as serving_cli
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu")
+    train_pipeline(config, paths, data=tiny_data)
+    version = paths.models / "1"
+    variables = next(version.glob("variables/*.data-*"))
+    data = bytearray(variables.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    variables.write_bytes(bytes(data))
+
+    assert cli.main(["models", "list", "--artifacts-dir", str(paths.artifacts)]) == 0
+    assert "DAMAGED: variables/variables.data-00000-of-00001" in capsys.readouterr().out
+    digit = tmp_path / "digit.npy"
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[4:24, 12:16] = 255  # a "1"
+    np.save(digit, pixels)
+    assert serving_cli.main(["predict", str(digit), "--local", str(paths.models)]) == 1
+    err = capsys.readouterr().err
+    assert f"{version} is damaged: variables/" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(InfraValidationError, match=f"baseline.*{version} is damaged"):
+        train_pipeline(config, paths, data=tiny_data)
+    assert sorted(p.name for p in paths.models.iterdir() if p.name.isdigit()) == ["1"]
+
+
+@pytest.mark.parametrize("damage", ["truncated saved_model.pb", "empty saved_model.pb"])
+def test_the_client_refuses_a_savedmodel_that_does_not_load_in_one_line(model, tmp_path, damage):
+    """Without a manifest to check (a SavedModel from elsewhere), a load failure is one line."""
+    from components import exporter
+    from serving.client import LocalPredictor, ServerError
+
+    exported = exporter.export_saved_model(model, tmp_path / "m")
+    pb = exported / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[: len(pb.read_bytes()) // 2] if "truncated" in damage else b"")
+    with pytest.raises(ServerError, match="does not load"):
+        LocalPredictor(exported)
