@@ -167,7 +167,7 @@ def _decode_gray(data: tf.Tensor) -> tf.Tensor:
         return lambda: _opaque(tf.io.decode_jpeg(data, channels=3, ratio=ratio))
 
     branches = [
-        lambda: _with_alpha(tf.io.decode_png(data, channels=4)),
+        lambda: _with_alpha(_decode_png_rgba(data)),
         lambda: tf.switch_case(ratio_index, [jpeg(1), jpeg(2), jpeg(4), jpeg(8)]),
         lambda: _opaque(tf.io.decode_image(data, channels=3, expand_animations=False)),
         lambda: _with_alpha(tf.io.decode_bmp(data, channels=4)),
@@ -215,6 +215,19 @@ def _checked(image: tf.Tensor) -> tf.Tensor:
         ]
     ):
         return tf.identity(image)
+
+
+def _decode_png_rgba(data: tf.Tensor) -> tf.Tensor:
+    """uint8 RGBA of a PNG. TensorFlow (2.21) fills the alpha of a grayscale PNG of 1, 2 or 4
+    bits per pixel (no alpha channel: fully opaque) with 1, 3 or 15 instead of 255, which would
+    make a bilevel scan nearly transparent; such an alpha is set right (tRNS transparency, 0,
+    is kept)."""
+    rgba = tf.io.decode_png(data, channels=4)
+    ihdr = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 24, 2), tf.uint8), tf.int32)
+    low_bit_gray = tf.logical_and(tf.equal(ihdr[1], 0), ihdr[0] < 8)  # colour type 0, depth
+    alpha = rgba[..., 3:]
+    fixed = tf.where(alpha > 0, tf.constant(255, tf.uint8), alpha)
+    return tf.concat([rgba[..., :3], tf.where(low_bit_gray, fixed, alpha)], -1)
 
 
 def _opaque(rgb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

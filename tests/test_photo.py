@@ -93,7 +93,9 @@ def test_transparency_is_composited_so_the_digit_shows(reference, ink):
     assert _similar(out, reference) > 0.9
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "BMP", "PNG-gray", "JPEG-gray", "PNG-16bit"])
+@pytest.mark.parametrize(
+    "fmt", ["GIF", "BMP", "PNG-gray", "JPEG-gray", "PNG-16bit", "PNG-1bit", "PNG-2bit", "PNG-4bit"]
+)
 def test_every_format_and_mode(reference, fmt):
     page = render_digit(7, (200, 200), box=(0.1, 0.3, 0.8))
     if fmt == "GIF":  # an animated GIF: its first frame is read
@@ -108,12 +110,21 @@ def test_every_format_and_mode(reference, fmt):
         buf = io.BytesIO()
         Image.fromarray((page.mean(-1) * 65535).astype(np.uint16)).save(buf, format="PNG")
         data = buf.getvalue()
+    elif fmt.endswith("bit") and fmt != "PNG-16bit":  # a bilevel scan, or few gray levels
+        bits = int(fmt.split("-")[1][0])
+        levels = np.round(page.mean(-1) * (2**bits - 1)) * (255 // (2**bits - 1))
+        buf = io.BytesIO()
+        Image.fromarray(levels.astype(np.uint8)).save(buf, format="PNG", bits=bits)
+        data = buf.getvalue()
+        assert data[24] == bits and data[25] == 0  # IHDR: that bit depth, grayscale
+        # read exactly as the same pixels saved with 8 bits
+        reference = _normalize(_encode(levels[..., None] / 255, "PNG"))[0]
     elif fmt.endswith("-gray"):
         data = _encode(page.mean(-1, keepdims=True), fmt.split("-")[0])
     else:
         data = _encode(page, fmt)
     [out] = _normalize(data)
-    assert _similar(out, reference) > 0.9
+    assert _similar(out, reference) > (0.999 if fmt.endswith(("1bit", "2bit", "4bit")) else 0.9)
 
 
 def test_a_huge_and_a_tiny_image_in_one_batch_are_each_handled_alone():
