@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +26,9 @@ from typing import Any, NoReturn
 import numpy as np
 
 from serving.client import (
+    FlagError,
     GrpcClient,
     LocalPredictor,
-    ModelChoiceError,
     Prediction,
     RestClient,
     ServerError,
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         answer = client.status() if args.command == "status" else client.metadata()
         print(json.dumps(answer, indent=2))
         return EXIT_OK
-    except ModelChoiceError as e:
+    except FlagError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except InputError as e:
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.show is not None:
+        _check_writable(args.show)
     inputs = load_inputs(args.inputs)  # every input checked before anything is sent
     signature = "predict_png" if args.png else args.signature
     routes = _routes(inputs, signature)
@@ -193,7 +196,7 @@ def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | Grp
     """The client --local or --server asks for, and where it runs the model (for people)."""
     client: LocalPredictor | RestClient | GrpcClient
     if args.version is not None and args.label is not None:
-        raise ModelChoiceError("give --version or --label, not both")
+        raise FlagError("give --version or --label, not both")
     if args.local is not None:
         client = LocalPredictor(local_model_dir(args.local, args.version, args.label))
         where = f"local SavedModel {client.path}"
@@ -306,5 +309,22 @@ def _write_sheet(path: Path, seen: np.ndarray, rows: list[dict[str, Any]]) -> No
         lines.append(f"via {r['signature']}")
         for j, line in enumerate(lines):
             draw.text((pad * 2 + cell, top + 4 + 18 * j), line, fill=(255, 255, 255))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the predictions were printed; the picture is not
+        tmp.unlink(missing_ok=True)
+        raise ServerError(f"could not write --show {path}: {e.strerror or e}") from None
+
+
+def _check_writable(path: Path) -> None:
+    """--show must name a file that can be written, checked before anything is sent."""
+    if path.is_dir():
+        raise FlagError(f"--show {path} is a folder: give a file name, e.g. {path / 'seen.png'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise FlagError(f"--show {path}: {folder} is not a writable folder")

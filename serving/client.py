@@ -76,8 +76,9 @@ def damaged_message(path: Path, damaged: list[str]) -> str:
     )
 
 
-class ModelChoiceError(InputError):
-    """--local, --version or --label do not name a model (a usage error, like a bad input)."""
+class FlagError(InputError):
+    """A flag that cannot be used as given (--local, --version or --label naming no model, a
+    --show path that cannot be written): a usage error, like a bad input."""
 
 
 def local_model_dir(path: Path, version: int | None = None, label: str | None = None) -> Path:
@@ -89,10 +90,10 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
 
     path = Path(path)
     if version is not None and label is not None:
-        raise ModelChoiceError("give --version or --label, not both")
+        raise FlagError("give --version or --label, not both")
     if (path / "saved_model.pb").is_file():
         if version is not None or label is not None:
-            raise ModelChoiceError(
+            raise FlagError(
                 f"{path} is one SavedModel: --version and --label choose among the versions "
                 f"of a models base folder (e.g. {path.parent})"
             )
@@ -110,14 +111,14 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
         except versions.VersionError as e:
             raise ServerError(str(e)) from None
         if version is None:
-            raise ModelChoiceError(
+            raise FlagError(
                 f"no version is labelled {label!r} under {path} (labels: "
                 f"{', '.join(versions.LABELS)}; set with `python -m pipeline models promote N`)"
             )
     chosen = path / str(version)
     if not (chosen / "saved_model.pb").is_file():
         published = versions.published(path) if path.is_dir() else []
-        raise ModelChoiceError(
+        raise FlagError(
             f"no version {version} under {path} (published: "
             f"{', '.join(map(str, published)) or 'none'})"
         )

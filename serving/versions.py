@@ -168,14 +168,23 @@ def _write(base: Path, labels: dict[str, Any], base_path: str | None) -> Path:
 
 
 def _write_locked(base: Path, labels: dict[str, Any], base_path: str | None) -> Path:
+    """Both files written whole under temporary names first, then renamed (TF Serving polls the
+    config: never half-written); a full disk leaves both as they were."""
     root = Path(base).parent
-    for name, text in (
-        (LABELS_FILE, json.dumps(labels, indent=2) + "\n"),
-        (CONFIG_FILE, model_server_config(labels, base_path or str(Path(base).resolve()))),
-    ):
-        tmp = root / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, root / name)  # TF Serving polls the file: never half-written
+    files = {
+        root / LABELS_FILE: json.dumps(labels, indent=2) + "\n",
+        root / CONFIG_FILE: model_server_config(labels, base_path or str(Path(base).resolve())),
+    }
+    tmps = {path: path.with_name(f".{path.name}.tmp") for path in files}
+    try:
+        for path, text in files.items():
+            tmps[path].write_text(text)
+    except OSError as e:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise VersionError(f"could not write {root}: {e.strerror or e}; nothing changed") from None
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
     return root / CONFIG_FILE
 
 

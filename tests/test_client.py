@@ -473,6 +473,20 @@ def test_cli_show_writes_what_the_model_saw(exported, tmp_path, capsys):
     np.testing.assert_array_equal(image[8 : 8 + 168, 8 : 8 + 168], enlarged)
 
 
+def test_cli_show_to_a_place_that_cannot_be_written_is_one_line(exported, tmp_path, capsys):
+    np.save(tmp_path / "b.npy", _digit_image())
+    common = ["predict", str(tmp_path / "b.npy"), "--local", str(exported), "--show"]
+    assert client_main([*common, str(tmp_path)]) == 2  # a folder: refused before sending
+    assert "is a folder" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert client_main([*common, str(blocked / "seen.png")]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    assert client_main([*common, "/proc/seen.png"]) == 1  # the write itself fails
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not write --show") and len(err.splitlines()) == 1, err
+
+
 def test_cli_shows_uncertain_and_the_top_3_when_the_model_says(rest_server, tmp_path, capsys):
     _photo(tmp_path / "a.jpg")
     _photo(tmp_path / "b.png", digit=4, fmt="PNG")

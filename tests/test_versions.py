@@ -135,3 +135,25 @@ def test_local_predictions_run_the_version_tf_serving_would(three_versions, tmp_
     assert serving_cli.main(["predict", str(digit), "--local", str(base), "--version", "9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no version 9") and len(err.splitlines()) == 1, err
+
+
+def test_a_full_disk_while_labelling_changes_nothing(three_versions, monkeypatch, capsys):
+    import pathlib
+
+    base = three_versions
+    artifacts = ["--artifacts-dir", str(base.parents[1])]
+    assert cli.main(["models", "promote", "2", *artifacts]) == 0
+    before = {p.name: p.read_bytes() for p in base.parent.glob("*.*")}
+    real = pathlib.Path.write_text
+
+    def full(self, *a, **k):
+        if self.name == f".{versions.CONFIG_FILE}.tmp":
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    assert cli.main(["models", "promote", "3", *artifacts]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in base.parent.glob("*.*")} == before
+    assert not list(base.parent.glob(".*.tmp"))
