@@ -238,12 +238,14 @@ class Field:
         ):
             return "a finite number > 0"
         parts = [kind[self.type]]
+        # integers written out (2**32 as 4294967296, not 4.29497e+09)
+        show = (lambda v: str(int(v))) if self.type is int else (lambda v: f"{v:g}")
         if low is not None or high is not None or below is not None:
-            lo = f"[{low:g}" if low is not None else "(-inf"
+            lo = f"[{show(low)}" if low is not None else "(-inf"
             hi = (
-                f"{high:g}]"
+                f"{show(high)}]"
                 if high is not None
-                else (f"{below:g})" if below is not None else "inf)")
+                else (f"{show(below)})" if below is not None else "inf)")
             )
             parts.append(f"in {lo}, {hi}")
         return " ".join(parts) + (" (or null)" if self.optional else "")

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from components import data, monitoring, trainer
 from components.model import build_model
-from tests.helpers import make_digits
+from tests.helpers import ROOT, make_digits
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +31,17 @@ def _free_port() -> int:
 
 
 class TensorBoardServer:
-    """`tensorboard --logdir_spec runs:...,tuning:...`, as the Makefile starts it."""
+    """`tensorboard --logdir_spec runs:...,tuning:...`, as `make tensorboard` starts it (through
+    pipeline/tensorboard.py, which only hides TensorFlow's native start-up lines)."""
 
     def __init__(self, artifacts: Path):
         self.port = _free_port()
-        tensorboard = Path(sys.executable).with_name("tensorboard")
+        self.log = artifacts.parent / f"tensorboard-{self.port}.log"
         self.proc = subprocess.Popen(
             [
-                str(tensorboard),
+                sys.executable,
+                "-m",
+                "pipeline.tensorboard",
                 "--logdir_spec",
                 f"runs:{artifacts / 'tensorboard'},tuning:{artifacts / 'tuning'}",
                 "--host",
@@ -49,7 +52,8 @@ class TensorBoardServer:
                 "1",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=open(self.log, "w"),
+            cwd=ROOT,
         )
         deadline = time.time() + 60
         while True:
@@ -78,6 +82,10 @@ class TensorBoardServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        from components.console import is_noise
+
+        lines = self.log.read_text().splitlines()
+        assert not [line for line in lines if is_noise(line)], lines  # a quiet console
 
 
 class _Watcher(keras.callbacks.Callback):
