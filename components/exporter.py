@@ -432,7 +432,9 @@ def publish_staged(
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
-                raise PublishError(f"could not write version {version} under {base}: {e}") from e
+                raise PublishError(
+                    f"could not write version {version} under {base}: {_os_error_text(e)}"
+                ) from e
             raise
         pruned: list[int] = []
         if keep_versions:
@@ -441,6 +443,15 @@ def publish_staged(
             except OSError as e:  # the version is published; pruning is housekeeping
                 log.warning("could not prune old versions under %s: %s", base, e)
     return PublishResult(version, final, pruned)
+
+
+def _os_error_text(e: OSError) -> str:
+    """shutil.copytree's error holds a list of (source, destination, reason): the first reason."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        first = e.args[0][0]
+        more = len(e.args[0]) - 1
+        return f"{first[-1]}" + (f" (and {more} more files)" if more else "")
+    return str(e)
 
 
 def version_of_run(base: Path, run_id: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -457,12 +458,19 @@ def write_report(
     report_dir.mkdir(parents=True, exist_ok=True)
     if figures is None:
         figures = build_figures(predictions, metrics, history)
+    files = {**figures, "index.html": render_html(figures, metrics, config).encode()}
     written = []
-    for name, data in figures.items():
-        path = report_dir / name
-        path.write_bytes(data)
+    for name, data in files.items():
+        path, tmp = report_dir / name, report_dir / f".tmp-{name}"
+        try:  # each file whole or not at all (a full disk leaves no 0-byte figure)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise ReportWriteError(e.errno, f"could not write {path}: {e.strerror or e}") from None
         written.append(path)
-    page = report_dir / "index.html"
-    page.write_text(render_html(figures, metrics, config))
-    written.append(page)
     return written
+
+
+class ReportWriteError(OSError):
+    """Writing the report failed (a full disk, a read-only folder); what was written is whole."""

@@ -374,18 +374,19 @@ def _train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     check_artifacts_dir(args.artifacts_dir)
     from components.strategy import parse_tf_config
-    from pipeline.run import Paths, train_pipeline
+    from pipeline.run import Paths, new_run_id, train_pipeline
 
     paths = Paths(args.artifacts_dir, args.tfds_data_dir, args.tfds_manual_dir)
+    run_id = args.run_name or new_run_id()
     try:
         result = train_pipeline(
             config,
             paths,
-            run_id=args.run_name,
+            run_id=run_id,
             tf_config=parse_tf_config(os.environ.get("TF_CONFIG")),
         )
     except Exception as e:
-        mapped = map_error(e)
+        mapped = map_error(e, run_id)
         if mapped is None:
             raise
         return _fail(*mapped)
@@ -396,7 +397,7 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def map_error(e: BaseException) -> tuple[int, str] | None:
+def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | None:
     """The exit code and one-line message for an error a user, a file or the disk can cause;
     None for a bug (the traceback is then printed, exit 1)."""
     import errno
@@ -425,11 +426,7 @@ def map_error(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, ArtifactError):
         return EXIT_PUBLISH, str(e)
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
-        hint = (
-            " (disk full: free space and run the same command again with --run-name)"
-            if e.errno == errno.ENOSPC
-            else ""
-        )
+        hint = _disk_full_hint(run_id) if e.errno == errno.ENOSPC else ""
         return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
     if isinstance(
         e,
@@ -444,8 +441,14 @@ def map_error(e: BaseException) -> tuple[int, str] | None:
         # TensorFlow's file I/O errors are not OSErrors (e.g. disk full inside SavedModel or
         # TFRecord writers).
         first = (e.message or str(e)).strip().splitlines()[0][:300]
-        return EXIT_PUBLISH, f"could not write or read a file: {type(e).__name__}: {first}"
+        hint = _disk_full_hint(run_id) if isinstance(e, tf.errors.ResourceExhaustedError) else ""
+        return EXIT_PUBLISH, f"could not write or read a file: {type(e).__name__}: {first}{hint}"
     return None
+
+
+def _disk_full_hint(run_id: str | None) -> str:
+    again = f"--run-name {run_id}" if run_id else "the same --run-name"
+    return f" (disk full? free space and run the same command again with {again}: it goes on)"
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -483,8 +486,12 @@ def _report(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     if not (run_dir / "metrics.json").is_file():
         raise UsageError(f"{run_dir} is not a finished run (no metrics.json)")
+    from components.report import ReportWriteError
+
     try:
         written = rebuild_report(run_dir)
+    except ReportWriteError as e:
+        return _fail(EXIT_PUBLISH, f"{run_dir}: {e.strerror}")
     except (OSError, ValueError, KeyError) as e:  # a garbled metrics.json or predictions.npz
         return _fail(
             EXIT_PUBLISH,

@@ -208,14 +208,25 @@ def finish(run: stages.Run) -> RunResult:
     return RunResult(run.run_id, run.layout.root, run.metrics)
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A run's JSON file, or a ValueError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged (not JSON: {e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object)")
+    return value
+
+
 def rebuild_report(run_dir: Path) -> list[Path]:
     """Redraw an earlier run's report from its saved evaluation outputs."""
     from components import report
 
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = _read_json_object(run_dir / "metrics.json")
     predictions = report.load_predictions(run_dir / report.PREDICTIONS_FILE)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = _read_json_object(run_dir / "config.json")
     return report.write_report(
         run_dir / "report",
         predictions,

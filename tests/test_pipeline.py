@@ -210,3 +210,40 @@ def test_same_seed_same_weights_whatever_ran_before(tmp_path, tiny_data, monkeyp
     monkeypatch.setattr(stages, "ingest", lambda run: (ingest(run), random.random()))
     second = train_pipeline(config, Paths(tmp_path / "b"), data=tiny_data)
     assert first.metrics["weights_sha256"] == second.metrics["weights_sha256"]
+
+
+def test_a_report_that_cannot_be_written_leaves_no_partial_figure(tmp_path, monkeypatch, capsys):
+    import pathlib
+
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    from components.evaluator import compute_metrics
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.random((8, 10), dtype=np.float32)
+    labels = np.arange(8) % 10
+    with open(run / "predictions.npz", "wb") as f:
+        np.savez(
+            f,
+            images=rng.integers(0, 255, (8, 28, 28), dtype=np.uint8),
+            labels=labels,
+            probabilities=probabilities,
+            train_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+            train_labels=np.arange(4),
+        )
+    metrics = compute_metrics(probabilities, labels)
+    (run / "metrics.json").write_text(json.dumps(metrics, default=lambda a: np.asarray(a).tolist()))
+    (run / "config.json").write_text("{}")
+    real = pathlib.Path.write_bytes
+
+    def full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    assert main(["report", str(run)]) == 6
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left" in err and len(err.splitlines()) == 1
+    assert [p.name for p in (run / "report").iterdir()] == []  # nothing half-written

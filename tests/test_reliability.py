@@ -436,6 +436,7 @@ def test_gpu_demanded_without_gpu_is_a_usage_error(tmp_path):
 def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, monkeypatch, capsys):
     from components import report
     from pipeline import cli
+    from pipeline import run as pipeline_run
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
@@ -445,19 +446,25 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
     monkeypatch.setattr(
         "pipeline.run.train_pipeline",
         lambda config, p, run_id=None, tf_config=None: train_pipeline(
-            config.replace(**small_config(device="cpu").to_dict()), paths, data=tiny_data
+            config.replace(**small_config(device="cpu").to_dict()),
+            paths,
+            run_id=run_id,
+            data=tiny_data,
         ),
+    )
+    ids = []
+    real_new_run_id = pipeline_run.new_run_id
+    monkeypatch.setattr(
+        pipeline_run, "new_run_id", lambda: ids.append(real_new_run_id()) or ids[-1]
     )
     code = cli.main(["train", "--artifacts-dir", str(paths.artifacts)])
     assert code == cli.EXIT_PUBLISH == 6
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .splitlines()[-1]
-        .startswith(
-            "error: could not write artifacts: [Errno 28] No space left on device (disk full"
-        )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: could not write artifacts: [Errno 28] No space left on device (disk full"
     )
+    assert f"again with --run-name {ids[0]}:" in last  # the id of the run that stopped
+    assert (paths.runs / ids[0]).is_dir()
     # what was published before the failure is complete; no temporary folder is left behind
     for v in exporter.published_versions(paths.models):
         assert (paths.models / str(v) / "saved_model.pb").is_file()
