@@ -167,14 +167,25 @@ def _predict(args: argparse.Namespace) -> int:
     )
     client, where = _client(args)
     results = _send(client, inputs, routes, seen)
-    rows = [_row(item, *result) for item, result in zip(inputs, results) if result]
+    refused = [
+        f"{item.source}: refused by the model: {r.reason}"
+        for item, r in zip(inputs, results)
+        if isinstance(r, Refused)
+    ]
+    rows = [
+        _row(item, *result)
+        for item, result in zip(inputs, results)
+        if result and not isinstance(result, Refused)
+    ]
+    if args.show and seen is not None and refused:
+        seen = np.stack([s for s, r in zip(seen, results) if not isinstance(r, Refused)])
     if args.show and seen is not None:
         _write_sheet(args.show, seen, rows)
         for r in rows:
             r["seen"] = str(args.show)
     if args.json:
-        print(json.dumps({"model": where, "predictions": rows}, indent=2))
-        return EXIT_OK
+        print(json.dumps({"model": where, "predictions": rows, "refused": refused}, indent=2))
+        return _report_refused(refused)
     print(f"model: {where}")
     for r in rows:
         flag = "  UNCERTAIN" if r.get("uncertain") else ""
@@ -189,7 +200,13 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"  probabilities: {probs}")
     if args.show:
         print(f"what the model saw: {args.show}")
-    return EXIT_OK
+    return _report_refused(refused)
+
+
+def _report_refused(refused: list[str]) -> int:
+    for line in refused:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_USAGE if refused else EXIT_OK
 
 
 def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | GrpcClient, str]:
@@ -219,16 +236,25 @@ def _send(
     inputs: list[LoadedInput],
     routes: list[str],
     seen: np.ndarray | None,
-) -> list[tuple[str, Prediction, int] | None]:
+) -> list[tuple[str, Prediction, int] | Refused | None]:
     """One request per signature, with all the inputs routed to it; for each input, the
     signature, the prediction of its request and its row in it."""
-    results: list[tuple[str, Prediction, int] | None] = [None] * len(inputs)
+    results: list[tuple[str, Prediction, int] | Refused | None] = [None] * len(inputs)
     groups: dict[str, list[int]] = {}
     for i, sig in enumerate(routes):
         groups.setdefault(sig, []).append(i)
     for sig, indices in groups.items():
         if sig == "predict_image":
-            prediction = client.predict_photos([inputs[i].photo for i in indices])
+            try:
+                prediction = client.predict_photos([inputs[i].photo for i in indices])
+            except ServerError as e:
+                # The graph refuses a whole batch for one photo it cannot use: ask photo by
+                # photo, to answer the others and name the one refused.
+                if len(indices) == 1:
+                    raise
+                for i in indices:
+                    results[i] = _alone(client, inputs[i], e)
+                continue
         elif sig == "predict_png":
             prediction = client.predict_encoded(
                 [
@@ -245,6 +271,25 @@ def _send(
         for row, i in enumerate(indices):
             results[i] = (sig, prediction, row)
     return results
+
+
+class Refused:
+    """A photo the model refused (alone, after its batch was refused)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _alone(
+    client: LocalPredictor | RestClient | GrpcClient, item: LoadedInput, batch_error: ServerError
+) -> tuple[str, Prediction, int] | Refused:
+    try:
+        return ("predict_image", client.predict_photos([item.photo]), 0)
+    except ServerError as e:
+        reason = str(e).split("refused the request: ", 1)[-1]
+        if reason == str(e) and "refused the request" not in str(batch_error):
+            raise batch_error from None  # not a refusal (the server is down): the first error
+        return Refused(reason)
 
 
 def _routes(inputs: list[LoadedInput], signature: str) -> list[str]:

@@ -226,7 +226,13 @@ def _from_photo(path: Path, data: bytes) -> LoadedInput:
         raise InputError(
             f"{path}: more than the {MAX_PIXELS:,} pixels the model accepts ({e})"
         ) from None
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError:
+        raise InputError(
+            f"{path}: not an image the client can read "
+            f"(PNG, JPEG, GIF, BMP, .npy or IDX expected)"
+            + (": the file is empty" if not data else "")
+        ) from None
+    except OSError as e:
         raise InputError(
             f"{path}: not an image the client can read "
             f"(PNG, JPEG, GIF, BMP, .npy or IDX expected): {e}"
