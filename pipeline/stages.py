@@ -628,7 +628,9 @@ def _check_baseline(baseline: Path | None) -> None:
     from components.infra_validator import InfraValidationError
     from serving.client import damaged_message
 
-    damaged = damaged_files(baseline) if baseline is not None else None
+    if baseline is None:
+        return
+    damaged = damaged_files(baseline)
     if damaged:
         raise InfraValidationError(
             "the baseline (the latest published version) "
