@@ -30,6 +30,7 @@ from serving.client import (
     GrpcClient,
     LocalPredictor,
     Prediction,
+    Refusal,
     RestClient,
     ServerError,
     local_model_dir,
@@ -177,8 +178,6 @@ def _predict(args: argparse.Namespace) -> int:
         for item, result in zip(inputs, results)
         if result and not isinstance(result, Refused)
     ]
-    if args.show and seen is not None and refused:
-        seen = np.stack([s for s, r in zip(seen, results) if not isinstance(r, Refused)])
     if args.show and seen is not None:
         _write_sheet(args.show, seen, rows)
         for r in rows:
@@ -247,7 +246,7 @@ def _send(
         if sig == "predict_image":
             try:
                 prediction = client.predict_photos([inputs[i].photo for i in indices])
-            except ServerError as e:
+            except Refusal as e:
                 # The graph refuses a whole batch for one photo it cannot use: ask photo by
                 # photo, to answer the others and name the one refused.
                 if len(indices) == 1:
@@ -281,15 +280,14 @@ class Refused:
 
 
 def _alone(
-    client: LocalPredictor | RestClient | GrpcClient, item: LoadedInput, batch_error: ServerError
+    client: LocalPredictor | RestClient | GrpcClient, item: LoadedInput, batch_error: Refusal
 ) -> tuple[str, Prediction, int] | Refused:
     try:
         return ("predict_image", client.predict_photos([item.photo]), 0)
-    except ServerError as e:
-        reason = str(e).split("refused the request: ", 1)[-1]
-        if reason == str(e) and "refused the request" not in str(batch_error):
-            raise batch_error from None  # not a refusal (the server is down): the first error
-        return Refused(reason)
+    except Refusal as e:
+        return Refused(e.reason)
+    except ServerError:
+        raise batch_error from None  # not a refusal (the server went away): the first error
 
 
 def _routes(inputs: list[LoadedInput], signature: str) -> list[str]:

@@ -28,6 +28,15 @@ class ServerError(RuntimeError):
     """The server refused, failed, or could not be reached."""
 
 
+class Refusal(ServerError):
+    """The model refused the request's inputs (InvalidArgument in the graph: HTTP 400 from TF
+    Serving's REST API, INVALID_ARGUMENT over gRPC); `reason` is the graph's message."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     probabilities: np.ndarray  # float32 [N, 10]
@@ -164,8 +173,9 @@ class LocalPredictor:
         try:
             out = self._model.signatures[signature](**inputs)
         except self._tf.errors.InvalidArgumentError as e:
-            raise ServerError(
-                f"{self.path}: {signature} refused the request: {assertion_text(e.message)}"
+            reason = assertion_text(e.message)
+            raise Refusal(
+                f"{self.path}: {signature} refused the request: {reason}", reason
             ) from None
         return Prediction.from_outputs({k: v.numpy() for k, v in out.items()})
 
@@ -221,6 +231,8 @@ class RestClient(_ServerClient):
                 payload = response.read()
         except urllib.error.HTTPError as e:
             detail = _error_text(e.read()) or e.reason
+            if e.code == 400:  # TF Serving's answer to an InvalidArgument in the graph
+                raise Refusal(f"{url}: HTTP 400: {detail}", assertion_text(str(detail))) from None
             raise ServerError(f"{url}: HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
             reason = e.reason
@@ -313,7 +325,10 @@ class GrpcClient(_ServerClient):
         try:
             response = self._stub.Predict(request, timeout=self.timeout)
         except self._grpc.RpcError as e:
-            raise ServerError(f"{self.server}: gRPC {e.code().name}: {e.details()}") from None
+            message = f"{self.server}: gRPC {e.code().name}: {e.details()}"
+            if e.code() == self._grpc.StatusCode.INVALID_ARGUMENT:
+                raise Refusal(message, assertion_text(str(e.details()))) from None
+            raise ServerError(message) from None
         try:
             return Prediction.from_outputs(
                 {k: tf.make_ndarray(v) for k, v in response.outputs.items()}

@@ -589,15 +589,21 @@ def test_a_truncated_idx_header_is_one_line(tmp_path, data):
         load_inputs([path])
 
 
-def test_one_refused_photo_is_named_and_the_others_answered(exported, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["local", "rest"])
+def test_one_refused_photo_is_named_and_the_others_answered(
+    exported, rest_server, tmp_path, capsys, where
+):
     """predict_image refuses a whole batch for one unusable photo: the client asks photo by
-    photo, answers the others and names the refused one (exit 2)."""
+    photo, answers the others and names the refused one (exit 2), in-process or over REST
+    (TF Serving's HTTP 400)."""
     _photo(tmp_path / "a.jpg")
     Image.new("L", (200, 200), 250).save(tmp_path / "blank.png")
     _photo(tmp_path / "c.png", digit=4, fmt="PNG")
     photos = [str(tmp_path / n) for n in ("a.jpg", "blank.png", "c.png")]
-    assert client_main(["predict", *photos, "--local", str(exported)]) == 2
+    target = ["--local", str(exported)] if where == "local" else ["--server", rest_server]
+    assert client_main(["predict", *photos, *target]) == 2
     out, err = capsys.readouterr()
     assert "a.jpg: digit" in out and "c.png: digit" in out and "blank.png" not in out
-    assert err.startswith("error: blank.png: refused by the model: no digit found"), err
+    assert err.startswith("error: blank.png: refused by the model: "), err
+    assert "no digit found" in err
     assert len(err.strip().splitlines()) == 1
