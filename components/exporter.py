@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from components.data import IMAGE_SHAPE, preprocess
-from components.files import tree_sha256, write_manifest
+from components.files import file_digests, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,8 @@ def publish_staged(
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
             shutil.copytree(staged, tmp)
-            if tree_sha256(tmp) != tree_sha256(staged):  # read back: what was validated
+            copied = file_digests(tmp)
+            if copied != file_digests(staged):  # read back: what was validated
                 raise PublishError(f"the copy of {staged} in {tmp} differs from it (disk?)")
             extra = tmp / "assets.extra"
             extra.mkdir(exist_ok=True)
@@ -426,7 +427,10 @@ def publish_staged(
                 (extra / name).write_bytes(
                     content if isinstance(content, bytes) else content.encode()
                 )
-            write_manifest(tmp)  # what `make predict`, `models list` and the next gate verify
+            # what `make predict`, `models list` and the next gate verify (assets.extra/ files
+            # written just now are hashed; the copied ones were, a moment ago)
+            rewritten = {f"assets.extra/{name}" for name in extras}
+            write_manifest(tmp, known={k: v for k, v in copied.items() if k not in rewritten})
             _fsync_tree(tmp)
             os.rename(tmp, final)
         except BaseException as e:

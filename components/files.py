@@ -13,34 +13,40 @@ def sha256(path: Path | str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def file_digests(folder: Path | str, known: dict[str, str] | None = None) -> dict[str, str]:
+    """{relative path: SHA-256} for every file under `folder`; `known` digests of files not
+    changed since are taken as they are."""
+    folder = Path(folder)
+    digests = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            relative = p.relative_to(folder).as_posix()
+            digests[relative] = (known or {}).get(relative) or sha256(p)
+    return digests
+
+
 def tree_sha256(path: Path | str) -> str:
     """One SHA-256 for a file, or for a folder: over every file's relative path and SHA-256
     (a SavedModel, its variables and assets). What a stage record vouches for."""
     path = Path(path)
     if path.is_file():
         return sha256(path)
-    lines = [
-        f"{p.relative_to(path).as_posix()} {sha256(p)}\n"
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    ]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    lines = "".join(f"{name} {digest}\n" for name, digest in file_digests(path).items())
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 VERSION_MANIFEST = "assets.extra/files_sha256.json"  # in each published version
 
 
-def write_manifest(folder: Path | str, name: str = VERSION_MANIFEST) -> None:
+def write_manifest(
+    folder: Path | str, name: str = VERSION_MANIFEST, known: dict[str, str] | None = None
+) -> None:
     """Record the SHA-256 of every file under `folder` (but the manifest) in `folder/name`."""
     import json
 
-    folder = Path(folder)
-    manifest = {
-        p.relative_to(folder).as_posix(): sha256(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder).as_posix() != name
-    }
-    (folder / name).write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest = file_digests(folder, known)
+    manifest.pop(name, None)
+    (Path(folder) / name).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def damaged_files(folder: Path | str, name: str = VERSION_MANIFEST) -> list[str] | None:
