@@ -8,6 +8,9 @@ gradient, a vignette, sometimes a hard shadow), with paper texture, sensor noise
 lines or a margin line; a thick or thin pen; sometimes low contrast; the digit off-centre at a
 random size, sometimes touching the border; a slight rotation (+-10 degrees) and blur; saved as
 JPEG (quality 35..95) or PNG (some grayscale), on canvases whose longer side is 120..1000 px.
+`generate(..., ballpoint=True)` renders phone-sized photos instead (longer side 1000..2000 px)
+of digits written with a ballpoint: MNIST's strokes thinned to their skeleton and drawn again
+with a pen 1-4% of the digit's height wide, a hairline at MNIST's scale once fitted to 20x20.
 Everything is drawn from seeded generators, so the same (n, seed) gives the same bytes, and
 photo k is the same whatever n. `generate_blank` renders the same pages with no digit.
 
@@ -54,10 +57,12 @@ def generate(
     digits: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     size: tuple[int, int] | None = None,
+    ballpoint: bool = False,
 ) -> list[Photo]:
     """`n` photo-like renderings of distinct MNIST test digits, deterministic in (n, seed).
 
-    `digits`/`labels` default to the MNIST test split; `size` (width, height) fixes the canvas.
+    `digits`/`labels` default to the MNIST test split; `size` (width, height) fixes the canvas;
+    `ballpoint`: phone-sized photos of a thin pen (the module's docstring).
     """
     if digits is None or labels is None:
         digits, labels = load_test_digits()
@@ -67,7 +72,7 @@ def generate(
     photos = []
     for k, i in enumerate(chosen):
         sample_rng = np.random.default_rng([seed, k])
-        data, description = render(digits[i], sample_rng, size=size)
+        data, description = render(digits[i], sample_rng, size=size, ballpoint=ballpoint)
         photos.append((data, int(labels[i]), f"test[{i}] {description}"))
     return photos
 
@@ -82,18 +87,22 @@ def generate_blank(n: int, seed: int = 0) -> list[tuple[bytes, str]]:
 
 
 def render(
-    digit: np.ndarray | None, rng: np.random.Generator, size: tuple[int, int] | None = None
+    digit: np.ndarray | None,
+    rng: np.random.Generator,
+    size: tuple[int, int] | None = None,
+    ballpoint: bool = False,
 ) -> tuple[bytes, str]:
     """One MNIST digit (uint8 [28, 28], white on black) as an encoded photo of handwriting;
     `digit` None gives a blank page under the same conditions (which must be refused)."""
     # Each step appends what it did to `notes` and draws from `rng` in a fixed order: the same
     # generator gives the same bytes.
     notes: list[str] = []
-    width, height = _canvas_size(rng, size)
+    width, height = _canvas_size(rng, size, (1000, 2000) if ballpoint else (120, 1000))
     notes.append(f"{width}x{height}")
     paper, page = _paper(rng, width, height)
     page = _ruled(rng, page, notes)
-    alpha = _place(_pen_trace(digit, rng, notes), rng, width, height, notes)
+    trace = _ballpoint_trace(digit, rng, notes) if ballpoint else _pen_trace(digit, rng, notes)
+    alpha = _place(trace, rng, width, height, notes)
     ink = _ink(rng, paper, notes)
     opacity = rng.uniform(0.85, 1.0)
     a = (opacity * alpha)[..., None]
@@ -101,11 +110,14 @@ def render(
     return _encode(rng, _camera(rng, image, notes), notes), ", ".join(notes)
 
 
-def _canvas_size(rng: np.random.Generator, size: tuple[int, int] | None) -> tuple[int, int]:
-    """(width, height): `size`, or a random photo shape, landscape or portrait."""
+def _canvas_size(
+    rng: np.random.Generator, size: tuple[int, int] | None, long_sides: tuple[int, int]
+) -> tuple[int, int]:
+    """(width, height): `size`, or a random photo shape, landscape or portrait, its longer
+    side within `long_sides`."""
     if size is not None:
         return size
-    long_side = int(rng.integers(120, 1001))
+    long_side = int(rng.integers(long_sides[0], long_sides[1] + 1))
     aspect = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9]))
     short_side = max(96, int(round(long_side / aspect)))
     return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
@@ -189,6 +201,68 @@ def _pen_trace(digit: np.ndarray | None, rng: np.random.Generator, notes: list[s
     notes.append(f"rotated {angle:+.1f}")
     bbox = trace.getbbox() or (0, 0, trace.width, trace.height)
     return trace.crop(bbox)
+
+
+def _ballpoint_trace(digit: np.ndarray | None, rng: np.random.Generator, notes: list[str]) -> Any:
+    """The digit written with a ballpoint: the skeleton of MNIST's strokes (upscaled 6x) drawn
+    again, 600 px high, with a round pen 1-4% of that wide; rotated and cropped like _pen_trace."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    if digit is None:
+        notes.append("blank page")
+        return Image.new("L", (8, 8))
+    ys, xs = np.nonzero(digit)
+    crop = digit[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    up = Image.fromarray(crop).resize(
+        (crop.shape[1] * 6, crop.shape[0] * 6), Image.Resampling.BICUBIC
+    )
+    skeleton = _thinned(np.pad(np.asarray(up) > 100, 1))
+    scale = 600 / skeleton.shape[0]
+    width = rng.uniform(0.01, 0.04) * 600
+    canvas = Image.new("L", (int(skeleton.shape[1] * scale) + 1, 601))
+    draw = ImageDraw.Draw(canvas)
+    points = {(int(y), int(x)) for y, x in zip(*np.nonzero(skeleton))}
+    r = width / 2
+    for y, x in points:
+        cy, cx = (y + 0.5) * scale, (x + 0.5) * scale
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            if (y + dy, x + dx) in points:
+                end = ((x + dx + 0.5) * scale, (y + dy + 0.5) * scale)
+                draw.line([(cx, cy), end], fill=255, width=max(1, round(width)))
+    # Smoothed: the skeleton's pixel steps would show as a wobble at this scale.
+    canvas = canvas.filter(ImageFilter.GaussianBlur(width / 3)).point(lambda v: 255 * (v > 110))
+    notes.append(f"ballpoint ({100 * width / 600:.1f}% of the digit's height)")
+    angle = rng.uniform(-10, 10)
+    trace = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    notes.append(f"rotated {angle:+.1f}")
+    return trace.crop(trace.getbbox() or (0, 0, trace.width, trace.height))
+
+
+def _thinned(mask: np.ndarray) -> np.ndarray:
+    """Zhang and Suen's thinning (1984) of a boolean image: its one-pixel-wide skeleton."""
+    img = mask.astype(np.uint8)
+    changed = True
+    while changed:
+        changed = False
+        for step in (0, 1):
+            p = np.pad(img, 1)
+            # the 8 neighbours clockwise from the top: P2..P9
+            nb = [p[:-2, 1:-1], p[:-2, 2:], p[1:-1, 2:], p[2:, 2:]]
+            nb += [p[2:, 1:-1], p[2:, :-2], p[1:-1, :-2], p[:-2, :-2]]
+            count = sum(n.astype(int) for n in nb)
+            ring = nb + [nb[0]]
+            transitions = sum(((ring[i] == 0) & (ring[i + 1] == 1)).astype(int) for i in range(8))
+            p2, p4, p6, p8 = nb[0], nb[2], nb[4], nb[6]
+            if step == 0:
+                side = (p2 * p4 * p6 == 0) & (p4 * p6 * p8 == 0)
+            else:
+                side = (p2 * p4 * p8 == 0) & (p2 * p6 * p8 == 0)
+            drop = (img == 1) & (count >= 2) & (count <= 6) & (transitions == 1) & side
+            if drop.any():
+                img[drop] = 0
+                changed = True
+    return img.astype(bool)
 
 
 def _place(
@@ -405,6 +479,7 @@ def _conditions(description: str) -> list[str]:
         "PNG",
         "thick pen",
         "thin pen",
+        "ballpoint",
         "blue ink",
         "pencil ink",
         "black ink",
@@ -500,6 +575,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=300, help="photos (default 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--ballpoint",
+        type=int,
+        default=60,
+        help="phone-sized photos of a ballpoint pen (default 60; 0 skips them)",
+    )
+    parser.add_argument(
         "--blank",
         type=int,
         default=50,
@@ -534,12 +615,16 @@ def _measure(
     result["clean_28x28_accuracy_serving_default"] = clean_accuracy(model, digits, labels)
     same = _test_indices(photos)
     result["same_digits_clean_accuracy"] = clean_accuracy(model, digits[same], labels[same])
+    if args.ballpoint:
+        pens = generate(args.ballpoint, args.seed, digits=digits, labels=labels, ballpoint=True)
+        result["ballpoint"] = evaluate(signature, pens)
     blanks = generate_blank(args.blank, args.seed)
     result["blank_pages"] = {"n": len(blanks), "refused": refusals(signature, blanks)}
     big = latency_photo(digits, labels, args.seed)
     result["latency_batch1_1000x1000_jpeg"] = {**latency(signature, big), "bytes": len(big)}
     result["settings"] = {
         "n": args.n,
+        "ballpoint": args.ballpoint,
         "seed": args.seed,
         "model_dir": str(args.model_dir),
         "generate_seconds": generated_s,
@@ -569,6 +654,15 @@ def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
         f"clean 28x28 test digits through serving_default: "
         f"{result['clean_28x28_accuracy_serving_default']:.2%} (10,000)"
     )
+    if "ballpoint" in result:
+        pens = result["ballpoint"]
+        print(
+            f"ballpoint photos (1000-2000 px, a pen 1-4% of the digit's height): "
+            f"{pens['correct']}/{pens['photos']} right = {pens['accuracy']:.1%} "
+            f"({pens['refused']} refused); flagged uncertain: "
+            + (f"{pens['mistakes_flagged']:.0%} of the wrong answers, " if pens["failures"] else "")
+            + f"{pens['correct_flagged']:.1%} of the right ones"
+        )
     blank = result["blank_pages"]
     print(
         f"blank pages (same conditions, no digit) refused with InvalidArgument: "
@@ -580,7 +674,7 @@ def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
         f"p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
         f"({lat['runs']} runs)"
     )
-    for f in result["failures"]:
+    for f in result["failures"] + result.get("ballpoint", {}).get("failures", []):
         what = "refused" if "refused" in f else f"read {f['predicted']}"
         print(f"  miss #{f['index']}: true {f['label']} {what}: {f['description']}")
 

@@ -248,6 +248,9 @@ def _from_photo(path: Path, data: bytes) -> LoadedInput:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: the image does not decode: {e}") from None
     notes: list[str] = []
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format != "MPO":  # an animation; PIL and TensorFlow read frame 1
+        notes.append(f"{frames} frames: only the first is read")
     fmt = "JPEG" if img.format == "MPO" else img.format  # MPO: a camera's JPEG (+ extras)
     reencode = False
     orientation = img.getexif().get(EXIF_ORIENTATION, 1)

@@ -95,6 +95,17 @@ def test_a_transparent_gif_is_sent_as_png(tmp_path):
     assert loaded.encoded[:4] == b"\x89PNG" and any("transparency" in n for n in loaded.notes)
 
 
+def test_an_animation_is_read_from_its_first_frame_and_says_so(tmp_path):
+    digit = Image.fromarray(np.round(render_digit(7, (96, 96)) * 255).astype(np.uint8))
+    blank = Image.new("L", (96, 96), 230)
+    other = Image.new("L", (96, 96), 200)
+    digit.save(tmp_path / "d.gif", save_all=True, append_images=[blank, other], duration=100)
+    [loaded] = load_inputs([tmp_path / "d.gif"])
+    assert "3 frames: only the first is read" in loaded.notes
+    [seen] = seen_images([loaded])  # the 7, not the blank frames (which would be refused)
+    assert seen.max() == 255
+
+
 def test_a_photo_too_large_is_refused_from_its_header(tmp_path):
     import struct
     import zlib
