@@ -206,7 +206,7 @@ def serving_figures(model_dir: str) -> dict[str, float]:
 def photo_figures(model_dir: str, manual_dir: str | None) -> dict[str, Any]:
     """The photo benchmark (benchmarks/photos.py) on the default run's published model: 300
     photo-like renderings of MNIST test digits through `predict_image`, the `uncertain` flag's
-    rates, and batch-1 latency on a 1000x1000 JPEG."""
+    rates, 60 phone-sized ballpoint photos, and batch-1 latency on a 1000x1000 JPEG."""
     import tensorflow as tf
 
     from benchmarks import photos
@@ -214,8 +214,14 @@ def photo_figures(model_dir: str, manual_dir: str | None) -> dict[str, Any]:
     digits, labels = photos.load_test_digits(Path(manual_dir) if manual_dir else None)
     signature = tf.saved_model.load(model_dir).signatures["predict_image"]
     result = photos.evaluate(signature, photos.generate(300, 0, digits=digits, labels=labels))
+    pens = photos.evaluate(
+        signature, photos.generate(60, 0, digits=digits, labels=labels, ballpoint=True)
+    )
     latency = photos.latency(signature, photos.latency_photo(digits, labels, 0))
     return {
+        "ballpoint_accuracy": pens["accuracy"],
+        "ballpoint_n": pens["photos"],
+        "ballpoint_refused": pens["refused"],
         "photo_accuracy": result["accuracy"],
         "photo_n": result["photos"],
         "photo_mistakes_flagged": result["mistakes_flagged"],
@@ -422,7 +428,9 @@ def format_table(r: dict[str, Any]) -> str:
         f"photos (benchmarks/photos.py, {r['photo_n']}, seed 0) through predict_image: "
         f"{r['photo_accuracy']:.1%} right; uncertain flags {r['photo_mistakes_flagged']:.0%} "
         f"of the wrong answers and {r['photo_correct_flagged']:.1%} of the right ones; batch-1 "
-        f"latency on a 1000x1000 JPEG p50 {r['predict_image_1000px_jpeg_p50_ms']:.1f} ms",
+        f"latency on a 1000x1000 JPEG p50 {r['predict_image_1000px_jpeg_p50_ms']:.1f} ms; "
+        f"phone-sized ballpoint photos ({r['ballpoint_n']}): {r['ballpoint_accuracy']:.1%} right, "
+        f"{r['ballpoint_refused']} refused",
         "",
         "| serving (in-process SavedModel) | batch-1 p50 ms | batch-1 p99 ms | batch 256 img/s "
         "| batch 1024 img/s |",
