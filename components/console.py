@@ -62,6 +62,9 @@ def setup(verbose: bool = False) -> None:
         return
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # TFDS's download retries without network (a warning per file and try) before the error
+    # that says what to do (components/data.py): that one line is enough.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     # Keras/TF deprecation chatter from inside the libraries (not our code) is not actionable.
     warnings.filterwarnings(
         "ignore",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -34,6 +35,10 @@ EXPECTED_COUNTS = {"train": 60_000, "test": 10_000}
 
 class DataError(RuntimeError):
     """The data cannot be had or is not what the pipeline expects. The message says what to do."""
+
+
+class DataDiskFull(DataError):
+    """Preparing the data ran out of disk space: exit 6, as every other full disk."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +258,13 @@ def _load(split: str, data_dir: Path | None, manual_dir: Path | None) -> Split:
             raise _Unreadable(folder, e) from None
         raise DataError(_explain_load_failure(e, manual_dir)) from e
     except Exception as e:  # TFDS raises many kinds (download, checksum, IO); all end here
+        if _disk_full(e):
+            _remove_partial(root)
+            raise DataDiskFull(
+                f"no space left on device while preparing TFDS '{DATASET}' into {root} (about "
+                f"130 MB with its downloads); its partial files were removed: free space and "
+                f"run again"
+            ) from None
         raise DataError(_explain_load_failure(e, manual_dir)) from e
     split_data = Split(split, images, labels)
     log.info("loaded %s: %d examples", split, len(split_data))
@@ -260,6 +272,33 @@ def _load(split: str, data_dir: Path | None, manual_dir: Path | None) -> Split:
     if cache is not None:
         _write_cache(cache, split_data)
     return split_data
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether a disk-full error is behind `error` (TFDS wraps it, e.g. in an ExtractError
+    that keeps only its text; TensorFlow's writers raise ResourceExhaustedError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if isinstance(seen, tf.errors.ResourceExhaustedError):
+            return True
+        if any(m in str(seen) for m in ("No space left on device", "Not enough disk space")):
+            return True  # the second: TFDS's own check before it prepares
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _remove_partial(root: Path) -> None:
+    """What an interrupted TFDS preparation leaves under its data dir: partly copied downloads
+    (`*.tmp.*`), partly extracted files and unfinished datasets (`incomplete*`)."""
+    leftovers = [*root.glob("downloads/**/*.tmp.*"), *root.glob("downloads/**/incomplete*")]
+    leftovers += [*root.glob(f"{DATASET}/**/*incomplete*")]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _read_cache(folder: Path, split: str) -> Split | None:

@@ -404,7 +404,7 @@ def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | 
 
     import tensorflow as tf
 
-    from components.data import DataError
+    from components.data import DataDiskFull, DataError
     from components.exporter import PublishError
     from components.infra_validator import InfraValidationError
     from components.strategy import DeviceError
@@ -415,6 +415,8 @@ def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | 
         return EXIT_USAGE, str(e)
     if isinstance(e, BackupError):
         return EXIT_BACKUP, f"resume: {e}"
+    if isinstance(e, DataDiskFull):
+        return EXIT_PUBLISH, f"data: {e}"
     if isinstance(e, DataError):
         return EXIT_DATA, f"data: {e}"
     if isinstance(e, TrainingDiverged):

@@ -254,3 +254,32 @@ def test_errors_that_are_not_damage_delete_nothing(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="PermissionDeniedError"):
         data.load_split("train", data_dir=root, manual_dir=SHARED_MNIST)
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_full_disk_while_preparing_is_exit_6_and_leaves_no_partial_files(tmp_path, monkeypatch):
+    """TFDS wraps the disk-full error (an ExtractError keeping only its text) and leaves its
+    partial files; they are removed (complete extractions, which TFDS reuses, are kept) and the
+    run ends as every full disk does: exit 6, one line."""
+    from pipeline.cli import EXIT_PUBLISH, map_error
+
+    root = tmp_path / "tfds"
+    partial = [
+        root / "downloads" / "mnist" / "train-images.gz.tmp.0af16dd4",
+        root / "downloads" / "extracted" / "incomplete.ae4773f0_GZIP.t10k-images.gz",
+        root / "mnist" / "3.0.1.incomplete4F2A" / "mnist-train.tfrecord-00000-of-00001",
+    ]
+    complete = root / "downloads" / "extracted" / "GZIP.train-labels-idx1-ubyte.gz"
+
+    def fill_the_disk(*args, **kwargs):
+        for f in [*partial, complete]:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(b"part")
+        raise RuntimeError(f"Error while extracting to {partial[1]}; No space left on device")
+
+    monkeypatch.setattr(tfds, "load", fill_the_disk)
+    with pytest.raises(data.DataDiskFull, match="no space left on device while preparing") as e:
+        data.load_split("train", data_dir=root)
+    assert not any(f.exists() for f in partial) and complete.is_file()
+    code, message = map_error(e.value)
+    assert code == EXIT_PUBLISH and "\n" not in message
+    assert message.startswith("data: no space left on device while preparing TFDS 'mnist'")
