@@ -121,6 +121,10 @@ def build(
             "limitations": [
                 "trained on MNIST only: centred, size-normalised digits by American writers; "
                 "other styles, stroke widths and scripts are less accurate",
+                "handwriting, not print: typed digits (a serif 1, a font's 6 or 0) are often "
+                "misread, though mostly flagged uncertain",
+                "one digit per image: predict_image reads the digit with the most ink and "
+                "ignores the rest; a photo with no clear digit is refused",
                 f"weakest classes on the test split: {', '.join(str(c) for c in weakest)}",
                 "probabilities are softmax outputs, not calibrated beyond the reported "
                 "expected calibration error",
