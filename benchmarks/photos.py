@@ -597,6 +597,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="write each misread photo and the 28x28 the model saw here",
     )
+    parser.add_argument(
+        "--current-graph",
+        action="store_true",
+        help="normalise photos with this checkout's components.photo in-process, then the "
+        "model's serving_default, instead of the model's own predict_image",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     return parser
 
@@ -605,7 +611,7 @@ def _measure(
     model: Any, digits: np.ndarray, labels: np.ndarray, args: argparse.Namespace
 ) -> tuple[list[Photo], dict[str, Any]]:
     """The photos, and every figure `main` prints about the model on them."""
-    signature = model.signatures["predict_image"]
+    signature = _current_graph(model) if args.current_graph else model.signatures["predict_image"]
     start = time.perf_counter()
     photos = generate(args.n, args.seed, digits=digits, labels=labels)
     generated_s = time.perf_counter() - start
@@ -630,6 +636,21 @@ def _measure(
         "generate_seconds": generated_s,
     }
     return photos, result
+
+
+def _current_graph(model: Any) -> Any:
+    """`predict_image` as this checkout would export it: components.photo's normalisation,
+    in-process, then the model's `serving_default` (to compare normalisations on one model)."""
+    import tensorflow as tf
+
+    from components.photo import normalize_photos
+
+    serve = model.signatures["serving_default"]
+
+    def predict_image(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        return serve(images=normalize_photos(image_bytes))
+
+    return predict_image
 
 
 def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
