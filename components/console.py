@@ -86,14 +86,27 @@ def _is_process_stderr(stream: object) -> bool:
         return False
 
 
+# A dropped native record takes its continuation lines with it: a multi-line message (e.g. a
+# multi-worker chief's "Polled an error from coordination service" warning when a finished
+# worker leaves, then "/job:worker/replica:0/task:1" and "The tasks have crashed ...") comes in
+# one write; lines without the absl prefix arriving within 50 ms of it are that message's rest.
 _FILTER_PROCESS = """
-import re, sys
+import re, sys, time
 noise = re.compile(sys.argv[1])
+record = re.compile(r"^[IWEF][0-9]{4} ")
 out = sys.stdout.buffer
+rest_of_dropped = 0.0
 for raw in sys.stdin.buffer:
-    if not noise.search(raw.decode("utf-8", "replace")):
-        out.write(raw)
-        out.flush()
+    line = raw.decode("utf-8", "replace")
+    now = time.monotonic()
+    if noise.search(line):
+        rest_of_dropped = now + 0.05
+        continue
+    if now < rest_of_dropped and not record.match(line):
+        continue
+    rest_of_dropped = 0.0
+    out.write(raw)
+    out.flush()
 """
 
 

@@ -1,6 +1,7 @@
 """Bad flags: one line on stderr, exit code 2, no traceback, nothing written."""
 
 import subprocess
+import sys
 
 import pytest
 
@@ -128,3 +129,29 @@ def test_loading_kept_xla_programs_is_quiet_but_a_real_cpu_mismatch_shows():
         prefix + "cpu_aot_loader.cc:220] Loading XLA:CPU AOT result. Target machine "
         "feature +avx512f is not  supported on the host machine."
     )
+
+
+def test_a_dropped_native_record_takes_its_continuation_lines_but_nothing_later():
+    """A multi-worker chief's coordination warning spans lines; all of it is noise. A real
+    native error and Python's own output afterwards still show."""
+    code = (
+        "import os, sys, time\n"
+        "from components import console\n"
+        "console.setup()\n"
+        "os.write(2, b'W0000 00:00:1795724476.358408 4404 coordination_service_agent.cc:1] "
+        "Polled an error from coordination service\\n/job:worker/replica:0/task:1\\n"
+        "The tasks have crashed. Check the task logs\\n')\n"
+        "time.sleep(0.3)\n"
+        "os.write(2, b'E0000 00:00:1795724476.9 4404 some.cc:2] a real native error\\n"
+        "with its second line\\n')\n"
+        "time.sleep(0.3)\n"
+        "os.write(2, b'terminate called after throwing\\n')\n"
+        "print('python says', file=sys.stderr)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    lines = r.stderr.strip().splitlines()
+    assert not [x for x in lines if "coordination" in x or "task:1" in x or "crashed" in x], lines
+    for kept in ("a real native error", "with its second line", "terminate called", "python says"):
+        assert any(kept in x for x in lines), (kept, lines)
