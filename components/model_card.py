@@ -121,8 +121,8 @@ def build(
             "limitations": [
                 "trained on MNIST only: centred, size-normalised digits by American writers; "
                 "other styles, stroke widths and scripts are less accurate",
-                "handwriting, not print: typed digits (a serif 1, a font's 6 or 0) are often "
-                "misread, though mostly flagged uncertain",
+                "handwriting, not print: typed digits are sometimes misread (a font's 1 with "
+                "its flag and foot as 3, its 6 as 5), usually flagged uncertain",
                 "one digit per image: predict_image reads the digit with the most ink and "
                 "ignores the rest; a photo with no clear digit is refused",
                 f"weakest classes on the test split: {', '.join(str(c) for c in weakest)}",
