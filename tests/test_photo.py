@@ -324,4 +324,3 @@ def test_photos_of_real_test_digits_are_read_by_a_model_trained_one_epoch(tmp_pa
     predicted = signature(image_bytes=tf.constant([p[0] for p in photos]))["class_ids"].numpy()
     right = int((predicted == [p[1] for p in photos]).sum())
     assert right >= 17, [(p[1], int(c), p[2]) for p, c in zip(photos, predicted) if c != p[1]]
-
