@@ -507,25 +507,29 @@ def _whole_if_thin(
     cuts such a digit into pieces and keeps one. Labelled without it, the digit's component
     holds clearly more ink; it is used unless it spans the page (a ruled line joined to it).
     """
-    whole = _digit_components(_label(_dilate(tf.cast(coarse_mask, tf.float32), 3) > 0), ink)
-    shape = tf.cast(tf.shape(whole), tf.float32)
-    spans = tf.logical_or(
-        _extent(tf.cast(tf.reduce_any(whole, 1), tf.float32)) >= WHOLE_SPAN * shape[0],
-        _extent(tf.cast(tf.reduce_any(whole, 0), tf.float32)) >= WHOLE_SPAN * shape[1],
-    )
-
-    def ink_in(r: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_sum(ink * tf.cast(r, tf.float32))
-
     # Broken by the opening: most of the found digit's own pixels did not survive it (a felt
-    # pen's strokes do, and a thin line beside them is then rightly left out).
+    # pen's strokes do, and a thin line beside them is then rightly left out). Only then is the
+    # mask labelled a second time (a while loop per photo).
     found = tf.logical_and(region, coarse_mask)
     survived = tf.math.divide_no_nan(
         tf.reduce_sum(tf.cast(tf.logical_and(found, opened), tf.float32)),
         tf.reduce_sum(tf.cast(found, tf.float32)),
     )
-    broken = tf.logical_and(survived < WHOLE_SURVIVAL, ink_in(region) < WHOLE_GAIN * ink_in(whole))
-    return tf.where(tf.logical_and(broken, tf.logical_not(spans)), whole, region)
+
+    def ink_in(r: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(ink * tf.cast(r, tf.float32))
+
+    def relabelled() -> tf.Tensor:
+        whole = _digit_components(_label(_dilate(tf.cast(coarse_mask, tf.float32), 3) > 0), ink)
+        shape = tf.cast(tf.shape(whole), tf.float32)
+        spans = tf.logical_or(
+            _extent(tf.cast(tf.reduce_any(whole, 1), tf.float32)) >= WHOLE_SPAN * shape[0],
+            _extent(tf.cast(tf.reduce_any(whole, 0), tf.float32)) >= WHOLE_SPAN * shape[1],
+        )
+        gains = ink_in(region) < WHOLE_GAIN * ink_in(whole)
+        return tf.where(tf.logical_and(gains, tf.logical_not(spans)), whole, region)
+
+    return tf.cond(survived < WHOLE_SURVIVAL, relabelled, lambda: region)
 
 
 def _extent(flags: tf.Tensor) -> tf.Tensor:
