@@ -1,5 +1,6 @@
 """`make bench`: the seed script vs our trainer, alternating, each in its own process; then the
-input pipeline alone and the exported model's serving latency and throughput, in-process.
+input pipeline alone, where a train step's time goes (benchmarks/steps.py), and the exported
+model's serving latency and throughput, in-process.
 
 Writes artifacts/bench/<timestamp>.json and prints a table. Nothing here is asserted: the figures
 are for people (and for the README).
@@ -20,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.steps import format_floor, step_floor
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES_PER_RUN = 60_000 * 5
@@ -270,6 +273,7 @@ def _measure(
         pipeline_rate = input_pipeline_images_per_s(manual_dir)
         serving = serving_figures(default_run["model_dir"])
         serving.update(photo_figures(default_run["model_dir"], manual_dir))
+        serving["step_floor"] = step_floor(manual_dir)
 
     return seed_runs, our_runs, default_run, pipeline_rate, serving
 
@@ -421,6 +425,8 @@ def format_table(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"training speed-up per pair: {per_pair}",
+        "",
+        "where a train step's time goes (benchmarks/steps.py): " + format_floor(r["step_floor"]),
         f"training consumes {r['train_images_per_s']:,.0f} images/s; the input pipeline alone "
         f"delivers {r['input_pipeline_images_per_s']:,.0f} images/s "
         f"({r['input_pipeline_over_training']:.1f}x)",

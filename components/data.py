@@ -416,7 +416,12 @@ def epoch_order(n: int, seed: int, epoch: tf.Tensor | int) -> tf.Tensor:
 
 
 def make_train_dataset(
-    split: Split, batch_size: int, *, seed: int, epoch: tf.Variable
+    split: Split,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: tf.Variable,
+    steps_per_element: int = 1,
 ) -> tf.data.Dataset:
     """One shuffled pass over `split` per iteration: each example once, the last batch partial.
 
@@ -425,20 +430,26 @@ def make_train_dataset(
     of the data. The pass's order is read from `epoch` (an int64 variable the trainer sets at
     each epoch start) when the iterator starts. Batches are gathered from the in-memory arrays
     and normalised by the shared `preprocess`, one op per batch rather than per example.
+
+    `steps_per_element` k > 1: each element holds the examples of k consecutive batches (the
+    last element fewer), for a train step that splits it into batches of `batch_size` in the
+    graph (components/trainer.py): the same batches in the same order, one `get_next` per k
+    steps instead of one per step.
     """
     images, labels, n = tf.constant(split.images), tf.constant(split.labels), len(split)
 
     def one_pass(_: tf.Tensor) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices(epoch_order(n, seed, epoch.read_value()))
 
-    ds = tf.data.Dataset.from_tensors(0).flat_map(one_pass).batch(batch_size)
+    ds = tf.data.Dataset.from_tensors(0).flat_map(one_pass).batch(batch_size * steps_per_element)
     ds = ds.map(
         lambda idx: (preprocess(tf.gather(images, idx)), tf.gather(labels, idx)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
     # flat_map forgets the length; Keras sizes the epoch (and its progress bar) from it.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(split, batch_size)))
+    elements = -(-n // (batch_size * steps_per_element))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(elements))
     return _finish(ds)
 
 

@@ -201,8 +201,9 @@ class _NanGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
+            step = int(self.model.optimizer.iterations.numpy())
             raise TrainingDiverged(
-                f"loss became {float(loss)} at batch {batch}: training "
+                f"loss became {float(loss)} by train step {step}: training "
                 f"diverged (is the learning rate too large?)"
             )
 
@@ -320,9 +321,10 @@ class TrainResult:
 
 def train(
     build_model: Callable[[], keras.Model],
-    make_train_ds: Callable[[tf.Variable], tf.data.Dataset],
+    make_train_ds: Callable[[tf.Variable, int], tf.data.Dataset],
     validation_ds: tf.data.Dataset | None,
     *,
+    batch_size: int,
     epochs: int,
     strategy: tf.distribute.Strategy,
     tensorboard_dir: Path | None,
@@ -336,9 +338,12 @@ def train(
 ) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
 
-    `make_train_ds(epoch)` gives one pass over the training data, shuffled by the value of the
-    int64 variable `epoch` (set here at the start of every epoch): Keras iterates it afresh at
-    every epoch, so an epoch is one pass for any batch size and steps_per_execution.
+    `make_train_ds(epoch, k)` gives one pass over the training data, shuffled by the value of
+    the int64 variable `epoch` (set here at the start of every epoch), each element holding k
+    batches (`data.make_train_dataset`'s `steps_per_element`): Keras iterates it afresh at every
+    epoch, so an epoch is one pass for any batch size and steps_per_execution. On one replica,
+    k is the model's steps_per_execution and the batches are split off in the graph
+    (`_train_steps_in_graph`); on several, k is 1 and Keras's own multi-step loop runs.
     `backup_dir`: Keras BackupAndRestore state, saved at each epoch end (never mid-epoch: a
     resumed run restarts at the epoch boundary, so no batch is trained twice), with the previous
     copy kept so a garbled latest backup falls back to it. `restore_from`: resume from that
@@ -351,9 +356,12 @@ def train(
         log.info("resuming from the backup at the end of epoch %d", start_epoch)
     # Outside the strategy's scope: a plain host variable, read by the input pipeline.
     pass_number = tf.Variable(start_epoch, dtype=tf.int64, trainable=False, name="pass_number")
-    train_ds = make_train_ds(pass_number)
     with strategy.scope():
         model = build_model()
+    steps_per_element = _steps_per_element(model, strategy)
+    train_ds = make_train_ds(pass_number, steps_per_element)
+    if steps_per_element > 1:
+        _train_steps_in_graph(model, batch_size)
     _prepare_for_replicas(model, strategy, train_ds)
     timer = PhaseTimer()
     callbacks = [
@@ -363,7 +371,15 @@ def train(
         *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq, profile),
         *(extra_callbacks or []),
     ]
-    verbose = _console(callbacks, epochs, verbose)
+    verbose = _console(
+        callbacks,
+        epochs,
+        verbose,
+        steps_per_element,
+        # The steps of an epoch for a progress bar: the cardinality of the one-batch dataset
+        # (built, never iterated).
+        lambda: int(make_train_ds(pass_number, 1).cardinality()),
+    )
     store = compile_cache_enable(compile_cache) if compile_cache is not None else None
     start = time.perf_counter()
     history = _fit(model, train_ds, validation_ds, epochs, callbacks, verbose)
@@ -379,6 +395,55 @@ def train(
     )
 
 
+def _steps_per_element(model: keras.Model, strategy: tf.distribute.Strategy) -> int:
+    """Batches per dataset element: the model's steps_per_execution on one replica, else 1
+    (a distributed dataset splits each element's first dimension over the replicas)."""
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if strategy.num_replicas_in_sync > 1 or multi_worker:
+        return 1
+    return max(1, int(model.steps_per_execution))
+
+
+def _train_steps_in_graph(model: keras.Model, batch: int) -> None:
+    """Keras's train step, run once per batch over a dataset element of several batches, in
+    one host round-trip.
+
+    Keras's own multi-step loop (steps_per_execution) takes every batch from the tf.data
+    iterator, one `get_next` per step: about 100 us each on this CPU, a third of this model's
+    step (`python -m benchmarks.steps`). Here one element holds the examples of several
+    consecutive batches and a graph loop slices them into batches of `batch` (the last one
+    partial), calling Keras's unchanged `train_step`, XLA-compiled as `fit` would compile it:
+    the same batches, the same updates, the same metrics. Keras sees one batch per round-trip
+    (its steps_per_execution becomes 1), so its callbacks are called as often as before; the
+    optimizer's `iterations` still counts steps.
+    """
+    one_step = tf.function(model.train_step, jit_compile=bool(model.jit_compile))
+
+    def train_element(data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        x, y = data
+        size = tf.shape(y)[0]
+        count = (size + batch - 1) // batch
+
+        def step(i: tf.Tensor) -> dict[str, tf.Tensor]:
+            start = i * batch
+            end = tf.minimum(start + batch, size)
+            return one_step((x[start:end], y[start:end]))
+
+        first = step(tf.constant(0))
+        return tf.while_loop(
+            lambda i, _: i < count, lambda i, _: (i + 1, step(i)), (tf.constant(1), first)
+        )[1]
+
+    jit_compile = model.jit_compile
+    model.train_step = train_element
+    model.steps_per_execution = 1
+    # The loop itself runs in TensorFlow's executor (an XLA while loop is slower here); each
+    # step inside it is compiled.
+    model.jit_compile = False
+    model.make_train_function(force=True)
+    model.jit_compile = jit_compile
+
+
 def _whole_history(
     history: keras.callbacks.History, backup_dir: Path | None, start_epoch: int
 ) -> dict[str, list[float]]:
@@ -388,15 +453,53 @@ def _whole_history(
     return {k: earlier.get(k, []) + ran.get(k, []) for k in {*earlier, *ran}}
 
 
-def _console(callbacks: list[keras.callbacks.Callback], epochs: int, verbose: int | None) -> int:
-    """Keras's `verbose` for fit: its progress bar on a terminal; elsewhere (a log, CI) one
+def _console(
+    callbacks: list[keras.callbacks.Callback],
+    epochs: int,
+    verbose: int | None,
+    steps_per_element: int = 1,
+    steps_per_epoch: Callable[[], int] | None = None,
+) -> int:
+    """Keras's `verbose` for fit: a progress bar on a terminal (Keras's, or StepProgress when
+    an element holds several steps: Keras's would count elements); elsewhere (a log, CI) one
     line per epoch from EpochLine, appended to `callbacks`."""
     if verbose is not None:
         return verbose
-    if sys.stdout.isatty():
+    if not sys.stdout.isatty():
+        callbacks.append(EpochLine(epochs))
+        return 0
+    if steps_per_element == 1:
         return 1
-    callbacks.append(EpochLine(epochs))
+    steps = steps_per_epoch() if steps_per_epoch is not None else None
+    callbacks.append(StepProgress(epochs, steps if steps and steps > 0 else None))
     return 0
+
+
+class StepProgress(keras.callbacks.Callback):
+    """Keras's progress bar, counting train steps (the optimizer's), not dataset elements."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int | None) -> None:
+        super().__init__()
+        self.epochs, self.target = epochs, steps_per_epoch
+        self.bar: keras.utils.Progbar | None = None
+        self._start = 0
+
+    def _seen(self) -> int:
+        return int(self.model.optimizer.iterations.numpy()) - self._start
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        print(f"Epoch {epoch + 1}/{self.epochs}")
+        self._start = int(self.model.optimizer.iterations.numpy())
+        self.bar = keras.utils.Progbar(self.target, unit_name="step", stateless_metrics=set())
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self._seen(), list((logs or {}).items()), finalize=False)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.bar is not None:
+            self.target = self.bar.target = self._seen()
+            self.bar.update(self.target, list((logs or {}).items()), finalize=True)
 
 
 def _fit(

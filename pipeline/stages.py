@@ -558,12 +558,13 @@ def _fit(run: Run) -> Any:
             steps_per_execution=eff.steps_per_execution,
             jit_compile=eff.jit_compile,
         ),
-        lambda epoch: data_lib.make_train_dataset(
-            fit_split, config.batch_size, seed=config.seed, epoch=epoch
+        lambda epoch, steps: data_lib.make_train_dataset(
+            fit_split, config.batch_size, seed=config.seed, epoch=epoch, steps_per_element=steps
         ),
         data_lib.make_dataset(val_split, max(config.batch_size, 1024))
         if val_split is not None
         else None,
+        batch_size=config.batch_size,
         epochs=config.epochs,
         strategy=run.strategy,
         # Every worker logs (a non-chief into its scratch folder): under MultiWorkerMirrored the

@@ -69,8 +69,11 @@ def _fit(tmp_path, epochs=2, n=512, extra_callbacks=None, **kw):
     val = data.validate_split(make_digits(128, seed=2, name="test"))
     return trainer.train(
         lambda: build_model(**kw),
-        lambda epoch: data.make_train_dataset(train, 32, seed=0, epoch=epoch),
+        lambda epoch, k: data.make_train_dataset(
+            train, 32, seed=0, epoch=epoch, steps_per_element=k
+        ),
         data.make_dataset(val, 128),
+        batch_size=32,
         epochs=epochs,
         strategy=tf.distribute.get_strategy(),
         tensorboard_dir=tmp_path / "tb",
@@ -107,6 +110,39 @@ def test_an_epoch_is_one_pass_at_the_default_steps_per_execution(tmp_path, recwa
     )
     assert counter.steps == [32, 64, 96]
     assert not [w for w in recwarn if "ran out of data" in str(w.message)]
+
+
+def test_steps_split_in_the_graph_update_as_keras_own_multi_step_loop(tmp_path):
+    """The trainer's one-replica path (an element of k batches, split into batches in the
+    graph) against plain Keras fit at steps_per_execution k over one-batch elements: the same
+    weights and the same epoch logs, with a partial last batch (1,001 examples: 31 of 32 and
+    one of 9) and a partial last element (32 steps at k = 100, the default)."""
+    from pipeline.config import TrainConfig
+
+    defaults = TrainConfig()
+    kw = dict(steps_per_execution=defaults.steps_per_execution, jit_compile=defaults.jit_compile)
+    keras.utils.set_random_seed(0)
+    ours = _fit(tmp_path / "ours", epochs=2, n=1001, **kw)
+
+    train = data.validate_split(make_digits(1001, seed=1))
+    val = data.validate_split(make_digits(128, seed=2, name="test"))
+    keras.utils.set_random_seed(0)
+    model = build_model(**kw)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    history = model.fit(
+        data.make_train_dataset(train, 32, seed=0, epoch=epoch),
+        validation_data=data.make_dataset(val, 128),
+        epochs=2,
+        callbacks=[trainer.PassNumber(epoch)],
+        verbose=0,
+        shuffle=False,
+    )
+    assert int(model.optimizer.iterations.numpy()) == 64
+    assert int(ours.model.optimizer.iterations.numpy()) == 64
+    for a, b in zip(ours.model.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for key, values in history.history.items():
+        np.testing.assert_allclose(ours.history[key], values, rtol=1e-5)
 
 
 def test_training_learns_the_tiny_task(tmp_path):

@@ -117,9 +117,11 @@ def test_crash_mid_epoch_then_resume_is_bit_identical_at_the_default_execution(t
             return trainer.train(
                 lambda: build_model(steps_per_execution=defaults.steps_per_execution,
                                     jit_compile=defaults.jit_compile),
-                lambda epoch: data.make_train_dataset(split, 32, seed=0, epoch=epoch), None,
-                epochs=4, strategy=tf.distribute.get_strategy(), tensorboard_dir=None,
-                backup_dir=backup, verbose=0, extra_callbacks=list(callbacks))
+                lambda epoch, k: data.make_train_dataset(split, 32, seed=0, epoch=epoch,
+                                                       steps_per_element=k), None,
+                batch_size=32, epochs=4, strategy=tf.distribute.get_strategy(),
+                tensorboard_dir=None, backup_dir=backup, verbose=0,
+                extra_callbacks=list(callbacks))
 
         straight = trainer.weights_sha256(fit({str(tmp_path / "a")!r}).model)
         try:
@@ -189,8 +191,9 @@ def _real_backup(tmp_path, epochs=3):
     backup = tmp_path / "backup"
     trainer.train(
         lambda: build_model(),
-        lambda e: data.make_train_dataset(split, 32, seed=0, epoch=e),
+        lambda e, k: data.make_train_dataset(split, 32, seed=0, epoch=e, steps_per_element=k),
         None,
+        batch_size=32,
         epochs=epochs,
         strategy=tf.distribute.get_strategy(),
         tensorboard_dir=None,

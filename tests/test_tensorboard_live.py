@@ -117,8 +117,11 @@ def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path)
         watcher = _Watcher(watching)
         trainer.train(
             lambda: build_model(steps_per_execution=10, jit_compile=False),
-            lambda epoch: data.make_train_dataset(train, 32, seed=0, epoch=epoch),
+            lambda epoch, k: data.make_train_dataset(
+                train, 32, seed=0, epoch=epoch, steps_per_element=k
+            ),
             data.make_dataset(val, 256),
+            batch_size=32,
             epochs=4,
             strategy=tf.distribute.get_strategy(),
             tensorboard_dir=log_dir,

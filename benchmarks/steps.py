@@ -1,0 +1,128 @@
+"""Where a training epoch's step time goes: the floor under Keras `fit` on this machine.
+
+One epoch (one pass over the training split, batch 32) of the documented model, timed three ways
+in one process, interleaved, median of `repeats` after a warm-up pass each:
+
+- `in_graph`: Keras's own `train_step` (the same maths as `fit`: Adam, the loss and accuracy
+  trackers), XLA-compiled, called from a TensorFlow while loop that gathers each batch from the
+  split held in memory: no tf.data, no Python between steps. The floor for this model here.
+- `tf_data`: the same loop, with each batch taken from our training pipeline
+  (`data.make_train_dataset`) by the iterator, one `get_next` per step, as `fit` takes them.
+- `fit_keras_loop`: Keras `fit` at our default `steps_per_execution`, no callbacks: Keras's own
+  multi-step loop, one `get_next` per step.
+- `fit_ours`: Keras `fit` as our trainer runs it on one replica: each element holds
+  `steps_per_execution` batches, split into batches in the graph (`trainer._train_steps_in_graph`).
+
+`python -m benchmarks.steps` prints them; `make bench` includes them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+
+def step_floor(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+
+    from components import data, trainer
+    from components.model import build_model
+    from pipeline.config import TrainConfig
+
+    defaults = TrainConfig()
+    batch = defaults.batch_size
+    train = data.validate_split(
+        data.load_split("train", manual_dir=Path(manual_dir) if manual_dir else None)
+    )
+    n, steps = len(train), data.steps_per_epoch(train, batch)
+    images, labels = tf.constant(train.images), tf.constant(train.labels)
+    pass_number = tf.Variable(0, dtype=tf.int64)
+    dataset = data.make_train_dataset(train, batch, seed=0, epoch=pass_number)
+
+    model = build_model(steps_per_execution=1, jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    xla_step = tf.function(model.train_step, jit_compile=True)
+
+    @tf.function
+    def in_graph() -> tf.Tensor:
+        order = data.epoch_order(n, 0, 0)
+
+        def body(i: tf.Tensor) -> tf.Tensor:
+            idx = order[i * batch : tf.minimum((i + 1) * batch, n)]
+            xla_step((data.preprocess(tf.gather(images, idx)), tf.gather(labels, idx)))
+            return i + 1
+
+        return tf.while_loop(lambda i: i < steps, body, [tf.constant(0)])[0]
+
+    @tf.function
+    def from_iterator(iterator: Any) -> tf.Tensor:
+        def body(i: tf.Tensor) -> tf.Tensor:
+            xla_step(iterator.get_next())
+            return i + 1
+
+        return tf.while_loop(lambda i: i < steps, body, [tf.constant(0)])[0]
+
+    spe = defaults.steps_per_execution
+    keras_loop = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
+    ours = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
+    trainer._train_steps_in_graph(ours, batch)
+    elements = data.make_train_dataset(
+        train, batch, seed=0, epoch=pass_number, steps_per_element=spe
+    )
+    ways = {
+        "in_graph": lambda: int(in_graph()),
+        "tf_data": lambda: int(from_iterator(iter(dataset))),
+        "fit_keras_loop": lambda: keras_loop.fit(dataset, epochs=1, verbose=0, shuffle=False),
+        "fit_ours": lambda: ours.fit(elements, epochs=1, verbose=0, shuffle=False),
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in ways}
+    for run in ways.values():
+        run()  # warm-up: tracing and compilation
+    for _ in range(repeats):
+        for name, run in ways.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    keras.backend.clear_session()
+    return {
+        "steps_per_epoch": steps,
+        "steps_per_execution": defaults.steps_per_execution,
+        **{f"epoch_seconds_{k}": statistics.median(v) for k, v in seconds.items()},
+        "runs": seconds,
+    }
+
+
+def format_floor(r: dict[str, Any]) -> str:
+    labels = {
+        "in_graph": "Keras train_step under XLA, batches gathered in the graph",
+        "tf_data": "the same, batches from our tf.data pipeline (get_next per step)",
+        "fit_keras_loop": f"Keras fit, its loop at steps_per_execution {r['steps_per_execution']}",
+        "fit_ours": f"Keras fit, our trainer's ({r['steps_per_execution']} steps per element)",
+    }
+    lines = [
+        f"one epoch ({r['steps_per_epoch']} steps of batch 32), median of "
+        f"{len(r['runs']['fit_ours'])}:"
+    ]
+    for key, label in labels.items():
+        seconds = r[f"epoch_seconds_{key}"]
+        lines.append(
+            f"  {label}: {seconds:.3f} s ({seconds / r['steps_per_epoch'] * 1e6:.0f} us/step)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    import os
+
+    from components import console
+
+    console.setup(verbose=False)
+    print(format_floor(step_floor(os.environ.get("MNIST_MANUAL_DIR") or None)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
