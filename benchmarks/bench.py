@@ -271,7 +271,7 @@ def _measure(
                     flush=True,
                 )
         pipeline_rate = input_pipeline_images_per_s(manual_dir)
-        serving = serving_figures(default_run["model_dir"])
+        serving: dict[str, Any] = {**serving_figures(default_run["model_dir"])}
         serving.update(photo_figures(default_run["model_dir"], manual_dir))
         serving["step_floor"] = step_floor(manual_dir)
 

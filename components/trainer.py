@@ -358,7 +358,7 @@ def train(
     pass_number = tf.Variable(start_epoch, dtype=tf.int64, trainable=False, name="pass_number")
     with strategy.scope():
         model = build_model()
-    steps_per_element = _steps_per_element(model, strategy)
+    steps_per_element = _steps_per_element(model, strategy, batch_size)
     train_ds = make_train_ds(pass_number, steps_per_element)
     if steps_per_element > 1:
         _train_steps_in_graph(model, batch_size)
@@ -395,13 +395,27 @@ def train(
     )
 
 
-def _steps_per_element(model: keras.Model, strategy: tf.distribute.Strategy) -> int:
+# The most examples one element may hold (float32 28x28: 3 KB each, ~50 MB here); tf.data keeps
+# a few elements ready.
+MAX_ELEMENT_EXAMPLES = 16_384
+
+
+def _steps_per_element(
+    model: keras.Model, strategy: tf.distribute.Strategy, batch_size: int
+) -> int:
     """Batches per dataset element: the model's steps_per_execution on one replica, else 1
-    (a distributed dataset splits each element's first dimension over the replicas)."""
+    (a distributed dataset splits each element's first dimension over the replicas). Also 1
+    when so many batches would make an element larger than MAX_ELEMENT_EXAMPLES (a large
+    batch: the per-step cost this saves matters less there)."""
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    if strategy.num_replicas_in_sync > 1 or multi_worker:
+    steps = max(1, int(model.steps_per_execution))
+    if (
+        strategy.num_replicas_in_sync > 1
+        or multi_worker
+        or steps * batch_size > MAX_ELEMENT_EXAMPLES
+    ):
         return 1
-    return max(1, int(model.steps_per_execution))
+    return steps
 
 
 def _train_steps_in_graph(model: keras.Model, batch: int) -> None:

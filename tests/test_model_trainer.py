@@ -145,6 +145,20 @@ def test_steps_split_in_the_graph_update_as_keras_own_multi_step_loop(tmp_path):
         np.testing.assert_allclose(ours.history[key], values, rtol=1e-5)
 
 
+def test_steps_in_the_graph_only_on_one_replica_and_for_bounded_elements():
+    model = build_model(steps_per_execution=100)
+    one = tf.distribute.get_strategy()
+    assert trainer._steps_per_element(model, one, 32) == 100
+    assert trainer._steps_per_element(model, one, 1024) == 1  # 102,400 examples an element
+    assert trainer._steps_per_element(build_model(steps_per_execution=4), one, 32) == 4
+    assert trainer._steps_per_element(build_model(), one, 32) == 1
+
+    class TwoReplicas:  # the strategy's only attribute read here (real ones: test_strategy.py)
+        num_replicas_in_sync = 2
+
+    assert trainer._steps_per_element(model, TwoReplicas(), 32) == 1
+
+
 def test_training_learns_the_tiny_task(tmp_path):
     result = _fit(tmp_path, epochs=3, learning_rate=0.01, steps_per_execution=4)
     h = result.history
