@@ -68,7 +68,7 @@ def step_floor(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
     spe = defaults.steps_per_execution
     keras_loop = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
     ours = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
-    trainer._train_steps_in_graph(ours, batch)
+    trainer.train_steps_in_graph(ours, batch)
     elements = data.make_train_dataset(
         train, batch, seed=0, epoch=pass_number, steps_per_element=spe
     )

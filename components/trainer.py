@@ -343,7 +343,7 @@ def train(
     batches (`data.make_train_dataset`'s `steps_per_element`): Keras iterates it afresh at every
     epoch, so an epoch is one pass for any batch size and steps_per_execution. On one replica,
     k is the model's steps_per_execution and the batches are split off in the graph
-    (`_train_steps_in_graph`); on several, k is 1 and Keras's own multi-step loop runs.
+    (`train_steps_in_graph`); on several, k is 1 and Keras's own multi-step loop runs.
     `backup_dir`: Keras BackupAndRestore state, saved at each epoch end (never mid-epoch: a
     resumed run restarts at the epoch boundary, so no batch is trained twice), with the previous
     copy kept so a garbled latest backup falls back to it. `restore_from`: resume from that
@@ -358,10 +358,10 @@ def train(
     pass_number = tf.Variable(start_epoch, dtype=tf.int64, trainable=False, name="pass_number")
     with strategy.scope():
         model = build_model()
-    steps_per_element = _steps_per_element(model, strategy, batch_size)
-    train_ds = make_train_ds(pass_number, steps_per_element)
-    if steps_per_element > 1:
-        _train_steps_in_graph(model, batch_size)
+    per_element = steps_per_element(model, strategy, batch_size)
+    train_ds = make_train_ds(pass_number, per_element)
+    if per_element > 1:
+        train_steps_in_graph(model, batch_size)
     _prepare_for_replicas(model, strategy, train_ds)
     timer = PhaseTimer()
     callbacks = [
@@ -375,7 +375,7 @@ def train(
         callbacks,
         epochs,
         verbose,
-        steps_per_element,
+        per_element,
         # The steps of an epoch for a progress bar: the cardinality of the one-batch dataset
         # (built, never iterated).
         lambda: int(make_train_ds(pass_number, 1).cardinality()),
@@ -400,9 +400,7 @@ def train(
 MAX_ELEMENT_EXAMPLES = 16_384
 
 
-def _steps_per_element(
-    model: keras.Model, strategy: tf.distribute.Strategy, batch_size: int
-) -> int:
+def steps_per_element(model: keras.Model, strategy: tf.distribute.Strategy, batch_size: int) -> int:
     """Batches per dataset element: the model's steps_per_execution on one replica, else 1
     (a distributed dataset splits each element's first dimension over the replicas). Also 1
     when so many batches would make an element larger than MAX_ELEMENT_EXAMPLES (a large
@@ -418,7 +416,7 @@ def _steps_per_element(
     return steps
 
 
-def _train_steps_in_graph(model: keras.Model, batch: int) -> None:
+def train_steps_in_graph(model: keras.Model, batch: int) -> None:
     """Keras's train step, run once per batch over a dataset element of several batches, in
     one host round-trip.
 
@@ -448,6 +446,8 @@ def _train_steps_in_graph(model: keras.Model, batch: int) -> None:
             lambda i, _: i < count, lambda i, _: (i + 1, step(i)), (tf.constant(1), first)
         )[1]
 
+    if "train_step" in vars(model):
+        return  # already done for this model (a tuner may fit one model twice)
     jit_compile = model.jit_compile
     model.train_step = train_element
     model.steps_per_execution = 1

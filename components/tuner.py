@@ -16,6 +16,7 @@ import keras_tuner as kt
 import tensorflow as tf
 
 from components import data as data_lib
+from components import trainer
 from components.model import build_model
 from components.trainer import PassNumber
 
@@ -84,8 +85,16 @@ class DenseHyperModel(kt.HyperModel):
         batch_size = hp.get("batch_size")
         # Each epoch is one pass, shuffled by (seed, epoch), as in `pipeline train`.
         pass_number = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False)
+        # The trainer's steps in the graph (components/trainer.py): same maths, fewer round-trips.
+        per_element = trainer.steps_per_element(model, tf.distribute.get_strategy(), batch_size)
+        if per_element > 1:
+            trainer.train_steps_in_graph(model, batch_size)
         train_ds = data_lib.make_train_dataset(
-            self.train, batch_size, seed=self.config.seed, epoch=pass_number
+            self.train,
+            batch_size,
+            seed=self.config.seed,
+            epoch=pass_number,
+            steps_per_element=per_element,
         )
         val_ds = data_lib.make_dataset(self.validation, 2048)
         stop = keras.callbacks.EarlyStopping(

@@ -148,15 +148,15 @@ def test_steps_split_in_the_graph_update_as_keras_own_multi_step_loop(tmp_path):
 def test_steps_in_the_graph_only_on_one_replica_and_for_bounded_elements():
     model = build_model(steps_per_execution=100)
     one = tf.distribute.get_strategy()
-    assert trainer._steps_per_element(model, one, 32) == 100
-    assert trainer._steps_per_element(model, one, 1024) == 1  # 102,400 examples an element
-    assert trainer._steps_per_element(build_model(steps_per_execution=4), one, 32) == 4
-    assert trainer._steps_per_element(build_model(), one, 32) == 1
+    assert trainer.steps_per_element(model, one, 32) == 100
+    assert trainer.steps_per_element(model, one, 1024) == 1  # 102,400 examples an element
+    assert trainer.steps_per_element(build_model(steps_per_execution=4), one, 32) == 4
+    assert trainer.steps_per_element(build_model(), one, 32) == 1
 
     class TwoReplicas:  # the strategy's only attribute read here (real ones: test_strategy.py)
         num_replicas_in_sync = 2
 
-    assert trainer._steps_per_element(model, TwoReplicas(), 32) == 1
+    assert trainer.steps_per_element(model, TwoReplicas(), 32) == 1
 
 
 def test_training_learns_the_tiny_task(tmp_path):
