@@ -88,6 +88,7 @@ class DenseHyperModel(kt.HyperModel):
         # The trainer's steps in the graph (components/trainer.py): same maths, fewer round-trips.
         per_element = trainer.steps_per_element(model, tf.distribute.get_strategy(), batch_size)
         if per_element > 1:
+            trainer.build_training_state(model)
             trainer.train_steps_in_graph(model, batch_size)
         train_ds = data_lib.make_train_dataset(
             self.train,

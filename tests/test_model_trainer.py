@@ -145,6 +145,30 @@ def test_steps_split_in_the_graph_update_as_keras_own_multi_step_loop(tmp_path):
         np.testing.assert_allclose(ours.history[key], values, rtol=1e-5)
 
 
+def test_the_train_step_is_traced_once(tmp_path, monkeypatch):
+    """Keras would create the optimizer's slots and the metrics' state inside the first trace,
+    and tf.function traces a function that created variables a second time."""
+    from pipeline.config import TrainConfig
+
+    defaults = TrainConfig()
+    traces = []
+    keras_train_step = keras.Sequential.train_step
+
+    def counted(self, data):
+        traces.append(1)
+        return keras_train_step(self, data)
+
+    monkeypatch.setattr(keras.Sequential, "train_step", counted)
+    _fit(
+        tmp_path,
+        epochs=2,
+        n=1001,
+        steps_per_execution=defaults.steps_per_execution,
+        jit_compile=defaults.jit_compile,
+    )
+    assert len(traces) == 1
+
+
 def test_steps_in_the_graph_only_on_one_replica_and_for_bounded_elements():
     model = build_model(steps_per_execution=100)
     one = tf.distribute.get_strategy()
