@@ -362,7 +362,8 @@ def train(
     per_element = steps_per_element(model, strategy, batch_size)
     train_ds = make_train_ds(pass_number, per_element)
     if per_element > 1:
-        build_training_state(model)
+        with strategy.scope():  # a OneDeviceStrategy's variables are made in its scope
+            build_training_state(model)
         train_steps_in_graph(model, batch_size)
     _prepare_for_replicas(model, strategy, train_ds)
     timer = PhaseTimer()
