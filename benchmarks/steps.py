@@ -11,7 +11,7 @@ in one process, interleaved, median of `repeats` after a warm-up pass each:
 - `fit_keras_loop`: Keras `fit` at our default `steps_per_execution`, no callbacks: Keras's own
   multi-step loop, one `get_next` per step.
 - `fit_ours`: Keras `fit` as our trainer runs it on one replica: each element holds
-  `steps_per_execution` batches, split into batches in the graph (`trainer._train_steps_in_graph`).
+  `steps_per_execution` batches, split into batches in the graph (`trainer.train_steps_in_graph`).
 
 `python -m benchmarks.steps` prints them; `make bench` includes them.
 """
@@ -68,6 +68,7 @@ def step_floor(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
     spe = defaults.steps_per_execution
     keras_loop = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
     ours = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
+    trainer.build_training_state(ours)
     trainer.train_steps_in_graph(ours, batch)
     elements = data.make_train_dataset(
         train, batch, seed=0, epoch=pass_number, steps_per_element=spe
