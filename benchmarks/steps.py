@@ -68,10 +68,9 @@ def step_floor(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
     spe = defaults.steps_per_execution
     keras_loop = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
     ours = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
-    trainer.build_training_state(ours)
-    trainer.train_steps_in_graph(ours, batch)
+    per_element = trainer.use_steps_in_graph(ours, tf.distribute.get_strategy(), batch)
     elements = data.make_train_dataset(
-        train, batch, seed=0, epoch=pass_number, steps_per_element=spe
+        train, batch, seed=0, epoch=pass_number, steps_per_element=per_element
     )
     ways = {
         "in_graph": lambda: int(in_graph()),

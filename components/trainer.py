@@ -359,12 +359,8 @@ def train(
     pass_number = tf.Variable(start_epoch, dtype=tf.int64, trainable=False, name="pass_number")
     with strategy.scope():
         model = build_model()
-    per_element = steps_per_element(model, strategy, batch_size)
+    per_element = use_steps_in_graph(model, strategy, batch_size)
     train_ds = make_train_ds(pass_number, per_element)
-    if per_element > 1:
-        with strategy.scope():  # a OneDeviceStrategy's variables are made in its scope
-            build_training_state(model)
-        train_steps_in_graph(model, batch_size)
     _prepare_for_replicas(model, strategy, train_ds)
     timer = PhaseTimer()
     callbacks = [
@@ -417,6 +413,20 @@ def steps_per_element(model: keras.Model, strategy: tf.distribute.Strategy, batc
     ):
         return 1
     return steps
+
+
+def use_steps_in_graph(
+    model: keras.Model, strategy: tf.distribute.Strategy, batch_size: int
+) -> int:
+    """Set `model` up for dataset elements of several batches where `steps_per_element` allows
+    it (state built first, then `train_steps_in_graph`); returns the batches per element for
+    `data.make_train_dataset`."""
+    per_element = steps_per_element(model, strategy, batch_size)
+    if per_element > 1:
+        with strategy.scope():  # a OneDeviceStrategy's variables are made in its scope
+            build_training_state(model)
+        train_steps_in_graph(model, batch_size)
+    return per_element
 
 
 def build_training_state(model: keras.Model) -> None:

@@ -86,10 +86,7 @@ class DenseHyperModel(kt.HyperModel):
         # Each epoch is one pass, shuffled by (seed, epoch), as in `pipeline train`.
         pass_number = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False)
         # The trainer's steps in the graph (components/trainer.py): same maths, fewer round-trips.
-        per_element = trainer.steps_per_element(model, tf.distribute.get_strategy(), batch_size)
-        if per_element > 1:
-            trainer.build_training_state(model)
-            trainer.train_steps_in_graph(model, batch_size)
+        per_element = trainer.use_steps_in_graph(model, tf.distribute.get_strategy(), batch_size)
         train_ds = data_lib.make_train_dataset(
             self.train,
             batch_size,

@@ -169,6 +169,25 @@ def test_the_train_step_is_traced_once(tmp_path, monkeypatch):
     assert len(traces) == 1
 
 
+def test_the_terminal_progress_bar_counts_steps_not_elements(tmp_path, capsys):
+    """At the defaults an element holds 100 steps; the bar must still say 32/32 for an epoch of
+    1,001 examples (Keras's own would say 1/1)."""
+    from pipeline.config import TrainConfig
+
+    defaults = TrainConfig()
+    _fit(
+        tmp_path,
+        epochs=2,
+        n=1001,
+        extra_callbacks=[trainer.StepProgress(2, 32)],
+        steps_per_execution=defaults.steps_per_execution,
+        jit_compile=defaults.jit_compile,
+    )
+    out = capsys.readouterr().out
+    assert "Epoch 1/2" in out and "Epoch 2/2" in out
+    assert out.count("32/32") >= 2 and "1/1 " not in out
+
+
 def test_steps_in_the_graph_only_on_one_replica_and_for_bounded_elements():
     model = build_model(steps_per_execution=100)
     one = tf.distribute.get_strategy()
