@@ -11,7 +11,10 @@ TensorFlow import overlaps training, and then serves requests, one JSON line eac
 
 and answers one JSON line on stdout: {"ok": bool, "reason": str, "seconds": float}, after a
 {"progress": "probabilities"} line as soon as candidate_probabilities.npy is written (the
-pipeline draws the report's figures from it while the validation goes on).
+pipeline draws the report's figures from it while the validation goes on). A request
+{"score_baseline": DIR, "examples": NPZ}, sent while the trainer trains, gets no answer: the
+baseline is scored then, and a later validation of the same baseline and examples (unchanged
+on disk) uses those scores instead of loading it again.
 Outputs in `out`: candidate_probabilities.npy, baseline_probabilities.npy (with a baseline),
 signature_outputs.npz (the sample through every signature) and infra_validation.json.
 """
@@ -74,29 +77,74 @@ class _Served:
         self.session.close()
 
 
-def _replay_warmup(served: _Served, export_dir: Path) -> int:
+class _WarmupFailure(InfraValidationError):
+    def __init__(self, number: int, message: str):
+        super().__init__(message)
+        self.number = number
+
+
+def _warmup_requests(export_dir: Path) -> list[tuple[int, str, dict[str, np.ndarray]]]:
+    """The warmup records as (number, signature, inputs), in the file's order."""
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
     path = export_dir / WARMUP_PATH
     if not path.is_file():
         raise InfraValidationError(f"no warmup records at {path}")
-    count = 0
-    for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
-        record = prediction_log_pb2.PredictionLog.FromString(raw)
-        request = record.predict_log.request
-        name = request.model_spec.signature_name or "serving_default"
-        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+    requests = []
+    try:
+        for number, raw in enumerate(tf.data.TFRecordDataset(str(path)).as_numpy_iterator(), 1):
+            request = prediction_log_pb2.PredictionLog.FromString(raw).predict_log.request
+            name = request.model_spec.signature_name or "serving_default"
+            inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            requests.append((number, name, inputs))
+    except Exception as e:
+        raise InfraValidationError(
+            f"the warmup records at {path} cannot be read: {type(e).__name__}: {_first_line(e)}"
+        ) from None
+    if not requests:
+        raise InfraValidationError(f"{path} holds no warmup records")
+    return requests
+
+
+def _replay(served: _Served, requests: list[tuple[int, str, dict[str, np.ndarray]]]) -> int:
+    for number, name, inputs in requests:
         try:
             served.run(name, inputs)
         except Exception as e:
-            raise InfraValidationError(
-                f"warmup record {count + 1} ({name}) fails: {type(e).__name__}: {_first_line(e)}"
+            raise _WarmupFailure(
+                number,
+                f"warmup record {number} ({name}) fails: {type(e).__name__}: {_first_line(e)}",
             ) from None
-        count += 1
-    if not count:
-        raise InfraValidationError(f"{path} holds no warmup records")
-    return count
+    return len(requests)
+
+
+def _replay_warmup(
+    served: _Served, export_dir: Path, pool: concurrent.futures.Executor
+) -> Callable[[], int]:
+    """Replay every warmup record, as TF Serving does on load, on `pool`; returns a function
+    that waits and gives the number replayed, or raises for the first record (in file order)
+    that failed.
+
+    The first request to a signature sets up its graph in the Session; predict_image's is big
+    (~1.2 s on one core, mostly Grappler), so its records go first."""
+    requests = _warmup_requests(export_dir)
+    photos = [r for r in requests if r[1] == "predict_image"]
+    others = [r for r in requests if r[1] != "predict_image"]
+    futures = [pool.submit(_replay, served, group) for group in (photos, others) if group]
+
+    def result() -> int:
+        failures = []
+        for future in futures:
+            try:
+                future.result()
+            except _WarmupFailure as e:
+                failures.append(e)
+        if failures:
+            raise min(failures, key=lambda e: e.number)
+        return len(requests)
+
+    return result
 
 
 def _probabilities(served: _Served, images: np.ndarray) -> np.ndarray:
@@ -131,10 +179,10 @@ def _encode_pngs(images: np.ndarray) -> np.ndarray:
     return np.array([tf.io.encode_png(img[..., None]).numpy() for img in images], dtype=object)
 
 
-def _check_signatures(served: _Served, sample: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
-    """The sample through every signature besides serving_default."""
+def _check_signatures(served: _Served, pngs: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
+    """The sample (PNG-encoded) through every signature besides serving_default; `expected`:
+    its probabilities from serving_default."""
     checks: dict[str, Any] = {}
-    pngs = _encode_pngs(sample)
     for name in sorted(served.signatures):
         if name == "serving_default":
             continue
@@ -146,7 +194,7 @@ def _check_signatures(served: _Served, sample: np.ndarray, expected: np.ndarray)
                 raise
             # predict_image takes photos (its warmup records, replayed above, are photos): a
             # 28x28 test digit it refuses (e.g. too faint to find the ink) is noted, not fatal.
-            checks[name] = {"examples": len(sample), "refused": _first_line(e)}
+            checks[name] = {"examples": len(pngs), "refused": _first_line(e)}
             continue
         probs = np.asarray(result["probabilities"], np.float32)
         if probs.shape != expected.shape or not np.allclose(probs.sum(1), 1.0, atol=1e-4):
@@ -159,9 +207,9 @@ def _check_signatures(served: _Served, sample: np.ndarray, expected: np.ndarray)
                     f"predict_png disagrees with serving_default on "
                     f"the same pixels (max difference {diff:.2e})"
                 )
-            checks[name] = {"examples": len(sample), "max_abs_difference": diff}
+            checks[name] = {"examples": len(pngs), "max_abs_difference": diff}
         else:  # predict_image renormalises (crop, 20x20, centre): same answer, not same numbers
-            checks[name] = {"examples": len(sample), "class_agreement": agree}
+            checks[name] = {"examples": len(pngs), "class_agreement": agree}
     return checks
 
 
@@ -342,20 +390,27 @@ def validate(
         record["signatures"] = sorted(served.signatures)
         if "serving_default" not in served.signatures:
             raise InfraValidationError("the staged model has no serving_default signature")
-        # The warmup's first photo through predict_image sets up that big graph (~0.7 s on one
-        # core): the whole test split and the baseline go through meanwhile, on the other.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            warmup = pool.submit(_replay_warmup, served, candidate)
-            try:
-                probs = _serving(lambda: _probabilities(served, images))
-                _save(out / "candidate_probabilities.npy", probs)
-                notify({"progress": "probabilities"})
-                baseline_probs = _baseline_probabilities(request.get("baseline"), images)
-            finally:
-                record["warmup_records_replayed"] = warmup.result()  # a warmup failure first
+        # The whole test split first (the caller starts on its probabilities), then the
+        # warmup replays on a thread (_replay_warmup) while the baseline goes through here.
+        # (Not the other way round: while a Session sets up one signature's graph, a first
+        # request to another waits, and predict_image's takes a second.)
+        probs = _serving(lambda: _probabilities(served, images))
+        _save(out / "candidate_probabilities.npy", probs)
+        notify({"progress": "probabilities"})
         sample = images[: int(request.get("sample", 64))]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            warmup = _replay_warmup(served, candidate, pool)
+            try:
+                pngs = _encode_pngs(sample)
+                baseline_probs = _scored_ahead(request.get("baseline"), request["examples"], images)
+                if request.get("baseline"):
+                    record["baseline_scored_ahead"] = baseline_probs is not None
+                if baseline_probs is None:
+                    baseline_probs = _baseline_probabilities(request.get("baseline"), images)
+            finally:
+                record["warmup_records_replayed"] = warmup()  # a warmup failure first
         record["other_signatures"] = _serving(
-            lambda: _check_signatures(served, sample, probs[: len(sample)])
+            lambda: _check_signatures(served, pngs, probs[: len(sample)])
         )
     finally:
         served.close()
@@ -392,6 +447,46 @@ def _serving(call: Callable[[], Any]) -> Any:
         raise InfraValidationError(f"serving fails: {type(e).__name__}: {_first_line(e)}") from None
 
 
+# Baseline probabilities scored ahead (a "score_baseline" request, sent while the trainer
+# trains): {key: probabilities}, key = the baseline's and the examples' identity on disk.
+_scored: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def _identity(baseline: str, examples: str) -> tuple[Any, ...]:
+    """What the scores depend on: the baseline's graph and variables, the examples file. A
+    published version is never rewritten in place, but a folder of that name could be deleted
+    and made again."""
+    files = [Path(baseline) / "saved_model.pb", *sorted((Path(baseline) / "variables").iterdir())]
+    files.append(Path(examples))
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def score_baseline(request: dict[str, Any]) -> None:
+    """Score the baseline on the examples now and keep the result for a later `validate` of
+    the same baseline and examples (the baseline is known, and the test examples written,
+    before training; scoring it then uses a core the trainer leaves idle). Any failure is left
+    for `validate` to meet and report."""
+    try:
+        baseline, examples = str(request["score_baseline"]), str(request["examples"])
+        with np.load(examples) as data:
+            images = data["images"]
+        key = _identity(baseline, examples)
+        probs = _baseline_probabilities(baseline, images)
+        if probs is not None and _identity(baseline, examples) == key:
+            _scored[key] = probs
+    except Exception:
+        pass
+
+
+def _scored_ahead(baseline: str | None, examples: str, images: np.ndarray) -> np.ndarray | None:
+    """The baseline's probabilities from a `score_baseline` of the same files, if any."""
+    try:
+        ahead = _scored.pop(_identity(baseline, examples), None) if baseline else None
+    except OSError:
+        return None
+    return ahead if ahead is not None and len(ahead) == len(images) else None
+
+
 def _baseline_probabilities(baseline: str | None, images: np.ndarray) -> np.ndarray | None:
     if not baseline:
         return None
@@ -422,9 +517,11 @@ def serve_requests() -> None:
     for line in sys.stdin:
         started = time.perf_counter()
         try:
-            record = validate(
-                json.loads(line), lambda message: print(json.dumps(message), flush=True)
-            )
+            request = json.loads(line)
+            if "score_baseline" in request:  # a head start: no answer expected
+                score_baseline(request)
+                continue
+            record = validate(request, lambda message: print(json.dumps(message), flush=True))
             answer = {"ok": True, "reason": "served as expected", "record": record}
         except InfraValidationError as e:
             answer = {"ok": False, "reason": str(e)}
@@ -486,6 +583,23 @@ class Validator:
         except ValueError:  # a library printed to stdout: not an answer
             return self._read_line(deadline)
         return answer if isinstance(answer, dict) else self._read_line(deadline)
+
+    def score_baseline(self, baseline: Path | None, examples: Path) -> None:
+        """Let the validating process score `baseline` on `examples` now (e.g. while the
+        trainer trains), for a later `validate` with the same two; no answer, no failure: a
+        later `validate` scores it again if this did not work."""
+        if baseline is None or self.proc.poll() is not None:
+            return
+        assert self.proc.stdin is not None
+        request = {
+            "score_baseline": str(Path(baseline).resolve()),
+            "examples": str(Path(examples).resolve()),
+        }
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass
 
     def validate(
         self,

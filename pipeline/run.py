@@ -119,6 +119,7 @@ def train_pipeline(
         )
         run.timings["import_tensorflow_seconds"] = import_seconds
         stages.ingest(run)
+        stages.head_starts(run)
         outputs = _stage_outputs(run.layout)
         for name in STAGES:
             stages.run_stage(run, name, getattr(stages, name), outputs[name])

@@ -640,6 +640,17 @@ def _check_baseline(baseline: Path | None) -> None:
         )
 
 
+def head_starts(run: Run) -> None:
+    """Work of the later stages that needs nothing from training, started before it on the
+    core the trainer leaves idle (its first epoch, tracing and compiling, runs on one): the
+    validating process scores the baseline on the test examples. Redone by its stage if it
+    did not happen."""
+    from components import exporter
+
+    if not run.layout.served.is_file():  # (a damaged baseline: the validate stage says so)
+        run.validator.score_baseline(exporter.latest_version_dir(run.models), run.layout.examples)
+
+
 def validate(run: Run) -> dict[str, Any]:
     """Infra validation and evaluation of the *exported* model, and the baseline's, in the
     validating process; the served outputs must match the trained Keras model's."""

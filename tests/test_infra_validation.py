@@ -120,6 +120,22 @@ def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_dat
     _nothing_published(tmp_path)
 
 
+def test_a_later_run_has_its_baseline_scored_while_it_trains(tmp_path, tiny_data):
+    first = _run(tmp_path, tiny_data, "r1")
+    assert "baseline_scored_ahead" not in first.metrics["infra_validation"]  # no baseline
+    second = _run(tmp_path, tiny_data, "r2")
+    infra = second.metrics["infra_validation"]
+    assert infra["baseline_scored_ahead"] is True
+    assert second.metrics["baseline_version"] == 1
+    served = np.load(second.run_dir / "evaluation" / "baseline_probabilities.npy")
+    np.testing.assert_array_equal(
+        served,
+        _served_probabilities(
+            Path(infra["baseline"]), second.run_dir / "evaluation" / "test_examples.npz"
+        ),
+    )
+
+
 def test_infra_validation_failure_is_exit_8():
     assert cli.map_error(InfraValidationError("x"))[0] == cli.EXIT_INFRA == 8
 
@@ -185,3 +201,120 @@ def test_the_validating_process_dies_with_the_trainer():
     while alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(), "the validating process outlived the trainer"
+
+
+# --------------------------------------------------------------------------------------------
+# The baseline scored ahead (while the trainer trains), and the warmup replayed on a thread
+
+
+def _two_exports(model, tmp_path):
+    """A candidate and a baseline (the same model with other weights), and test examples."""
+    from tests.helpers import make_digits
+
+    candidate = exporter.export_saved_model(model, tmp_path / "candidate")
+    weights = model.get_weights()
+    try:
+        model.set_weights([w * 0.5 for w in weights])
+        baseline = exporter.export_saved_model(model, tmp_path / "baseline")
+    finally:
+        model.set_weights(weights)
+    digits = make_digits(64, seed=3, name="test")
+    examples = tmp_path / "test_examples.npz"
+    np.savez(examples, images=digits.images.reshape(-1, 28, 28), labels=digits.labels)
+    return candidate, baseline, examples
+
+
+def _served_probabilities(export_dir, examples):
+    from components import infra_validator
+
+    served = infra_validator._Served(export_dir)
+    try:
+        return infra_validator._probabilities(served, np.load(examples)["images"])
+    finally:
+        served.close()
+
+
+def test_a_baseline_scored_ahead_is_used_only_while_it_is_unchanged(model, tmp_path, monkeypatch):
+    from components import infra_validator
+
+    candidate, baseline, examples = _two_exports(model, tmp_path)
+    request = {"candidate": str(candidate), "baseline": str(baseline), "examples": str(examples)}
+    expected = _served_probabilities(baseline, examples)
+    infra_validator.score_baseline({"score_baseline": str(baseline), "examples": str(examples)})
+    assert len(infra_validator._scored) == 1
+
+    # Used: the validation loads no baseline of its own.
+    loads = []
+    real = infra_validator._Served.__init__
+    monkeypatch.setattr(
+        infra_validator._Served, "__init__", lambda s, d: (loads.append(Path(d)), real(s, d))[1]
+    )
+    infra_validator.validate({**request, "out": str(tmp_path / "out1")})
+    assert loads == [candidate]
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out1" / "baseline_probabilities.npy"), expected
+    )
+    assert not infra_validator._scored  # used once
+
+    # Not used once the baseline's files changed (a folder of that name made again).
+    infra_validator.score_baseline({"score_baseline": str(baseline), "examples": str(examples)})
+    import shutil
+
+    shutil.rmtree(baseline)
+    exporter.export_saved_model(model, baseline)
+    loads.clear()
+    infra_validator.validate({**request, "out": str(tmp_path / "out2")})
+    assert loads == [candidate, baseline]
+    again = np.load(tmp_path / "out2" / "baseline_probabilities.npy")
+    np.testing.assert_array_equal(again, _served_probabilities(candidate, examples))
+    assert np.abs(again - expected).max() > 1e-3
+    infra_validator._scored.clear()
+
+
+def test_the_validating_process_scores_the_baseline_ahead_without_answering(model, tmp_path):
+    """The real process: a score_baseline request gets no answer line, and the validation
+    after it answers as usual, with the baseline's probabilities."""
+    from components.infra_validator import Validator
+
+    candidate, baseline, examples = _two_exports(model, tmp_path)
+    validator = Validator(timeout_s=120)
+    try:
+        validator.score_baseline(baseline, examples)
+        record = validator.validate(candidate, examples, tmp_path / "out", baseline=baseline)
+    finally:
+        validator.close()
+    assert record["examples"] == 64 and record["baseline"] == str(baseline.resolve())
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out" / "baseline_probabilities.npy"),
+        _served_probabilities(baseline, examples),
+    )
+
+
+@pytest.mark.parametrize("first", ["serving_default", "predict_image"])
+def test_the_first_failing_warmup_record_is_named(model, tmp_path, first):
+    """predict_image's records replay on a thread of their own; whichever group fails first
+    in time, the error names the first failing record in the file."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    from components import infra_validator
+
+    candidate, _, examples = _two_exports(model, tmp_path)
+    bad = {
+        "serving_default": ("images", tf.make_tensor_proto(np.zeros((1, 27, 27), np.uint8))),
+        "predict_image": ("image_bytes", tf.make_tensor_proto([b"not an image"], tf.string)),
+    }
+    order = [first, *(name for name in bad if name != first)]
+    with tf.io.TFRecordWriter(str(candidate / infra_validator.WARMUP_PATH)) as writer:
+        for name in order:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name="mnist", signature_name=name)
+            )
+            request.inputs[bad[name][0]].CopyFrom(bad[name][1])
+            record = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(record.SerializeToString())
+    with pytest.raises(InfraValidationError, match=f"warmup record 1 \\({first}\\) fails"):
+        infra_validator.validate(
+            {"candidate": str(candidate), "examples": str(examples), "out": str(tmp_path / "o")}
+        )
