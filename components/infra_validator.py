@@ -511,7 +511,9 @@ def _first_line(e: BaseException) -> str:
 def serve_requests() -> None:
     """The validating process's loop: one JSON request per stdin line, one answer per line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow  # noqa: F401  (the import is the slow part: do it before any request)
+    from components.tf_import import import_tensorflow
+
+    import_tensorflow()  # the slow part: done before any request
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -507,6 +507,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     check_artifacts_dir(args.artifacts_dir)
+    from components.tf_import import import_tensorflow
+
+    import_tensorflow()
     from components import data as data_lib
     from components import strategy, tuner
 

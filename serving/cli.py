@@ -152,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     if args.show is not None:
         _check_writable(args.show)
+    if args.local is not None:  # the model runs here: TensorFlow is needed, imported fast
+        from components.tf_import import import_tensorflow
+
+        import_tensorflow()
     inputs = load_inputs(args.inputs)  # every input checked before anything is sent
     signature = "predict_png" if args.png else args.signature
     routes = _routes(inputs, signature)

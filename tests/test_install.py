@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -347,3 +348,25 @@ def test_make_help_lists_every_target_on_one_line():
     assert targets <= set(listed), f"not in `make help`: {sorted(targets - set(listed))}"
     phony = set(re.search(r"^\.PHONY:(.*)$", text, flags=re.MULTILINE).group(1).split())
     assert targets <= phony
+
+
+def test_tensorflow_is_imported_without_the_garbage_collector_running_through_it():
+    """components/tf_import.py: no collection during the import, the collector on again after
+    it, the imported objects frozen (later full collections skip them), imported once."""
+    code = (
+        "import gc, json\n"
+        "from components.tf_import import import_tensorflow\n"
+        "runs = []\n"
+        "gc.callbacks.append(lambda phase, info: runs.append(info) if phase == 'start' else 0)\n"
+        "seconds = import_tensorflow()\n"
+        "print(json.dumps({'collections': len(runs), 'enabled': gc.isenabled(),\n"
+        "    'frozen': gc.get_freeze_count(), 'seconds': seconds, 'again': import_tensorflow()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["collections"] == 0
+    assert result["enabled"] is True
+    assert result["frozen"] > 100_000
+    assert result["seconds"] > 0 and result["again"] == 0
