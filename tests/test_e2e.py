@@ -81,6 +81,9 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     steps = -(-metrics["examples"]["train"] // 32)
     assert [line.count(f"{steps} steps") for line in lines if line.startswith("epoch ")] == [1] * 5
     assert metrics["test_accuracy"] >= 0.975
+    # The warm run re-scored the cold run's version, in the validating process, during training.
+    assert metrics["baseline_version"] == 1
+    assert metrics["infra_validation"]["baseline_scored_ahead"] is True
     # test_loss is Keras's loss (val_loss's definition) on the test split, for the trained model.
     import keras
     import numpy as np
