@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=6, help="alternating pairs (default 6)")
     parser.add_argument("--args", default="", help="extra flags for both sides' train")
     args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     extra = shlex.split(args.args)
     rev = subprocess.run(
         ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
@@ -89,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             (before / ".venv").symlink_to(ROOT / ".venv")
             trees = {f"before ({rev.stdout.strip()})": before, "after (this tree)": ROOT}
             results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+            # Outside both trees: each side's artifacts folder, named by its side.
+            folders = {name: Path(tmp) / "artifacts" / name.split()[0] for name in trees}
             for name, tree in trees.items():  # warm-up: XLA programs, a baseline version
-                run_once(tree, Path(tmp) / name.split()[0], extra)
+                run_once(tree, folders[name], extra)
             for i in range(args.pairs):
                 order = list(trees) if i % 2 == 0 else list(trees)[::-1]
                 for name in order:
-                    r = run_once(trees[name], Path(tmp) / name.split()[0], extra)
+                    r = run_once(trees[name], folders[name], extra)
                     results[name].append(r)
                     print(
                         f"pair {i + 1}/{args.pairs} {name}: "

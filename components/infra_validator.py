@@ -401,7 +401,7 @@ def validate(
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             warmup = _replay_warmup(served, candidate, pool)
             try:
-                pngs = _encode_pngs(sample)
+                pngs = _serving(lambda: _encode_pngs(sample))
                 baseline_probs = _scored_ahead(request.get("baseline"), request["examples"], images)
                 if request.get("baseline"):
                     record["baseline_scored_ahead"] = baseline_probs is not None
@@ -453,12 +453,12 @@ _scored: dict[tuple[Any, ...], np.ndarray] = {}
 
 
 def _identity(baseline: str, examples: str) -> tuple[Any, ...]:
-    """What the scores depend on: the baseline's graph and variables, the examples file. A
-    published version is never rewritten in place, but a folder of that name could be deleted
-    and made again."""
-    files = [Path(baseline) / "saved_model.pb", *sorted((Path(baseline) / "variables").iterdir())]
-    files.append(Path(examples))
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    """What the scores depend on: every file of the baseline's folder, and the examples file.
+    A published version is never rewritten in place, but a folder of that name could be
+    deleted and made again (new inodes, new change times)."""
+    files = [*sorted(p for p in Path(baseline).rglob("*") if p.is_file()), Path(examples)]
+    stats = [(str(f), f.stat()) for f in files]
+    return tuple((f, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for f, s in stats)
 
 
 def score_baseline(request: dict[str, Any]) -> None:
@@ -468,9 +468,9 @@ def score_baseline(request: dict[str, Any]) -> None:
     for `validate` to meet and report."""
     try:
         baseline, examples = str(request["score_baseline"]), str(request["examples"])
+        key = _identity(baseline, examples)  # before reading: what is read is at least as new
         with np.load(examples) as data:
             images = data["images"]
-        key = _identity(baseline, examples)
         probs = _baseline_probabilities(baseline, images)
         if probs is not None and _identity(baseline, examples) == key:
             _scored[key] = probs
@@ -542,6 +542,10 @@ class Validator:
 
     def __init__(self, timeout_s: float = 600.0):
         self.timeout_s = timeout_s
+        self.restarted = False
+        self._start()
+
+    def _start(self) -> None:
         from components.compile_cache import without_flag
 
         # Not the trainer's XLA cache folder: the trainer keeps what is written there.
@@ -614,6 +618,16 @@ class Validator:
     ) -> dict[str, Any]:
         """`on_probabilities()` is called once the served probabilities are in `out` (the
         validation goes on; they count only if it passes)."""
+        if self.proc.poll() is not None and not self.restarted:
+            # Gone while the trainer trained (e.g. killed for memory): the model is not at
+            # fault; a fresh process (a TensorFlow import, no scores ahead) validates it.
+            log.warning(
+                "the validating process ended (exit %s) before the validation: starting another",
+                self.proc.returncode,
+            )
+            self.close()
+            self.restarted = True
+            self._start()
         assert self.proc.stdin is not None
         if self.proc.poll() is not None:
             raise InfraValidationError(

@@ -461,7 +461,6 @@ def train_steps_in_graph(model: keras.Model, batch: int) -> None:
     # control flow over tensors (its optimizer and metrics build their conditionals with ops).
     one_step = tf.function(model.train_step, jit_compile=bool(model.jit_compile), autograph=False)
 
-    @tf.autograph.experimental.do_not_convert
     def train_element(data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data
         size = tf.shape(y)[0]

@@ -647,7 +647,9 @@ def head_starts(run: Run) -> None:
     did not happen."""
     from components import exporter
 
-    if not run.layout.served.is_file():  # (a damaged baseline: the validate stage says so)
+    # Whether or not the validate stage will run (a resumed run may skip it): unused scores
+    # cost only that idle core. A damaged baseline fails here silently; validate says so.
+    if run.validator is not None:
         run.validator.score_baseline(exporter.latest_version_dir(run.models), run.layout.examples)
 
 

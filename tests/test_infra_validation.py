@@ -284,6 +284,7 @@ def test_the_validating_process_scores_the_baseline_ahead_without_answering(mode
     finally:
         validator.close()
     assert record["examples"] == 64 and record["baseline"] == str(baseline.resolve())
+    assert record["baseline_scored_ahead"] is True
     np.testing.assert_array_equal(
         np.load(tmp_path / "out" / "baseline_probabilities.npy"),
         _served_probabilities(baseline, examples),
@@ -318,3 +319,26 @@ def test_the_first_failing_warmup_record_is_named(model, tmp_path, first):
         infra_validator.validate(
             {"candidate": str(candidate), "examples": str(examples), "out": str(tmp_path / "o")}
         )
+
+
+def test_a_validating_process_gone_before_the_validation_is_started_again(model, tmp_path):
+    """Killed while the trainer trained (e.g. for memory): the model is not at fault; a fresh
+    process validates it (once: a second death is the failure it reports)."""
+    from components.infra_validator import Validator
+
+    candidate, baseline, examples = _two_exports(model, tmp_path)
+    validator = Validator(timeout_s=120)
+    try:
+        validator.score_baseline(baseline, examples)
+        first = validator.proc
+        first.kill()
+        first.wait()
+        record = validator.validate(candidate, examples, tmp_path / "out", baseline=baseline)
+        assert validator.proc is not first and validator.restarted
+        assert record["examples"] == 64 and record["baseline_scored_ahead"] is False
+        validator.proc.kill()
+        validator.proc.wait()
+        with pytest.raises(InfraValidationError, match="ended early"):
+            validator.validate(candidate, examples, tmp_path / "out2", baseline=baseline)
+    finally:
+        validator.close()
