@@ -83,6 +83,21 @@ def _fit(tmp_path, epochs=2, n=512, extra_callbacks=None, **kw):
     )
 
 
+def _default_model_kw():
+    """The model settings a default run trains with (steps_per_execution 100, XLA)."""
+    from pipeline.config import TrainConfig
+
+    defaults = TrainConfig()
+    return dict(steps_per_execution=defaults.steps_per_execution, jit_compile=defaults.jit_compile)
+
+
+def _fit_at_defaults(tmp_path, epochs, extra_callbacks=None):
+    """`_fit` at the defaults on 1,001 examples: a partial last batch and a partial element."""
+    return _fit(
+        tmp_path, epochs=epochs, n=1001, extra_callbacks=extra_callbacks, **_default_model_kw()
+    )
+
+
 class _StepsPerEpoch(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -96,18 +111,8 @@ def test_an_epoch_is_one_pass_at_the_default_steps_per_execution(tmp_path, recwa
     """1,001 examples at batch 32 = 32 steps (the last one of 9 examples) per epoch, with the
     product's defaults (100 steps per execution, XLA): no overshoot into the next pass, no
     "ran out of data" warning."""
-    from pipeline.config import TrainConfig
-
-    defaults = TrainConfig()
     counter = _StepsPerEpoch()
-    _fit(
-        tmp_path,
-        epochs=3,
-        n=1001,
-        extra_callbacks=[counter],
-        steps_per_execution=defaults.steps_per_execution,
-        jit_compile=defaults.jit_compile,
-    )
+    _fit_at_defaults(tmp_path, 3, [counter])
     assert counter.steps == [32, 64, 96]
     assert not [w for w in recwarn if "ran out of data" in str(w.message)]
 
@@ -117,10 +122,7 @@ def test_steps_split_in_the_graph_update_as_keras_own_multi_step_loop(tmp_path):
     graph) against plain Keras fit at steps_per_execution k over one-batch elements: the same
     weights and the same epoch logs, with a partial last batch (1,001 examples: 31 of 32 and
     one of 9) and a partial last element (32 steps at k = 100, the default)."""
-    from pipeline.config import TrainConfig
-
-    defaults = TrainConfig()
-    kw = dict(steps_per_execution=defaults.steps_per_execution, jit_compile=defaults.jit_compile)
+    kw = _default_model_kw()
     keras.utils.set_random_seed(0)
     ours = _fit(tmp_path / "ours", epochs=2, n=1001, **kw)
 
@@ -148,9 +150,6 @@ def test_steps_split_in_the_graph_update_as_keras_own_multi_step_loop(tmp_path):
 def test_the_train_step_is_traced_once(tmp_path, monkeypatch):
     """Keras would create the optimizer's slots and the metrics' state inside the first trace,
     and tf.function traces a function that created variables a second time."""
-    from pipeline.config import TrainConfig
-
-    defaults = TrainConfig()
     traces = []
     keras_train_step = keras.Sequential.train_step
 
@@ -159,13 +158,7 @@ def test_the_train_step_is_traced_once(tmp_path, monkeypatch):
         return keras_train_step(self, data)
 
     monkeypatch.setattr(keras.Sequential, "train_step", counted)
-    _fit(
-        tmp_path,
-        epochs=2,
-        n=1001,
-        steps_per_execution=defaults.steps_per_execution,
-        jit_compile=defaults.jit_compile,
-    )
+    _fit_at_defaults(tmp_path, 2)
     assert len(traces) == 1
 
 
@@ -175,9 +168,6 @@ def test_autograph_converts_nothing_of_ours_or_the_train_step(tmp_path, monkeypa
     so none of them goes through it."""
     from tensorflow.python.autograph.pyct import transpiler
 
-    from pipeline.config import TrainConfig
-
-    defaults = TrainConfig()
     converted = []
     real = transpiler.PyToPy.transform
 
@@ -186,13 +176,7 @@ def test_autograph_converts_nothing_of_ours_or_the_train_step(tmp_path, monkeypa
         return real(self, obj, user_context)
 
     monkeypatch.setattr(transpiler.PyToPy, "transform", recorded)
-    _fit(
-        tmp_path,
-        epochs=1,
-        n=1001,
-        steps_per_execution=defaults.steps_per_execution,
-        jit_compile=defaults.jit_compile,
-    )
+    _fit_at_defaults(tmp_path, 1)
     assert not [
         name for name in converted if "train_step" in name or "gather" in name or "one_pass" in name
     ], converted
@@ -201,17 +185,7 @@ def test_autograph_converts_nothing_of_ours_or_the_train_step(tmp_path, monkeypa
 def test_the_terminal_progress_bar_counts_steps_not_elements(tmp_path, capsys):
     """At the defaults an element holds 100 steps; the bar must still say 32/32 for an epoch of
     1,001 examples (Keras's own would say 1/1)."""
-    from pipeline.config import TrainConfig
-
-    defaults = TrainConfig()
-    _fit(
-        tmp_path,
-        epochs=2,
-        n=1001,
-        extra_callbacks=[trainer.StepProgress(2, 32)],
-        steps_per_execution=defaults.steps_per_execution,
-        jit_compile=defaults.jit_compile,
-    )
+    _fit_at_defaults(tmp_path, 2, [trainer.StepProgress(2, 32)])
     out = capsys.readouterr().out
     assert "Epoch 1/2" in out and "Epoch 2/2" in out
     assert out.count("32/32") >= 2 and "1/1 " not in out
