@@ -203,6 +203,22 @@ def test_the_validating_process_dies_with_the_trainer():
     assert not alive(), "the validating process outlived the trainer"
 
 
+def test_the_validating_process_runs_below_the_trainers_priority():
+    """Its head start (TensorFlow import, the baseline's scores) must not slow the train steps:
+    the kernel gives the trainer the CPU first."""
+    from components.infra_validator import VALIDATOR_NICENESS, Validator
+
+    validator = Validator(timeout_s=120)
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, validator.proc.pid) == min(
+            19, mine + VALIDATOR_NICENESS
+        )
+        assert VALIDATOR_NICENESS > 0
+    finally:
+        validator.close()
+
+
 # --------------------------------------------------------------------------------------------
 # The baseline scored ahead (while the trainer trains), and the warmup replayed on a thread
 
