@@ -1,0 +1,33 @@
+"""The bench's measuring harness (the figures themselves come from `make bench`, not tests)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from benchmarks.bench import run_measured
+
+ALLOCATE = (
+    "import time; b = bytearray(300 * 2**20); b[:: 4096] = b'x' * len(b[:: 4096]); "
+    "time.sleep(0.6); print('done')"
+)
+
+
+def test_timed_runs_are_not_sampled():
+    """Sampling a TensorFlow process's memory costs CPU the timed run would lose."""
+    r = run_measured([sys.executable, "-c", ALLOCATE], {})
+    assert r["stdout"].strip() == "done" and r["wall_seconds"] >= 0.6
+    assert r["peak_rss_mb"] is None and r["peak_pss_mb"] is None
+
+
+def test_memory_runs_see_the_peak_of_the_process_tree():
+    """A child of the measured process counts (our validating process is one)."""
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {ALLOCATE!r}])"
+    r = run_measured([sys.executable, "-c", child], {}, memory=True)
+    assert r["peak_rss_mb"] >= 300 and r["peak_pss_mb"] >= 300
+
+
+def test_a_failing_command_is_an_error():
+    with pytest.raises(RuntimeError, match="failed"):
+        run_measured([sys.executable, "-c", "raise SystemExit(3)"], {})
