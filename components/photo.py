@@ -228,16 +228,30 @@ def _checked(image: tf.Tensor) -> tf.Tensor:
 
 
 def _decode_png_rgba(data: tf.Tensor) -> tf.Tensor:
-    """uint8 RGBA of a PNG. TensorFlow (2.21) fills the alpha of a grayscale PNG of 1, 2 or 4
-    bits per pixel (no alpha channel: fully opaque) with 1, 3 or 15 instead of 255, which would
-    make a bilevel scan nearly transparent; such an alpha is set right (tRNS transparency, 0,
-    is kept)."""
+    """uint8 RGBA of a PNG. TensorFlow (2.21) fills the alpha of a grayscale or palette PNG of
+    1, 2 or 4 bits per pixel with no transparency (fully opaque) with 1, 3 or 15 instead of 255,
+    which would make a bilevel scan, or a drawing saved with a 2- or 4-colour palette, nearly
+    transparent; such an alpha is set right (tRNS transparency is kept: a grayscale one is 0
+    where transparent, a palette one is expanded by libpng and has no filler)."""
     rgba = tf.io.decode_png(data, channels=4)
     ihdr = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 24, 2), tf.uint8), tf.int32)
-    low_bit_gray = tf.logical_and(tf.equal(ihdr[1], 0), ihdr[0] < 8)  # colour type 0, depth
+    depth, colour_type = ihdr[0], ihdr[1]
+    low_bit = depth < 8
+    low_bit_gray = tf.logical_and(tf.equal(colour_type, 0), low_bit)
     alpha = rgba[..., 3:]
     fixed = tf.where(alpha > 0, tf.constant(255, tf.uint8), alpha)
-    return tf.concat([rgba[..., :3], tf.where(low_bit_gray, fixed, alpha)], -1)
+    filler = tf.cast(tf.bitwise.left_shift(1, tf.minimum(depth, 7)) - 1, tf.uint8)
+    low_bit_palette_opaque = tf.logical_and(
+        tf.logical_and(tf.equal(colour_type, 3), low_bit), tf.reduce_all(tf.equal(alpha, filler))
+    )
+    alpha = tf.where(
+        low_bit_gray,
+        fixed,
+        tf.where(
+            low_bit_palette_opaque, tf.fill(tf.shape(alpha), tf.constant(255, tf.uint8)), alpha
+        ),
+    )
+    return tf.concat([rgba[..., :3], alpha], -1)
 
 
 def _opaque(rgb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -135,6 +135,34 @@ def test_every_format_and_mode(reference, fmt):
     assert _similar(out, reference) > (0.999 if fmt.endswith(("1bit", "2bit", "4bit")) else 0.9)
 
 
+@pytest.mark.parametrize("colours", [2, 4, 16])
+@pytest.mark.parametrize("transparent_page", [False, True])
+def test_a_palette_png_of_few_colours_is_read(reference, colours, transparent_page):
+    """A drawing saved with a 2-, 4- or 16-colour palette (1, 2 or 4 bits per pixel): without
+    transparency TensorFlow's decoder gives it an alpha of 1, 3 or 15 (nearly transparent); it
+    is read as the same pixels saved as 8-bit RGB. With the page's colour transparent (a tRNS
+    chunk), the ink shows."""
+    page = render_digit(7, (200, 200), box=(0.1, 0.3, 0.8))
+    if transparent_page:  # a drawing canvas: ink on one flat page colour
+        page = np.where(page.mean(-1, keepdims=True) > 0.6, 1.0, page)
+    rgb = Image.fromarray(np.round(page * 255).astype(np.uint8))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=colours)
+    buf = io.BytesIO()
+    if transparent_page:
+        page_index = int(np.bincount(np.asarray(palette).ravel()).argmax())
+        palette.save(buf, format="PNG", transparency=page_index)
+    else:
+        palette.save(buf, format="PNG")
+    data = buf.getvalue()
+    assert data[24] < 8 and data[25] == 3  # IHDR: fewer than 8 bits, colour type 3 (palette)
+    [out] = _normalize(data)
+    if transparent_page:
+        assert _similar(out, reference) > 0.9
+    else:
+        same = np.asarray(palette.convert("RGB"), np.float64) / 255
+        assert _similar(out, _normalize(_encode(same, "PNG"))[0]) > 0.999
+
+
 def test_a_huge_and_a_tiny_image_in_one_batch_are_each_handled_alone():
     huge = _encode(
         render_digit(4, (2400, 3000), box=(0.2, 0.3, 0.5), seed=5), "JPEG", quality=80
