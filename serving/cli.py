@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from serving.client import (
+    MODEL_NAME,
     FlagError,
     GrpcClient,
     LocalPredictor,
@@ -35,11 +37,27 @@ from serving.client import (
     ServerError,
     local_model_dir,
 )
-from serving.inputs import InputError, LoadedInput, encode_png, load_inputs, seen_images
+from serving.inputs import InputError, LoadedInput, encode_png, load_inputs, seen_each
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SIGNATURES = ("auto", "predict_image", "predict_png", "serving_default")
 TOP_K = 3
+
+
+DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S = 10.0, 3600.0
+
+
+def _timeout(text: str) -> float:
+    """argparse type of --timeout: seconds, > 0 and finite (a socket timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT_S:  # also refuses NaN
+        raise argparse.ArgumentTypeError(
+            f"expected seconds > 0 and <= {MAX_TIMEOUT_S:g}, got {text!r}"
+        )
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--form",
         choices=("row", "columnar"),
-        default="row",
-        help="REST request form: row `instances` or columnar `inputs`",
+        help="REST request form: row `instances` (default) or columnar `inputs`",
     )
     p.add_argument(
         "--signature",
@@ -110,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mnist", help="model name in TF Serving (default mnist)")
+    p.add_argument("--model", help=f"model name in TF Serving (default {MODEL_NAME})")
     p.add_argument("--version", type=int, help="a specific version (default: the newest served)")
     p.add_argument(
         "--label",
@@ -122,7 +139,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also show TensorFlow's native start-up lines (hidden by default)",
     )
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument(
+        "--timeout",
+        type=_timeout,
+        help=f"seconds to wait for the server (default 10, at most {MAX_TIMEOUT_S:g})",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -134,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
-        client = RestClient(args.server, args.model, args.version, args.timeout, label=args.label)
+        client = RestClient(args.server, *_server_settings(args), label=args.label)
         answer = client.status() if args.command == "status" else client.metadata()
         print(json.dumps(answer, indent=2))
         return EXIT_OK
@@ -160,30 +181,32 @@ def _predict(args: argparse.Namespace) -> int:
     signature = "predict_png" if args.png else args.signature
     routes = _routes(inputs, signature)
     # What the model sees, computed here when it is needed: to send 28x28s, or to show them.
+    # A photo the graph refuses here is not sent: the model would refuse it the same way.
     needed = args.show or any(
         sig != "predict_image" and item.image is None for item, sig in zip(inputs, routes)
     )
-    seen = (
-        seen_images(
+    seen, unusable = (
+        seen_each(
             inputs, [sig == "predict_image" or i.image is None for i, sig in zip(inputs, routes)]
         )
         if needed
-        else None
+        else (None, {})
     )
     client, where = _client(args)
-    results = _send(client, inputs, routes, seen)
+    results = _send(client, inputs, routes, seen, unusable)
     refused = [
         f"{item.source}: refused by the model: {r.reason}"
         for item, r in zip(inputs, results)
         if isinstance(r, Refused)
     ]
-    rows = [
-        _row(item, *result)
-        for item, result in zip(inputs, results)
+    answered = [
+        (k, result)
+        for k, result in enumerate(results)
         if result and not isinstance(result, Refused)
     ]
-    if args.show and seen is not None:
-        _write_sheet(args.show, seen, rows)
+    rows = [_row(inputs[k], *result) for k, result in answered]
+    if args.show and seen is not None and rows:
+        _write_sheet(args.show, [_shown(seen[k]) for k, _ in answered], rows)
         for r in rows:
             r["seen"] = str(args.show)
     if args.json:
@@ -201,7 +224,7 @@ def _predict(args: argparse.Namespace) -> int:
         )
         probs = " ".join(f"{d}:{p:.3f}" for d, p in enumerate(r["probabilities"]))
         print(f"  probabilities: {probs}")
-    if args.show:
+    if args.show and rows:
         print(f"what the model saw: {args.show}")
     return _report_refused(refused)
 
@@ -212,20 +235,38 @@ def _report_refused(refused: list[str]) -> int:
     return EXIT_USAGE if refused else EXIT_OK
 
 
+def _server_settings(args: argparse.Namespace) -> tuple[str, int | None, float]:
+    """Model name, version and timeout for a TF Serving client, defaults filled in."""
+    timeout = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    return args.model or MODEL_NAME, args.version, timeout
+
+
 def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | GrpcClient, str]:
     """The client --local or --server asks for, and where it runs the model (for people)."""
     client: LocalPredictor | RestClient | GrpcClient
     if args.version is not None and args.label is not None:
         raise FlagError("give --version or --label, not both")
     if args.local is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--grpc", args.grpc),
+                ("--form", args.form is not None),
+                ("--model", args.model is not None),
+                ("--timeout", args.timeout is not None),
+            )
+            if value
+        ]
+        if given:
+            raise FlagError(f"{', '.join(given)}: for --server only (--local runs the model here)")
         client = LocalPredictor(local_model_dir(args.local, args.version, args.label))
         where = f"local SavedModel {client.path}"
     elif args.server:
         client = (
-            GrpcClient(args.server, args.model, args.version, args.timeout, label=args.label)
+            GrpcClient(args.server, *_server_settings(args), label=args.label)
             if args.grpc
             else RestClient(
-                args.server, args.model, args.version, args.timeout, args.form, label=args.label
+                args.server, *_server_settings(args), args.form or "row", label=args.label
             )
         )
         where = f"TF Serving {'gRPC' if args.grpc else 'REST'} at {args.server}"
@@ -238,42 +279,60 @@ def _send(
     client: LocalPredictor | RestClient | GrpcClient,
     inputs: list[LoadedInput],
     routes: list[str],
-    seen: np.ndarray | None,
+    seen: list[np.ndarray | None] | None,
+    unusable: dict[int, str],
 ) -> list[tuple[str, Prediction, int] | Refused | None]:
-    """One request per signature, with all the inputs routed to it; for each input, the
-    signature, the prediction of its request and its row in it."""
+    """One request per signature, with all the inputs routed to it (but those in `unusable`:
+    refused, with its reason); for each input, the signature, the prediction of its request
+    and its row in it."""
     results: list[tuple[str, Prediction, int] | Refused | None] = [None] * len(inputs)
     groups: dict[str, list[int]] = {}
     for i, sig in enumerate(routes):
-        groups.setdefault(sig, []).append(i)
-    for sig, indices in groups.items():
-        if sig == "predict_image":
-            try:
-                prediction = client.predict_photos([inputs[i].photo for i in indices])
-            except Refusal as e:
-                # The graph refuses a whole batch for one photo it cannot use: ask photo by
-                # photo, to answer the others and name the one refused.
-                if len(indices) == 1:
-                    raise
-                for i in indices:
-                    results[i] = _alone(client, inputs[i], e)
-                continue
-        elif sig == "predict_png":
-            prediction = client.predict_encoded(
-                [
-                    inputs[i].photo
-                    if inputs[i].mnist_format
-                    else encode_png(seen[i] if seen is not None else inputs[i].pixels)
-                    for i in indices
-                ]
-            )
+        if i in unusable:
+            results[i] = Refused(unusable[i])
         else:
-            prediction = client.predict(
-                np.stack([seen[i] if seen is not None else inputs[i].pixels for i in indices])
-            )
+            groups.setdefault(sig, []).append(i)
+    for sig, indices in groups.items():
+        try:
+            prediction = _request(client, sig, [inputs[i] for i in indices], seen, indices)
+        except Refusal as e:
+            # The graph refuses a whole batch for one input it cannot use: ask input by input,
+            # to answer the others and name the ones refused.
+            for i in indices:
+                results[i] = (
+                    Refused(e.reason)
+                    if len(indices) == 1
+                    else _alone(client, sig, inputs, seen, i, e)
+                )
+            continue
         for row, i in enumerate(indices):
             results[i] = (sig, prediction, row)
     return results
+
+
+def _request(
+    client: LocalPredictor | RestClient | GrpcClient,
+    sig: str,
+    items: list[LoadedInput],
+    seen: list[np.ndarray | None] | None,
+    indices: list[int],
+) -> Prediction:
+    """One request to `sig` with `items` (the inputs at `indices`)."""
+
+    def pixels(item: LoadedInput, i: int) -> np.ndarray:
+        image = seen[i] if seen is not None else None
+        return image if image is not None else item.pixels
+
+    if sig == "predict_image":
+        return client.predict_photos([item.photo for item in items])
+    if sig == "predict_png":
+        return client.predict_encoded(
+            [
+                item.photo if item.mnist_format else encode_png(pixels(item, i))
+                for item, i in zip(items, indices)
+            ]
+        )
+    return client.predict(np.stack([pixels(item, i) for item, i in zip(items, indices)]))
 
 
 class Refused:
@@ -284,10 +343,15 @@ class Refused:
 
 
 def _alone(
-    client: LocalPredictor | RestClient | GrpcClient, item: LoadedInput, batch_error: Refusal
+    client: LocalPredictor | RestClient | GrpcClient,
+    sig: str,
+    inputs: list[LoadedInput],
+    seen: list[np.ndarray | None] | None,
+    i: int,
+    batch_error: Refusal,
 ) -> tuple[str, Prediction, int] | Refused:
     try:
-        return ("predict_image", client.predict_photos([item.photo]), 0)
+        return (sig, _request(client, sig, [inputs[i]], seen, [i]), 0)
     except Refusal as e:
         return Refused(e.reason)
     except ServerError:
@@ -330,7 +394,7 @@ def _row(item: LoadedInput, signature: str, prediction: Prediction, i: int) -> d
     return row
 
 
-def _write_sheet(path: Path, seen: np.ndarray, rows: list[dict[str, Any]]) -> None:
+def _write_sheet(path: Path, seen: list[np.ndarray], rows: list[dict[str, Any]]) -> None:
     """One PNG: each input's 28x28 (pixels as the model saw them, enlarged 6x, on a grey
     frame) with its prediction written beside it."""
     from PIL import Image, ImageDraw
@@ -366,10 +430,17 @@ def _write_sheet(path: Path, seen: np.ndarray, rows: list[dict[str, Any]]) -> No
         raise ServerError(f"could not write --show {path}: {e.strerror or e}") from None
 
 
+def _shown(image: np.ndarray | None) -> np.ndarray:
+    assert image is not None, "an answered input has the image the model saw"
+    return image
+
+
 def _check_writable(path: Path) -> None:
     """--show must name a file that can be written, checked before anything is sent."""
     if path.is_dir():
         raise FlagError(f"--show {path} is a folder: give a file name, e.g. {path / 'seen.png'}")
+    if path.suffix.lower() != ".png":
+        raise FlagError(f"--show {path}: the picture is a PNG, name it *.png")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

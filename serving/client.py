@@ -363,9 +363,15 @@ class GrpcClient(_ServerClient):
 
 
 def assertion_text(message: str) -> str:
-    """The readable part of a TensorFlow InvalidArgument from a failed tf.debugging.Assert."""
-    text = message.split("assertion failed:", 1)[-1].split("\n\t [[", 1)[0]
-    return " ".join(text.replace("] [", " ").strip(" []").split())
+    """The readable part of a TensorFlow InvalidArgument: a failed tf.debugging.Assert's
+    message, or an op's own (a decoder's "Invalid PNG data"), without the Python stack that
+    TensorFlow puts before it ("Detected at node ... defined at ...") or the node after it."""
+    text = message.split("\n\t [[", 1)[0].split(" [Op:", 1)[0]
+    if "assertion failed:" in text:
+        text = text.split("assertion failed:", 1)[-1]
+        return " ".join(text.replace("] [", " ").strip(" []").split())
+    lines = [line for line in text.splitlines() if line.strip()]  # the op's message is last
+    return " ".join((lines[-1] if lines else text).split())
 
 
 def _error_text(body: bytes) -> str:

@@ -25,6 +25,8 @@ import dataclasses
 import gzip
 import io
 import struct
+import warnings
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,8 @@ SIDE = 28
 # equal); the client refuses them before sending, without importing TensorFlow.
 MAX_PIXELS = 50_000_000
 GRAPH_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # what predict_image decodes itself
+# An IDX file's pixels read at once: 100,000 28x28 images (MNIST's train file is 47 MB).
+MAX_IDX_BYTES = 100_000 * SIDE * SIDE
 EXIF_ORIENTATION = 0x0112
 
 
@@ -77,22 +81,33 @@ class LoadedInput:
 
 
 def load_inputs(paths: list[str | Path]) -> list[LoadedInput]:
+    """Every input read and checked; InputError naming each one refused (and why)."""
     loaded: list[LoadedInput] = []
+    refused: list[str] = []
     for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise InputError(f"{path}: no such file")
-        if not path.is_file():
-            raise InputError(f"{path}: not a file")
-        data = path.read_bytes()
-        name = path.name.lower()
-        if name.endswith(".npy"):
-            loaded.extend(_from_array(path, _read_npy(path, data)))
-        elif _is_idx(data):
-            loaded.extend(_from_array(path, _read_idx(path, data)))
-        else:
-            loaded.append(_from_photo(path, data))
+        try:
+            loaded.extend(_load(Path(p)))
+        except InputError as e:
+            refused.append(str(e))
+    if refused:
+        raise InputError("; ".join(refused))
     return loaded
+
+
+def _load(path: Path) -> list[LoadedInput]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if path.name.lower().endswith(".npy"):
+        return _from_array(path, _read_npy(path, data))
+    if _is_idx(data):
+        return _from_array(path, _read_idx(path, data))
+    return [_from_photo(path, data)]
 
 
 def seen_images(inputs: list[LoadedInput], normalize: list[bool] | None = None) -> np.ndarray:
@@ -113,6 +128,33 @@ def seen_images(inputs: list[LoadedInput], normalize: list[bool] | None = None) 
         except tf.errors.InvalidArgumentError as e:
             raise InputError(_graph_refusal(inputs, photos, e)) from None
     return np.stack([next(normalized) if n else i.pixels for i, n in zip(inputs, normalize)])
+
+
+def seen_each(
+    inputs: list[LoadedInput], normalize: list[bool]
+) -> tuple[list[np.ndarray | None], dict[int, str]]:
+    """As seen_images, but a photo the graph refuses does not fail the others: its image is
+    None and its index maps to the graph's reason (the model would refuse it the same way)."""
+    try:
+        return list(seen_images(inputs, normalize)), {}
+    except InputError:
+        pass
+    import tensorflow as tf
+
+    from components.photo import normalize_photos
+
+    images: list[np.ndarray | None] = []
+    reasons: dict[int, str] = {}
+    for k, (item, n) in enumerate(zip(inputs, normalize)):
+        if not n:
+            images.append(item.pixels)
+            continue
+        try:
+            images.append(normalize_photos(tf.constant([item.photo])).numpy()[0])
+        except tf.errors.InvalidArgumentError as e:
+            images.append(None)
+            reasons[k] = _assertion_text(e)
+    return images, reasons
 
 
 def _graph_refusal(inputs: list[LoadedInput], photos: list[bytes], error: Exception) -> str:
@@ -153,20 +195,29 @@ def _is_idx(data: bytes) -> bool:
 
 
 def _read_idx(path: Path, data: bytes) -> np.ndarray:
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise InputError(f"{path}: truncated or corrupt gzip ({e})") from None
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise InputError(
-            f"{path}: IDX file of {len(data)} bytes ends inside its header (truncated)"
-        )
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise InputError(f"{path}: IDX header says {dims} but holds {body.size} bytes")
+    """An IDX file's array; a gzipped one is decompressed only as far as its header says
+    (a small .gz that would expand to gigabytes is refused from its header)."""
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else None
+    try:
+        head = stream.read(4) if stream else data[:4]
+        ndim = head[3]
+        dims_bytes = stream.read(4 * ndim) if stream else data[4 : 4 + 4 * ndim]
+        if len(dims_bytes) < 4 * ndim:
+            raise InputError(f"{path}: IDX file ends inside its header (truncated)")
+        dims = struct.unpack(f">{ndim}I", dims_bytes)
+        expected = int(np.prod(dims, dtype=np.int64))
+        if expected > MAX_IDX_BYTES:
+            raise InputError(
+                f"{path}: IDX header says {dims}: {expected:,} bytes, more than the "
+                f"{MAX_IDX_BYTES:,} the client reads at once; split it"
+            )
+        body_bytes = stream.read(expected + 1) if stream else data[4 + 4 * ndim :]
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: truncated or corrupt gzip ({e})") from None
+    body = np.frombuffer(body_bytes, np.uint8)
+    if body.size != expected:
+        held = f"{body.size:,} bytes (truncated)" if body.size < expected else "more bytes"
+        raise InputError(f"{path}: IDX header says {dims} ({expected:,} bytes) but holds {held}")
     return body.reshape(dims)
 
 
@@ -218,6 +269,21 @@ def _from_array(path: Path, array: np.ndarray) -> list[LoadedInput]:
 
 
 def _from_photo(path: Path, data: bytes) -> LoadedInput:
+    """A photo's bytes as they will be sent; what Pillow warns of (corrupt EXIF data) becomes
+    one of its notes, not lines on the console."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        item = _read_photo(path, data)
+    said = {
+        "EXIF data unreadable: orientation ignored"
+        if "EXIF" in str(w.message)
+        else f"Pillow: {' '.join(str(w.message).split())}"
+        for w in caught
+    }
+    return dataclasses.replace(item, notes=(*item.notes, *sorted(said))) if said else item
+
+
+def _read_photo(path: Path, data: bytes) -> LoadedInput:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -261,6 +327,9 @@ def _from_photo(path: Path, data: bytes) -> LoadedInput:
     if fmt not in GRAPH_FORMATS:
         notes.append(f"read {fmt}")
         reencode = True
+    elif fmt == "BMP" and not _graph_decodes_bmp(data):
+        notes.append("read a BMP that TensorFlow's decoder does not take (not 24/32-bit RGB)")
+        reencode = True
     elif fmt == "GIF" and "transparency" in img.info:
         notes.append("GIF with transparency (TensorFlow would drop it)")
         reencode = True
@@ -274,6 +343,16 @@ def _from_photo(path: Path, data: bytes) -> LoadedInput:
     img.save(buf, format="PNG")
     notes.append("sent as PNG")
     return LoadedInput(path.name, None, tuple(notes), buf.getvalue())
+
+
+def _graph_decodes_bmp(data: bytes) -> bool:
+    """Whether TensorFlow's BMP decoder reads these pixels as they are: uncompressed 24- or
+    32-bit only (it takes 1, 2 and 4 bits for 0 channels, and 8 bits as palette indices)."""
+    if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40:  # an OS/2 header
+        return False
+    bits = int.from_bytes(data[28:30], "little")
+    compression = int.from_bytes(data[30:34], "little")
+    return bits in (24, 32) and compression == 0
 
 
 def _mnist_pixels(img: Image.Image) -> np.ndarray | None:

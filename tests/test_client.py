@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -540,11 +541,26 @@ def test_cli_shows_uncertain_and_the_top_3_when_the_model_says(rest_server, tmp_
     assert first.count("top 3:") == 1 and "sent to predict_image" in first
 
 
-def test_cli_a_photo_without_a_digit_is_a_clear_error(exported, tmp_path, capsys):
+@pytest.mark.parametrize("show", [False, True])
+def test_cli_a_photo_without_a_digit_is_a_clear_error(exported, tmp_path, capsys, show):
+    """Alone or beside others, with or without --show: named in one line, exit 2 (the input
+    is at fault, not the server), the other inputs answered."""
     Image.new("RGB", (200, 150), (235, 230, 220)).save(tmp_path / "blank.jpg")
-    assert client_main(["predict", str(tmp_path / "blank.jpg"), "--local", str(exported)]) == 1
+    args = ["--local", str(exported)] + (["--show", str(tmp_path / "seen.png")] if show else [])
+    assert client_main(["predict", str(tmp_path / "blank.jpg"), *args]) == 2
     err = capsys.readouterr().err
-    assert "predict_image refused the request: no digit found" in err
+    assert err.count("\n") == 1 and "blank.jpg: refused by the model: no digit found" in err
+
+    np.save(tmp_path / "digit.npy", _digit_image())
+    Image.fromarray(255 - _digit_image()).resize((140, 140)).save(tmp_path / "photo.png")
+    inputs = [str(tmp_path / n) for n in ("digit.npy", "blank.jpg", "photo.png")]
+    assert client_main(["predict", *inputs, *args, "--json"]) == 2
+    captured = capsys.readouterr()
+    answered = json.loads(captured.out)["predictions"]
+    assert [r["input"] for r in answered] == ["digit.npy", "photo.png"]
+    assert "blank.jpg: refused by the model: no digit found" in captured.err
+    if show:  # the picture has the two answered inputs
+        assert Image.open(tmp_path / "seen.png").size[1] == 8 + 2 * (28 * 6 + 8)
 
 
 def test_cli_refuses_bad_pixel_before_sending(tmp_path):
@@ -618,3 +634,113 @@ def test_one_refused_photo_is_named_and_the_others_answered(
     assert err.startswith("error: blank.png: refused by the model: "), err
     assert "no digit found" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------- inputs and flags nobody here made
+
+
+def _mnist_png(path):
+    Image.fromarray(_digit_image()).save(path, format="PNG")
+    return path
+
+
+def test_a_truncated_image_is_refused_in_one_line_and_the_others_answered(exported, tmp_path):
+    """A 28x28 PNG that Pillow reads but TensorFlow's decoder does not (its end cut off): the
+    graph's own message, without the stack TensorFlow puts before it; exit 2."""
+    data = _mnist_png(tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:-20])
+    r = subprocess.run(
+        [sys.executable, "-m", "serving", "predict", str(tmp_path / "cut.png"),
+         str(tmp_path / "whole.png"), "--local", str(exported)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert re.fullmatch(
+        r"error: cut.png: refused by the model: Invalid PNG data, size \d+", r.stderr.strip()
+    )
+    assert "whole.png: digit" in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "L"])
+def test_a_bmp_the_graph_cannot_decode_is_sent_as_png(tmp_path, mode):
+    """TensorFlow's BMP decoder refuses 1-bit BMPs and reads 8-bit ones as palette indices:
+    those are re-encoded as PNG (and said so); 24-bit ones go as they are."""
+    page = Image.fromarray(np.where(_digit_image() > 0, 0, 255).astype(np.uint8))
+    page = page.resize((84, 84), Image.Resampling.NEAREST)  # two colours: exact in 1 bit
+    page.convert(mode).save(tmp_path / "d.bmp")
+    page.convert("RGB").save(tmp_path / "rgb.bmp")
+    [item, rgb] = load_inputs([tmp_path / "d.bmp", tmp_path / "rgb.bmp"])
+    assert item.photo.startswith(b"\x89PNG") and "sent as PNG" in item.notes
+    assert rgb.photo == (tmp_path / "rgb.bmp").read_bytes() and rgb.notes == ()
+    np.testing.assert_array_equal(*seen_images([item, rgb]))
+
+
+def test_corrupt_exif_is_a_note_not_a_warning(tmp_path):
+    import warnings
+
+    Image.fromarray(255 - _digit_image()).resize((84, 84)).save(
+        tmp_path / "e.jpg", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff\x01\x02"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's "Corrupt EXIF data" would fail here
+        [item] = load_inputs([tmp_path / "e.jpg"])
+    assert "EXIF data unreadable: orientation ignored" in item.notes
+
+
+def test_every_refused_file_is_named_at_once(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    np.save(tmp_path / "nan.npy", np.full((28, 28), np.nan))
+    _mnist_png(tmp_path / "good.png")
+    with pytest.raises(InputError) as e:
+        load_inputs([tmp_path / "empty.png", tmp_path / "good.png", tmp_path / "nan.npy"])
+    assert "empty.png: not an image" in str(e.value) and "nan.npy: 784 pixel(s) are NaN" in str(
+        e.value
+    )
+    assert "good.png" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_gzip_idx_bomb_is_refused_from_its_header(tmp_path):
+    """A small .gz whose IDX header promises gigabytes: refused before decompressing them."""
+    import gzip
+    import struct
+
+    header = struct.pack(">4B3I", 0, 0, 8, 3, 1_400_000, 28, 28)
+    (tmp_path / "bomb.idx.gz").write_bytes(gzip.compress(header + bytes(2**20)))
+    with pytest.raises(InputError, match=r"1,097,600,000 bytes, more than the 78,400,000"):
+        load_inputs([tmp_path / "bomb.idx.gz"])
+    images = np.stack([_digit_image()] * 3)
+    header = struct.pack(">4B3I", 0, 0, 8, 3, 3, 28, 28)
+    (tmp_path / "ok.idx.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    (tmp_path / "cut.idx.gz").write_bytes(gzip.compress(header + images.tobytes()[:-5]))
+    (tmp_path / "long.idx.gz").write_bytes(gzip.compress(header + images.tobytes() + b"x"))
+    assert len(load_inputs([tmp_path / "ok.idx.gz"])) == 3
+    with pytest.raises(InputError, match=r"holds 2,347 bytes \(truncated\)"):
+        load_inputs([tmp_path / "cut.idx.gz"])
+    with pytest.raises(InputError, match="holds more bytes"):
+        load_inputs([tmp_path / "long.idx.gz"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--server", "localhost:1", "--timeout", "nan"], "--timeout: expected seconds > 0"),
+        (["--server", "localhost:1", "--timeout", "inf"], "--timeout: expected seconds > 0"),
+        (["--server", "localhost:1", "--timeout", "1e309"], "--timeout: expected seconds > 0"),
+        (["--server", "localhost:1", "--timeout", "0"], "--timeout: expected seconds > 0"),
+        (["--server", "localhost:1", "--timeout", "-5"], "--timeout: expected seconds > 0"),
+        (["--local", "m", "--grpc"], "--grpc: for --server only"),
+        (["--local", "m", "--model", "x", "--form", "row"], "--form, --model: for --server only"),
+        (["--local", "m", "--timeout", "5"], "--timeout: for --server only"),
+        (["--local", "m", "--show", "seen.jpg"], "the picture is a PNG, name it *.png"),
+    ],
+)
+def test_client_flags_that_cannot_work_are_refused_in_one_line(tmp_path, flags, message):
+    _mnist_png(tmp_path / "d.png")
+    r = subprocess.run(
+        [sys.executable, "-m", "serving", "predict", str(tmp_path / "d.png"), *flags],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
