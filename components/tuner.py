@@ -117,6 +117,10 @@ class NoTrialCompleted(RuntimeError):
     """The budget ended before any trial completed."""
 
 
+class NoValidationSplit(ValueError):
+    """The validation fraction leaves no example to select on (or none to train on)."""
+
+
 class _StudyMixin:
     """Progress a person can follow, and clean stops between trials (time or trial budget)."""
 
@@ -220,7 +224,18 @@ def tune(
     if config.overwrite and study_dir.exists():
         out(f"*** --overwrite: deleting study {config.study} ({study_dir}) and starting over ***")
         shutil.rmtree(study_dir)
+    if config.validation_fraction <= 0:
+        raise NoValidationSplit(
+            "a search selects on a validation split held out of train: "
+            "--validation-fraction must be > 0 (the default is 0.05)"
+        )
     fit_split, val_split = data_lib.carve_validation(train, config.validation_fraction, config.seed)
+    if len(val_split) == 0 or len(fit_split) == 0:
+        raise NoValidationSplit(
+            f"--validation-fraction {config.validation_fraction:g} of {len(train)} training "
+            f"examples leaves {len(val_split)} for validation and {len(fit_split)} for "
+            f"training; use a larger fraction"
+        )
     hypermodel = DenseHyperModel(fit_split, val_split, config)
     common: dict[str, Any] = dict(
         hypermodel=hypermodel,

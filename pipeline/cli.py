@@ -24,6 +24,7 @@ EXIT_DIVERGED = 5
 EXIT_PUBLISH = 6
 EXIT_BACKUP = 7
 EXIT_INFRA = 8
+EXIT_MEMORY = 9
 EXIT_INTERRUPTED = 130
 
 
@@ -49,6 +50,13 @@ def _int(kind: str, minimum: int):
     return parse
 
 
+def _path(text: str) -> Path:
+    """argparse type for a path: an empty one would mean the current folder, silently."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
 def _number(field: Field):
     """argparse type for a config field: parses the text; range checks are the config's."""
 
@@ -57,13 +65,13 @@ def _number(field: Field):
             value = field.type(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected {field.describe_range()}, got {text!r}"
+                f"expected {field.describe_range(null=False)}, got {text!r}"
             ) from None
         try:
             return check_value(field, value)
         except ConfigError:
             raise argparse.ArgumentTypeError(
-                f"expected {field.describe_range()}, got {text!r}"
+                f"expected {field.describe_range(null=False)}, got {text!r}"
             ) from None
 
     return parse
@@ -138,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_models_flags(mod)
     rep = sub.add_parser("report", help="rebuild the report of an earlier run")
-    rep.add_argument("run_dir", type=Path, help="artifacts/runs/<run_id> (or .../latest)")
+    rep.add_argument("run_dir", type=_path, help="artifacts/runs/<run_id> (or .../latest)")
     for command in (train, tune, clu, rep, mod):
         command.add_argument(
             "--verbose",
@@ -154,7 +162,7 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     add_config_flags(train)
     train.add_argument(
         "--hparams",
-        type=Path,
+        type=_path,
         help="JSON of config values, e.g. a tuner's "
         "best_hparams.json or a run's config.json; flags given here override it",
     )
@@ -168,13 +176,13 @@ def _add_train_flags(train: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--tfds-data-dir",
-        type=Path,
+        type=_path,
         help="where TFDS keeps prepared data (default: TFDS's own, "
         "$TFDS_DATA_DIR or ~/tensorflow_datasets)",
     )
     g.add_argument(
         "--tfds-manual-dir",
-        type=Path,
+        type=_path,
         default=os.environ.get("MNIST_MANUAL_DIR") or None,
         help="folder with the four official MNIST .gz files, for offline use "
         "(default: $MNIST_MANUAL_DIR)",
@@ -269,9 +277,9 @@ def _add_tune_parser(sub: Any) -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="delete the study's trials and start over"
     )
     _add_artifacts(tune)
-    tune.add_argument("--tfds-data-dir", type=Path)
+    tune.add_argument("--tfds-data-dir", type=_path)
     tune.add_argument(
-        "--tfds-manual-dir", type=Path, default=os.environ.get("MNIST_MANUAL_DIR") or None
+        "--tfds-manual-dir", type=_path, default=os.environ.get("MNIST_MANUAL_DIR") or None
     )
     return tune
 
@@ -279,7 +287,7 @@ def _add_tune_parser(sub: Any) -> argparse.ArgumentParser:
 def _add_artifacts(group: Any) -> None:
     group.add_argument(
         "--artifacts-dir",
-        type=Path,
+        type=_path,
         default=Path(os.environ.get("ARTIFACTS_DIR") or "artifacts"),
         help="where runs, TensorBoard logs and models go (default: $ARTIFACTS_DIR or ./artifacts)",
     )
@@ -427,6 +435,15 @@ def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | 
         return EXIT_PUBLISH, f"publish: {e}"
     if isinstance(e, ArtifactError):
         return EXIT_PUBLISH, str(e)
+    if isinstance(e, MemoryError) or (
+        isinstance(e, tf.errors.ResourceExhaustedError) and "OOM" in (e.message or "")
+    ):  # TensorFlow says "OOM when allocating tensor ..." for memory, not for a full disk
+        first = (getattr(e, "message", "") or str(e) or type(e).__name__).strip().splitlines()
+        return EXIT_MEMORY, (
+            f"out of memory: {first[0][:300] if first else type(e).__name__} (the settings ask "
+            f"for more memory than this machine has: e.g. a smaller --batch-size or "
+            f"--hidden-units); nothing was published"
+        )
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
         hint = _disk_full_hint(run_id) if e.errno == errno.ENOSPC else ""
         return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
@@ -507,6 +524,12 @@ def _report(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     check_artifacts_dir(args.artifacts_dir)
+    if args.validation_fraction == 0:  # before TensorFlow's import: the search needs it
+        return _fail(
+            EXIT_USAGE,
+            "a search selects on a validation split held out of train: "
+            "--validation-fraction must be > 0 (the default is 0.05)",
+        )
     from components.tf_import import import_tensorflow
 
     import_tensorflow()
@@ -541,7 +564,7 @@ def _tune(args: argparse.Namespace) -> int:
     study_dir = args.artifacts_dir / "tuning" / args.study
     try:
         result = tuner.tune(config, train, study_dir, out=lambda line: print(line, flush=True))
-    except tuner.NoTrialCompleted as e:
+    except (tuner.NoTrialCompleted, tuner.NoValidationSplit) as e:
         return _fail(EXIT_USAGE, str(e))
     except ValueError as e:  # json.JSONDecodeError included: keras-tuner's state files
         broken = tuner.unreadable_state_file(study_dir)

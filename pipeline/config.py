@@ -51,10 +51,17 @@ SEED_LIMIT = 2**32  # numpy's and TensorFlow's seeds are 32-bit
 class TrainConfig:
     """Everything that decides what a run does. Defaults are the documented model."""
 
-    epochs: int = setting(5, "passes over the training examples", minimum=1, hparam=True)
-    batch_size: int = setting(32, "global batch size (split over replicas)", minimum=1, hparam=True)
+    epochs: int = setting(
+        5, "passes over the training examples", minimum=1, maximum=10_000, hparam=True
+    )
+    batch_size: int = setting(
+        32, "global batch size (split over replicas)", minimum=1, maximum=65_536, hparam=True
+    )
     learning_rate: float = setting(1e-3, "Adam learning rate", minimum=0, hparam=True)
-    hidden_units: int = setting(128, "units of the hidden Dense layer", minimum=1, hparam=True)
+    # 65,536 units: 784 x 65,536 weights (+ Adam's two slots) is ~0.6 GB; more is a typo.
+    hidden_units: int = setting(
+        128, "units of the hidden Dense layer", minimum=1, maximum=65_536, hparam=True
+    )
     dropout: float = setting(
         0.0, "dropout after the hidden layer (0: no Dropout layer)", minimum=0, below=1, hparam=True
     )
@@ -96,6 +103,7 @@ class TrainConfig:
         100,
         "train steps per host round-trip (1: plain Keras)",
         minimum=1,
+        maximum=1_000_000,
         hparam=True,
         group="device",
     )
@@ -113,13 +121,18 @@ class TrainConfig:
         group="device",
     )
     tensorboard_update_freq: int = setting(
-        100, "TensorBoard step scalars every N steps", minimum=1, group="monitoring"
+        100,
+        "TensorBoard step scalars every N steps",
+        minimum=1,
+        maximum=1_000_000,
+        group="monitoring",
     )
     profile_executions: int = setting(
         0,
         "write a TensorBoard profile (Profile tab; `pip install -e '.[profile]'`) of N host "
         "round-trips early in epoch 2 (0: none)",
         minimum=0,
+        maximum=10_000,
         group="monitoring",
     )
     min_accuracy: float = setting(
@@ -141,10 +154,15 @@ class TrainConfig:
         0,
         "after publishing keep the newest K versions (0: all; labelled versions are always kept)",
         minimum=0,
+        maximum=1_000_000,
         group="publish gate",
     )
     max_train_examples: int | None = setting(
-        None, "use only the first N training examples (smoke runs)", minimum=1, group="smoke runs"
+        None,
+        "use only the first N training examples (smoke runs)",
+        minimum=1,
+        maximum=1_000_000_000,
+        group="smoke runs",
     )
     max_test_examples: int | None = setting(
         None,
@@ -152,6 +170,7 @@ class TrainConfig:
         "(smoke runs: never published unless "
         "--publish-partial-test)",
         minimum=1,
+        maximum=1_000_000_000,
         group="smoke runs",
     )
     publish_partial_test: bool = setting(
@@ -223,7 +242,9 @@ class Field:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def describe_range(self) -> str:
+    def describe_range(self, null: bool = True) -> str:
+        """What a value must be, for a message; `null`: say that an optional one may be null
+        (in JSON; a flag cannot be)."""
         m = self.meta
         if m["choices"]:
             return "one of " + ", ".join(m["choices"])
@@ -248,7 +269,7 @@ class Field:
                 else (f"{show(below)})" if below is not None else "inf)")
             )
             parts.append(f"in {lo}, {hi}")
-        return " ".join(parts) + (" (or null)" if self.optional else "")
+        return " ".join(parts) + (" (or null)" if self.optional and null else "")
 
 
 def fields(cls: type = TrainConfig) -> list[Field]:

@@ -47,6 +47,13 @@ TOP_K = 3
 DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S = 10.0, 3600.0
 
 
+def _path(text: str) -> Path:
+    """argparse type of a path: an empty one would silently be the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
 def _timeout(text: str) -> float:
     """argparse type of --timeout: seconds, > 0 and finite (a socket timeout)."""
     try:
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--local",
-        type=Path,
+        type=_path,
         help="a SavedModel folder, or a models base folder (the version TF Serving would "
         "answer with: --version, --label, else the newest served); no server",
     )
@@ -109,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="same as --signature predict_png")
     p.add_argument(
         "--show",
-        type=Path,
+        type=_path,
         metavar="PATH",
         help="write a PNG of the 28x28 image the model saw for each input, beside "
         "its prediction (photos: computed here with components.photo, the "

@@ -25,6 +25,16 @@ def run_cli(args, cwd, **kw):
         ["--seed", "1.5"],
         ["--device", "tpu"],
         ["--min-accuracy", "2"],
+        # beyond what TensorFlow's int64 (or a sane run) takes: a traceback or a run for ever
+        ["--epochs", "4294967296"],
+        ["--batch-size", "99999999999999999999999"],
+        ["--hidden-units", "4294967296"],
+        ["--steps-per-execution", "99999999999999999999999"],
+        ["--tensorboard-update-freq", "99999999999999999999999"],
+        # an empty path would be the current folder, silently
+        ["--artifacts-dir", ""],
+        ["--hparams", ""],
+        ["--tfds-data-dir", " "],
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flags, python_cmd, tmp_path):
@@ -34,6 +44,7 @@ def test_bad_flags_exit_2_with_one_line(flags, python_cmd, tmp_path):
     assert len(lines) == 1 and "error" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "a").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing in the current folder
 
 
 def test_artifacts_path_that_is_a_file(python_cmd, tmp_path):
@@ -82,6 +93,9 @@ def test_artifacts_subfolder_that_is_a_file(python_cmd, tmp_path):
         (["--seed", "4294967296"], "expected an integer in [0, 4294967296)"),
         (["--validation-fraction", "1"], "expected a number in [0, 1)"),
         (["--mixed-precision", "false"], "invalid choice: 'false'"),
+        (["--hidden-units", "65537"], "expected an integer in [1, 65536], got '65537'"),
+        # a flag cannot be null: the message does not offer it
+        (["--max-train-examples", "null"], "expected an integer in [1, 1000000000], got 'null'"),
     ],
 )
 def test_out_of_range_flags_name_the_range(flags, message, python_cmd, tmp_path):
@@ -96,6 +110,8 @@ def test_out_of_range_flags_name_the_range(flags, message, python_cmd, tmp_path)
         ({"validation_fraction": None}, "validation_fraction must be a number in [0, 1)"),
         ({"jit_compile": "no"}, "jit_compile must be true or false"),
         ({"mixed_precision": "false"}, "mixed_precision must be one of auto, on, off"),
+        ({"batch_size": 99999999999999999999999}, "batch_size must be an integer in [1, 65536]"),
+        ({"max_train_examples": -1}, "an integer in [1, 1000000000] (or null), got -1"),
     ],
 )
 def test_wrong_typed_hparams_are_one_line_exit_2(hparams, message, python_cmd, tmp_path):
@@ -155,3 +171,23 @@ def test_a_dropped_native_record_takes_its_continuation_lines_but_nothing_later(
     assert not [x for x in lines if "coordination" in x or "task:1" in x or "crashed" in x], lines
     for kept in ("a real native error", "with its second line", "terminate called", "python says"):
         assert any(kept in x for x in lines), (kept, lines)
+
+
+def test_out_of_memory_is_not_called_a_full_disk():
+    """TensorFlow raises ResourceExhaustedError both for a tensor it cannot allocate and for a
+    full disk: the first is exit 9 with what to change, the second stays exit 6."""
+    import tensorflow as tf
+
+    from pipeline.cli import EXIT_MEMORY, EXIT_PUBLISH, map_error
+
+    oom = tf.errors.ResourceExhaustedError(
+        None, None, "OOM when allocating tensor with shape[784,4294967296] and type float"
+    )
+    code, message = map_error(oom, "r1")
+    assert code == EXIT_MEMORY == 9
+    assert message.startswith("out of memory: OOM when allocating tensor with shape[784,")
+    assert "--batch-size" in message and "disk" not in message
+    full = tf.errors.ResourceExhaustedError(None, None, "warmup; No space left on device")
+    code, message = map_error(full, "r1")
+    assert code == EXIT_PUBLISH and "disk full?" in message
+    assert map_error(MemoryError(), "r1")[0] == EXIT_MEMORY

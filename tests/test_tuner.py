@@ -219,3 +219,24 @@ def test_a_truncated_study_file_is_one_line_with_advice(tmp_path, train_split, c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == cli.EXIT_USAGE and len(err) == 1
     assert str(oracle) in err[0] and "--overwrite" in err[0]
+
+
+@pytest.mark.parametrize("fraction", ["0", "0.000001"])
+def test_a_search_without_a_validation_split_is_refused_in_one_line(
+    tmp_path, capsys, monkeypatch, fraction
+):
+    """The search selects on held-out examples: none (0, or a fraction that leaves none of
+    400) is a usage error before any trial, not a KeyError on val_loss."""
+    from pipeline import cli
+
+    monkeypatch.setattr("components.data.load_split", lambda *a, **k: make_digits(400, seed=3))
+    artifacts = tmp_path / "artifacts"
+    code = cli.main(
+        ["tune", "--study", "v", "--artifacts-dir", str(artifacts), "--algorithm", "random",
+         "--max-trials", "1", "--max-epochs", "1", "--device", "cpu",
+         "--validation-fraction", fraction]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1, err
+    assert "--validation-fraction" in err[0]
+    assert not (artifacts / "tuning" / "v").exists()
