@@ -240,3 +240,14 @@ def test_a_search_without_a_validation_split_is_refused_in_one_line(
     assert code == cli.EXIT_USAGE and len(err) == 1, err
     assert "--validation-fraction" in err[0]
     assert not (artifacts / "tuning" / "v").exists()
+
+
+def test_the_bayesian_search_the_readme_shows_runs(tmp_path, train_split):
+    """keras-tuner's BayesianOptimization needs scipy, which keras-tuner does not declare."""
+    result = tuner.tune(
+        _config(algorithm="bayesian", max_trials=1, max_epochs=1),
+        train_split,
+        tmp_path / "s",
+        out=lambda line: None,
+    )
+    assert len(result.trials_run) == 1 and result.best["score"] is not None
