@@ -50,6 +50,16 @@ def _int(kind: str, minimum: int):
     return parse
 
 
+NO_VERSION = 0  # `models canary none`
+
+
+def _version(text: str) -> int:
+    """argparse type of a version: a positive integer, or `none` (NO_VERSION)."""
+    if text.strip().lower() == "none":
+        return NO_VERSION
+    return POSITIVE(text)
+
+
 def _path(text: str) -> Path:
     """argparse type for a path: an empty one would mean the current folder, silently."""
     if not text.strip():
@@ -211,8 +221,8 @@ def _add_models_flags(mod: argparse.ArgumentParser) -> None:
     mod.add_argument(
         "version",
         nargs="?",
-        type=POSITIVE,
-        help="the version to promote to stable or serve as canary",
+        type=_version,
+        help="the version to promote to stable or serve as canary (`canary none`: no canary)",
     )
     mod.add_argument(
         "--base-path",
@@ -475,6 +485,11 @@ def _models(args: argparse.Namespace) -> int:
 
     base = args.artifacts_dir / "models" / versions.MODEL_NAME
     try:
+        if args.action in ("list", "rollback") and args.version is not None:
+            raise UsageError(
+                f"models {args.action} takes no version"
+                + (" (it goes back to the previous stable)" if args.action == "rollback" else "")
+            )
         if args.action == "list":
             rows = versions.list_versions(base)
             print(json.dumps(rows, indent=2) if args.json else versions.format_table(rows))
@@ -483,12 +498,18 @@ def _models(args: argparse.Namespace) -> int:
             old, new, config = versions.rollback(base, args.base_path)
             print(f"stable: version {old} -> {new}; wrote {config}")
             return EXIT_OK
-        if args.version is None and args.action == "promote":
-            raise UsageError(f"models {args.action} needs a version number")
+        if args.version is None:
+            raise UsageError(
+                f"models {args.action} needs a version number"
+                + (" (or `none` to stop serving a canary)" if args.action == "canary" else "")
+            )
         if args.action == "promote":
+            if args.version == NO_VERSION:
+                raise UsageError("models promote needs a version number")
             config = versions.promote(base, args.version, args.base_path)
         else:
-            config = versions.canary(base, args.version, args.base_path)
+            version = None if args.version == NO_VERSION else args.version
+            config = versions.canary(base, version, args.base_path)
         labels = versions.read_labels(base)
         print(
             f"stable: {labels['stable']}, canary: {labels['canary']}; wrote {config} "

@@ -107,6 +107,8 @@ def _files_state(version_dir: Path) -> str:
     versions carried their files' SHA-256)."""
     from components.files import damaged_files
 
+    if not (Path(version_dir) / "saved_model.pb").is_file():
+        return "INCOMPLETE: no saved_model.pb"
     damaged = damaged_files(version_dir)
     if damaged is None:
         return "unverified"
@@ -189,10 +191,17 @@ def _write_locked(base: Path, labels: dict[str, Any], base_path: str | None) -> 
 
 
 def _require(base: Path, version: int) -> None:
+    """`version` is published and its files are as published (TF Serving would load it)."""
     if version not in published(base):
         raise VersionError(
             f"version {version} is not published under {base} (published: "
             f"{', '.join(map(str, published(base))) or 'none'})"
+        )
+    state = _files_state(Path(base) / str(version))
+    if state.startswith(("DAMAGED", "INCOMPLETE")):
+        raise VersionError(
+            f"version {version} would not serve ({state}); nothing changed: "
+            f"publish it again, or pick another (`models list`)"
         )
 
 

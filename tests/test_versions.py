@@ -9,6 +9,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from components import exporter
+from components.files import write_manifest
 from pipeline import cli
 from serving import versions
 
@@ -157,3 +158,46 @@ def test_a_full_disk_while_labelling_changes_nothing(three_versions, monkeypatch
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in base.parent.glob("*.*")} == before
     assert not list(base.parent.glob(".*.tmp"))
+
+
+def test_a_version_that_would_not_serve_is_never_labelled(three_versions, capsys):
+    """A damaged version (a file no longer as published) or a folder that is not a SavedModel
+    cannot be promoted or served as canary: TF Serving would fail to load what it is told to."""
+    base = three_versions
+    artifacts = ["--artifacts-dir", str(base.parents[1])]
+    assert cli.main(["models", "promote", "1", *artifacts]) == 0
+    (base / "4").mkdir()  # an empty version folder
+    shutil.copytree(base / "1", base / "5")
+    write_manifest(base / "5")  # as publishing writes it
+    with open(base / "5" / "saved_model.pb", "r+b") as f:
+        f.truncate(100)
+    before = (base.parent / versions.CONFIG_FILE).read_text()
+    capsys.readouterr()
+    for action, version, state in (
+        ("promote", "4", "INCOMPLETE: no saved_model.pb"),
+        ("canary", "4", "INCOMPLETE: no saved_model.pb"),
+        ("promote", "5", "DAMAGED: saved_model.pb"),
+        ("canary", "5", "DAMAGED: saved_model.pb"),
+    ):
+        assert cli.main(["models", action, version, *artifacts]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"version {version} would not serve ({state}" in err and "nothing changed" in err
+    assert (base.parent / versions.CONFIG_FILE).read_text() == before
+    assert versions.read_labels(base)["stable"] == 1
+
+
+def test_models_arguments_say_what_they_take(three_versions, capsys):
+    base = three_versions
+    artifacts = ["--artifacts-dir", str(base.parents[1])]
+    assert cli.main(["models", "promote", "2", *artifacts]) == 0
+    assert cli.main(["models", "canary", "3", *artifacts]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "canary", *artifacts]) == cli.EXIT_USAGE
+    assert "needs a version number (or `none` to stop serving a canary)" in capsys.readouterr().err
+    assert versions.read_labels(base)["canary"] == 3
+    assert cli.main(["models", "canary", "none", *artifacts]) == 0
+    assert versions.read_labels(base)["canary"] is None
+    assert cli.main(["models", "rollback", "3", *artifacts]) == cli.EXIT_USAGE
+    assert "models rollback takes no version" in capsys.readouterr().err
+    assert cli.main(["models", "promote", "none", *artifacts]) == cli.EXIT_USAGE
+    assert versions.read_labels(base)["stable"] == 2
