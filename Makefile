@@ -122,9 +122,13 @@ models: $(STAMP) ## published versions: ARGS="list" (default), "promote N", "can
 serve: ## start TF Serving on the published models (binary, else Docker): gRPC 8500, REST 8501
 	serving/serve.sh $(ARTIFACTS_DIR)/models/mnist
 
+# IMAGE's words, each single-quoted for the shell and unexpanded by make: a name with ( ) ' $ &
+# reaches the client as it is (a space still separates two files); a word with * ? [ is
+# expanded here as the shell would have.
+IMAGE_ARGS = $(foreach f,$(foreach w,$(value IMAGE),$(or $(wildcard $(w)),$(w))),'$(subst ','\'',$(f))')
 predict: $(STAMP) ## predict IMAGE=file(s): in-process (the version TF Serving would serve), or SERVER=host:port
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=digit.png [SERVER=host:8501]" >&2; exit 2; }
-	$(PY) -m serving predict $(IMAGE) $(if $(SERVER),--server $(SERVER),--local $(ARTIFACTS_DIR)/models/mnist) $(ARGS)
+	$(PY) -m serving predict $(IMAGE_ARGS) $(if $(SERVER),--server $(SERVER),--local $(ARTIFACTS_DIR)/models/mnist) $(ARGS)
 
 bench: $(STAMP) ## seed script vs our trainer (3 alternating pairs), input pipeline, serving latency
 	$(PY) -m benchmarks.bench $(ARGS)

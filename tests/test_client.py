@@ -744,3 +744,26 @@ def test_client_flags_that_cannot_work_are_refused_in_one_line(tmp_path, flags, 
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_make_predict_passes_file_names_as_they_are(exported, tmp_path):
+    """`make predict IMAGE=...` with names the shell would mangle ( ( ) ' $ ) and a glob."""
+    import shutil
+
+    shutil.copytree(exported, tmp_path / "a" / "models" / "mnist" / "1")
+    photos = tmp_path / "in"
+    photos.mkdir()
+    names = ["d(1).png", "it's.png", "a$b.png", "g1.png", "g2.png"]
+    for name in names:
+        _photo(photos / name, fmt="PNG")
+    image = " ".join(str(photos / n) for n in names[:3]) + f" {photos}/g*.png"
+    r = subprocess.run(
+        ["make", "-s", "--no-print-directory", "predict", f"ARTIFACTS_DIR={tmp_path / 'a'}",
+         f"IMAGE={image}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [
+        line.split(": digit")[0] for line in r.stdout.splitlines() if ": digit" in line
+    ] == names
