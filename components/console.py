@@ -91,7 +91,11 @@ def _is_process_stderr(stream: object) -> bool:
 # worker leaves, then "/job:worker/replica:0/task:1" and "The tasks have crashed ...") comes in
 # one write; lines without the absl prefix arriving within 50 ms of it are that message's rest.
 _FILTER_PROCESS = """
-import re, sys, time
+import re, signal, sys, time
+# Ctrl-C (or a SIGTERM) goes to the whole process group: the trainer says "interrupted"; the
+# filter goes on until the trainer's end closes the pipe, printing no traceback of its own.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 noise = re.compile(sys.argv[1])
 record = re.compile(r"^[IWEF][0-9]{4} ")
 out = sys.stdout.buffer

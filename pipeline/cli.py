@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,6 +28,7 @@ EXIT_BACKUP = 7
 EXIT_INFRA = 8
 EXIT_MEMORY = 9
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 class UsageError(Exception):
@@ -364,9 +367,29 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a container stopped): unwound as an interrupt, reported as itself."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    # Not in a cluster worker: a worker waiting in a collective would not run a Python handler,
+    # and its supervisor stops it with SIGTERM, then SIGKILL.
+    handle = "TF_CONFIG" not in os.environ and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if handle else None
+    try:
+        return _command(args)
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             return _train(args)
@@ -380,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args)
     except (UsageError, ConfigError) as e:
         return _fail(EXIT_USAGE, str(e))
+    except Terminated:
+        return _fail(EXIT_TERMINATED, "terminated (SIGTERM); a named run resumes where it was")
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")
     raise AssertionError(args.command)

@@ -2,6 +2,11 @@
 
 import sys
 
-from serving.cli import main
+try:
+    from serving.cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # Ctrl-C, e.g. during TensorFlow's import: one line, not a traceback
+    print("error: interrupted", file=sys.stderr)
+    code = 130
+sys.exit(code)

@@ -767,3 +767,22 @@ def test_make_predict_passes_file_names_as_they_are(exported, tmp_path):
     assert [
         line.split(": digit")[0] for line in r.stdout.splitlines() if ": digit" in line
     ] == names
+
+
+def test_ctrl_c_during_a_prediction_is_one_line(exported, tmp_path):
+    """Ctrl-C while TensorFlow is imported (the slow part): exit 130, no traceback from the
+    client or its console filter."""
+    import signal
+    import time
+
+    photo = _photo(tmp_path / "p.jpg")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "predict", str(photo), "--local", str(exported)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    time.sleep(0.7)  # Python and NumPy are up, TensorFlow's import takes a second more
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted", err[-2000:]

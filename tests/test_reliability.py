@@ -92,6 +92,39 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_at_the_defaults(tmp_pa
     assert r.returncode == 2 and "already finished" in r.stderr
 
 
+@pytest.mark.slow
+@requires_mnist
+@pytest.mark.parametrize(
+    "how, code, line",
+    [
+        ("ctrl-c", 130, "error: interrupted"),  # SIGINT to the whole group, as a terminal sends it
+        ("sigterm", 143, "error: terminated (SIGTERM); a named run resumes where it was"),
+    ],
+)
+def test_an_interrupted_run_says_one_line_and_resumes(tmp_path, how, code, line):
+    """No traceback from any process of the run (the console filter is in the same group);
+    the same command then finishes the run."""
+    artifacts = tmp_path / "artifacts"
+    cmd = [*train_cmd(artifacts, "--run-name", "r"), "--epochs", "3"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )  # fmt: skip
+    wait_for_backup_epoch(artifacts / "runs" / "r", proc, epoch=1)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert err.strip().splitlines()[-1] == line
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert metrics_of(artifacts, "r")["resumed_from_epoch"] >= 1
+
+
 def test_crash_mid_epoch_then_resume_is_bit_identical_at_the_default_execution(tmp_path):
     """In a fresh process (op determinism is process-wide): 100 steps per execution and XLA
     (the defaults), 4,000 examples at batch 32 = 125 steps per epoch, a crash in the middle of
