@@ -131,7 +131,7 @@ def run_stage(
     ones: their inputs changed)."""
     record_path = run.layout.records / f"{name}.json"
     record = _readable_record(record_path) if not run.redoing else None
-    if record is not None and _outputs_intact(name, record, outputs):
+    if record is not None and _outputs_intact(run, name, record, outputs):
         run.metrics.update(record.get("metrics", {}))
         log.info("stage %s: done earlier (%s), not redone", name, record.get("finished"))
         run.stages_done.append(name)
@@ -157,14 +157,24 @@ def run_stage(
                 "stage": name,
                 "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                 "seconds": round(seconds, 3),
-                "outputs": [str(p) for p in outputs],
-                "outputs_sha256": {str(p): tree_sha256(p) for p in outputs if p.exists()},
+                "outputs": [_output_key(run, p) for p in outputs],
+                "outputs_sha256": {
+                    _output_key(run, p): tree_sha256(p) for p in outputs if p.exists()
+                },
                 **settings,
             },
         )
 
 
-def _outputs_intact(name: str, record: dict[str, Any], outputs: list[Path]) -> bool:
+def _output_key(run: Run, path: Path) -> str:
+    """How a stage record names an output: relative to the run folder (so that the same run
+    reached as `artifacts/...`, `./artifacts/...` or by its absolute path, or its artifacts
+    folder moved, finds its outputs), or its absolute path when outside it."""
+    resolved, root = Path(path).resolve(), run.layout.root.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
+
+
+def _outputs_intact(run: Run, name: str, record: dict[str, Any], outputs: list[Path]) -> bool:
     """Every output exists and is byte for byte what the stage wrote: a staged export damaged
     after its validation must not be published (the stage and every later one are redone)."""
     recorded = record.get("outputs_sha256")
@@ -173,7 +183,7 @@ def _outputs_intact(name: str, record: dict[str, Any], outputs: list[Path]) -> b
     for path in outputs:
         if not path.exists():
             return False
-        if recorded.get(str(path)) != tree_sha256(path):
+        if recorded.get(_output_key(run, path), recorded.get(str(path))) != tree_sha256(path):
             log.warning("stage %s: %s changed since the stage finished: redoing it", name, path)
             return False
     return True

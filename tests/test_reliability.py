@@ -699,3 +699,22 @@ def test_the_client_refuses_a_savedmodel_that_does_not_load_in_one_line(model, t
     pb.write_bytes(pb.read_bytes()[: len(pb.read_bytes()) // 2] if "truncated" in damage else b"")
     with pytest.raises(ServerError, match="does not load"):
         LocalPredictor(exported)
+
+
+def test_a_run_reached_by_another_spelling_of_its_folder_is_not_redone(
+    tmp_path, tiny_data, monkeypatch
+):
+    """Started with a relative --artifacts-dir, taken up again with the absolute one (or
+    after the folder moved): its finished stages are found, the model is not trained again."""
+    import shutil
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    config = small_config(device="cpu")
+    first = train_pipeline(config, Paths(Path("artifacts")), run_id="r", data=tiny_data)
+    (tmp_path / "artifacts" / "runs" / "r" / "metrics.json").unlink()  # as if killed at the end
+    (tmp_path / "artifacts" / "runs" / "r" / "stages" / "publish.json").unlink(missing_ok=True)
+    shutil.move(tmp_path / "artifacts", tmp_path / "moved")
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained again"))
+    again = train_pipeline(config, Paths(tmp_path / "moved"), run_id="r", data=tiny_data)
+    assert again.metrics["test_accuracy"] == first.metrics["test_accuracy"]
