@@ -39,6 +39,8 @@ def _labels_path(base: Path) -> Path:
 
 def read_labels(base: Path) -> dict[str, Any]:
     path = _labels_path(base)
+    if path.exists() and not path.is_file():
+        raise VersionError(f"{path} is not a file; move it away to serve the latest version again")
     if not path.is_file():
         return {"stable": None, "canary": None, "history": []}
     try:
@@ -177,6 +179,9 @@ def _write_locked(base: Path, labels: dict[str, Any], base_path: str | None) -> 
         root / LABELS_FILE: json.dumps(labels, indent=2) + "\n",
         root / CONFIG_FILE: model_server_config(labels, base_path or str(Path(base).resolve())),
     }
+    for path in files:
+        if path.exists() and not path.is_file():
+            raise VersionError(f"{path} is not a file; move it away; nothing changed")
     tmps = {path: path.with_name(f".{path.name}.tmp") for path in files}
     try:
         for path, text in files.items():

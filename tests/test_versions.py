@@ -201,3 +201,15 @@ def test_models_arguments_say_what_they_take(three_versions, capsys):
     assert "models rollback takes no version" in capsys.readouterr().err
     assert cli.main(["models", "promote", "none", *artifacts]) == cli.EXIT_USAGE
     assert versions.read_labels(base)["stable"] == 2
+
+
+@pytest.mark.parametrize("name", [versions.CONFIG_FILE, versions.LABELS_FILE])
+def test_a_folder_where_a_labels_file_goes_is_one_line(three_versions, capsys, name):
+    base = three_versions
+    (base.parent / name).mkdir()
+    code = cli.main(["models", "promote", "2", "--artifacts-dir", str(base.parents[1])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        code == cli.EXIT_USAGE and len(err) == 1 and f"{base.parent / name} is not a file" in err[0]
+    )
+    assert (base.parent / name).is_dir() and not (base.parent / f".{name}.tmp").exists()
