@@ -110,7 +110,6 @@ tune: $(STAMP) ## keras-tuner search (default budget 13 min); ARGS="--study NAME
 	$(PY) -m pipeline tune $(ARGS)
 
 tensorboard: $(STAMP) ## serve every run's and tuning trial's logs on http://127.0.0.1:PORT (default 6006)
-	@mkdir -p $(ARTIFACTS_DIR)/tensorboard $(ARTIFACTS_DIR)/tuning
 	$(PY) -m pipeline.tensorboard --logdir_spec runs:$(ARTIFACTS_DIR)/tensorboard,tuning:$(ARTIFACTS_DIR)/tuning --host 127.0.0.1 --port $(PORT)
 
 report: $(STAMP) ## rebuild the report of a run (RUN=path, default the latest run)

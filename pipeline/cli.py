@@ -559,7 +559,7 @@ def _report(args: argparse.Namespace) -> int:
         return _fail(EXIT_PUBLISH, f"{run_dir}: {e.strerror}")
     except (OSError, ValueError, KeyError) as e:  # a garbled metrics.json or predictions.npz
         return _fail(
-            EXIT_PUBLISH,
+            EXIT_DATA,
             f"{run_dir}: the run's files cannot be read to redraw the "
             f"report ({type(e).__name__}: {e})",
         )

@@ -191,3 +191,32 @@ def test_out_of_memory_is_not_called_a_full_disk():
     code, message = map_error(full, "r1")
     assert code == EXIT_PUBLISH and "disk full?" in message
     assert map_error(MemoryError(), "r1")[0] == EXIT_MEMORY
+
+
+def test_make_tensorboard_refuses_what_tensorboard_would_crash_on(tmp_path):
+    """A log folder that is a file, a port that is not one, a port in use: one line, exit 2,
+    before TensorBoard starts."""
+    import socket
+
+    def launch(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.tensorboard", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    (tmp_path / "tb").write_text("x")
+    r = launch("--logdir_spec", f"runs:{tmp_path / 'tb'}", "--port", "6123")
+    assert r.returncode == 2 and r.stderr.startswith(f"error: log folder {tmp_path / 'tb'}")
+    for port in ("-1", "70000", "http"):
+        r = launch("--logdir_spec", f"runs:{tmp_path / 'ok'}", "--port", port)
+        assert r.returncode == 2 and "PORT must be a TCP port" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        r = launch(
+            "--logdir_spec", f"runs:{tmp_path / 'ok'}", "--host", "127.0.0.1", "--port", port
+        )
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1" in r.stderr, r.stderr
+    assert (tmp_path / "ok").is_dir()  # made by the launcher (the Makefile's mkdir was not)
