@@ -327,12 +327,26 @@ def _cache_path(prepared: Path, split: str) -> Path | None:
     return prepared / f"arrays-{split}-{key}.npz" if files else None
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def _write_cache(path: Path, split: Split) -> None:
     """Best effort: a read-only or full data dir only means no cache."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         for old in path.parent.glob(f"arrays-{split.name}-*.npz"):
             old.unlink()
+        for stale in path.parent.glob(f".tmp-*-arrays-{split.name}-*.npz"):  # a killed writer's
+            pid = stale.name.split("-")[1]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                stale.unlink(missing_ok=True)
         np.savez(tmp, images=split.images, labels=split.labels)  # zip: CRC-checked on read
         os.replace(tmp, path)
     except OSError as e:

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from components.data import NUM_CLASSES, Split, preprocess
+from components.files import save_npz
 
 
 def predict_probabilities(
@@ -110,9 +111,7 @@ def save_predictions(
 ) -> dict[str, np.ndarray]:
     """Save what the report is drawn from (atomically), so it never needs the model again."""
     arrays = report_inputs(probabilities, test, train_sample)
-    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
-    tmp.replace(path)
+    save_npz(path, **arrays)
     return arrays
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
 
 def sha256(path: Path | str) -> str:
@@ -73,3 +75,18 @@ def damaged_files(folder: Path | str, name: str = VERSION_MANIFEST) -> list[str]
         except OSError:
             damaged.append(f"{relative} (missing or unreadable)")
     return damaged
+
+
+def save_npz(path: Path | str, **arrays: Any) -> None:
+    """`np.savez` whole or not at all: written under a temporary name, then renamed; a failed
+    write (a full disk) leaves no partial file behind."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from components.files import tree_sha256
+from components.files import save_npz, tree_sha256
 from pipeline.config import ConfigError, TrainConfig, hparam_keys
 
 log = logging.getLogger("pipeline")
@@ -380,9 +380,7 @@ def _open_run_dir(run: Run, stats: Any, test: Any) -> None:
     run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
     statistics.write(run.layout.statistics, stats)
     run.layout.evaluation.mkdir(parents=True, exist_ok=True)
-    tmp = run.layout.examples.with_name(".tmp-test_examples.npz")
-    np.savez(tmp, images=test.images, labels=test.labels)
-    os.replace(tmp, run.layout.examples)
+    save_npz(run.layout.examples, images=test.images, labels=test.labels)
 
 
 def _load(

@@ -1,6 +1,7 @@
 """Data: TFDS loading (mock), validation, the tf.data pipeline, manual-dir checksums."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,35 @@ def test_a_full_disk_while_preparing_is_exit_6_and_leaves_no_partial_files(tmp_p
     code, message = map_error(e.value)
     assert code == EXIT_PUBLISH and "\n" not in message
     assert message.startswith("data: no space left on device while preparing TFDS 'mnist'")
+
+
+def test_a_killed_cache_writers_partial_file_is_removed_by_the_next_writer(tmp_path):
+    """A run killed while writing the array cache leaves `.tmp-<pid>-arrays-...`: the next
+    cache write removes it (its pid is gone), not one of a writer still alive."""
+    import subprocess
+
+    from components import data as data_lib
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".tmp-{dead.pid}-arrays-train-0123456789abcdef.npz"
+    stale.write_bytes(b"partial")
+    alive = tmp_path / f".tmp-{os.getpid()}-arrays-train-0123456789abcdef.npz"
+    alive.write_bytes(b"being written")
+    split = data_lib.Split("train", np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int64))
+    data_lib._write_cache(tmp_path / "arrays-train-fedcba9876543210.npz", split)
+    assert not stale.exists() and alive.exists()
+    assert (tmp_path / "arrays-train-fedcba9876543210.npz").is_file()
+
+
+def test_an_npz_that_cannot_be_written_whole_leaves_nothing(tmp_path, monkeypatch):
+    from components.files import save_npz
+
+    def full_disk(file, **arrays):
+        Path(file).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError):
+        save_npz(tmp_path / "test_examples.npz", images=np.zeros(3))
+    assert list(tmp_path.iterdir()) == []
