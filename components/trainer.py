@@ -130,12 +130,20 @@ def resume_epoch(
     if weights != backup_dir / WEIGHTS_FILE:
         if weights.parent == backup_dir:
             log.warning(
-                "backup %s does not match its checksum or its epoch is not this run's; "
-                "falling back to the previous copy (epoch %d)",
-                backup_dir / WEIGHTS_FILE,
+                "the latest backup in %s (%s, %s) does not match its checksum or its epoch "
+                "is not this run's; falling back to the previous copy (epoch %d)",
+                backup_dir,
+                WEIGHTS_FILE,
+                METADATA_FILE,
                 epoch,
             )
         backup_dir.mkdir(parents=True, exist_ok=True)
+        for damaged in (backup_dir / WEIGHTS_FILE, backup_dir / METADATA_FILE):
+            # Whatever is there (a folder, a file that cannot be opened) makes way for the copy.
+            if damaged.is_dir() and not damaged.is_symlink():
+                shutil.rmtree(damaged)
+            else:
+                damaged.unlink(missing_ok=True)
         shutil.copyfile(weights, backup_dir / WEIGHTS_FILE)
         shutil.copyfile(metadata, backup_dir / METADATA_FILE)
         checksums = {

@@ -248,6 +248,18 @@ def test_flipped_bytes_in_a_readable_backup_fall_back_to_the_verified_copy(tmp_p
     assert "does not match its checksum" in caplog.text
 
 
+def test_a_folder_in_place_of_the_latest_backup_makes_way_for_the_previous_copy(tmp_path):
+    """The fallback copies the previous copy over the latest: a folder (or a file that cannot
+    be opened) where the latest was must not fail every later attempt."""
+    backup = _real_backup(tmp_path)
+    weights = backup / trainer.WEIGHTS_FILE
+    weights.unlink()
+    weights.mkdir()
+    (weights / "x").write_text("x")
+    assert trainer.resume_epoch(backup, epochs=6) == 2
+    assert weights.is_file() and trainer.resume_epoch(backup, epochs=6) == 2
+
+
 def test_a_backup_claiming_an_epoch_beyond_the_plan_is_not_trusted(tmp_path):
     backup = _real_backup(tmp_path)
     (backup / trainer.METADATA_FILE).write_text(json.dumps({"epoch": 7, "batch": None}))
