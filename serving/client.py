@@ -78,10 +78,11 @@ def latest_version(base: Path) -> Path:
 def damaged_message(path: Path, damaged: list[str]) -> str:
     """One line for a published version whose files differ from their recorded SHA-256."""
     shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+    verb = "no longer matches" if len(damaged) == 1 else "no longer match"
     return (
-        f"{path} is damaged: {shown} no longer match the SHA-256 recorded when it was "
-        f"published; TF Serving would fail to load it. Delete that folder (or `python -m "
-        f"pipeline models rollback` if it is labelled) and publish again"
+        f"{path} is damaged: {shown} {verb} the SHA-256 recorded when it was published, so it "
+        f"is not the model that was validated. Delete that folder (or `python -m pipeline "
+        f"models rollback` if it is labelled) and publish again"
     )
 
 
@@ -121,8 +122,9 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
             raise ServerError(str(e)) from None
         if version is None:
             raise FlagError(
-                f"no version is labelled {label!r} under {path} (labels: "
-                f"{', '.join(versions.LABELS)}; set with `python -m pipeline models promote N`)"
+                f"no version is labelled {label!r} under {path} (the labels are "
+                f"{' and '.join(versions.LABELS)}, set with `python -m pipeline models promote N` "
+                f"and `... canary N`)"
             )
     chosen = path / str(version)
     if not (chosen / "saved_model.pb").is_file():
