@@ -481,7 +481,10 @@ def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | 
         )
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
         hint = _disk_full_hint(run_id) if e.errno == errno.ENOSPC else ""
-        return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
+        if e.errno == errno.ENOSPC:
+            return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
+        # Not only writes: reading back one of the run's own files can fail (made unreadable).
+        return EXIT_PUBLISH, f"could not read or write artifacts: {e}"
     if isinstance(
         e,
         (
