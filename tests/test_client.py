@@ -19,7 +19,7 @@ from components.photo import example_photos, render_digit
 from serving.cli import main as client_main
 from serving.client import GrpcClient, LocalPredictor, RestClient, ServerError
 from serving.inputs import InputError, load_inputs, seen_images
-from tests.helpers import ROOT
+from tests.helpers import ROOT, SHARED_MNIST, requires_mnist
 
 
 def _digit_image():
@@ -63,6 +63,33 @@ def test_an_image_already_in_mnist_format_is_kept_as_it_is(tmp_path):
     assert dark.is_photo and not dark.mnist_format
     [seen] = seen_images([loaded], normalize=[True])  # as predict_image would see it
     assert seen[14, 14] > 200 and seen[:3].max() == 0
+
+
+def test_a_digit_drawn_to_fill_a_28x28_canvas_goes_to_predict_image(tmp_path):
+    """White on black and 28x28, but not normalised as MNIST's digits are (within 20x20,
+    centred by mass): sent to predict_image, which normalises it, not to predict_png as is."""
+    filled = np.zeros((28, 28), np.uint8)
+    filled[2:5, 3:26] = 255  # a 7 from edge to edge: 23 pixels wide
+    for row in range(5, 27):
+        filled[row, 24 - row * 17 // 22 : 27 - row * 17 // 22] = 255
+    off_centre = np.zeros((28, 28), np.uint8)
+    off_centre[3:19, 2:6] = 255  # a "1" in the top-left corner
+    for name, pixels in (("filled", filled), ("corner", off_centre)):
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+    filled_in, corner = load_inputs([tmp_path / "filled.png", tmp_path / "corner.png"])
+    assert not filled_in.mnist_format and not corner.mnist_format
+    assert filled_in.is_photo and corner.is_photo  # predict_image normalises them
+
+
+@requires_mnist
+def test_every_mnist_test_digit_counts_as_already_in_mnist_format():
+    """The rule for "already in MNIST's format" holds for MNIST's own digits (through TFDS)."""
+    from components import data
+    from serving.inputs import _mnist_pixels
+
+    test = data.load_split("test", manual_dir=SHARED_MNIST)
+    kept = [_mnist_pixels(Image.fromarray(img.reshape(28, 28))) is not None for img in test.images]
+    assert sum(kept) == len(test) == 10_000
 
 
 def test_exif_orientation_is_applied_before_sending(tmp_path):
