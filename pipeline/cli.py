@@ -131,7 +131,8 @@ def _run_name(text: str) -> str:
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text) or text == "latest":
         raise argparse.ArgumentTypeError(
-            f"expected letters, digits, '.', '_' or '-' (not 'latest'), got {text!r}"
+            f"expected 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or "
+            f"digit (not 'latest'), got {text[:120]!r}" + ("..." if len(text) > 120 else "")
         )
     return text
 
@@ -322,9 +323,17 @@ def resolve_config(args: argparse.Namespace, cls: Any = TrainConfig) -> Any:
 
 def load_hparams(path: Path) -> dict[str, Any]:
     """Config values from a JSON file: either flat, or a tuner result with a "hparams" key."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"key(s) given twice: {', '.join(twice)}")
+        return dict(pairs)
+
     try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        value = json.loads(Path(path).read_text(), object_pairs_hook=no_duplicates)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise UsageError(f"--hparams {path}: cannot read JSON ({e})") from None
     for key in ("hparams", "requested"):  # a tuner's best_hparams.json, a run's config.json
         if isinstance(value, dict) and isinstance(value.get(key), dict):
@@ -554,6 +563,8 @@ def _report(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     if not (run_dir / "metrics.json").is_file():
         raise UsageError(f"{run_dir} is not a finished run (no metrics.json)")
+    if (run_dir / "report").exists() and not (run_dir / "report").is_dir():
+        return _fail(EXIT_PUBLISH, f"{run_dir / 'report'} is not a folder: move it away")
     from components.report import ReportWriteError
 
     try:

@@ -54,6 +54,19 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _server(text: str) -> str:
+    """argparse type of --server: HOST:PORT (REST may add http:// or https://), a port in
+    1..65535; anything else would fail inside urllib or gRPC with a traceback."""
+    import re
+
+    match = re.fullmatch(r"(https?://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})/?", text)
+    if match is None or not 0 < int(match.group(3)) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT with a port in 1..65535 (e.g. localhost:8501), got {text!r}"
+        )
+    return text.rstrip("/")
+
+
 def _timeout(text: str) -> float:
     """argparse type of --timeout: seconds, > 0 and finite (a socket timeout)."""
     try:
@@ -95,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "answer with: --version, --label, else the newest served); no server",
     )
     where.add_argument(
-        "--server", help="TF Serving host:port (REST 8501, or gRPC 8500 with --grpc)"
+        "--server", type=_server, help="TF Serving host:port (REST 8501, or gRPC 8500 with --grpc)"
     )
     p.add_argument("--grpc", action="store_true", help="talk gRPC instead of REST")
     p.add_argument(
@@ -128,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("metadata", "model signatures over REST"),
     ):
         s = sub.add_parser(name, help=text)
-        s.add_argument("--server", required=True, help="TF Serving REST host:port")
+        s.add_argument("--server", type=_server, required=True, help="TF Serving REST host:port")
         _common(s)
     return parser
 

@@ -195,6 +195,22 @@ def _write_locked(base: Path, labels: dict[str, Any], base_path: str | None) -> 
     return root / CONFIG_FILE
 
 
+def _unparsable(saved_model_pb: Path) -> str | None:
+    """Why TF Serving's loader would reject this saved_model.pb at once (it does not parse as
+    a SavedModel, or has no graph with a serving_default signature), else None."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    model = saved_model_pb2.SavedModel()
+    try:
+        model.ParseFromString(saved_model_pb.read_bytes())
+    except (OSError, DecodeError) as e:
+        return f"saved_model.pb does not parse ({type(e).__name__})"
+    if not any("serving_default" in graph.signature_def for graph in model.meta_graphs):
+        return "saved_model.pb has no serving_default signature"
+    return None
+
+
 def _require(base: Path, version: int) -> None:
     """`version` is published and its files are as published (TF Serving would load it)."""
     if version not in published(base):
@@ -203,6 +219,9 @@ def _require(base: Path, version: int) -> None:
             f"{', '.join(map(str, published(base))) or 'none'})"
         )
     state = _files_state(Path(base) / str(version))
+    if state == "unverified":  # no SHA-256 to check against (e.g. a SavedModel from elsewhere)
+        problem = _unparsable(Path(base) / str(version) / "saved_model.pb")
+        state = f"INCOMPLETE: {problem}" if problem else state
     if state.startswith(("DAMAGED", "INCOMPLETE")):
         raise VersionError(
             f"version {version} would not serve ({state}); nothing changed: "

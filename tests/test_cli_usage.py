@@ -35,6 +35,7 @@ def run_cli(args, cwd, **kw):
         ["--artifacts-dir", ""],
         ["--hparams", ""],
         ["--tfds-data-dir", " "],
+        ["--run-name", "a" * 300],
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flags, python_cmd, tmp_path):
@@ -112,12 +113,15 @@ def test_out_of_range_flags_name_the_range(flags, message, python_cmd, tmp_path)
         ({"mixed_precision": "false"}, "mixed_precision must be one of auto, on, off"),
         ({"batch_size": 99999999999999999999999}, "batch_size must be an integer in [1, 65536]"),
         ({"max_train_examples": -1}, "an integer in [1, 1000000000] (or null), got -1"),
+        ('{"epochs": 1, "epochs": 2}', "cannot read JSON (key(s) given twice: epochs)"),
+        ("[" * 100_000 + "]" * 100_000, "cannot read JSON (maximum recursion depth exceeded"),
     ],
 )
 def test_wrong_typed_hparams_are_one_line_exit_2(hparams, message, python_cmd, tmp_path):
     import json
 
-    (tmp_path / "hp.json").write_text(json.dumps(hparams))
+    text = hparams if isinstance(hparams, str) else json.dumps(hparams)
+    (tmp_path / "hp.json").write_text(text)
     r = run_cli(
         python_cmd
         + ["train", "--hparams", str(tmp_path / "hp.json"), "--artifacts-dir", str(tmp_path / "a")],

@@ -759,6 +759,11 @@ def test_a_gzip_idx_bomb_is_refused_from_its_header(tmp_path):
         (["--local", "m", "--model", "x", "--form", "row"], "--form, --model: for --server only"),
         (["--local", "m", "--timeout", "5"], "--timeout: for --server only"),
         (["--local", "m", "--show", "seen.jpg"], "the picture is a PNG, name it *.png"),
+        (["--server", "localhost:abc"], "--server: expected HOST:PORT with a port in 1..65535"),
+        (["--server", "localhost:99999"], "--server: expected HOST:PORT"),
+        (["--server", "[::1"], "--server: expected HOST:PORT"),
+        (["--server", "ftp://x:1"], "--server: expected HOST:PORT"),
+        (["--server", "local\nhost:1"], "--server: expected HOST:PORT"),
     ],
 )
 def test_client_flags_that_cannot_work_are_refused_in_one_line(tmp_path, flags, message):

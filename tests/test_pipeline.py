@@ -133,7 +133,7 @@ def test_rebuild_report(tmp_path, tiny_data, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not a zip", "one array", "other arrays"])
-def test_a_damaged_report_input_is_one_line_and_exit_6(tmp_path, damage, capsys):
+def test_a_damaged_report_input_is_one_line_and_exit_4(tmp_path, damage, capsys):
     from pipeline.cli import main
 
     run = tmp_path / "run"
@@ -165,6 +165,18 @@ def test_a_damaged_report_input_is_one_line_and_exit_6(tmp_path, damage, capsys)
     err = capsys.readouterr().err
     assert "predictions.npz" in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "report").exists()
+
+
+def test_a_file_where_the_report_goes_is_one_line_and_exit_6(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    (run / "report").write_text("not a folder")
+    assert main(["report", str(run)]) == 6  # the report cannot be written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run / 'report'} is not a folder: move it away"]
 
 
 def test_figures_drawn_from_other_predictions_are_not_used():

@@ -171,6 +171,9 @@ def test_a_version_that_would_not_serve_is_never_labelled(three_versions, capsys
     write_manifest(base / "5")  # as publishing writes it
     with open(base / "5" / "saved_model.pb", "r+b") as f:
         f.truncate(100)
+    shutil.copytree(base / "1", base / "6")  # no checksums (a SavedModel from elsewhere)
+    with open(base / "6" / "saved_model.pb", "r+b") as f:
+        f.truncate(1000)
     before = (base.parent / versions.CONFIG_FILE).read_text()
     capsys.readouterr()
     for action, version, state in (
@@ -178,6 +181,7 @@ def test_a_version_that_would_not_serve_is_never_labelled(three_versions, capsys
         ("canary", "4", "INCOMPLETE: no saved_model.pb"),
         ("promote", "5", "DAMAGED: saved_model.pb"),
         ("canary", "5", "DAMAGED: saved_model.pb"),
+        ("promote", "6", "INCOMPLETE: saved_model.pb does not parse (DecodeError)"),
     ):
         assert cli.main(["models", action, version, *artifacts]) == cli.EXIT_USAGE
         err = capsys.readouterr().err
