@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,15 +246,28 @@ def photo_figures(model_dir: str, manual_dir: str | None) -> dict[str, Any]:
     }
 
 
+def _alternate(
+    pairs: int,
+    seed: Callable[[], dict[str, Any]],
+    ours: Callable[[], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    label: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`pairs` runs of each, alternating which goes first (the machine's speed drifts)."""
+    runs: dict[str, list[dict[str, Any]]] = {"seed": [], "ours": []}
+    for i in range(pairs):
+        for who in ("seed", "ours") if i % 2 == 0 else ("ours", "seed"):
+            runs[who].append((seed if who == "seed" else ours)())
+            print(f"{label} {i + 1}/{pairs} {who:>4}: {describe(runs[who][-1])}", flush=True)
+    return runs["seed"], runs["ours"]
+
+
 def _measure(
     env: dict[str, str], manual_dir: str | None, user_args: list[str], pairs: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float, dict[str, float]]:
     """Our default run, then `pairs` alternating seed/ours pairs at equal data, then the input
     pipeline and the serving figures."""
     extra = user_args
-    seed_runs, our_runs = [], []
-    seed_memory: list[dict[str, Any]] = []
-    our_memory: list[dict[str, Any]] = []
     # Equal data: the seed trains on all 60,000 training examples, so ours does too.
     extra = ["--validation-fraction", "0", *extra]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -269,33 +283,24 @@ def _measure(
             f"{default_run['test_accuracy']:.4f}",
             flush=True,
         )
-        for i in range(pairs):
-            order = ("seed", "ours") if i % 2 == 0 else ("ours", "seed")
-            for who in order:
-                if who == "seed":
-                    seed_runs.append(run_seed(env))
-                else:
-                    our_runs.append(run_ours(env, ours, extra))
-                r = (seed_runs if who == "seed" else our_runs)[-1]
-                print(
-                    f"pair {i + 1}/{pairs} {who:>4}: train {r['train_seconds']:.2f} s, "
-                    f"process {r['process_seconds']:.2f} s, accuracy {r['test_accuracy']:.4f}",
-                    flush=True,
-                )
+        seed_runs, our_runs = _alternate(
+            pairs,
+            lambda: run_seed(env),
+            lambda: run_ours(env, ours, extra),
+            lambda r: (
+                f"train {r['train_seconds']:.2f} s, process {r['process_seconds']:.2f} s, "
+                f"accuracy {r['test_accuracy']:.4f}"
+            ),
+            "pair",
+        )
         # Memory in runs of their own (sampling costs CPU, see run_measured), also alternating.
-        for i in range(pairs):
-            order = ("seed", "ours") if i % 2 == 0 else ("ours", "seed")
-            for who in order:
-                if who == "seed":
-                    seed_memory.append(run_seed(env, memory=True))
-                else:
-                    our_memory.append(run_ours(env, ours, extra, memory=True))
-                r = (seed_memory if who == "seed" else our_memory)[-1]
-                print(
-                    f"memory {i + 1}/{pairs} {who:>4}: peak PSS {r['peak_pss_mb']:.0f} MB "
-                    f"(RSS summed {r['peak_rss_mb']:.0f} MB)",
-                    flush=True,
-                )
+        seed_memory, our_memory = _alternate(
+            pairs,
+            lambda: run_seed(env, memory=True),
+            lambda: run_ours(env, ours, extra, memory=True),
+            lambda r: f"peak PSS {r['peak_pss_mb']:.0f} MB (RSS summed {r['peak_rss_mb']:.0f} MB)",
+            "memory",
+        )
         pipeline_rate = input_pipeline_images_per_s(manual_dir)
         serving: dict[str, Any] = {**serving_figures(default_run["model_dir"])}
         serving.update(photo_figures(default_run["model_dir"], manual_dir))

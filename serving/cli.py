@@ -282,6 +282,8 @@ def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | Grp
         client = LocalPredictor(local_model_dir(args.local, args.version, args.label))
         where = f"local SavedModel {client.path}"
     elif args.server:
+        if args.grpc and args.server.startswith("http"):
+            raise FlagError(f"--grpc talks to HOST:PORT, not a URL: got {args.server!r}")
         client = (
             GrpcClient(args.server, *_server_settings(args), label=args.label)
             if args.grpc

@@ -31,3 +31,21 @@ def test_memory_runs_see_the_peak_of_the_process_tree():
 def test_a_failing_command_is_an_error():
     with pytest.raises(RuntimeError, match="failed"):
         run_measured([sys.executable, "-c", "raise SystemExit(3)"], {})
+
+
+def test_pairs_alternate_which_side_goes_first(capsys):
+    from benchmarks.bench import _alternate
+
+    order = []
+
+    def side(name):
+        def run():
+            order.append(name)
+            return {"n": len(order)}
+
+        return run
+
+    seed, ours = _alternate(3, side("seed"), side("ours"), lambda r: f"#{r['n']}", "pair")
+    assert order == ["seed", "ours", "ours", "seed", "seed", "ours"]
+    assert [r["n"] for r in seed] == [1, 4, 5] and [r["n"] for r in ours] == [2, 3, 6]
+    assert capsys.readouterr().out.splitlines()[:2] == ["pair 1/3 seed: #1", "pair 1/3 ours: #2"]
