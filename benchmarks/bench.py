@@ -264,9 +264,16 @@ def _alternate(
 
 def _measure(
     env: dict[str, str], manual_dir: str | None, user_args: list[str], pairs: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float, dict[str, float]]:
-    """Our default run, then `pairs` alternating seed/ours pairs at equal data, then the input
-    pipeline and the serving figures."""
+) -> tuple[
+    list[dict[str, Any]],
+    list[dict[str, Any]],
+    dict[str, Any],
+    float,
+    dict[str, Any],
+    dict[str, list[dict[str, Any]]],
+]:
+    """Our default run, then `pairs` alternating seed/ours pairs at equal data (timed), as
+    many whose memory is sampled, then the input pipeline and the serving figures."""
     extra = user_args
     # Equal data: the seed trains on all 60,000 training examples, so ours does too.
     extra = ["--validation-fraction", "0", *extra]
@@ -306,8 +313,8 @@ def _measure(
         serving.update(photo_figures(default_run["model_dir"], manual_dir))
         serving["step_floor"] = step_floor(manual_dir)
 
-    serving["memory_runs"] = {"seed": seed_memory, "ours": _without_model_dir(our_memory)}
-    return seed_runs, our_runs, default_run, pipeline_rate, serving
+    memory = {"seed": seed_memory, "ours": _without_model_dir(our_memory)}
+    return seed_runs, our_runs, default_run, pipeline_rate, serving, memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,11 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     manual_dir = os.environ.get("MNIST_MANUAL_DIR") or None
     extra = shlex.split(args.ours_args)
-    seed_runs, our_runs, default_run, pipeline_rate, serving = _measure(
+    seed_runs, our_runs, default_run, pipeline_rate, serving, memory = _measure(
         env, manual_dir, shlex.split(args.ours_args), args.pairs
     )
     extra = ["--validation-fraction", "0", *shlex.split(args.ours_args)]
-    result = _result(extra, args.pairs, seed_runs, our_runs, default_run, pipeline_rate, serving)
+    result = _result(
+        extra, args.pairs, seed_runs, our_runs, default_run, pipeline_rate, serving, memory
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -346,6 +355,7 @@ def _result(
     default_run: dict[str, Any],
     pipeline_rate: float,
     serving: dict[str, Any],
+    memory: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
     """What the bench writes: medians of the pairs, speed-ups, rates, the serving figures and
     every run."""
@@ -353,7 +363,6 @@ def _result(
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    memory = serving["memory_runs"]
     ratios = [s["train_seconds"] / o["train_seconds"] for s, o in zip(seed_runs, our_runs)]
     process_ratios = [
         s["process_seconds"] / o["process_seconds"] for s, o in zip(seed_runs, our_runs)
@@ -387,6 +396,7 @@ def _result(
             "seed": seed_runs,
             "ours": _without_model_dir(our_runs),
         },
+        "memory_runs": memory,
         "ours_default": {k: v for k, v in default_run.items() if k != "model_dir"},
         "phases_seed_median": _median_phases(seed_runs),
         "phases_ours_median": _median_phases(our_runs),

@@ -244,13 +244,8 @@ def _decode_png_rgba(data: tf.Tensor) -> tf.Tensor:
     low_bit_palette_opaque = tf.logical_and(
         tf.logical_and(tf.equal(colour_type, 3), low_bit), tf.reduce_all(tf.equal(alpha, filler))
     )
-    alpha = tf.where(
-        low_bit_gray,
-        fixed,
-        tf.where(
-            low_bit_palette_opaque, tf.fill(tf.shape(alpha), tf.constant(255, tf.uint8)), alpha
-        ),
-    )
+    opaque = tf.where(low_bit_palette_opaque, tf.constant(255, tf.uint8), alpha)
+    alpha = tf.where(low_bit_gray, fixed, opaque)
     return tf.concat([rgba[..., :3], alpha], -1)
 
 
