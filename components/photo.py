@@ -106,11 +106,9 @@ def normalize_photo(data: tf.Tensor) -> tf.Tensor:
 
 
 def _bytes_at(head: tf.Tensor, start: int, count: int, big_endian: bool) -> tf.Tensor:
-    value = tf.constant(0, tf.int64)
-    order = range(start, start + count) if big_endian else reversed(range(start, start + count))
-    for i in order:
-        value = value * 256 + head[i]
-    return value
+    """The unsigned integer in head[start:start + count] (int64 bytes), in that byte order."""
+    weights = [256**k for k in range(count)]
+    return tf.reduce_sum(head[start : start + count] * (weights[::-1] if big_endian else weights))
 
 
 def image_format_and_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -174,15 +172,25 @@ def _decode_gray(data: tf.Tensor) -> tf.Tensor:
     ratio_index = tf.add_n([tf.cast(longest >= f * ANALYSIS_SIDE, tf.int32) for f in (4, 8, 16)])
 
     def jpeg(ratio: int):
-        return lambda: _opaque(tf.io.decode_jpeg(data, channels=3, ratio=ratio))
+        return lambda: tf.io.decode_jpeg(data, channels=3, ratio=ratio)
 
-    branches = [
-        lambda: _with_alpha(_decode_png_rgba(data)),
-        lambda: tf.switch_case(ratio_index, [jpeg(1), jpeg(2), jpeg(4), jpeg(8)]),
-        lambda: _opaque(tf.io.decode_image(data, channels=3, expand_animations=False)),
-        lambda: _with_alpha(tf.io.decode_bmp(data, channels=4)),
-    ]
-    gray, alpha = tf.switch_case(tf.maximum(fmt - 1, 0), branches)
+    # Only the decoders are branches, and what follows them is built once per kind (opaque RGB,
+    # RGBA): every branch is a graph of its own to trace, and to optimise when served.
+    def rgb() -> tuple[tf.Tensor, tf.Tensor]:  # JPEG (at its DCT scale) or GIF
+        gif = lambda: tf.io.decode_image(data, channels=3, expand_animations=False)  # noqa: E731
+        index = tf.where(tf.equal(fmt, 3), 4, ratio_index)
+        return _opaque(tf.switch_case(index, [jpeg(1), jpeg(2), jpeg(4), jpeg(8), gif]))
+
+    def rgba() -> tuple[tf.Tensor, tf.Tensor]:  # PNG or BMP
+        return _with_alpha(
+            tf.cond(
+                tf.equal(fmt, 4),
+                lambda: tf.io.decode_bmp(data, channels=4),
+                lambda: _decode_png_rgba(data),
+            )
+        )
+
+    gray, alpha = tf.cond(tf.logical_or(tf.equal(fmt, 2), tf.equal(fmt, 3)), rgb, rgba)
     # Over white, unless what is opaque is light (a light digit on transparent): over black.
     backdrop = tf.where(tf.reduce_sum(gray) > 0.5 * tf.reduce_sum(alpha), 0.0, 1.0)
     return gray + backdrop * (1.0 - alpha)
@@ -196,7 +204,7 @@ def _header_checks(
             fmt > 0,
             [
                 "not a PNG, JPEG, GIF or BMP image; first bytes:",
-                tf.strings.substr(tf.strings.join([data, " " * 8]), 0, 8),
+                _printable(tf.strings.substr(tf.strings.join([data, " " * 8]), 0, 8)),
             ],
         ),
         tf.debugging.Assert(
@@ -208,6 +216,14 @@ def _header_checks(
             [f"image too large: more than {MAX_PIXELS} pixels; header says", width, "x", height],
         ),
     ]
+
+
+def _printable(raw: tf.Tensor) -> tf.Tensor:
+    """Bytes as text an error message can carry: what is not UTF-8, or a control character,
+    becomes U+FFFD (TensorFlow's Python and TF Serving's JSON errors need UTF-8)."""
+    return tf.strings.unicode_transcode(
+        raw, "UTF-8", "UTF-8", errors="replace", replace_control_characters=True
+    )
 
 
 LUMA = (0.299, 0.587, 0.114)
@@ -249,9 +265,10 @@ def _decode_png_rgba(data: tf.Tensor) -> tf.Tensor:
     return tf.concat([rgba[..., :3], alpha], -1)
 
 
-def _opaque(rgb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _opaque(rgb: tf.Tensor, checked: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """uint8 RGB -> (gray, alpha 1) at ANALYSIS_SIDE."""
-    gray = tf.tensordot(_resize_within(_checked(rgb), ANALYSIS_SIDE) / 255.0, tf.constant(LUMA), 1)
+    rgb = rgb if checked else _checked(rgb)
+    gray = tf.tensordot(_resize_within(rgb, ANALYSIS_SIDE) / 255.0, tf.constant(LUMA), 1)
     return gray, tf.ones_like(gray)
 
 
@@ -265,7 +282,9 @@ def _with_alpha(rgba: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.tensordot(small[..., :3], tf.constant(LUMA), 1), small[..., 3]
 
     rgba = _checked(rgba)
-    return tf.cond(tf.reduce_min(rgba[..., 3]) < 255, transparent, lambda: _opaque(rgba[..., :3]))
+    return tf.cond(
+        tf.reduce_min(rgba[..., 3]) < 255, transparent, lambda: _opaque(rgba[..., :3], checked=True)
+    )
 
 
 def _resize_within(image: tf.Tensor, side: int) -> tf.Tensor:

@@ -229,6 +229,10 @@ def _blank_page(noise: float) -> bytes:
     [
         (b"not an image at all", "not a PNG, JPEG, GIF or BMP"),
         (b"", "not a PNG, JPEG, GIF or BMP"),
+        # a WebP, and a PNG cut inside its header: first bytes that are not UTF-8 text (which
+        # the message must still be, for Python and for TF Serving's JSON errors)
+        (b"RIFF\xd8\x03\x00\x00WEBPVP8 ", r"first bytes:\] \[RIFF\ufffd{4}\]"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", r"first bytes:\] \[\ufffdPNG\ufffd{4}\]"),
         (_png_header_claiming(100_000, 100_000), "too large"),
         (_jpeg_claiming(9000, 9000), "too large"),
         (_gif_claiming(65535, 65535), "too large"),
@@ -285,8 +289,9 @@ def test_predict_image_as_tf_serving_runs_it(graph_loader):
     assert sig.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
     assert [d.size for d in sig.inputs["image_bytes"].tensor_shape.dim] == [-1]
     assert {"probabilities", "class_ids"} <= set(sig.outputs)
-    with pytest.raises(tf.errors.InvalidArgumentError):
-        graph_loader.run("predict_image", {"image_bytes": np.array([b"nope"], dtype=object)})
+    for refused in (b"nope", b"RIFF\xd8\x03\x00\x00WEBPVP8 "):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="not a PNG"):
+            graph_loader.run("predict_image", {"image_bytes": np.array([refused], dtype=object)})
     photos = np.array(example_photos(), dtype=object)
     out = graph_loader.run("predict_image", {"image_bytes": photos})
     assert out["probabilities"].shape == (len(photos), 10) and out["class_ids"].shape == (3,)
