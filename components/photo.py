@@ -200,22 +200,35 @@ def _header_checks(
     data: tf.Tensor, fmt: tf.Tensor, height: tf.Tensor, width: tf.Tensor
 ) -> list[tf.Operation]:
     return [
-        tf.debugging.Assert(
+        _assert(
             fmt > 0,
             [
                 "not a PNG, JPEG, GIF or BMP image; first bytes:",
                 _printable(tf.strings.substr(tf.strings.join([data, " " * 8]), 0, 8)),
             ],
         ),
-        tf.debugging.Assert(
+        _assert(
             tf.logical_and(height > 0, width > 0),
             ["image header gives an empty size:", height, "x", width],
         ),
-        tf.debugging.Assert(
+        _assert(
             height * width <= MAX_PIXELS,
             [f"image too large: more than {MAX_PIXELS} pixels; header says", width, "x", height],
         ),
     ]
+
+
+def _assert(condition: tf.Tensor, data: list) -> tf.Operation:
+    """tf.debugging.Assert with its values as text (as it prints them): an Assert on strings
+    alone is one op, while one on numbers is guarded by a cond, two more graphs to build and
+    optimise per check."""
+    texts = [
+        x
+        if isinstance(x, str) or x.dtype == tf.string
+        else tf.strings.as_string(x, shortest=x.dtype.is_floating)
+        for x in data
+    ]
+    return tf.debugging.Assert(condition, texts)
 
 
 def _printable(raw: tf.Tensor) -> tf.Tensor:
@@ -234,7 +247,7 @@ def _checked(image: tf.Tensor) -> tf.Tensor:
     shape = tf.shape(image, out_type=tf.int64)
     with tf.control_dependencies(
         [
-            tf.debugging.Assert(
+            _assert(
                 shape[0] * shape[1] <= MAX_PIXELS,
                 [f"image too large: more than {MAX_PIXELS} pixels decoded:", shape],
             )
@@ -439,7 +452,7 @@ def _digit_from_residual(residual: tf.Tensor) -> tf.Tensor:
     soft, digit_mask, evidence = _find_digit(residual)
     with tf.control_dependencies(
         [
-            tf.debugging.Assert(
+            _assert(
                 _is_digit(evidence),
                 [
                     "no digit found: the image is blank, or its ink is too faint or too small "
