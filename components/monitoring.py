@@ -24,9 +24,13 @@ GRAPH_RUN = "model"
 
 
 class BatchScalars(keras.callbacks.Callback):
-    """Train loss, accuracy and learning rate every `every` optimizer steps, at the true step,
-    in their own run folder (`steps/`), named `step_*` so that TensorBoard lists them after
-    Keras's `epoch_*` curves.
+    """Train loss, accuracy and learning rate every `every` optimizer steps of each epoch
+    (counted from the epoch's first step) and at its last step, plotted at the true step, in
+    their own run folder (`steps/`), named `step_*` so that TensorBoard lists them after
+    Keras's `epoch_*` curves. Keras reports batches only at the end of a host round-trip
+    (`steps_per_execution` steps, fewer at an epoch's end): with `every` a multiple of
+    steps_per_execution (the defaults: 100 and 100) the points are exactly `every` steps apart
+    within an epoch; otherwise each comes at the first round-trip past its multiple.
 
     Keras's own `TensorBoard(update_freq=N)` is not used for this: it counts host round-trips
     (not steps) under steps_per_execution, and leaves `record_if(step % N == 0)` active through
@@ -37,13 +41,25 @@ class BatchScalars(keras.callbacks.Callback):
         super().__init__()
         self.every = every
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / STEPS_RUN))
-        self._last_logged = 0
+        self._epoch_start = self._last_logged = 0
+        self._unlogged: tuple[int, dict] | None = None  # the epoch's latest batch, if not logged
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = self._last_logged = int(self.model.optimizer.iterations.numpy())
+        self._unlogged = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        step = int(self.model.optimizer.iterations.numpy())
-        if step // self.every <= self._last_logged // self.every or not logs:
+        if not logs:
             return
-        self._last_logged = step
+        step = int(self.model.optimizer.iterations.numpy())
+        since, logged = step - self._epoch_start, self._last_logged - self._epoch_start
+        if since // self.every > logged // self.every:
+            self._write(step, logs)
+        else:
+            self._unlogged = (step, dict(logs))
+
+    def _write(self, step: int, logs: dict) -> None:
+        self._last_logged, self._unlogged = step, None
         with self.writer.as_default(step=step), tf.summary.record_if(True):
             for name in ("loss", "accuracy"):
                 if name in logs:
@@ -53,6 +69,8 @@ class BatchScalars(keras.callbacks.Callback):
             )
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._unlogged is not None:  # the epoch's last step
+            self._write(*self._unlogged)
         self.writer.flush()  # a watching TensorBoard sees each epoch's points when it ends
 
     def on_train_end(self, logs: dict | None = None) -> None:

@@ -122,7 +122,8 @@ class TrainConfig:
     )
     tensorboard_update_freq: int = setting(
         100,
-        "TensorBoard step scalars every N steps",
+        "TensorBoard step scalars every N steps of an epoch and at its end (best a multiple "
+        "of steps_per_execution: steps are reported per host round-trip)",
         minimum=1,
         maximum=1_000_000,
         group="monitoring",

@@ -117,6 +117,31 @@ def test_an_epoch_is_one_pass_at_the_default_steps_per_execution(tmp_path, recwa
     assert not [w for w in recwarn if "ran out of data" in str(w.message)]
 
 
+def test_step_scalars_at_the_defaults_come_every_100_steps_of_an_epoch_and_at_its_end(tmp_path):
+    """At the defaults (100 steps per execution, a point every 100 steps) with epochs of 250
+    steps (8,000 examples): the points are where the README says, read by TensorBoard's own
+    event loader, each holding the loss Keras reported at that step."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    from pipeline.config import TrainConfig
+
+    assert TrainConfig().tensorboard_update_freq == 100
+    seen = {}
+
+    class Reported(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen[int(self.model.optimizer.iterations.numpy())] = float(logs["loss"])
+
+    _fit(tmp_path, epochs=2, n=8000, extra_callbacks=[Reported()], **_default_model_kw())
+    acc = ea.EventAccumulator(str(tmp_path / "tb" / "steps"), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    points = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("step_loss")}
+    assert sorted(points) == [100, 200, 250, 350, 450, 500]
+    for step, loss in points.items():
+        assert loss == pytest.approx(seen[step])
+    assert [e.step for e in acc.Tensors("step_learning_rate")] == sorted(points)
+
+
 def test_steps_split_in_the_graph_update_as_keras_own_multi_step_loop(tmp_path):
     """The trainer's one-replica path (an element of k batches, split into batches in the
     graph) against plain Keras fit at steps_per_execution k over one-batch elements: the same

@@ -56,11 +56,17 @@ def test_tensorboard_scalars_histograms_images_text_hparams(run):
     for value in scalar_values(train["epoch_accuracy"]) + scalar_values(val["epoch_accuracy"]):
         assert 0.0 <= value <= 1.0
     assert scalar_values(train["epoch_learning_rate"]) == pytest.approx([0.003] * EPOCHS)
-    # step-level scalars every 4 steps (small preset), at the real optimizer step, in their
-    # own run folder (one event file written at a time per folder)
+    # step-level scalars every 4 steps of each epoch (small preset) and at its last step, at
+    # the real optimizer step, in their own run folder (one event file written at a time)
     per_epoch = -(-result.metrics["examples"]["train"] // 16)
+    assert per_epoch % 4  # (so that the epoch's last step is a point of its own)
+    expected = [
+        e * per_epoch + k
+        for e in range(EPOCHS)
+        for k in sorted(set(range(4, per_epoch + 1, 4)) | {per_epoch})
+    ]
     steps_run = tensors(tb / "steps")
-    assert [e.step for e in steps_run["step_loss"]] == list(range(4, per_epoch * EPOCHS + 1, 4))
+    assert [e.step for e in steps_run["step_loss"]] == expected
     assert "step_learning_rate" in steps_run and "step_accuracy" in steps_run
     for folder in ("train", "validation", "steps", "images", "model"):
         assert len(list((tb / folder).glob("events.out.tfevents.*"))) == 1, folder
