@@ -133,14 +133,16 @@ def calibrate_uncertainty(
             "calibrated": False,
             "note": "no validation split: a fixed threshold, not calibrated",
         }
-    confidence = probabilities.max(1)
+    confidence = probabilities.max(1).astype(np.float32)  # (as the graph compares them)
     correct = probabilities.argmax(1) == labels
-    cap = float(np.quantile(confidence[correct], MAX_CORRECT_FLAGGED)) if correct.any() else 1.0
-    want = (
-        float(np.quantile(confidence[~correct], TARGET_MISTAKES_FLAGGED))
-        if (~correct).any()
-        else cap
-    )
+    # Flagged means confidence < threshold. The cap: the (k+1)-th lowest right answer's
+    # confidence, k = floor(5% of them): at most k right answers lie below it (an interpolated
+    # quantile would let one more through). The want: just above the m-th lowest mistake's,
+    # m = ceil(90% of them): at least m mistakes lie below it.
+    right, wrong = np.sort(confidence[correct]), np.sort(confidence[~correct])
+    cap = right[int(np.floor(MAX_CORRECT_FLAGGED * len(right)))] if len(right) else np.float32(1)
+    m = int(np.ceil(TARGET_MISTAKES_FLAGGED * len(wrong)))
+    want = np.nextafter(wrong[m - 1], np.float32(np.inf)) if m else cap
     threshold = float(min(cap, want))
     return {
         "threshold": threshold,

@@ -1,11 +1,13 @@
 """End to end on the real MNIST (../shared/datasets/mnist through TFDS's manual dir)."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from components.files import sha256
 from tests.helpers import ROOT, SHARED_MNIST, requires_mnist
 
 pytestmark = [
@@ -60,15 +62,16 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     artifacts = tmp_path / "artifacts"
     # Twice: the second run is the usual one, with the XLA programs the first one kept.
     for attempt in ("cold", "warm"):
-        r = subprocess.run(
+        r = subprocess.run(  # one stream, as a terminal shows it
             ["make", "-s", "--no-print-directory", "train", f"ARTIFACTS_DIR={artifacts}"],
             cwd=ROOT,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
             timeout=900,
         )
-        assert r.returncode == 0, r.stderr[-3000:]
-        lines = (r.stdout + r.stderr).strip().splitlines()
+        assert r.returncode == 0, r.stdout[-3000:]
+        lines = r.stdout.strip().splitlines()
         assert len(lines) <= 25, "\n".join(lines)
         for pattern in ("ran out of data", "E0000", "W0000", "cuInit", "absl", "Traceback"):
             assert not [line for line in lines if pattern in line], (attempt, pattern, lines)
@@ -95,3 +98,166 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     # The programs XLA compiled are kept, verified, for the next run.
     (manifest,) = (artifacts / "cache" / "xla").glob("*/manifest.json")
     assert len(json.loads(manifest.read_text())) >= 1
+    _the_warm_run_says_what_the_readme_shows(lines, metrics)
+    _what_the_run_wrote(artifacts, run, metrics)
+    _corrupted_xla_programs_are_compiled_again(artifacts, manifest)
+    _one_epoch_is_refused_with_exit_3_through_make(artifacts)
+    _drifted_data_stops_the_run_with_exit_4(artifacts)
+
+
+def _make_train(artifacts, args=""):
+    return subprocess.run(
+        [
+            "make",
+            "-s",
+            "--no-print-directory",
+            "train",
+            f"ARTIFACTS_DIR={artifacts}",
+            f"ARGS={args}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _the_warm_run_says_what_the_readme_shows(lines, metrics):
+    """The README's 18 lines, less make's command (`make -s`), in its order."""
+    expected = [
+        r"\d\d:\d\d:\d\d pipeline: device: CPU \(default strategy\); 1 replica\(s\), global "
+        r"batch 32",
+        r".* pipeline: setting: mixed_precision auto -> off: ",
+        r".* components\.data: loaded train: 60000 examples \(array cache\)$",
+        r".* components\.data: loaded test: 10000 examples \(array cache\)$",
+        r".* pipeline: data: 57000 train, 3000 validation \(held out of train, seed 0\), "
+        r"10000 test",
+        r".* pipeline: run \d{8}-\d{6}-\d{6}-[0-9a-f]{4} -> ",
+        *[
+            rf"epoch {k}/5  loss [\d.]+  accuracy [\d.]+  \| val_loss [\d.]+  val_accuracy [\d.]+  "
+            rf"\([\d.]+ s, 1782 steps\)$"
+            for k in range(1, 6)
+        ],
+        r"Infra validation: the exported model loads as TF Serving loads it, replays 8 warmup "
+        r"records and matches the trained model on 10000 test images",
+        r"Test accuracy: 0\.9\d\d\d  \(loss [\d.]+, 10000 test images, exported model\)$",
+        r"Unsure: [\d.]+% of test predictions flagged \(top probability < [\d.]+, calibrated on "
+        r"validation\)",
+        r"First test image: predicted \d, true \d$",
+        r"Published version 2: .*models/mnist/2 \(test accuracy 0\.9\d+ >= 0\.9700, no "
+        r"significant regression vs version 1's .* McNemar p=",
+        r"Run \d{8}-\d{6}-\d{6}-[0-9a-f]{4}: metrics .*metrics\.json, report .*, TensorBoard ",
+    ]
+    assert len(lines) == len(expected) == 17, "\n".join(lines)
+    for line, pattern in zip(lines, expected):
+        assert re.match(pattern, line), (pattern, line)
+    assert metrics["examples"] == {"train": 57_000, "validation": 3_000, "test": 10_000}
+    calibration = metrics["uncertainty_calibration"]
+    assert calibration["calibrated"] and calibration["validation_examples"] == 3_000
+    assert calibration["correct_flagged"] <= 0.05 + 1e-9
+
+
+def _what_the_run_wrote(artifacts, run, metrics):
+    """The README's artifact table, at the defaults."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    gate = metrics["gate"]
+    assert gate["blessed"] and gate["baseline_version"] == 1 and gate["full_test_split"]
+    for key in ("p_value", "candidate_only_wrong", "baseline_only_wrong", "significance"):
+        assert key in gate, key
+    assert len(metrics["timings"]["fit_phases"]["epochs"]) == 5
+    assert (run / "data" / "statistics.pb").stat().st_size > 0
+    for stage in ("train", "export", "validate", "gate", "publish", "report"):
+        record = json.loads((run / "stages" / f"{stage}.json").read_text())
+        assert "seconds" in record, stage
+    extra = artifacts / "models" / "mnist" / "2" / "assets.extra"
+    for name in ("model_card.md", "model_card.json", "metrics.json", "statistics.pb"):
+        assert (extra / name).stat().st_size > 0, name
+    card = json.loads((extra / "model_card.json").read_text())
+    data = card["model_parameters"]["data"]
+    assert data["tfds_name"] == "mnist" and data["tfds_version"]
+    assert sorted(data["manual_files_sha256"]) == sorted(p.name for p in SHARED_MNIST.glob("*.gz"))
+    low, high = card["quantitative_analysis"]["accuracy_95ci"]
+    assert low < metrics["test_accuracy"] < high
+    assert re.fullmatch(r"[0-9a-f]{40}", card["lineage"]["code"]["commit"])
+    assert card["lineage"]["baseline_version"] == 1
+    # TensorBoard, read by its own loader: one event file per run folder, step points every 100
+    # steps of each 1,782-step epoch and at its end, images and epoch curves per epoch.
+    tb = artifacts / "tensorboard" / metrics["run_id"]
+    for folder in ("train", "validation", "steps", "images", "model"):
+        assert len(list((tb / folder).glob("events.out.tfevents.*"))) == 1, folder
+
+    def steps(folder, tag):
+        acc = ea.EventAccumulator(str(tb / folder), size_guidance={ea.TENSORS: 0})
+        acc.Reload()
+        return [e.step for e in acc.Tensors(tag)]
+
+    per_epoch = [*range(100, 1782, 100), 1782]
+    assert steps("steps", "step_loss") == [e * 1782 + k for e in range(5) for k in per_epoch]
+    assert steps("images", "predictions") == [1, 2, 3, 4, 5]
+    assert steps("validation", "epoch_accuracy") == [0, 1, 2, 3, 4]
+
+
+def _corrupted_xla_programs_are_compiled_again(artifacts, manifest):
+    """A kept program damaged on disk is dropped and compiled again: never a failed run."""
+    store = manifest.parent
+    for entry in store.glob("*.pb"):
+        entry.write_bytes(entry.read_bytes()[:100] + b"garbage")
+    r = _make_train(artifacts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = json.loads(manifest.read_text())
+    assert kept and all(sha256(store / name) == digest for name, digest in kept.items())
+
+
+def _one_epoch_is_refused_with_exit_3_through_make(artifacts):
+    """The README's first example: one epoch is below the 0.97 gate."""
+    versions = sorted(p.name for p in (artifacts / "models" / "mnist").iterdir())
+    r = _make_train(artifacts, "--epochs 1")
+    assert r.returncode == 2 and "Error 3" in r.stderr, r.stderr[-3000:]
+    metrics = json.loads((artifacts / "runs" / "latest" / "metrics.json").read_text())
+    assert metrics["epochs_trained"] == 1 and metrics["test_accuracy"] < 0.97
+    assert not metrics["blessed"]
+    assert sorted(p.name for p in (artifacts / "models" / "mnist").iterdir()) == versions
+
+
+def _drifted_data_stops_the_run_with_exit_4(artifacts):
+    """The published version was trained on data whose mean pixel differs by more than 5/255:
+    the run stops before training, exit 4, naming the drift."""
+    import numpy as np
+
+    from components import data as data_lib
+    from components import exporter, statistics
+    from components.files import write_manifest
+
+    latest = exporter.latest_version_dir(artifacts / "models" / "mnist")
+    with np.load(artifacts / "runs" / "latest" / "evaluation" / "test_examples.npz") as test:
+        images, labels = test["images"], test["labels"]
+    brighter = np.minimum(images.astype(np.int32) + 40, 255).astype(np.uint8)
+    splits = {
+        name: data_lib.Split(name, brighter, labels) for name in ("train", "validation", "test")
+    }
+    statistics.write(
+        latest / "assets.extra" / statistics.STATISTICS_FILE, statistics.compute(splits)
+    )
+    write_manifest(latest)
+    runs_before = sorted((artifacts / "runs").iterdir())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--artifacts-dir",
+            str(artifacts),
+            "--tfds-manual-dir",
+            str(SHARED_MNIST),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "the data drifted from what trained the published model" in r.stderr
+    assert "mean pixel" in r.stderr
+    assert sorted((artifacts / "runs").iterdir()) == runs_before

@@ -264,3 +264,28 @@ def test_a_report_that_cannot_be_written_leaves_no_partial_figure(tmp_path, monk
     err = capsys.readouterr().err
     assert "could not write" in err and "No space left" in err and len(err.splitlines()) == 1
     assert [p.name for p in (run / "report").iterdir()] == []  # nothing half-written
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_uncertainty_threshold_keeps_the_readme_rule(seed):
+    """At most 5% of the right validation answers are flagged (never one more, whatever the
+    split's size), and at least 90% of the wrong ones when that fits under that cap."""
+    from components.evaluator import calibrate_uncertainty
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 4000))
+    logits = rng.normal(0, 1, (n, 10)) + rng.uniform(0, 12) * np.eye(10)[rng.integers(0, 10, n)]
+    probabilities = tf.nn.softmax(logits).numpy().astype(np.float32)
+    labels = np.where(rng.random(n) < 0.9, probabilities.argmax(1), rng.integers(0, 10, n))
+    result = calibrate_uncertainty(probabilities, labels)
+    assert result["calibrated"] and result["validation_examples"] == n
+    confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
+    flagged = confidence < np.float32(result["threshold"])
+    assert flagged[correct].sum() <= 0.05 * correct.sum()
+    # It fits when the mistake at the 90% mark is less sure than the right answer at the 5%
+    # mark: then both hold.
+    wrong, right = np.sort(confidence[~correct]), np.sort(confidence[correct])
+    m = int(np.ceil(0.9 * len(wrong)))
+    if m and wrong[m - 1] < right[int(0.05 * len(right))]:
+        assert flagged[~correct].sum() >= m
+    assert result["correct_flagged"] == flagged[correct].mean()
