@@ -224,3 +224,32 @@ def test_make_tensorboard_refuses_what_tensorboard_would_crash_on(tmp_path):
         )
     assert r.returncode == 2 and f"port {port} on 127.0.0.1" in r.stderr, r.stderr
     assert (tmp_path / "ok").is_dir()  # made by the launcher (the Makefile's mkdir was not)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "raised,code,says",
+    [
+        # a backup whose copies are all unreadable: exit 7, one line, nothing else
+        ("BackupError('no copy of the backup at X can be read')", 7, "error: resume: no copy"),
+        # a bug of ours: exit 1 with the traceback, for a bug report
+        ("ZeroDivisionError('a bug')", 1, "Traceback (most recent call last)"),
+    ],
+)
+def test_exit_codes_7_and_1_through_the_real_entry_point(tmp_path, raised, code, says):
+    script = (
+        "import runpy, sys\n"
+        "import pipeline.run\n"
+        "def boom(*a, **k):\n"
+        "    from components.trainer import BackupError\n"
+        f"    raise {raised}\n"
+        "pipeline.run.train_pipeline = boom\n"
+        "sys.argv = ['pipeline', 'train', '--artifacts-dir', sys.argv[1]]\n"
+        "runpy.run_module('pipeline', run_name='__main__')\n"
+    )
+    r = run_cli([sys.executable, "-c", script, str(tmp_path / "a")], ROOT)
+    assert r.returncode == code, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert any(line.startswith(says) for line in err), err
+    if code == 7:
+        assert err == ["error: resume: no copy of the backup at X can be read"]

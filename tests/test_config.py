@@ -20,6 +20,9 @@ def test_documented_defaults():
         0,
     )
     assert c.device == "auto" and c.dropout == 0.0
+    # the README's other defaults
+    assert (c.min_accuracy, c.max_regression, c.validation_fraction) == (0.97, 0.002, 0.05)
+    assert (c.steps_per_execution, c.jit_compile, c.tensorboard_update_freq) == (100, True, 100)
 
 
 def test_json_round_trip(tmp_path):

@@ -289,3 +289,33 @@ def test_the_uncertainty_threshold_keeps_the_readme_rule(seed):
     if m and wrong[m - 1] < right[int(0.05 * len(right))]:
         assert flagged[~correct].sum() >= m
     assert result["correct_flagged"] == flagged[correct].mean()
+
+
+def test_no_validation_split_trains_on_everything_and_says_so(tmp_path, tiny_data):
+    """`--validation-fraction 0` (at the default steps_per_execution, XLA and step-scalar
+    frequency): every training example trains, no validation curves or per-epoch images, and
+    the `uncertain` threshold is the fixed fallback, recorded as not calibrated."""
+    from components.evaluator import FALLBACK_THRESHOLD
+
+    defaults = TrainConfig()
+    config = small_config(
+        device="cpu",
+        epochs=2,
+        max_train_examples=None,
+        max_test_examples=None,
+        validation_fraction=0.0,
+        steps_per_execution=defaults.steps_per_execution,
+        jit_compile=defaults.jit_compile,
+        tensorboard_update_freq=defaults.tensorboard_update_freq,
+    )
+    artifacts = tmp_path / "artifacts"
+    result = train_pipeline(config, Paths(artifacts), data=tiny_data)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["examples"]["train"] == len(tiny_data[0].labels)
+    assert metrics["examples"].get("validation", 0) == 0
+    assert not [key for key in metrics["history"] if key.startswith("val_")]
+    calibration = metrics["uncertainty_calibration"]
+    assert not calibration["calibrated"] and calibration["threshold"] == FALLBACK_THRESHOLD
+    tb = artifacts / "tensorboard" / result.run_id
+    assert {p.name for p in tb.iterdir() if p.is_dir()} == {"train", "steps", "model"}
+    assert "no validation split" in calibration["note"]
