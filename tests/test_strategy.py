@@ -138,7 +138,8 @@ def test_the_pipeline_runs_under_each_strategy(tmp_path, kind):
             strategy.choose_strategy = lambda *a, **k: strategy.StrategyChoice(
                 "one_device", "cpu", 1, "OneDeviceStrategy (/cpu:0)")
         config = small_config(device="cpu", epochs=2, cpu_devices=2 if kind == "mirrored"
-                              else 1, batch_size=32, steps_per_execution=100)
+                              else 1, batch_size=32, steps_per_execution=100,
+                              jit_compile=True)  # the defaults, as a GPU run asks for them
         d = (make_digits(512, seed=1), make_digits(128, seed=2, name="test"))
         result = train_pipeline(config, Paths(Path({str(tmp_path)!r})), data=d)
         effective = json.loads((result.run_dir / "config.json").read_text())["effective"]
@@ -152,6 +153,7 @@ def test_the_pipeline_runs_under_each_strategy(tmp_path, kind):
     assert out["strategy"] == kind and out["version"] == 1
     assert out["replicas"] == (2 if kind == "mirrored" else 1)
     assert out["effective"]["steps_per_execution"] == (1 if kind == "mirrored" else 100)
+    assert out["effective"]["jit_compile"] is (kind == "one_device")
     assert out["accuracy"] > 0.5
 
 
