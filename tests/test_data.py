@@ -316,3 +316,29 @@ def test_an_npz_that_cannot_be_written_whole_leaves_nothing(tmp_path, monkeypatc
     with pytest.raises(OSError):
         save_npz(tmp_path / "test_examples.npz", images=np.zeros(3))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", [0.5, 0.999])
+def test_a_corrupted_array_cache_is_not_trusted(tmp_path, where, caplog):
+    """The array cache is a zip whose members are CRC-checked when read: a byte flipped in
+    the pixels (mid-file, or in the last bytes read) makes it unreadable, so TFDS's own files
+    are read instead, never pixels that are not MNIST's."""
+    from components import data as data_lib
+
+    rng = np.random.default_rng(0)
+    split = data_lib.Split(
+        "train", rng.integers(0, 256, (500, 28, 28), np.uint8), rng.integers(0, 10, 500)
+    )
+    (tmp_path / "mnist-train.tfrecord-00000-of-00001").write_bytes(b"prepared")
+    cache = data_lib._cache_path(tmp_path, "train")
+    data_lib._write_cache(cache, split)
+    loaded = data_lib._read_cache(tmp_path, "train")
+    np.testing.assert_array_equal(loaded.images, split.images)
+    raw = bytearray(cache.read_bytes())
+    images_at = raw.index(b"images.npy")  # the member's local header; its data follows
+    end = raw.index(b"labels.npy") - 30  # where the next local header begins
+    offset = images_at + int((end - images_at) * where)
+    raw[offset] ^= 0xFF
+    cache.write_bytes(bytes(raw))
+    assert data_lib._read_cache(tmp_path, "train") is None
+    assert "array cache" in caplog.text and "unreadable" in caplog.text
