@@ -319,3 +319,35 @@ def test_no_validation_split_trains_on_everything_and_says_so(tmp_path, tiny_dat
     tb = artifacts / "tensorboard" / result.run_id
     assert {p.name for p in tb.iterdir() if p.is_dir()} == {"train", "steps", "model"}
     assert "no validation split" in calibration["note"]
+
+
+def test_a_version_published_meanwhile_is_the_new_baseline(tmp_path, tiny_data, monkeypatch):
+    """Another run publishes between this run's gate and its publish: this run validates and
+    gates again against that version (re-scored in the validating process), then publishes
+    the next number, with the new baseline in its gate record and model card."""
+    import shutil
+
+    from pipeline import stages
+
+    artifacts = tmp_path / "artifacts"
+    config = small_config(device="cpu", max_train_examples=None, max_test_examples=None)
+    first = train_pipeline(config, Paths(artifacts), data=tiny_data)
+    assert first.metrics["published_version"] == 1
+    models = artifacts / "models" / "mnist"
+    real_gate, gated = stages.gate, []
+
+    def gate_then_someone_publishes(run):
+        record = real_gate(run)
+        gated.append(run.metrics["gate"]["baseline_version"])
+        if len(gated) == 1:  # another run's publish, as its rename into place leaves it
+            shutil.copytree(models / "1", models / "2")
+        return record
+
+    monkeypatch.setattr(stages, "gate", gate_then_someone_publishes)
+    second = train_pipeline(config, Paths(artifacts), data=tiny_data)
+    assert gated == [1, 2]
+    assert second.metrics["published_version"] == 3
+    assert second.metrics["gate"]["baseline_version"] == 2
+    assert second.metrics["infra_validation"]["baseline"].endswith("/2")
+    card = json.loads((models / "3" / "assets.extra" / "model_card.json").read_text())
+    assert card["lineage"]["baseline_version"] == 2
