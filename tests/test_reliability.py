@@ -103,8 +103,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_at_the_defaults(tmp_pa
 )
 def test_an_interrupted_run_says_one_line_and_resumes(tmp_path, how, code, line):
     """No traceback from any process of the run (the console filter is in the same group);
-    the same command then finishes the run."""
+    the same command then finishes the run. A version is published first, as on a user's
+    usual run: the validating process is then scoring it when the signal comes."""
     artifacts = tmp_path / "artifacts"
+    first = run([*train_cmd(artifacts, "--run-name", "first"), "--epochs", "1"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert metrics_of(artifacts, "first")["published_version"] == 1
     cmd = [*train_cmd(artifacts, "--run-name", "r"), "--epochs", "3"]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
