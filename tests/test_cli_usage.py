@@ -253,3 +253,19 @@ def test_exit_codes_7_and_1_through_the_real_entry_point(tmp_path, raised, code,
     assert any(line.startswith(says) for line in err), err
     if code == 7:
         assert err == ["error: resume: no copy of the backup at X can be read"]
+
+
+@pytest.mark.slow
+def test_verbose_shows_the_library_noise_the_default_hides(tmp_path):
+    """The README: TensorFlow's native start-up lines (and the cuInit error on a machine with
+    no GPU) are hidden; `--verbose` shows them. Here on a run that imports TensorFlow and
+    stops at once (no GPU for `--device gpu`: exit 2, the same one line either way)."""
+    cmd = [sys.executable, "-m", "pipeline", "train", "--device", "gpu"]
+    cmd += ["--artifacts-dir", str(tmp_path / "a")]
+    quiet, verbose = run_cli(cmd, ROOT), run_cli([*cmd, "--verbose"], ROOT)
+    assert quiet.returncode == verbose.returncode == 2
+    said = "error: --device gpu was requested but TensorFlow sees no GPU"
+    assert quiet.stderr.splitlines() == [line for line in quiet.stderr.splitlines() if said in line]
+    assert len(quiet.stderr.splitlines()) == 1
+    noise = [line for line in verbose.stderr.splitlines() if line.startswith(("I0000", "E0000"))]
+    assert noise and said in verbose.stderr.splitlines()[-1]

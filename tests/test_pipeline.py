@@ -351,3 +351,28 @@ def test_a_version_published_meanwhile_is_the_new_baseline(tmp_path, tiny_data, 
     assert second.metrics["infra_validation"]["baseline"].endswith("/2")
     card = json.loads((models / "3" / "assets.extra" / "model_card.json").read_text())
     assert card["lineage"]["baseline_version"] == 2
+
+
+@pytest.mark.slow
+def test_profile_executions_writes_a_profile_early_in_epoch_2(tmp_path):
+    """`--profile-executions 2` at the default 100 steps per execution: a TensorBoard profile
+    (the Profile tab's files) under the run's train/plugins/profile/."""
+    from tests.helpers import make_digits
+
+    defaults = TrainConfig()
+    config = small_config(
+        device="cpu",
+        epochs=2,
+        max_train_examples=None,
+        max_test_examples=None,
+        batch_size=32,
+        steps_per_execution=defaults.steps_per_execution,
+        jit_compile=defaults.jit_compile,
+        profile_executions=2,
+    )
+    data = (make_digits(8000, seed=1), make_digits(256, seed=2, name="test"))
+    artifacts = tmp_path / "artifacts"
+    result = train_pipeline(config, Paths(artifacts), data=data)
+    profile = artifacts / "tensorboard" / result.run_id / "train" / "plugins" / "profile"
+    traces = list(profile.glob("*/*.xplane.pb"))
+    assert traces and all(p.stat().st_size > 1000 for p in traces), list(profile.rglob("*"))
