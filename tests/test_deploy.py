@@ -298,3 +298,79 @@ def test_serving_reads_the_config_files_of_serving():
     assert files == {"models.config", "batching.config", "monitoring.config"}
     for f in re.findall(r"--from-file=(\S+)", m.group(2)):
         assert (ROOT / f).is_file()
+
+
+# ---------------------------------------------------------------------- make serve, as it runs
+
+_RECORDER = """#!/bin/sh
+# a stand-in for {name}: records how it was started (argv, one per line) and the config files
+# it was given, then exits as a stopped server would
+[ "$1" = info ] && exit {info}
+printf '%s\\n' "$@" > "{out}/argv"
+for a in "$@"; do
+  case "$a" in --model_config_file=*) cp "${{a#*=}}" "{out}/models.config" 2>/dev/null ;; esac
+  case "$a" in *:/config:ro) cp "${{a%%:*}}/models.config" "{out}/models.config" ;; esac
+done
+exit 0
+"""
+
+
+def _serve(tmp_path: Path, fakes: dict[str, int]) -> tuple[object, Path]:
+    """`make serve` with only these stand-ins on PATH (name -> exit code of `name info`)."""
+    import subprocess
+
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    for name, info in fakes.items():
+        (bin_dir / name).write_text(_RECORDER.format(name=name, out=out, info=info))
+        (bin_dir / name).chmod(0o755)
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "models" / "mnist" / "1").mkdir(parents=True)
+    r = subprocess.run(
+        ["make", "--no-print-directory", "serve", f"ARTIFACTS_DIR={artifacts}"],
+        cwd=ROOT,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return r, out
+
+
+def _model_config(path: Path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+
+
+def test_make_serve_starts_the_binary_on_the_published_models(tmp_path):
+    r, out = _serve(tmp_path, {"tensorflow_model_server": 0})
+    assert r.returncode == 0, r.stderr
+    argv = (out / "argv").read_text().splitlines()
+    assert {"--port=8500", "--rest_api_port=8501"} <= set(argv)
+    assert f"--monitoring_config_file={ROOT / 'serving' / 'monitoring.config'}" in argv
+    assert "--enable_batching" not in argv  # off by default (serving/batching.config says why)
+    (config,) = _model_config(out / "models.config").model_config_list.config
+    assert config.name == "mnist"
+    assert config.base_path == str(tmp_path / "artifacts" / "models" / "mnist")
+
+
+def test_make_serve_runs_the_pinned_image_in_docker_without_the_binary(tmp_path):
+    r, out = _serve(tmp_path, {"docker": 0})
+    assert r.returncode == 0, r.stderr
+    argv = (out / "argv").read_text().splitlines()
+    assert argv[0] == "run" and "tensorflow/serving:2.21.0" in argv
+    models = tmp_path / "artifacts" / "models" / "mnist"
+    assert f"{models}:/models/mnist:ro" in argv
+    assert "--model_config_file=/config/models.config" in argv
+    (config,) = _model_config(out / "models.config").model_config_list.config
+    assert config.base_path == "/models/mnist"
+
+
+def test_make_serve_with_neither_says_how_and_fails(tmp_path):
+    r, out = _serve(tmp_path, {"docker": 1})  # a docker command whose engine does not answer
+    assert r.returncode == 2 and "Error 1" in r.stderr
+    assert "neither tensorflow_model_server nor a running Docker engine was found" in r.stderr
+    assert not (out / "argv").exists()
