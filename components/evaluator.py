@@ -121,6 +121,7 @@ def save_predictions(
 # of the mistakes.
 TARGET_MISTAKES_FLAGGED = 0.9
 MAX_CORRECT_FLAGGED = 0.05
+MIN_TOP_PROBABILITY = 0.1  # of 10 classes, the most likely has at least this
 FALLBACK_THRESHOLD = 0.9  # no validation split (--validation-fraction 0): not calibrated
 
 
@@ -135,14 +136,17 @@ def calibrate_uncertainty(
         }
     confidence = probabilities.max(1).astype(np.float32)  # (as the graph compares them)
     correct = probabilities.argmax(1) == labels
-    # Flagged means confidence < threshold. The cap: the (k+1)-th lowest right answer's
-    # confidence, k = floor(5% of them): at most k right answers lie below it (an interpolated
-    # quantile would let one more through). The want: just above the m-th lowest mistake's,
-    # m = ceil(90% of them): at least m mistakes lie below it.
+    # Flagged means confidence < threshold. The cap lies between the k-th and (k+1)-th lowest
+    # confidences of the right answers, k = floor(5% of them): at most k right answers are
+    # below it (an interpolated quantile lets one more through). The want lies between the
+    # m-th and (m+1)-th lowest of the mistakes, m = ceil(90% of them): at least m are below.
+    # Halfway, not on a value: the exported graph computes the same probabilities in another
+    # order of operations, a few units in the last place apart.
     right, wrong = np.sort(confidence[correct]), np.sort(confidence[~correct])
-    cap = right[int(np.floor(MAX_CORRECT_FLAGGED * len(right)))] if len(right) else np.float32(1)
+    k = int(np.floor(MAX_CORRECT_FLAGGED * len(right)))
+    cap = _between(right[k - 1] if k else MIN_TOP_PROBABILITY, right[k]) if len(right) else np.inf
     m = int(np.ceil(TARGET_MISTAKES_FLAGGED * len(wrong)))
-    want = np.nextafter(wrong[m - 1], np.float32(np.inf)) if m else cap
+    want = _between(wrong[m - 1], wrong[m] if m < len(wrong) else 1.0, above=True) if m else cap
     threshold = float(min(cap, want))
     return {
         "threshold": threshold,
@@ -150,6 +154,15 @@ def calibrate_uncertainty(
         "validation_examples": int(len(labels)),
         **uncertainty_rates(probabilities, labels, threshold),
     }
+
+
+def _between(low: float, high: float, above: bool = False) -> float:
+    """A float32 threshold halfway from `low` to `high`; strictly above `low` when `above`
+    (so that `low` itself is below it), else at most `high`."""
+    mid = np.float32((np.float64(low) + np.float64(high)) / 2)
+    if above and mid <= low:
+        mid = np.nextafter(np.float32(low), np.float32(np.inf))
+    return float(mid)
 
 
 def uncertainty_rates(

@@ -219,13 +219,16 @@ def _header_checks(
 
 
 def _assert(condition: tf.Tensor, data: list) -> tf.Operation:
-    """tf.debugging.Assert with its values as text (as it prints them): an Assert on strings
-    alone is one op, while one on numbers is guarded by a cond, two more graphs to build and
-    optimise per check."""
+    """tf.debugging.Assert with its values as text (floats to 9 significant digits, as it
+    prints float32: 0.14999999 is not shown as 0.15): an Assert on strings alone is one op,
+    while one on numbers is guarded by a cond, two more graphs to build and optimise per
+    check."""
     texts = [
         x
         if isinstance(x, str) or x.dtype == tf.string
-        else tf.strings.as_string(x, shortest=x.dtype.is_floating)
+        else tf.strings.as_string(x, shortest=True, precision=9)
+        if x.dtype.is_floating
+        else tf.strings.as_string(x)
         for x in data
     ]
     return tf.debugging.Assert(condition, texts)

@@ -422,12 +422,21 @@ def _provenance_html(metrics: dict[str, Any]) -> str:
         )
     u = metrics.get("uncertainty") or {}
     if u.get("accuracy_flagged") is not None:
+        how = (
+            "calibrated on the validation split"
+            if u.get("calibrated", True)
+            else "a fixed threshold: no validation split to calibrate on"
+        )
+        others = (
+            f"{u['accuracy_unflagged']:.4f} on the others"
+            if u.get("accuracy_unflagged") is not None
+            else "none left unflagged"
+        )
         parts.append(
             f'<li id="uncertainty">Unsure predictions (top probability below '
-            f"{u['threshold']:.3f}, calibrated on the validation split and stored in the "
-            f"exported model): {u['flagged_fraction']:.1%} of test predictions are flagged; "
-            f"accuracy {u['accuracy_flagged']:.3f} on the flagged, "
-            f"{u['accuracy_unflagged']:.4f} on the others; "
+            f"{u['threshold']:.3f}, {how}, stored in the exported model): "
+            f"{u['flagged_fraction']:.1%} of test predictions are flagged; "
+            f"accuracy {u['accuracy_flagged']:.3f} on the flagged, {others}; "
             f"{(u.get('mistakes_flagged') or 0):.0%} of the mistakes are flagged.</li>"
         )
     if gate.get("baseline_version") is not None:

@@ -484,10 +484,15 @@ def announce(run: Run, name: str) -> None:
                 if u.get("calibrated", True)
                 else "a fixed threshold: no validation split to calibrate on"
             )
+            unflagged = (
+                f"{u['accuracy_unflagged']:.4f} not"
+                if u.get("accuracy_unflagged") is not None
+                else "none left unflagged"
+            )
             print(
                 f"Unsure: {u['flagged_fraction']:.1%} of test predictions flagged (top "
                 f"probability < {u['threshold']:.3f}, {how}): accuracy "
-                f"{u['accuracy_flagged']:.3f} flagged vs {u['accuracy_unflagged']:.4f} not"
+                f"{u['accuracy_flagged']:.3f} flagged vs {unflagged}"
             )
         predictions = np.load(run.layout.served)
         print(

@@ -317,20 +317,25 @@ exit 0
 
 def _serve(tmp_path: Path, fakes: dict[str, int]) -> tuple[object, Path]:
     """`make serve` with only these stand-ins on PATH (name -> exit code of `name info`)."""
+    import shutil
     import subprocess
 
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     out.mkdir()
+    # Only what serve.sh uses, and the stand-ins: a real tensorflow_model_server or docker
+    # installed on this machine (TF Serving's apt package puts one in /usr/bin) stays out.
+    for tool in ("bash", "sh", "env", "sed", "dirname", "ls", "mktemp", "cp", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
     for name, info in fakes.items():
         (bin_dir / name).write_text(_RECORDER.format(name=name, out=out, info=info))
         (bin_dir / name).chmod(0o755)
     artifacts = tmp_path / "artifacts"
     (artifacts / "models" / "mnist" / "1").mkdir(parents=True)
     r = subprocess.run(
-        ["make", "--no-print-directory", "serve", f"ARTIFACTS_DIR={artifacts}"],
+        [shutil.which("make"), "--no-print-directory", "serve", f"ARTIFACTS_DIR={artifacts}"],
         cwd=ROOT,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        env={"PATH": str(bin_dir)},
         capture_output=True,
         text=True,
         timeout=60,

@@ -357,3 +357,18 @@ def test_photos_of_real_test_digits_are_read_by_a_model_trained_one_epoch(tmp_pa
     predicted = signature(image_bytes=tf.constant([p[0] for p in photos]))["class_ids"].numpy()
     right = int((predicted == [p[1] for p in photos]).sum())
     assert right >= 17, [(p[1], int(c), p[2]) for p, c in zip(photos, predicted) if c != p[1]]
+
+
+def test_refusal_messages_keep_the_digits_that_matter():
+    """A measured value just under a limit must not print as the limit itself."""
+    from components.photo import _assert
+
+    @tf.function(autograph=False)
+    def check(x):
+        with tf.control_dependencies([_assert(x >= 0.15, ["contrast:", x, tf.size([x])])]):
+            return tf.identity(x)
+
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"\[contrast:\] \[0\.149999991\] \[1\]"
+    ):
+        check(tf.constant(0.14999999))

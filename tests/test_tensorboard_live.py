@@ -88,6 +88,36 @@ class TensorBoardServer:
         assert not [line for line in lines if is_noise(line)], lines  # a quiet console
 
 
+def _seen_at_each_epoch_end(monkeypatch, server: TensorBoardServer) -> list[int]:
+    """A user looking at TensorBoard at every epoch end, until it has loaded something new:
+    the step points' writer flushes there, and TensorBoard (reloading every second) must pick
+    the points up while the run goes on, not only once the writers close."""
+    from components import monitoring
+
+    seen: list[int] = []
+    written = []
+    write, flush = monitoring.BatchScalars._write, monitoring.BatchScalars.on_epoch_end
+
+    def counted_write(self, step, logs):
+        written.append(step)
+        write(self, step, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        flush(self, epoch, logs)
+        deadline = time.time() + 15
+        while True:  # until it shows every point written so far (or gives up)
+            points = server.scalar_points()
+            now = sum(n for (_run, tag), n in points.items() if tag == "step_loss")
+            if now >= len(written) or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        seen.append(now)
+
+    monkeypatch.setattr(monitoring.BatchScalars, "_write", counted_write)
+    monkeypatch.setattr(monitoring.BatchScalars, "on_epoch_end", on_epoch_end)
+    return seen
+
+
 class _Watcher(threading.Thread):
     """A user looking at TensorBoard all through the run: it reloads every second, and this
     asks it for every scalar series twice a second."""
@@ -105,7 +135,7 @@ class _Watcher(threading.Thread):
             time.sleep(0.5)
 
 
-def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path):
+def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path, monkeypatch):
     """A whole run at the defaults (100 steps per execution under XLA, a step point every
     100 steps, a validation split, images, histograms, text and HParams), on generated digits
     of 8,000 examples (7,600 train: 238 steps an epoch, the last element partial)."""
@@ -113,6 +143,7 @@ def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path)
     (artifacts / "tensorboard").mkdir(parents=True)
     watching = TensorBoardServer(artifacts)
     watcher = _Watcher(watching)
+    seen_at_epoch_ends = _seen_at_each_epoch_end(monkeypatch, watching)
     try:
         splits = (make_digits(8000, seed=1), make_digits(500, seed=2, name="test"))
         config = TrainConfig(device="cpu", epochs=3, min_accuracy=0.0)
@@ -122,6 +153,8 @@ def test_tensorboard_left_open_keeps_every_point_and_renders_the_graph(tmp_path)
         watcher.done.set()
         watcher.join()
         assert len(watcher.seen) > 5 and watcher.seen == sorted(watcher.seen)
+        # each epoch's 3 step points (100, 200, 238 steps in) shown live as that epoch ends
+        assert seen_at_epoch_ends == [3, 6, 9]
         time.sleep(3)  # a few reload cycles after the writers closed
         live = watching.scalar_points()
     finally:
