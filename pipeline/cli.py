@@ -108,6 +108,8 @@ def add_config_flags(
             group = groups[field.meta["group"]] = parser.add_argument_group(field.meta["group"])
         default = "none" if field.default is None else field.default
         help_text = f"{field.meta['help']} (default {default})"
+        if field.type in (int, float) and not field.meta["choices"]:
+            help_text = f"{help_text[:-1]}; {field.describe_range(null=False)})"
         if field.type is bool:
             group.add_argument(
                 field.flag, action=argparse.BooleanOptionalAction, default=suppress, help=help_text

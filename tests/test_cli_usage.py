@@ -77,6 +77,31 @@ def test_help_lists_commands(python_cmd, tmp_path):
     assert r.returncode == 0 and "train" in r.stdout and "report" in r.stdout
 
 
+def test_train_help_gives_every_setting_its_default_and_range(capsys):
+    """The README: every setting has a flag, with its default and range in --help; the range
+    shown is the one the flag enforces (the value just outside it is refused)."""
+    import re
+
+    from pipeline.cli import main
+    from pipeline.config import fields
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+    for field in fields():
+        assert field.flag in text, field.flag
+        default = "none" if field.default is None else field.default
+        if field.type in (int, float) and not field.meta["choices"]:
+            shown = f"(default {default}; {field.describe_range(null=False)})"
+            assert shown in text, (field.name, shown)
+            bounds = re.search(r"in [\[(]([-\d.e+]+), ([-\d.e+]+)[\])]", shown)
+            if bounds and field.meta["maximum"] is not None:
+                with pytest.raises(SystemExit):
+                    main(["train", field.flag, str(field.meta["maximum"] * 2 + 1)])
+        else:
+            assert f"(default {default})" in text, field.name
+
+
 def test_artifacts_subfolder_that_is_a_file(python_cmd, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "tensorboard").write_text("x")
