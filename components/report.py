@@ -422,11 +422,7 @@ def _provenance_html(metrics: dict[str, Any]) -> str:
         )
     u = metrics.get("uncertainty") or {}
     if u.get("accuracy_flagged") is not None:
-        how = (
-            "calibrated on the validation split"
-            if u.get("calibrated", True)
-            else "a fixed threshold: no validation split to calibrate on"
-        )
+        how = threshold_origin(u)
         others = (
             f"{u['accuracy_unflagged']:.4f} on the others"
             if u.get("accuracy_unflagged") is not None
@@ -483,3 +479,11 @@ def write_report(
 
 class ReportWriteError(OSError):
     """Writing the report failed (a full disk, a read-only folder); what was written is whole."""
+
+
+def threshold_origin(uncertainty: dict[str, Any]) -> str:
+    """Where the `uncertain` threshold of a run's metrics came from, for people (the console
+    and the report say it alike)."""
+    if uncertainty.get("calibrated", True):
+        return "calibrated on the validation split"
+    return "a fixed threshold: no validation split to calibrate on"

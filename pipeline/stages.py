@@ -479,11 +479,9 @@ def announce(run: Run, name: str) -> None:
         )
         u = m.get("uncertainty") or {}
         if u.get("flagged_fraction") and u.get("accuracy_flagged") is not None:
-            how = (
-                "calibrated on validation"
-                if u.get("calibrated", True)
-                else "a fixed threshold: no validation split to calibrate on"
-            )
+            from components.report import threshold_origin
+
+            how = threshold_origin(u)
             unflagged = (
                 f"{u['accuracy_unflagged']:.4f} not"
                 if u.get("accuracy_unflagged") is not None

@@ -142,7 +142,7 @@ def _the_warm_run_says_what_the_readme_shows(lines, metrics):
         r"records and matches the trained model on 10000 test images",
         r"Test accuracy: 0\.9\d\d\d  \(loss [\d.]+, 10000 test images, exported model\)$",
         r"Unsure: [\d.]+% of test predictions flagged \(top probability < [\d.]+, calibrated on "
-        r"validation\)",
+        r"the validation split\)",
         r"First test image: predicted \d, true \d$",
         r"Published version 2: .*models/mnist/2 \(test accuracy 0\.9\d+ >= 0\.9700, no "
         r"significant regression vs version 1's .* McNemar p=",

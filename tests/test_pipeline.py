@@ -347,17 +347,7 @@ def test_no_validation_split_trains_on_everything_and_says_so(tmp_path, tiny_dat
     the `uncertain` threshold is the fixed fallback, recorded as not calibrated."""
     from components.evaluator import FALLBACK_THRESHOLD
 
-    defaults = TrainConfig()
-    config = small_config(
-        device="cpu",
-        epochs=2,
-        max_train_examples=None,
-        max_test_examples=None,
-        validation_fraction=0.0,
-        steps_per_execution=defaults.steps_per_execution,
-        jit_compile=defaults.jit_compile,
-        tensorboard_update_freq=defaults.tensorboard_update_freq,
-    )
+    config = TrainConfig(device="cpu", epochs=2, validation_fraction=0.0, min_accuracy=0.0)
     artifacts = tmp_path / "artifacts"
     result = train_pipeline(config, Paths(artifacts), data=tiny_data)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
@@ -409,17 +399,7 @@ def test_profile_executions_writes_a_profile_early_in_epoch_2(tmp_path):
     (the Profile tab's files) under the run's train/plugins/profile/."""
     from tests.helpers import make_digits
 
-    defaults = TrainConfig()
-    config = small_config(
-        device="cpu",
-        epochs=2,
-        max_train_examples=None,
-        max_test_examples=None,
-        batch_size=32,
-        steps_per_execution=defaults.steps_per_execution,
-        jit_compile=defaults.jit_compile,
-        profile_executions=2,
-    )
+    config = TrainConfig(device="cpu", epochs=2, profile_executions=2, min_accuracy=0.0)
     data = (make_digits(8000, seed=1), make_digits(256, seed=2, name="test"))
     artifacts = tmp_path / "artifacts"
     result = train_pipeline(config, Paths(artifacts), data=data)
