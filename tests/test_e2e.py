@@ -62,14 +62,7 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     artifacts = tmp_path / "artifacts"
     # Twice: the second run is the usual one, with the XLA programs the first one kept.
     for attempt in ("cold", "warm"):
-        r = subprocess.run(  # one stream, as a terminal shows it
-            ["make", "-s", "--no-print-directory", "train", f"ARTIFACTS_DIR={artifacts}"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=900,
-        )
+        r = _make_train(artifacts)
         assert r.returncode == 0, r.stdout[-3000:]
         lines = r.stdout.strip().splitlines()
         assert len(lines) <= 25, "\n".join(lines)
@@ -107,6 +100,8 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
 
 
 def _make_train(artifacts, args=""):
+    """`make -s train` as a user runs it; stdout and stderr in one stream, as a terminal shows
+    them."""
     return subprocess.run(
         [
             "make",
@@ -117,7 +112,8 @@ def _make_train(artifacts, args=""):
             f"ARGS={args}",
         ],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=900,
     )
@@ -222,7 +218,7 @@ def _corrupted_xla_programs_are_compiled_again(artifacts, manifest):
     for entry in store.glob("*.pb"):
         entry.write_bytes(entry.read_bytes()[:100] + b"garbage")
     r = _make_train(artifacts)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-3000:]
     kept = json.loads(manifest.read_text())
     assert kept and all(sha256(store / name) == digest for name, digest in kept.items())
 
@@ -231,7 +227,7 @@ def _one_epoch_is_refused_with_exit_3_through_make(artifacts):
     """The README's first example: one epoch is below the 0.97 gate."""
     versions = sorted(p.name for p in (artifacts / "models" / "mnist").iterdir())
     r = _make_train(artifacts, "--epochs 1")
-    assert r.returncode == 2 and "Error 3" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "Error 3" in r.stdout, r.stdout[-3000:]
     metrics = json.loads((artifacts / "runs" / "latest" / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 1 and metrics["test_accuracy"] < 0.97
     assert not metrics["blessed"]
