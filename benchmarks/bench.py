@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.steps import format_floor, step_floor
+from benchmarks.steps import format_floor, step_floors
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES_PER_RUN = 60_000 * 5
@@ -311,7 +311,7 @@ def _measure(
         pipeline_rate = input_pipeline_images_per_s(manual_dir)
         serving: dict[str, Any] = {**serving_figures(default_run["model_dir"])}
         serving.update(photo_figures(default_run["model_dir"], manual_dir))
-        serving["step_floor"] = step_floor(manual_dir)
+        serving["step_floor"] = step_floors(manual_dir)
 
     memory = {"seed": seed_memory, "ours": _without_model_dir(our_memory)}
     return seed_runs, our_runs, default_run, pipeline_rate, serving, memory

@@ -13,20 +13,71 @@ in one process, interleaved, median of `repeats` after a warm-up pass each:
 - `fit_ours`: Keras `fit` as our trainer runs it on one replica: each element holds
   `steps_per_execution` batches, split into batches in the graph (`trainer.train_steps_in_graph`).
 
+Each way is timed twice, in two fresh processes (TensorFlow's thread pools are fixed at start-up):
+on TensorFlow's default pools (one thread per core, for ops and for ops at once) and on one thread
+of each, what our trainer uses for one replica on the CPU (`--cpu-threads` auto,
+components/strategy.py).
+
 `python -m benchmarks.steps` prints them; `make bench` includes them.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = {"default": 0, "one": 1}  # TensorFlow's default pools; one thread (our trainer's)
 
-def step_floor(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
+
+def step_floors(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
+    """`step_floor` on each thread setting, each in a fresh process."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if manual_dir:
+        env["MNIST_MANUAL_DIR"] = manual_dir
+    floors = {}
+    for name, threads in THREADS.items():
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.steps",
+                "--json",
+                "--threads",
+                str(threads),
+                "--repeats",
+                str(repeats),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"benchmarks.steps --threads {threads} failed:\n{proc.stderr[-2000:]}"
+            )
+        floors[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return floors
+
+
+def step_floor(manual_dir: str | None, repeats: int = 3, threads: int = 0) -> dict[str, Any]:
+    """The four ways in this process; `threads` > 0 sets TensorFlow's pools first (before any op
+    runs, as the trainer does), 0 keeps TensorFlow's default."""
     import keras
     import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
 
     from components import data, trainer
     from components.model import build_model
@@ -95,32 +146,43 @@ def step_floor(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
     }
 
 
-def format_floor(r: dict[str, Any]) -> str:
+def format_floor(floors: dict[str, Any]) -> str:
+    default, one = floors["default"], floors["one"]
+    spe = one["steps_per_execution"]
     labels = {
         "in_graph": "Keras train_step under XLA, batches gathered in the graph",
         "tf_data": "the same, batches from our tf.data pipeline (get_next per step)",
-        "fit_keras_loop": f"Keras fit, its loop at steps_per_execution {r['steps_per_execution']}",
-        "fit_ours": f"Keras fit, our trainer's ({r['steps_per_execution']} steps per element)",
+        "fit_keras_loop": f"Keras fit, its loop at steps_per_execution {spe}",
+        "fit_ours": f"Keras fit, our trainer's ({spe} steps per element)",
     }
     lines = [
-        f"one epoch ({r['steps_per_epoch']} steps of batch 32), median of "
-        f"{len(r['runs']['fit_ours'])}:"
+        f"one epoch ({one['steps_per_epoch']} steps of batch 32), median of "
+        f"{len(one['runs']['fit_ours'])}, seconds (us/step) on TensorFlow's default threads | "
+        "on one thread (our trainer's):"
     ]
     for key, label in labels.items():
-        seconds = r[f"epoch_seconds_{key}"]
-        lines.append(
-            f"  {label}: {seconds:.3f} s ({seconds / r['steps_per_epoch'] * 1e6:.0f} us/step)"
-        )
+        a, b = default[f"epoch_seconds_{key}"], one[f"epoch_seconds_{key}"]
+        per = one["steps_per_epoch"] / 1e6
+        lines.append(f"  {label}: {a:.3f} ({a / per:.0f}) | {b:.3f} ({b / per:.0f})")
     return "\n".join(lines)
 
 
-def main() -> int:
-    import os
-
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.steps", description=__doc__)
+    parser.add_argument("--threads", type=int, help="only this thread setting, in this process")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
     from components import console
 
     console.setup(verbose=False)
-    print(format_floor(step_floor(os.environ.get("MNIST_MANUAL_DIR") or None)))
+    manual_dir = os.environ.get("MNIST_MANUAL_DIR") or None
+    if args.threads is not None:
+        result = step_floor(manual_dir, args.repeats, args.threads)
+        print(json.dumps(result) if args.json else result)
+        return 0
+    floors = step_floors(manual_dir, args.repeats)
+    print(json.dumps(floors) if args.json else format_floor(floors))
     return 0
 
 

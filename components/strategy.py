@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ class StrategyChoice:
     device: str  # "cpu" or "gpu"
     num_devices: int  # devices this process mirrors over (GPUs, or logical CPUs)
     description: str
+    # TensorFlow's intra-op and inter-op threads (0: TensorFlow's default, one per core)
+    cpu_threads: int = 0
+    threads_why: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Effective:
     steps_per_execution: int
     jit_compile: bool
     mixed_precision: bool
+    cpu_threads: int  # 0: TensorFlow's default
     why: tuple[str, ...]  # each setting that differs from the request, and why
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +107,40 @@ def choose_strategy(
     return StrategyChoice("default", "cpu", 1, "CPU (default strategy)")
 
 
+THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def with_cpu_threads(
+    choice: StrategyChoice, requested: int, environ: Mapping[str, str] | None = None
+) -> StrategyChoice:
+    """Decide TensorFlow's CPU threads (`--cpu-threads`; 0 = auto) for this choice.
+
+    Auto is 1 for one replica on the CPU: a step of the documented model (batch 32) is ~0.2 ms
+    of work, too small to split over cores; each op handed to another thread costs more than it
+    saves, and the threads compete with tf.data's. Measured on the 2-core machine: an epoch in
+    0.31 s on one thread against 0.39 s on the default pools, and far steadier
+    (`python -m benchmarks.steps`). Several replicas (logical CPUs, workers) and GPUs keep
+    TensorFlow's default, as does a user who set TF_NUM_INTRAOP_THREADS/TF_NUM_INTEROP_THREADS.
+    """
+    environ = os.environ if environ is None else environ
+    if requested:
+        return dataclasses.replace(choice, cpu_threads=requested)
+    if choice.kind != "default" or choice.device != "cpu":
+        return choice
+    if any(environ.get(name) for name in THREAD_ENV):
+        return dataclasses.replace(
+            choice,
+            threads_why="cpu_threads auto -> TensorFlow's: TF_NUM_INTRAOP_THREADS/"
+            "TF_NUM_INTEROP_THREADS are set",
+        )
+    return dataclasses.replace(
+        choice,
+        cpu_threads=1,
+        threads_why="cpu_threads auto -> 1: one replica on the CPU, whose small steps lose more "
+        "to thread hand-offs than they gain",
+    )
+
+
 def effective_settings(
     choice: StrategyChoice,
     replicas: int,
@@ -149,6 +189,8 @@ def effective_settings(
         )
     else:
         mixed = False
+    if choice.threads_why:
+        why.append(choice.threads_why)
     return Effective(
         strategy=choice.kind,
         device=choice.device,
@@ -158,6 +200,7 @@ def effective_settings(
         steps_per_execution=steps,
         jit_compile=jit,
         mixed_precision=mixed,
+        cpu_threads=choice.cpu_threads,
         why=tuple(why),
     )
 
@@ -203,12 +246,14 @@ def setup_device(
     seed: int,
     tf_config: dict[str, Any] | None = None,
     cpu_devices: int = 1,
+    cpu_threads: int = 0,
 ) -> tuple[StrategyChoice, Any, float | None]:
-    """Resolve --device, hide GPUs for --device cpu, split the CPU for --cpu-devices, make the
-    strategy, set seeds. Returns (choice, strategy, the first GPU's compute capability).
+    """Resolve --device, hide GPUs for --device cpu, split the CPU for --cpu-devices, set the
+    CPU threads (--cpu-threads), make the strategy, set seeds. Returns (choice, strategy, the
+    first GPU's compute capability).
 
-    Call before any TF op runs: device visibility, logical devices and MultiWorkerMirrored's
-    collective ops can only be configured at program start-up.
+    Call before any TF op runs: device visibility, logical devices, thread pools and
+    MultiWorkerMirrored's collective ops can only be configured at program start-up.
     """
     import keras
     import tensorflow as tf
@@ -220,7 +265,11 @@ def setup_device(
         hint = gpu_diagnostics.explain_missing_gpu(0)
         if hint:
             log.warning("%s", hint)
-    choice = choose_strategy(device, len(gpus), tf_config, cpu_devices)
+    choice = with_cpu_threads(
+        choose_strategy(device, len(gpus), tf_config, cpu_devices), cpu_threads
+    )
+    if choice.cpu_threads:
+        choice = _apply_threads(choice)
     if choice.device == "cpu" and gpus:
         tf.config.set_visible_devices([], "GPU")
     if choice.kind == "mirrored" and choice.device == "cpu":
@@ -241,6 +290,29 @@ def setup_device(
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     return choice, strategy, capability
+
+
+def _apply_threads(choice: StrategyChoice) -> StrategyChoice:
+    """Set TensorFlow's intra-op and inter-op pools to `choice.cpu_threads`. In a process whose
+    TensorFlow already runs (tests, a notebook) the pools are fixed: the choice then records the
+    threads in effect, so config.json says what ran."""
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    try:
+        threading.set_intra_op_parallelism_threads(choice.cpu_threads)
+        threading.set_inter_op_parallelism_threads(choice.cpu_threads)
+    except RuntimeError:  # already initialised
+        actual = threading.get_intra_op_parallelism_threads()
+        if actual != choice.cpu_threads:
+            log.debug("TensorFlow already runs: keeping its %s CPU threads", actual or "default")
+            return dataclasses.replace(
+                choice,
+                cpu_threads=actual,
+                threads_why=f"cpu_threads {choice.cpu_threads} -> "
+                f"{actual or 'TensorFlow default'}: TensorFlow was already running in this process",
+            )
+    return choice
 
 
 def set_precision(mixed: bool) -> None:

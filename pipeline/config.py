@@ -94,6 +94,15 @@ class TrainConfig:
         maximum=64,
         group="device",
     )
+    cpu_threads: int = setting(
+        0,
+        "TensorFlow threads on the CPU (per op and ops at once); 0 = auto: 1 for one-replica "
+        "CPU training, whose small steps lose more to thread hand-offs than they gain, else "
+        "TensorFlow's default (one per core, or TF_NUM_INTRAOP_THREADS)",
+        minimum=0,
+        maximum=4096,
+        group="device",
+    )
     deterministic: bool = setting(
         False, "TensorFlow op determinism: same seed, same weights", group="device"
     )

@@ -264,6 +264,7 @@ def setup(run: Run) -> Any:
         seed=config.seed,
         tf_config=run.tf_config,
         cpu_devices=config.cpu_devices,
+        cpu_threads=config.cpu_threads,
     )
     run.effective = effective_settings(
         choice,

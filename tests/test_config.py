@@ -23,6 +23,7 @@ def test_documented_defaults():
     # the README's other defaults
     assert (c.min_accuracy, c.max_regression, c.validation_fraction) == (0.97, 0.002, 0.05)
     assert (c.steps_per_execution, c.jit_compile, c.tensorboard_update_freq) == (100, True, 100)
+    assert c.cpu_threads == 0  # auto: one thread for one replica on the CPU
 
 
 def test_json_round_trip(tmp_path):

@@ -72,6 +72,7 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["requested"]["validation_fraction"] > 0
     assert config["effective"]["steps_per_execution"] == 100
+    assert config["effective"]["cpu_threads"] == 1  # one replica on the CPU: auto -> 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["examples"]["validation"] > 0 and metrics["examples"]["test"] == 10_000
     steps = -(-metrics["examples"]["train"] // 32)
@@ -120,10 +121,11 @@ def _make_train(artifacts, args=""):
 
 
 def _the_warm_run_says_what_the_readme_shows(lines, metrics):
-    """The README's 18 lines, less make's command (`make -s`), in its order."""
+    """The README's 19 lines, less make's command (`make -s`), in its order."""
     expected = [
         r"\d\d:\d\d:\d\d pipeline: device: .*, global batch 32, per-replica batch ",
         r".* pipeline: setting: mixed_precision auto -> (on|off): ",
+        r".* pipeline: setting: cpu_threads auto -> 1: one replica on the CPU",
         r".* components\.data: loaded train: 60000 examples \(array cache\)$",
         r".* components\.data: loaded test: 10000 examples \(array cache\)$",
         r".* pipeline: data: 57000 train, 3000 validation \(held out of train, seed 0\), "
@@ -144,7 +146,7 @@ def _the_warm_run_says_what_the_readme_shows(lines, metrics):
         r"significant regression vs version 1's .* McNemar p=",
         r"Run \d{8}-\d{6}-\d{6}-[0-9a-f]{4}: metrics .*metrics\.json, report .*, TensorBoard ",
     ]
-    assert len(lines) == len(expected) == 17, "\n".join(lines)
+    assert len(lines) == len(expected) == 18, "\n".join(lines)
     for line, pattern in zip(lines, expected):
         assert re.match(pattern, line), (pattern, line)
     assert metrics["examples"] == {"train": 57_000, "validation": 3_000, "test": 10_000}

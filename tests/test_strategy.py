@@ -5,9 +5,11 @@ upstream moves."""
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -27,13 +29,14 @@ PRELUDE = textwrap.dedent(f"""
 """)
 
 
-def run_script(body: str, timeout: int = 300) -> dict:
+def run_script(body: str, timeout: int = 300, env: dict[str, str] | None = None) -> Any:
     r = subprocess.run(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -59,6 +62,59 @@ def test_policy_what_each_strategy_allows():
     assert strategy.effective_settings(gpu, 1, compute_capability=8.0, **kw).mixed_precision
     assert not strategy.effective_settings(gpu, 1, compute_capability=6.1, **kw).mixed_precision
     assert not strategy.effective_settings(cpu, 1, **{**kw, "dropout": 0.2}).jit_compile
+
+
+def test_cpu_threads_policy():
+    """Auto (0) is one thread for one replica on the CPU only; several replicas, GPUs and a
+    user's TF_NUM_*_THREADS keep TensorFlow's default; a number asked for is used."""
+    cpu, none = strategy.choose_strategy("auto", 0), {}
+    assert strategy.with_cpu_threads(cpu, 0, none).cpu_threads == 1
+    assert "cpu_threads auto -> 1" in strategy.with_cpu_threads(cpu, 0, none).threads_why
+    for other in (
+        strategy.choose_strategy("cpu", 0, cpu_devices=2),
+        strategy.choose_strategy("auto", 1),
+        strategy.choose_strategy("auto", 0, {"cluster": {"worker": ["a:1", "b:2"]}}),
+    ):
+        assert strategy.with_cpu_threads(other, 0, none).cpu_threads == 0, other.kind
+        assert strategy.with_cpu_threads(other, 3, none).cpu_threads == 3, other.kind
+    for name in strategy.THREAD_ENV:
+        chosen = strategy.with_cpu_threads(cpu, 0, {name: "2"})
+        assert chosen.cpu_threads == 0 and name.split("_")[2].lower() in chosen.threads_why.lower()
+    assert strategy.with_cpu_threads(cpu, 2, {"TF_NUM_INTRAOP_THREADS": "4"}).cpu_threads == 2
+    e = strategy.effective_settings(
+        strategy.with_cpu_threads(cpu, 0, none),
+        1,
+        batch_size=32,
+        steps_per_execution=100,
+        jit_compile=True,
+        mixed_precision="off",
+        dropout=0.0,
+    )
+    assert e.cpu_threads == 1 and any(w.startswith("cpu_threads auto -> 1") for w in e.why)
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [({}, [1, 1]), ({"TF_NUM_INTEROP_THREADS": "2"}, [0, 0]), ({"CPU_THREADS": "3"}, [3, 3])],
+)
+def test_setup_device_sets_tensorflows_thread_pools_in_a_fresh_process(env, expected):
+    """What a run at the defaults does, in a process of its own as `make train` is: the pools
+    TensorFlow reports after `setup_device` (0: its default)."""
+    result = run_script(
+        """
+        import os
+        requested = int(os.environ.get("CPU_THREADS", "0"))
+        choice, _, _ = strategy.setup_device(
+            "auto", deterministic=False, seed=0, cpu_threads=requested
+        )
+        tf.constant(1.0) + 1.0  # TensorFlow runs: the pools are made
+        threading = tf.config.threading
+        print(json.dumps([threading.get_intra_op_parallelism_threads(),
+                          threading.get_inter_op_parallelism_threads(), choice.cpu_threads]))
+        """,
+        env=env,
+    )
+    assert result == [*expected, expected[0]]
 
 
 def test_patched_keras_names_still_exist():
