@@ -571,11 +571,6 @@ class Validator:
         # No GPU for it: on a GPU machine the trainer holds the device memory, and TF Serving
         # answers the same on the CPU (the comparison's tolerance is the CPU's).
         env["CUDA_VISIBLE_DEVICES"] = ""
-        # One op at a time (its ops still use every core) unless the user chose otherwise: it
-        # works while the trainer trains (its import, the baseline's scores), and TensorFlow's
-        # default inter-op pool, one thread per core, takes the trainer's core for less than it
-        # gives. Measured with `python -m benchmarks.ab` (README, "Performance").
-        env.setdefault("TF_NUM_INTEROP_THREADS", "1")
         # Its own session: a model server it starts is in its group, and close() stops both.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "components.infra_validator"],

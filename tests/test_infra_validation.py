@@ -219,26 +219,6 @@ def test_the_validating_process_runs_below_the_trainers_priority():
         validator.close()
 
 
-@pytest.mark.parametrize("user", [None, "3"])
-def test_the_validating_process_runs_one_op_at_a_time_unless_the_user_chose(monkeypatch, user):
-    """Its inter-op pool is one thread (it works beside the train steps), or the user's."""
-    from components.infra_validator import Validator
-
-    if user is None:
-        monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("TF_NUM_INTEROP_THREADS", user)
-    validator = Validator(timeout_s=120)
-    try:
-        raw = Path(f"/proc/{validator.proc.pid}/environ").read_bytes()
-        env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
-        assert env["TF_NUM_INTEROP_THREADS"] == (user or "1")
-        # its ops keep every core (the user's choice, or TensorFlow's default)
-        assert env.get("TF_NUM_INTRAOP_THREADS") == os.environ.get("TF_NUM_INTRAOP_THREADS")
-    finally:
-        validator.close()
-
-
 # --------------------------------------------------------------------------------------------
 # The baseline scored ahead (while the trainer trains), and the warmup replayed on a thread
 
