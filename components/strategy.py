@@ -108,30 +108,44 @@ def choose_strategy(
 
 
 THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+# One thread pays up to this many (examples in a replica's batch) x (hidden units); measured on
+# the 2-core machine, an epoch on one thread | on the default pools (s), batch x units:
+# 32 x 128: 0.40 | 0.53; 64 x 128: 0.28 | 0.32; 128 x 128: 0.26 | 0.25; 256 x 128: 0.29 | 0.23;
+# 32 x 512: 1.03 | 0.94; 32 x 1024: 5.1 | 2.3.
+SMALL_STEP = 64 * 128
 
 
 def with_cpu_threads(
-    choice: StrategyChoice, requested: int, environ: Mapping[str, str] | None = None
+    choice: StrategyChoice,
+    requested: int,
+    step_size: int | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> StrategyChoice:
     """Decide TensorFlow's CPU threads (`--cpu-threads`; 0 = auto) for this choice.
 
-    Auto is 1 for one replica on the CPU: a step of the documented model (batch 32) is ~0.2 ms
-    of work, too small to split over cores; each op handed to another thread costs more than it
-    saves, and the threads compete with tf.data's. Measured on the 2-core machine: an epoch in
-    0.31 s on one thread against 0.39 s on the default pools, and far steadier
-    (`python -m benchmarks.steps`). Several replicas (logical CPUs, workers) and GPUs keep
-    TensorFlow's default, as does a user who set TF_NUM_INTRAOP_THREADS/TF_NUM_INTEROP_THREADS.
+    `step_size` is a replica's batch times the hidden units (None: unknown, e.g. a tuning study
+    whose trials differ). Auto is 1 for one replica on the CPU when the step is small
+    (`SMALL_STEP`: the documented model up to batch 64): a step of the documented model is
+    ~0.2 ms of work, too small to split over cores, and each op handed to another thread costs
+    more than it saves (`python -m benchmarks.steps` times both). Larger steps, several replicas
+    (logical CPUs, workers), GPUs, and a user who set TF_NUM_INTRAOP_THREADS or
+    TF_NUM_INTEROP_THREADS keep TensorFlow's default (one thread per core).
     """
     environ = os.environ if environ is None else environ
     if requested:
         return dataclasses.replace(choice, cpu_threads=requested)
-    if choice.kind != "default" or choice.device != "cpu":
+    if choice.kind != "default" or choice.device != "cpu" or step_size is None:
         return choice
-    if any(environ.get(name) for name in THREAD_ENV):
+    chosen_by_user = [f"{name}={environ[name]}" for name in THREAD_ENV if environ.get(name)]
+    if chosen_by_user:
+        return dataclasses.replace(
+            choice, threads_why=f"cpu_threads auto -> TensorFlow's: {', '.join(chosen_by_user)}"
+        )
+    if step_size > SMALL_STEP:
         return dataclasses.replace(
             choice,
-            threads_why="cpu_threads auto -> TensorFlow's: TF_NUM_INTRAOP_THREADS/"
-            "TF_NUM_INTEROP_THREADS are set",
+            threads_why=f"cpu_threads auto -> TensorFlow's (one per core): steps of batch x "
+            f"hidden units {step_size:,} > {SMALL_STEP:,} gain from several threads",
         )
     return dataclasses.replace(
         choice,
@@ -247,10 +261,11 @@ def setup_device(
     tf_config: dict[str, Any] | None = None,
     cpu_devices: int = 1,
     cpu_threads: int = 0,
+    step_size: int | None = None,
 ) -> tuple[StrategyChoice, Any, float | None]:
     """Resolve --device, hide GPUs for --device cpu, split the CPU for --cpu-devices, set the
-    CPU threads (--cpu-threads), make the strategy, set seeds. Returns (choice, strategy, the
-    first GPU's compute capability).
+    CPU threads (--cpu-threads; `step_size` as in `with_cpu_threads`), make the strategy, set
+    seeds. Returns (choice, strategy, the first GPU's compute capability).
 
     Call before any TF op runs: device visibility, logical devices, thread pools and
     MultiWorkerMirrored's collective ops can only be configured at program start-up.
@@ -266,7 +281,7 @@ def setup_device(
         if hint:
             log.warning("%s", hint)
     choice = with_cpu_threads(
-        choose_strategy(device, len(gpus), tf_config, cpu_devices), cpu_threads
+        choose_strategy(device, len(gpus), tf_config, cpu_devices), cpu_threads, step_size
     )
     if choice.cpu_threads:
         choice = _apply_threads(choice)

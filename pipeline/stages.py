@@ -265,6 +265,7 @@ def setup(run: Run) -> Any:
         tf_config=run.tf_config,
         cpu_devices=config.cpu_devices,
         cpu_threads=config.cpu_threads,
+        step_size=config.batch_size * config.hidden_units,  # one replica: its whole batch
     )
     run.effective = effective_settings(
         choice,

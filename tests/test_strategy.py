@@ -65,24 +65,35 @@ def test_policy_what_each_strategy_allows():
 
 
 def test_cpu_threads_policy():
-    """Auto (0) is one thread for one replica on the CPU only; several replicas, GPUs and a
-    user's TF_NUM_*_THREADS keep TensorFlow's default; a number asked for is used."""
-    cpu, none = strategy.choose_strategy("auto", 0), {}
-    assert strategy.with_cpu_threads(cpu, 0, none).cpu_threads == 1
-    assert "cpu_threads auto -> 1" in strategy.with_cpu_threads(cpu, 0, none).threads_why
+    """Auto (0) is one thread for one replica on the CPU with a small step (the documented
+    model up to batch 64); larger steps, unknown ones (a tuning study), several replicas, GPUs
+    and a user's TF_NUM_*_THREADS keep TensorFlow's default; a number asked for is used."""
+    cpu, none, documented = strategy.choose_strategy("auto", 0), {}, 32 * 128
+    chosen = strategy.with_cpu_threads(cpu, 0, documented, none)
+    assert chosen.cpu_threads == 1 and "cpu_threads auto -> 1" in chosen.threads_why
+    assert strategy.with_cpu_threads(cpu, 0, strategy.SMALL_STEP, none).cpu_threads == 1
+    assert strategy.SMALL_STEP == 64 * 128
+    bigger = strategy.with_cpu_threads(cpu, 0, strategy.SMALL_STEP + 1, none)
+    assert bigger.cpu_threads == 0 and "8,193 > 8,192" in bigger.threads_why
+    assert strategy.with_cpu_threads(cpu, 0, 256 * 128, none).cpu_threads == 0
+    assert strategy.with_cpu_threads(cpu, 0, 32 * 512, none).cpu_threads == 0
+    assert strategy.with_cpu_threads(cpu, 0, None, none) == cpu  # unknown step: untouched
     for other in (
         strategy.choose_strategy("cpu", 0, cpu_devices=2),
         strategy.choose_strategy("auto", 1),
         strategy.choose_strategy("auto", 0, {"cluster": {"worker": ["a:1", "b:2"]}}),
     ):
-        assert strategy.with_cpu_threads(other, 0, none).cpu_threads == 0, other.kind
-        assert strategy.with_cpu_threads(other, 3, none).cpu_threads == 3, other.kind
+        assert strategy.with_cpu_threads(other, 0, documented, none).cpu_threads == 0, other.kind
+        assert strategy.with_cpu_threads(other, 3, documented, none).cpu_threads == 3, other.kind
     for name in strategy.THREAD_ENV:
-        chosen = strategy.with_cpu_threads(cpu, 0, {name: "2"})
-        assert chosen.cpu_threads == 0 and name.split("_")[2].lower() in chosen.threads_why.lower()
-    assert strategy.with_cpu_threads(cpu, 2, {"TF_NUM_INTRAOP_THREADS": "4"}).cpu_threads == 2
+        chosen = strategy.with_cpu_threads(cpu, 0, documented, {name: "2"})
+        assert chosen.cpu_threads == 0 and name in chosen.threads_why
+    assert (
+        strategy.with_cpu_threads(cpu, 2, documented, {strategy.THREAD_ENV[0]: "4"}).cpu_threads
+        == 2
+    )
     e = strategy.effective_settings(
-        strategy.with_cpu_threads(cpu, 0, none),
+        strategy.with_cpu_threads(cpu, 0, documented, none),
         1,
         batch_size=32,
         steps_per_execution=100,
@@ -95,7 +106,12 @@ def test_cpu_threads_policy():
 
 @pytest.mark.parametrize(
     "env,expected",
-    [({}, [1, 1]), ({"TF_NUM_INTEROP_THREADS": "2"}, [0, 0]), ({"CPU_THREADS": "3"}, [3, 3])],
+    [
+        ({}, [1, 1]),
+        ({"TF_NUM_INTEROP_THREADS": "2"}, [0, 0]),
+        ({"CPU_THREADS": "3"}, [3, 3]),
+        ({"STEP": str(256 * 128)}, [0, 0]),
+    ],
 )
 def test_setup_device_sets_tensorflows_thread_pools_in_a_fresh_process(env, expected):
     """What a run at the defaults does, in a process of its own as `make train` is: the pools
@@ -105,7 +121,11 @@ def test_setup_device_sets_tensorflows_thread_pools_in_a_fresh_process(env, expe
         import os
         requested = int(os.environ.get("CPU_THREADS", "0"))
         choice, _, _ = strategy.setup_device(
-            "auto", deterministic=False, seed=0, cpu_threads=requested
+            "auto",
+            deterministic=False,
+            seed=0,
+            cpu_threads=requested,
+            step_size=int(os.environ.get("STEP", 32 * 128)),
         )
         tf.constant(1.0) + 1.0  # TensorFlow runs: the pools are made
         threading = tf.config.threading
