@@ -108,10 +108,9 @@ def choose_strategy(
 
 
 THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-# One thread pays up to this many (examples in a replica's batch) x (hidden units); measured on
-# the 2-core machine, an epoch on one thread | on the default pools (s), batch x units:
-# 32 x 128: 0.40 | 0.53; 64 x 128: 0.28 | 0.32; 128 x 128: 0.26 | 0.25; 256 x 128: 0.29 | 0.23;
-# 32 x 512: 1.03 | 0.94; 32 x 1024: 5.1 | 2.3.
+# One thread pays up to this many (examples in a replica's batch) x (hidden units): on the 2-core
+# machine it won every run up to 64 x 128, and larger steps were a toss-up between runs
+# (`python -m benchmarks.threads`; the README has the figures).
 SMALL_STEP = 64 * 128
 
 
@@ -283,8 +282,7 @@ def setup_device(
     choice = with_cpu_threads(
         choose_strategy(device, len(gpus), tf_config, cpu_devices), cpu_threads, step_size
     )
-    if choice.cpu_threads:
-        choice = _apply_threads(choice)
+    choice = _apply_threads(choice)
     if choice.device == "cpu" and gpus:
         tf.config.set_visible_devices([], "GPU")
     if choice.kind == "mirrored" and choice.device == "cpu":
@@ -308,15 +306,18 @@ def setup_device(
 
 
 def _apply_threads(choice: StrategyChoice) -> StrategyChoice:
-    """Set TensorFlow's intra-op and inter-op pools to `choice.cpu_threads`. In a process whose
-    TensorFlow already runs (tests, a notebook) the pools are fixed: the choice then records the
-    threads in effect, so config.json says what ran."""
+    """Set TensorFlow's pools to `choice.cpu_threads` (0: its default). Intra-op always;
+    inter-op only for one replica in one process: a replica's collective op blocks an inter-op
+    thread until its peers arrive, so several replicas or workers keep TensorFlow's inter-op
+    pool. In a process whose TensorFlow already runs (tests, a notebook) the pools are fixed:
+    the choice then records the threads in effect, so config.json says what ran."""
     import tensorflow as tf
 
     threading = tf.config.threading
     try:
         threading.set_intra_op_parallelism_threads(choice.cpu_threads)
-        threading.set_inter_op_parallelism_threads(choice.cpu_threads)
+        if choice.num_devices == 1 and choice.kind != "multi_worker":
+            threading.set_inter_op_parallelism_threads(choice.cpu_threads)
     except RuntimeError:  # already initialised
         actual = threading.get_intra_op_parallelism_threads()
         if actual != choice.cpu_threads:
@@ -324,7 +325,7 @@ def _apply_threads(choice: StrategyChoice) -> StrategyChoice:
             return dataclasses.replace(
                 choice,
                 cpu_threads=actual,
-                threads_why=f"cpu_threads {choice.cpu_threads} -> "
+                threads_why=f"cpu_threads {choice.cpu_threads or 'default'} -> "
                 f"{actual or 'TensorFlow default'}: TensorFlow was already running in this process",
             )
     return choice

@@ -96,10 +96,11 @@ class TrainConfig:
     )
     cpu_threads: int = setting(
         0,
-        "TensorFlow threads on the CPU (per op and ops at once); 0 = auto: 1 for one replica "
-        "on the CPU with batch x hidden units <= 8192 (the documented model up to batch 64), "
-        "whose small steps lose more to thread hand-offs than they gain; else TensorFlow's "
-        "default (one per core, or TF_NUM_INTRAOP_THREADS)",
+        "TensorFlow threads on the CPU, per op and (one replica) ops at once; N > 0 is used "
+        "as given; 0 = auto: 1 for one replica on the CPU with batch x hidden units <= 8192 "
+        "(the documented model up to batch 64), whose small steps lose more to thread "
+        "hand-offs than they gain; else TensorFlow's default (one per core, or the "
+        "TF_NUM_INTRAOP_THREADS/TF_NUM_INTEROP_THREADS you set)",
         minimum=0,
         maximum=4096,
         group="device",

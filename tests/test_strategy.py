@@ -107,34 +107,42 @@ def test_cpu_threads_policy():
 @pytest.mark.parametrize(
     "env,expected",
     [
-        ({}, [1, 1]),
-        ({"TF_NUM_INTEROP_THREADS": "2"}, [0, 0]),
-        ({"CPU_THREADS": "3"}, [3, 3]),
-        ({"STEP": str(256 * 128)}, [0, 0]),
+        ({}, [1, 1, 1]),  # the defaults: one thread
+        ({"TF_NUM_INTEROP_THREADS": "2"}, [0, 0, 0]),  # the user's pools
+        ({"CPU_THREADS": "3"}, [3, 3, 3]),
+        ({"STEP": str(256 * 128)}, [0, 0, 0]),  # a larger step: TensorFlow's default
+        # several replicas: the inter-op pool stays TensorFlow's (collectives block one each)
+        ({"CPU_THREADS": "1", "DEVICES": "2"}, [1, 0, 1]),
+        # TensorFlow already running on one thread: config.json must say 1, not "default"
+        ({"ALREADY": "1", "STEP": str(256 * 128)}, [1, 1, 1]),
     ],
 )
 def test_setup_device_sets_tensorflows_thread_pools_in_a_fresh_process(env, expected):
-    """What a run at the defaults does, in a process of its own as `make train` is: the pools
-    TensorFlow reports after `setup_device` (0: its default)."""
+    """What a run does, in a process of its own as `make train` is: the pools TensorFlow
+    reports after `setup_device` (0: its default), and what the choice records."""
     result = run_script(
         """
         import os
-        requested = int(os.environ.get("CPU_THREADS", "0"))
+        threading = tf.config.threading
+        if os.environ.get("ALREADY"):
+            threading.set_intra_op_parallelism_threads(int(os.environ["ALREADY"]))
+            threading.set_inter_op_parallelism_threads(int(os.environ["ALREADY"]))
+            tf.constant(1.0) + 1.0
         choice, _, _ = strategy.setup_device(
             "auto",
             deterministic=False,
             seed=0,
-            cpu_threads=requested,
+            cpu_devices=int(os.environ.get("DEVICES", "1")),
+            cpu_threads=int(os.environ.get("CPU_THREADS", "0")),
             step_size=int(os.environ.get("STEP", 32 * 128)),
         )
         tf.constant(1.0) + 1.0  # TensorFlow runs: the pools are made
-        threading = tf.config.threading
         print(json.dumps([threading.get_intra_op_parallelism_threads(),
                           threading.get_inter_op_parallelism_threads(), choice.cpu_threads]))
         """,
         env=env,
     )
-    assert result == [*expected, expected[0]]
+    assert result == expected
 
 
 def test_patched_keras_names_still_exist():
