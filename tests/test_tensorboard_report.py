@@ -97,6 +97,30 @@ def test_tensorboard_scalars_histograms_images_text_hparams(run):
     assert start.hparams["hidden_units"].number_value == 128
 
 
+def test_epoch_images_show_the_models_probabilities_at_that_epoch(tmp_path):
+    """The images' forward pass (one traced call, not `predict`) gives what `predict` gives,
+    with the weights of the moment: a pass traced once must not keep the first weights."""
+    from components.model import build_model
+    from components.monitoring import EpochImages
+    from tests.helpers import make_digits
+
+    split = make_digits(40, seed=3)
+    model = build_model()
+    images = EpochImages(tmp_path, split.images, split.labels)
+    images.set_model(model)
+    try:
+        inputs = split.images.astype("float32") / 255.0
+        first = images._probabilities()
+        np.testing.assert_allclose(first, model.predict(inputs, verbose=0), atol=1e-6)
+        for layer in model.layers:
+            layer.set_weights([w + 0.05 for w in layer.get_weights()])
+        second = images._probabilities()
+        np.testing.assert_allclose(second, model.predict(inputs, verbose=0), atol=1e-6)
+        assert np.abs(second - first).max() > 1e-3
+    finally:
+        images.close()
+
+
 def test_model_graph_is_logged(run):
     """The forward pass's op graph, in the `model` run (what the Graphs tab renders; the live
     TensorBoard test fetches it through the graphs plugin)."""
