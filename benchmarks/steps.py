@@ -37,24 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = {"default": 0, "one": 1}  # TensorFlow's default pools; one thread (our trainer's)
 
 
-def step_floors(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
-    """`step_floor` on each thread setting, each in a fresh process."""
+def per_thread_setting(module: str, repeats: int, manual_dir: str | None = None) -> dict[str, Any]:
+    """`python -m <module> --threads N --repeats R --json` for each of `THREADS`, each in a fresh
+    process (TensorFlow's pools are fixed at start-up): {setting name: its JSON answer}."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if manual_dir:
         env["MNIST_MANUAL_DIR"] = manual_dir
-    floors = {}
+    answers = {}
     for name, threads in THREADS.items():
+        cmd = [sys.executable, "-m", module, "--json", "--threads", str(threads)]
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.steps",
-                "--json",
-                "--threads",
-                str(threads),
-                "--repeats",
-                str(repeats),
-            ],
+            [*cmd, "--repeats", str(repeats)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -62,11 +55,23 @@ def step_floors(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
             check=False,
         )
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"benchmarks.steps --threads {threads} failed:\n{proc.stderr[-2000:]}"
-            )
-        floors[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return floors
+            raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{proc.stderr[-2000:]}")
+        answers[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return answers
+
+
+def use_threads(threads: int) -> None:
+    """TensorFlow's intra-op and inter-op pools, before any op runs (0: its default)."""
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def step_floors(manual_dir: str | None, repeats: int = 3) -> dict[str, Any]:
+    """`step_floor` on each thread setting, each in a fresh process."""
+    return per_thread_setting("benchmarks.steps", repeats, manual_dir)
 
 
 def step_floor(manual_dir: str | None, repeats: int = 3, threads: int = 0) -> dict[str, Any]:
@@ -75,9 +80,7 @@ def step_floor(manual_dir: str | None, repeats: int = 3, threads: int = 0) -> di
     import keras
     import tensorflow as tf
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    use_threads(threads)
 
     from components import data, trainer
     from components.model import build_model

@@ -13,13 +13,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((32, 128), (64, 128), (128, 128), (256, 128), (32, 512), (32, 1024))
 
 
@@ -27,9 +23,9 @@ def epochs(threads: int, shapes: tuple[tuple[int, int], ...], repeats: int) -> d
     """Median epoch seconds per "batch x units", in this process."""
     import tensorflow as tf
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    from benchmarks.steps import use_threads
+
+    use_threads(threads)
     from components import data, trainer
     from components.model import build_model
 
@@ -56,30 +52,9 @@ def epochs(threads: int, shapes: tuple[tuple[int, int], ...], repeats: int) -> d
 
 
 def sweep(repeats: int = 3) -> dict[str, dict[str, float]]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result: dict[str, Any] = {}
-    for name, threads in (("default", 0), ("one", 1)):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.threads",
-                "--threads",
-                str(threads),
-                "--repeats",
-                str(repeats),
-                "--json",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"--threads {threads} failed:\n{proc.stderr[-2000:]}")
-        result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    from benchmarks.steps import per_thread_setting
+
+    return per_thread_setting("benchmarks.threads", repeats, os.environ.get("MNIST_MANUAL_DIR"))
 
 
 def main(argv: list[str] | None = None) -> int:
