@@ -119,7 +119,7 @@ class EpochImages(keras.callbacks.Callback):
     def _probabilities(self) -> np.ndarray:
         """The model's probabilities for the images. One replica: one traced forward pass over
         the normalised images (kept), without `predict`'s per-call set-up (its data adapter,
-        iterator and callbacks: ~40 ms an epoch here, for two batches); several replicas:
+        iterator and callbacks: ~70 ms an epoch here, for two batches); several replicas:
         `predict`, which places the work on them."""
         from components.data import preprocess
 
