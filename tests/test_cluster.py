@@ -12,7 +12,7 @@ import pytest
 
 from components import exporter, strategy
 from pipeline.cluster import tf_configs
-from tests.helpers import ROOT, requires_mnist, small_run_flags, wait_for_backup_epoch
+from tests.helpers import ROOT, requires_mnist, small_run_flags, train_cmd, wait_for_backup_epoch
 
 SMALL = small_run_flags(4000)
 
@@ -108,19 +108,7 @@ def test_two_workers_train_publish_once_and_report_once(tmp_path):
 
     single = tmp_path / "single"
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--artifacts-dir",
-            str(single),
-            *SMALL,
-            "--epochs",
-            "1",
-            "--steps-per-execution",
-            "1",
-        ],
+        train_cmd(single, *SMALL, "--epochs", "1", "--steps-per-execution", "1"),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -10,7 +10,14 @@ import tensorflow_datasets as tfds
 
 from components import data
 from components.data import DataError, Split
-from tests.helpers import ROOT, SHARED_MNIST, make_digits, requires_mnist, small_run_flags
+from tests.helpers import (
+    ROOT,
+    SHARED_MNIST,
+    make_digits,
+    requires_mnist,
+    small_run_flags,
+    train_cmd,
+)
 
 
 def test_load_split_through_tfds_mock():
@@ -193,19 +200,14 @@ def test_a_run_on_corrupted_prepared_files_prepares_them_again(tmp_path):
     root, folder = _prepared_copy(tmp_path)
     _flip_middle(next(folder.glob("mnist-train.tfrecord*")))
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
+        train_cmd(
+            tmp_path / "artifacts",
             "--epochs",
             "1",
             *small_run_flags(2000),
             "--tfds-data-dir",
             str(root),
-            "--artifacts-dir",
-            str(tmp_path / "artifacts"),
-        ],
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,

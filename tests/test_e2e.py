@@ -3,12 +3,11 @@
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 
 from components.files import sha256
-from tests.helpers import ROOT, SHARED_MNIST, requires_mnist
+from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, train_cmd
 
 pytestmark = [
     pytest.mark.e2e,
@@ -19,22 +18,17 @@ pytestmark = [
 def test_one_epoch_on_real_mnist_writes_every_artifact(tmp_path):
     artifacts = tmp_path / "artifacts"
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
+        train_cmd(
+            artifacts,
             "--epochs",
             "1",
             "--device",
             "cpu",
-            "--artifacts-dir",
-            str(artifacts),
             "--tfds-manual-dir",
             str(SHARED_MNIST),
             "--min-accuracy",
             "0.9",
-        ],
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -258,16 +252,7 @@ def _drifted_data_stops_the_run_with_exit_4(artifacts):
     write_manifest(latest)
     runs_before = sorted((artifacts / "runs").iterdir())
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--artifacts-dir",
-            str(artifacts),
-            "--tfds-manual-dir",
-            str(SHARED_MNIST),
-        ],
+        train_cmd(artifacts, "--tfds-manual-dir", str(SHARED_MNIST)),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -16,22 +16,20 @@ from components import exporter, trainer
 from components.data import DataError, Split, _registered_files
 from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
-from tests.helpers import ROOT, SHARED_MNIST, requires_mnist, small_run_flags, wait_for_backup_epoch
+from tests.helpers import (
+    ROOT,
+    SHARED_MNIST,
+    requires_mnist,
+    small_run_flags,
+    train_cmd,
+    wait_for_backup_epoch,
+)
 
 SMALL_RUN = small_run_flags(6000)
 
 
-def train_cmd(artifacts, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "train",
-        "--artifacts-dir",
-        str(artifacts),
-        *SMALL_RUN,
-        *flags,
-    ]
+def small_train_cmd(artifacts, *flags):
+    return train_cmd(artifacts, *SMALL_RUN, *flags)
 
 
 def run(cmd, timeout=300):
@@ -106,10 +104,10 @@ def test_an_interrupted_run_says_one_line_and_resumes(tmp_path, how, code, line)
     the same command then finishes the run. A version is published first, as on a user's
     usual run: the validating process is then scoring it when the signal comes."""
     artifacts = tmp_path / "artifacts"
-    first = run([*train_cmd(artifacts, "--run-name", "first"), "--epochs", "1"])
+    first = run([*small_train_cmd(artifacts, "--run-name", "first"), "--epochs", "1"])
     assert first.returncode == 0, first.stderr[-2000:]
     assert metrics_of(artifacts, "first")["published_version"] == 1
-    cmd = [*train_cmd(artifacts, "--run-name", "r"), "--epochs", "3"]
+    cmd = [*small_train_cmd(artifacts, "--run-name", "r"), "--epochs", "3"]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, like a terminal's foreground job
@@ -322,7 +320,9 @@ def test_resuming_with_another_config_is_refused(tmp_path, tiny_data):
 @requires_mnist
 def test_nan_loss_stops_with_exit_5_nothing_published_logs_kept(tmp_path):
     artifacts = tmp_path / "artifacts"
-    r = run(train_cmd(artifacts, "--epochs", "2", "--learning-rate", "1e30", "--run-name", "nan"))
+    r = run(
+        small_train_cmd(artifacts, "--epochs", "2", "--learning-rate", "1e30", "--run-name", "nan")
+    )
     assert r.returncode == 5, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: training: loss became")
     assert "nothing was published" in r.stderr and "Traceback" not in r.stderr
@@ -383,7 +383,7 @@ def test_two_runs_at_once_get_distinct_ids_files_and_versions(tmp_path):
     artifacts = tmp_path / "artifacts"
     procs = [
         subprocess.Popen(
-            train_cmd(artifacts, "--epochs", "1"),
+            small_train_cmd(artifacts, "--epochs", "1"),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -418,18 +418,13 @@ def test_corrupt_manual_dir_file_exits_4_naming_file_and_checksum(tmp_path):
         (manual / name).write_bytes(b"\0" * size)
     first = sorted(files)[0]
     r = run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--artifacts-dir",
-            str(tmp_path / "artifacts"),
+        train_cmd(
+            tmp_path / "artifacts",
             "--tfds-manual-dir",
             str(manual),
             "--tfds-data-dir",
             str(tmp_path / "tfds"),
-        ]
+        )
     )
     assert r.returncode == 4
     last = r.stderr.strip().splitlines()[-1]
@@ -461,18 +456,7 @@ def test_gpu_demanded_without_gpu_is_a_usage_error(tmp_path):
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
-    r = run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--device",
-            "gpu",
-            "--artifacts-dir",
-            str(tmp_path / "artifacts"),
-        ]
-    )
+    r = run(train_cmd(tmp_path / "artifacts", "--device", "gpu"))
     assert r.returncode == 2
     assert (
         r.stderr.strip()

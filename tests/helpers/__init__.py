@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
+
+
+def train_cmd(artifacts: Path, *flags: str) -> list[str]:
+    """`python -m pipeline train --artifacts-dir ARTIFACTS FLAGS...` in this interpreter, as a
+    user runs it in a process of its own."""
+    return [sys.executable, "-m", "pipeline", "train", "--artifacts-dir", str(artifacts), *flags]
 
 
 def make_digits(n: int, seed: int = 0, name: str = "train"):
