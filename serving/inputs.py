@@ -180,18 +180,23 @@ def _assertion_text(error: Exception) -> str:
 
 
 def _read_npy(path: Path, data: bytes) -> np.ndarray:
+    """A .npy file's array. A file of any length, however damaged (empty: EOFError; a garbled
+    header: ValueError or SyntaxError; a shape no memory holds: MemoryError), is refused."""
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path}: not a readable .npy array ({e})") from None
+    except (ValueError, OSError, EOFError, SyntaxError, MemoryError) as e:
+        reason = str(e) or type(e).__name__
+        raise InputError(f"{path}: not a readable .npy array ({reason})") from None
 
 
 def _is_idx(data: bytes) -> bool:
+    """An IDX file, or a gzip that cannot be read far enough to tell (_read_idx then says it
+    is corrupt: a damaged MNIST .gz, not "not an image")."""
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.GzipFile(fileobj=io.BytesIO(data)).read(4)
-        except (OSError, EOFError):
-            return False
+        except (OSError, EOFError, zlib.error):
+            return True
     return len(data) >= 4 and data[:2] == b"\0\0" and data[2] == 0x08 and data[3] in (1, 2, 3)
 
 

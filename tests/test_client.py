@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import threading
@@ -171,6 +172,30 @@ def test_npy_and_idx_inputs(tmp_path):
         np.testing.assert_array_equal(x.image, _digit_image())
 
 
+def _truncated_npy(path):
+    np.save(path, np.zeros((4, 28, 28), np.uint8))
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _huge_npy(path):
+    """A valid header promising 10**13 bytes, and no data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": (10**7, 1000, 1000)}
+    )
+    path.write_bytes(buffer.getvalue())
+
+
+def _corrupt_gzip(path):
+    """An MNIST-style gzipped IDX file with its compressed stream garbled."""
+    import gzip
+
+    idx = b"\0\0\x08\x03" + struct.pack(">III", 2, 28, 28) + bytes(range(256)) * 7
+    data = bytearray(gzip.compress(idx))
+    data[12:40] = bytes(range(28))
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     "make,message",
     [
@@ -178,6 +203,11 @@ def test_npy_and_idx_inputs(tmp_path):
         (lambda p: np.save(p / "x.npy", np.full((28, 28), -1)), "pixel value -1 outside 0..255"),
         (lambda p: np.save(p / "x.npy", np.zeros((30, 30))), "shape \\(30, 30\\)"),
         (lambda p: (p / "x.npy").write_text("hello"), "not a readable .npy"),
+        (lambda p: (p / "x.npy").write_bytes(b""), "x.npy: not a readable .npy array"),
+        (lambda p: _truncated_npy(p / "x.npy"), "x.npy: not a readable .npy array"),
+        (lambda p: _huge_npy(p / "x.npy"), "x.npy: not a readable .npy array"),
+        (lambda p: _corrupt_gzip(p / "x-idx3-ubyte.gz"), "truncated or corrupt gzip"),
+        (lambda p: (p / "x.gz").write_bytes(b"\x1f\x8b\x08" + bytes(20)), "corrupt gzip"),
         (lambda p: (p / "x.png").write_text("hello"), "not an image"),
         (lambda p: None, "no such file"),
     ],
