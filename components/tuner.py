@@ -121,8 +121,38 @@ class NoValidationSplit(ValueError):
     """The validation fraction leaves no example to select on (or none to train on)."""
 
 
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    """What the machine, not a trial's hyperparameters, causes: a full disk (Python's OSError,
+    TensorFlow's file errors), no memory. Retrying the next trial cannot help."""
+    return (
+        OSError,
+        MemoryError,
+        tf.errors.ResourceExhaustedError,
+        tf.errors.DataLossError,
+        tf.errors.PermissionDeniedError,
+        tf.errors.NotFoundError,
+    )
+
+
+def _fatal_on_environment(call: Any) -> Any:
+    """`call`, with an environment error raised as keras-tuner's FatalError (its documented way
+    to stop a search: any other error marks the trial failed, prints its traceback and goes
+    on to the next trial). `tune` unwraps it again for the CLI's exit codes."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except _environment_errors() as e:
+            raise kt.errors.FatalError(str(e)) from e
+
+    return wrapped
+
+
 class _StudyMixin:
     """Progress a person can follow, and clean stops between trials (time or trial budget)."""
+
+    def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        return _fatal_on_environment(super().run_trial)(trial, *args, **kwargs)  # type: ignore[misc]
 
     def _setup_study(self, config: TuneConfig, out: Any) -> None:
         self.study_config = config
@@ -250,6 +280,8 @@ def tune(
     else:
         tuner = _tuner_class(config.algorithm)(max_trials=config.max_trials, **common)
     tuner._setup_study(config, out)
+    # The oracle writes a trial's state file inside the trial's error handling too.
+    tuner.oracle.update_trial = _fatal_on_environment(tuner.oracle.update_trial)
     done = tuner._completed()
     if done:
         out(
@@ -266,6 +298,10 @@ def tune(
         tuner.search(epochs=config.max_epochs, callbacks=[tensorboard], verbose=0)
     except _OutOfBudget:
         pass
+    except kt.errors.FatalError as e:
+        if isinstance(e.__cause__, _environment_errors()):
+            raise e.__cause__ from None  # the disk or memory: the CLI says which, exit 6 or 7
+        raise
     if tuner.stop_reason == "the algorithm finished its schedule":
         done = tuner._completed()
         if config.algorithm == "hyperband" and done < config.max_trials:

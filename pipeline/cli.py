@@ -451,9 +451,16 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | None:
+# What to do after freeing space, for a search (keras-tuner reloads its completed trials).
+TUNE_AGAIN = "run the same command again: the study goes on from its completed trials"
+
+
+def map_error(
+    e: BaseException, run_id: str | None = None, again: str | None = None
+) -> tuple[int, str] | None:
     """The exit code and one-line message for an error a user, a file or the disk can cause;
-    None for a bug (the traceback is then printed, exit 1)."""
+    None for a bug (the traceback is then printed, exit 1). `again`: what to do once disk
+    space is freed (default: the training run's own --run-name)."""
     import errno
 
     import tensorflow as tf
@@ -491,7 +498,7 @@ def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | 
             f"--hidden-units); nothing was published"
         )
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
-        hint = _disk_full_hint(run_id) if e.errno == errno.ENOSPC else ""
+        hint = _disk_full_hint(run_id, again) if e.errno == errno.ENOSPC else ""
         if e.errno == errno.ENOSPC:
             return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
         # Not only writes: reading back one of the run's own files can fail (made unreadable).
@@ -509,14 +516,17 @@ def map_error(e: BaseException, run_id: str | None = None) -> tuple[int, str] | 
         # TensorFlow's file I/O errors are not OSErrors (e.g. disk full inside SavedModel or
         # TFRecord writers).
         first = (e.message or str(e)).strip().splitlines()[0][:300]
-        hint = _disk_full_hint(run_id) if isinstance(e, tf.errors.ResourceExhaustedError) else ""
+        full = isinstance(e, tf.errors.ResourceExhaustedError)
+        hint = _disk_full_hint(run_id, again) if full else ""
         return EXIT_PUBLISH, f"could not write or read a file: {type(e).__name__}: {first}{hint}"
     return None
 
 
-def _disk_full_hint(run_id: str | None) -> str:
-    again = f"--run-name {run_id}" if run_id else "the same --run-name"
-    return f" (disk full? free space and run the same command again with {again}: it goes on)"
+def _disk_full_hint(run_id: str | None, again: str | None = None) -> str:
+    if again is None:
+        name = f"--run-name {run_id}" if run_id else "the same --run-name"
+        again = f"run the same command again with {name}: it goes on"
+    return f" (disk full? free space and {again})"
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -586,6 +596,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     check_artifacts_dir(args.artifacts_dir)
+    study_path = args.artifacts_dir / "tuning" / args.study
+    if study_path.exists() and not study_path.is_dir():
+        return _fail(
+            EXIT_USAGE,
+            f"study {args.study}: {study_path} exists and is not a folder (move it away; "
+            f"the study keeps its trials there)",
+        )
     if args.validation_fraction == 0:  # before TensorFlow's import: the search needs it
         return _fail(
             EXIT_USAGE,
@@ -628,16 +645,19 @@ def _tune(args: argparse.Namespace) -> int:
         result = tuner.tune(config, train, study_dir, out=lambda line: print(line, flush=True))
     except (tuner.NoTrialCompleted, tuner.NoValidationSplit) as e:
         return _fail(EXIT_USAGE, str(e))
-    except ValueError as e:  # json.JSONDecodeError included: keras-tuner's state files
-        broken = tuner.unreadable_state_file(study_dir)
-        if broken is None:
+    except Exception as e:
+        broken = tuner.unreadable_state_file(study_dir) if isinstance(e, ValueError) else None
+        if broken is not None:  # json.JSONDecodeError included: keras-tuner's state files
+            return _fail(
+                EXIT_USAGE,
+                f"study {args.study}: {broken} is corrupt ({e}); run again "
+                f"with --overwrite to start the study over, or restore that "
+                f"file",
+            )
+        mapped = map_error(e, again=TUNE_AGAIN)
+        if mapped is None:
             raise
-        return _fail(
-            EXIT_USAGE,
-            f"study {args.study}: {broken} is corrupt ({e}); run again "
-            f"with --overwrite to start the study over, or restore that "
-            f"file",
-        )
+        return _fail(*mapped)
     print(tuner.format_trials(result.best))
     hp = result.best["hparams"]
     print(

@@ -251,3 +251,52 @@ def test_the_bayesian_search_the_readme_shows_runs(tmp_path, train_split):
         out=lambda line: None,
     )
     assert len(result.trials_run) == 1 and result.best["score"] is not None
+
+
+def _tune_cli(artifacts, study="d"):
+    return cli.main(
+        ["tune", "--study", study, "--artifacts-dir", str(artifacts), "--algorithm", "random",
+         "--max-trials", "2", "--max-epochs", "1", "--device", "cpu"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("error", ["OSError", "ResourceExhaustedError"])
+def test_a_full_disk_during_a_search_is_exit_6_in_one_line(tmp_path, capsys, monkeypatch, error):
+    """keras-tuner's state files fail to write part-way through the search (its writer raises
+    an OSError, TensorFlow's file API a ResourceExhaustedError): one line saying what to do,
+    the publish/write exit code, no traceback."""
+    import errno
+
+    import tensorflow as tf
+    from keras_tuner.src import utils as kt_utils
+
+    real = kt_utils.save_json
+    calls = []
+
+    def fills_up(path, obj):
+        calls.append(path)
+        if len(calls) > 2:
+            if error == "OSError":
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise tf.errors.ResourceExhaustedError(None, None, f"{path}; No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(kt_utils, "save_json", fills_up)
+    monkeypatch.setattr("components.data.load_split", lambda *a, **k: make_digits(400, seed=3))
+    code = _tune_cli(tmp_path / "artifacts")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(calls) > 2, "the injected failure never happened"
+    assert code == cli.EXIT_PUBLISH and len(err) == 1, err
+    assert "No space left on device" in err[0]
+    assert "disk full? free space and run the same command again: the study goes on" in err[0]
+
+
+def test_a_study_path_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "tuning").mkdir(parents=True)
+    (artifacts / "tuning" / "d").write_text("not a folder")
+    code = _tune_cli(artifacts)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1, err
+    assert "tuning/d exists and is not a folder" in err[0]
+    assert (artifacts / "tuning" / "d").read_text() == "not a folder"
