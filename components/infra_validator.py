@@ -16,7 +16,9 @@ pipeline draws the report's figures from it while the validation goes on). A req
 baseline is scored then, and a later validation of the same baseline and examples (unchanged
 on disk) uses those scores instead of loading it again.
 Outputs in `out`: candidate_probabilities.npy, baseline_probabilities.npy (with a baseline),
-signature_outputs.npz (the sample through every signature) and infra_validation.json.
+signature_outputs.npz (the sample's probabilities through every other signature that answered)
+and infra_validation.json. A failed validation answers {"ok": false, "reason", "record"}: what
+was checked until then and how long it took.
 """
 
 from __future__ import annotations
@@ -41,7 +43,17 @@ BATCH = 1024
 
 
 class InfraValidationError(RuntimeError):
-    """The staged model does not load, warm up or serve as expected; nothing is published."""
+    """The staged model does not load, warm up or serve as expected; nothing is published.
+    `record`: what was checked before the failure, and how long it took (for metrics.json)."""
+
+    def __init__(self, message: str, record: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.record = record
+
+
+class BaselineDamaged(InfraValidationError):
+    """The latest published version (the gate's baseline) does not load or serve: the new
+    model was not judged, and is not at fault."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,10 +191,14 @@ def _encode_pngs(images: np.ndarray) -> np.ndarray:
     return np.array([tf.io.encode_png(img[..., None]).numpy() for img in images], dtype=object)
 
 
-def _check_signatures(served: _Served, pngs: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
+def _check_signatures(
+    served: _Served, pngs: np.ndarray, expected: np.ndarray, out: Path
+) -> dict[str, Any]:
     """The sample (PNG-encoded) through every signature besides serving_default; `expected`:
-    its probabilities from serving_default."""
+    its probabilities from serving_default. Their probabilities go to `out`/SIGNATURE_OUTPUTS
+    (the trainer compares predict_image's with its model on the same normalised images)."""
     checks: dict[str, Any] = {}
+    outputs: dict[str, np.ndarray] = {}
     for name in sorted(served.signatures):
         if name == "serving_default":
             continue
@@ -194,11 +210,12 @@ def _check_signatures(served: _Served, pngs: np.ndarray, expected: np.ndarray) -
                 raise
             # predict_image takes photos (its warmup records, replayed above, are photos): a
             # 28x28 test digit it refuses (e.g. too faint to find the ink) is noted, not fatal.
-            checks[name] = {"examples": len(pngs), "refused": _first_line(e)}
+            checks[name] = {"examples": len(pngs), "refused": _refusal_text(e)}
             continue
         probs = np.asarray(result["probabilities"], np.float32)
         if probs.shape != expected.shape or not np.allclose(probs.sum(1), 1.0, atol=1e-4):
             raise InfraValidationError(f"{name} returned probabilities of shape {probs.shape}")
+        outputs[name] = probs
         agree = float((probs.argmax(1) == expected.argmax(1)).mean())
         if name == "predict_png":
             diff = float(np.abs(probs - expected).max())
@@ -210,7 +227,18 @@ def _check_signatures(served: _Served, pngs: np.ndarray, expected: np.ndarray) -
             checks[name] = {"examples": len(pngs), "max_abs_difference": diff}
         else:  # predict_image renormalises (crop, 20x20, centre): same answer, not same numbers
             checks[name] = {"examples": len(pngs), "class_agreement": agree}
+    _save_npz(out / SIGNATURE_OUTPUTS, outputs)
     return checks
+
+
+SIGNATURE_OUTPUTS = "signature_outputs.npz"
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
 
 
 MODEL_SERVER = "tensorflow_model_server"
@@ -395,11 +423,31 @@ def validate(
         "examples": int(len(images)),
     }
     try:
+        return _validate(request, notify, record, candidate, out, images)
+    except InfraValidationError as e:
+        if not isinstance(e, BaselineDamaged):
+            e.record = dict(record, seconds=round(time.perf_counter() - started, 3))
+        raise
+
+
+def _validate(
+    request: dict[str, Any],
+    notify: Callable[[dict[str, Any]], None],
+    record: dict[str, Any],
+    candidate: Path,
+    out: Path,
+    images: np.ndarray,
+) -> dict[str, Any]:
+    """`validate`'s checks, filling `record` (and its "passed_checks" list) as they pass."""
+    started = time.perf_counter()
+    passed: list[str] = record.setdefault("passed_checks", [])
+    try:
         served = _Served(candidate)
     except Exception as e:
         raise InfraValidationError(
             f"the staged model does not load: {type(e).__name__}: {_first_line(e)}"
         ) from None
+    passed.append("load (serve tag, Session)")
     try:
         record["signatures"] = sorted(served.signatures)
         if "serving_default" not in served.signatures:
@@ -410,6 +458,7 @@ def validate(
         # request to another waits, and predict_image's takes a second.)
         probs = _serving(lambda: _probabilities(served, images))
         _save(out / "candidate_probabilities.npy", probs)
+        passed.append(f"serving_default on all {len(images)} examples")
         notify({"progress": "probabilities"})
         sample = images[: int(request.get("sample", 64))]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -423,9 +472,11 @@ def validate(
                     baseline_probs = _baseline_probabilities(request.get("baseline"), images)
             finally:
                 record["warmup_records_replayed"] = warmup()  # a warmup failure first
+        passed.append("warmup replay")
         record["other_signatures"] = _serving(
-            lambda: _check_signatures(served, pngs, probs[: len(sample)])
+            lambda: _check_signatures(served, pngs, probs[: len(sample)], out)
         )
+        passed.append(f"the other signatures on {len(sample)} examples")
     finally:
         served.close()
     import shutil
@@ -436,6 +487,8 @@ def validate(
         if binary
         else f"{MODEL_SERVER} not on PATH: validated with TensorFlow's graph-level loader only"
     )
+    if binary:
+        passed.append(MODEL_SERVER)
     if baseline_probs is not None:
         _save(out / "baseline_probabilities.npy", baseline_probs)
         record["baseline"] = request["baseline"]
@@ -511,11 +564,19 @@ def _baseline_probabilities(baseline: str | None, images: np.ndarray) -> np.ndar
         finally:
             served.close()
     except Exception as e:
-        raise InfraValidationError(
+        raise BaselineDamaged(
             f"the baseline (the latest published version, {baseline}) does not load or serve: "
             f"{type(e).__name__}: {_first_line(e)}; that version is damaged, not the new model: "
             f"delete that folder and run again"
         ) from None
+
+
+def _refusal_text(e: BaseException) -> str:
+    """The failed assertion's own line of a graph error (its first line is only "Graph
+    execution error:")."""
+    text = getattr(e, "message", None) or str(e)
+    found = [line.strip() for line in text.splitlines() if "assertion failed" in line]
+    return found[0][:300] if found else _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
@@ -540,7 +601,12 @@ def serve_requests() -> None:
             record = validate(request, lambda message: print(json.dumps(message), flush=True))
             answer = {"ok": True, "reason": "served as expected", "record": record}
         except InfraValidationError as e:
-            answer = {"ok": False, "reason": str(e)}
+            answer = {
+                "ok": False,
+                "reason": str(e),
+                "record": e.record,
+                "baseline_damaged": isinstance(e, BaselineDamaged),
+            }
         except Exception as e:  # a bug or an unexpected file: reported, never a hang
             answer = {"ok": False, "reason": f"{type(e).__name__}: {_first_line(e)}"}
         answer["seconds"] = round(time.perf_counter() - started, 3)
@@ -661,6 +727,16 @@ class Validator:
         except OSError as e:
             raise InfraValidationError(f"the validating process is gone ({e})") from None
         deadline = time.monotonic() + self.timeout_s  # for the whole answer
+        try:
+            return self._answer(deadline, on_probabilities)
+        except InfraValidationError as e:  # a timeout, the process gone: how long it took
+            if e.record is None and not isinstance(e, BaselineDamaged):
+                e.record = {"seconds": round(self.timeout_s - (deadline - time.monotonic()), 3)}
+            raise
+
+    def _answer(
+        self, deadline: float, on_probabilities: Callable[[], None] | None
+    ) -> dict[str, Any]:
         answer = self._read_line(deadline)
         while "ready" in answer or "progress" in answer:
             if answer.get("progress") == "probabilities" and on_probabilities is not None:
@@ -670,7 +746,11 @@ class Validator:
                     log.warning("could not start on the served probabilities early: %s", e)
             answer = self._read_line(deadline)
         if not answer["ok"]:
-            raise InfraValidationError(answer["reason"])
+            if answer.get("baseline_damaged"):
+                raise BaselineDamaged(answer["reason"])
+            raise InfraValidationError(
+                answer["reason"], dict(answer.get("record") or {}, seconds=answer["seconds"])
+            )
         return dict(answer["record"], seconds=answer["seconds"])
 
     def close(self) -> None:

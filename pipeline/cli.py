@@ -570,7 +570,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.run import rebuild_report
+    from pipeline.run import NoReport, rebuild_report
 
     run_dir = args.run_dir
     if not (run_dir / "metrics.json").is_file():
@@ -583,6 +583,8 @@ def _report(args: argparse.Namespace) -> int:
         written = rebuild_report(run_dir)
     except ReportWriteError as e:
         return _fail(EXIT_PUBLISH, f"{run_dir}: {e.strerror}")
+    except NoReport as e:
+        return _fail(EXIT_USAGE, str(e))
     except (OSError, ValueError, KeyError) as e:  # a garbled metrics.json or predictions.npz
         return _fail(
             EXIT_DATA,

@@ -121,7 +121,15 @@ def train_pipeline(
         stages.head_starts(run)
         outputs = _stage_outputs(run.layout)
         for name in STAGES:
-            stages.run_stage(run, name, getattr(stages, name), outputs[name])
+            try:
+                stages.run_stage(run, name, getattr(stages, name), outputs[name])
+            except infra_validator.InfraValidationError as e:
+                if not isinstance(e, infra_validator.BaselineDamaged):
+                    try:
+                        finish_unvalidated(run, e)
+                    except OSError as failed:  # (a full disk): the validation's error stands
+                        log.warning("could not record the failed validation: %s", failed)
+                raise
             stages.announce(run, name)
         return finish(run)
     finally:
@@ -208,6 +216,27 @@ def finish(run: stages.Run) -> RunResult:
     return RunResult(run.run_id, run.layout.root, run.metrics)
 
 
+def finish_unvalidated(run: stages.Run, error: Exception) -> None:
+    """A staged model that failed its infra validation: the run ends unpublished, and its
+    metrics.json says what was checked, what failed and how long it took (no report: there are
+    no served predictions to report on; runs/latest keeps pointing at the last reported run)."""
+    run.timings["pipeline_seconds"] = time.perf_counter() - run.started
+    reason = str(error)
+    run.metrics.update(
+        infra_validation={
+            **(getattr(error, "record", None) or {}),
+            "passed": False,
+            "reason": reason,
+        },
+        blessed=False,
+        published_version=None,
+        gate={"blessed": False, "reason": f"not judged: the infra validation failed ({reason})"},
+        history=stages.read_json(run.layout.history) if run.layout.history.is_file() else {},
+        timings=run.timings,
+    )
+    write_json(run.layout.metrics, run.metrics)
+
+
 def _read_json_object(path: Path) -> dict[str, Any]:
     """A run's JSON file, or a ValueError naming it."""
     try:
@@ -219,12 +248,22 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
+class NoReport(ValueError):
+    """A finished run that has no report to redraw (its model was never served)."""
+
+
 def rebuild_report(run_dir: Path) -> list[Path]:
     """Redraw an earlier run's report from its saved evaluation outputs."""
     from components import report
 
     run_dir = Path(run_dir)
     metrics = _read_json_object(run_dir / "metrics.json")
+    infra = metrics.get("infra_validation")
+    if isinstance(infra, dict) and infra.get("passed") is False:
+        raise NoReport(
+            f"{run_dir}: its model failed the infra validation ({infra.get('reason')}): "
+            f"nothing was served, so there is no report"
+        )
     predictions = report.load_predictions(run_dir / report.PREDICTIONS_FILE)
     config = _read_json_object(run_dir / "config.json")
     return report.write_report(

@@ -639,14 +639,14 @@ def _check_baseline(baseline: Path | None) -> None:
     """The latest published version is the gate's baseline: damaged, it can neither be compared
     with nor served, and the new model is not at fault; say which folder and what to do."""
     from components.files import damaged_files
-    from components.infra_validator import InfraValidationError
+    from components.infra_validator import BaselineDamaged
     from serving.client import damaged_message
 
     if baseline is None:
         return
     damaged = damaged_files(baseline)
     if damaged:
-        raise InfraValidationError(
+        raise BaselineDamaged(
             "the baseline (the latest published version) "
             + damaged_message(baseline, damaged)
             + "; the new model was not judged"
@@ -674,30 +674,32 @@ def validate(run: Run) -> dict[str, Any]:
 
     baseline = exporter.latest_version_dir(run.models)
     _check_baseline(baseline)
+    test = run.splits["test"]
+    # Meanwhile (the trainer only waits): the trained model on the photo signature's sample.
+    photo_expected = _photo_expectation(run.keras_model(), test.images[:PHOTO_SAMPLE])
     record = run.validator.validate(
         run.layout.export,
         run.layout.examples,
         run.layout.evaluation,
         baseline=baseline,
+        sample=PHOTO_SAMPLE,
         on_probabilities=lambda: _draw_figures_early(run),
     )
     served = np.load(run.layout.served)
-    test = run.splits["test"]
     trained, losses = evaluator.predict_with_loss(run.keras_model(), test.images, test.labels)
     # float32 on the CPU on both sides: 1e-5. A model trained on a GPU (TF32 matmuls, float16
     # under mixed precision) is served on the CPU here, so its tolerance is wider, and a class
     # may flip only where the trained model's top two probabilities are within it.
     tolerance = 1e-5 if run.effective.device == "cpu" else 2e-3
-    top2 = np.sort(trained, axis=1)[:, -2:]
-    near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * tolerance
-    differs = np.flatnonzero((served.argmax(1) != trained.argmax(1)) & ~near_tie)
-    gap = float(np.abs(served - trained).max())
+    differs, gap = _disagreement(served, trained, tolerance)
     record.update(max_abs_difference_vs_trained_model=gap, tolerance=tolerance)
-    if len(differs) or gap > tolerance:
+    if differs or gap > tolerance:
         raise InfraValidationError(
-            f"the exported model disagrees with the trained model: {len(differs)} different "
-            f"classes, probabilities up to {gap:.2e} apart (tolerance {tolerance:g})"
+            f"the exported model disagrees with the trained model: {differs} different "
+            f"classes, probabilities up to {gap:.2e} apart (tolerance {tolerance:g})",
+            record,
         )
+    _check_photo_signature(run, record, photo_expected.result(), tolerance)
     calibration = read_json(run.layout.calibration)
     threshold = calibration["threshold"]
     metrics = {
@@ -724,6 +726,76 @@ def validate(run: Run) -> dict[str, Any]:
         },
         "metrics": metrics,
     }
+
+
+# Test examples sent through predict_png and predict_image by the infra validation.
+PHOTO_SAMPLE = 64
+
+
+def _disagreement(served: np.ndarray, trained: np.ndarray, tolerance: float) -> tuple[int, float]:
+    """(examples whose class differs, beyond near ties; the largest probability difference)."""
+    top2 = np.sort(trained, axis=1)[:, -2:]
+    near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * tolerance
+    differs = int(np.count_nonzero((served.argmax(1) != trained.argmax(1)) & ~near_tie))
+    return differs, float(np.abs(served - trained).max()) if served.size else 0.0
+
+
+def _photo_expectation(model: Any, images: np.ndarray) -> Any:
+    """A future: the trained model's probabilities on `images` as predict_image sees them
+    (PNG-encoded, normalised by components.photo.normalize_photos, the function inside that
+    signature), or the refusal's text when that normalisation refuses them."""
+    import concurrent.futures
+
+    import tensorflow as tf
+
+    from components import evaluator
+    from components.photo import normalize_photos
+
+    def expect() -> np.ndarray | str:
+        pngs = [tf.io.encode_png(image[..., None]).numpy() for image in images]
+        try:
+            normalized = normalize_photos(tf.constant(pngs)).numpy()
+        except tf.errors.InvalidArgumentError as e:
+            return (e.message or str(e)).strip().splitlines()[0]
+        return evaluator.predict_with_loss(model, normalized, None)[0]
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="photo-check")
+    future = pool.submit(expect)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _check_photo_signature(
+    run: Run, record: dict[str, Any], expected: np.ndarray | str, tolerance: float
+) -> None:
+    """predict_image's answers on the sample must be the trained model's on the same
+    normalised images (or both refuse them): the photo path is checked against the model,
+    not only for running."""
+    from components.infra_validator import SIGNATURE_OUTPUTS, InfraValidationError
+
+    checks = record.get("other_signatures", {}).get("predict_image")
+    if checks is None:
+        return  # a model exported without it (an older export): nothing to compare
+    with np.load(run.layout.evaluation / SIGNATURE_OUTPUTS) as outputs:
+        served = outputs["predict_image"] if "predict_image" in outputs.files else None
+    if isinstance(expected, str) or served is None:
+        if isinstance(expected, str) and served is None:
+            return  # both refuse the sample (recorded in other_signatures)
+        said = "refuses" if served is None else "answers"
+        raise InfraValidationError(
+            f"predict_image {said} the {PHOTO_SAMPLE} sample test images, which the same "
+            f"normalisation in the trainer {'answers' if served is None else 'refuses'}",
+            record,
+        )
+    differs, gap = _disagreement(served, expected, tolerance)
+    checks.update(max_abs_difference_vs_trained_model=gap)
+    if differs or gap > tolerance:
+        raise InfraValidationError(
+            f"predict_image disagrees with the trained model on the same normalised images: "
+            f"{differs} of {len(served)} classes differ, probabilities up to {gap:.2e} apart "
+            f"(tolerance {tolerance:g})",
+            record,
+        )
 
 
 def gate(run: Run) -> dict[str, Any]:

@@ -28,12 +28,25 @@ def _run(tmp_path, tiny_data, run_id="r1"):
     )
 
 
-def _nothing_published(tmp_path, run_id="r1"):
+def _nothing_published(tmp_path, run_id="r1", passed=()):
+    """Nothing published; the run's metrics.json records the failure: its reason, the checks
+    passed before it (`passed`: a prefix of each, in order) and how long it took."""
     models = tmp_path / "artifacts" / "models" / "mnist"
     assert exporter.published_versions(models) == []
     run_dir = tmp_path / "artifacts" / "runs" / run_id
     assert not (run_dir / "stages" / "validate.json").exists()
-    assert not (run_dir / "metrics.json").exists()
+    assert (
+        not (run_dir / "report").exists()
+        and not (tmp_path / "artifacts" / "runs" / "latest").exists()
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    infra = metrics["infra_validation"]
+    assert infra["passed"] is False and infra["reason"] and infra["seconds"] > 0
+    assert len(infra.get("passed_checks", [])) == len(passed)
+    assert all(c.startswith(p) for c, p in zip(infra.get("passed_checks", []), passed))
+    assert metrics["blessed"] is False and metrics["published_version"] is None
+    assert metrics["gate"]["reason"].startswith("not judged: the infra validation failed")
+    return infra
 
 
 def test_a_clean_export_is_validated_and_recorded(tmp_path, tiny_data):
@@ -70,7 +83,23 @@ def test_corrupt_variables_publish_nothing(tmp_path, tiny_data, monkeypatch):
     _after_export(monkeypatch, corrupt)
     with pytest.raises(InfraValidationError):
         _run(tmp_path, tiny_data)
-    _nothing_published(tmp_path)
+    infra = _nothing_published(tmp_path)
+    assert infra["candidate"].endswith("export") and "does not load" in infra["reason"]
+
+
+def test_a_run_that_failed_validation_has_no_report_to_redraw(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(
+        json.dumps(
+            {"infra_validation": {"passed": False, "reason": "the staged model does not load"}}
+        )
+    )
+    assert cli.main(["report", str(run_dir)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "failed the infra validation (the staged model does not load)" in err[0]
+    )
 
 
 def test_a_signature_that_disagrees_with_the_model_publishes_nothing(
@@ -80,7 +109,10 @@ def test_a_signature_that_disagrees_with_the_model_publishes_nothing(
     monkeypatch.setattr(exporter, "preprocess", lambda x: tf.cast(x, tf.float32) / 128.0)
     with pytest.raises(InfraValidationError, match="disagrees with the trained model"):
         _run(tmp_path, tiny_data)
-    _nothing_published(tmp_path)
+    infra = _nothing_published(
+        tmp_path, passed=("load", "serving_default on all", "warmup", "the other signatures")
+    )
+    assert infra["max_abs_difference_vs_trained_model"] > 1e-5
 
 
 def test_a_failing_warmup_record_publishes_nothing(tmp_path, tiny_data, monkeypatch):
@@ -101,7 +133,58 @@ def test_a_failing_warmup_record_publishes_nothing(tmp_path, tiny_data, monkeypa
     _after_export(monkeypatch, bad_warmup)
     with pytest.raises(InfraValidationError, match="warmup record 1 \\(serving_default\\) fails"):
         _run(tmp_path, tiny_data)
-    _nothing_published(tmp_path)
+    _nothing_published(tmp_path, passed=("load", "serving_default on all"))
+
+
+def _with_strokes(data):
+    """tiny_data whose test images also hold a vertical stroke: ink tall enough for
+    predict_image's normalisation (it refuses the bare 2-pixel bars as "no digit found")."""
+    from components.data import Split
+
+    train, test = data
+    images = test.images.copy()
+    images[:, 4:24, 12:15, 0] = 255
+    return train, Split(test.name, images, test.labels)
+
+
+def test_the_photo_signature_is_compared_with_the_trained_model(tmp_path, tiny_data):
+    result = _run(tmp_path, _with_strokes(tiny_data))
+    checks = result.metrics["infra_validation"]["other_signatures"]["predict_image"]
+    assert "refused" not in checks and checks["examples"] == 64
+    assert checks["max_abs_difference_vs_trained_model"] <= 1e-5
+
+
+def test_a_photo_signature_that_disagrees_with_the_model_publishes_nothing(
+    tmp_path, tiny_data, monkeypatch
+):
+    """predict_image is compared with the trained model on the same normalised images: a
+    drift in its graph only (here its images inverted after the normalisation) is caught."""
+    real = exporter.build_export_archive
+
+    def drifted(model, threshold):
+        from components import photo
+
+        normalize = photo.normalize_photos
+        monkeypatch.setattr(
+            photo,
+            "normalize_photos",
+            tf.function(
+                lambda b: 255 - normalize(b),
+                input_signature=[tf.TensorSpec([None], tf.string)],
+                autograph=False,
+            ),
+        )
+        try:
+            return real(model, threshold)
+        finally:
+            monkeypatch.setattr(photo, "normalize_photos", normalize)
+
+    monkeypatch.setattr(exporter, "build_export_archive", drifted)
+    with pytest.raises(InfraValidationError, match="predict_image disagrees with the trained"):
+        _run(tmp_path, _with_strokes(tiny_data))
+    _nothing_published(
+        tmp_path, passed=("load", "serving_default on all", "warmup", "the other signatures")
+    )
 
 
 def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_data, monkeypatch):
@@ -117,7 +200,9 @@ def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_dat
         InfraValidationError, match="exited with code 1 before serving: Failed to start server"
     ):
         _run(tmp_path, tiny_data)
-    _nothing_published(tmp_path)
+    _nothing_published(
+        tmp_path, passed=("load", "serving_default on all", "warmup", "the other signatures")
+    )
 
 
 def test_a_later_run_has_its_baseline_scored_while_it_trains(tmp_path, tiny_data):
