@@ -31,24 +31,51 @@ BEST_FILE = "best_hparams.json"
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
-    """A search. `validation_fraction` and `seed` have no defaults here: the CLI passes the
-    training config's (pipeline/config.py), so trials and runs hold out the same split."""
+    """A search. `validation_fraction`, `seed` and `steps_per_execution` have no defaults here:
+    the CLI passes the training config's (pipeline/config.py), so trials and runs hold out the
+    same split and run their steps alike."""
 
     validation_fraction: float
     seed: int
+    steps_per_execution: int
     study: str = "default"
     algorithm: str = "hyperband"
     max_trials: int = 40  # an upper bound; the time budget usually ends the search first
     max_epochs: int = 20
     time_budget_minutes: float = 13.0
     overwrite: bool = False
-    steps_per_execution: int = 50
     early_stopping_patience: int = 3
 
 
 # The searched settings, named as the training config's fields (pipeline/config.py), so that a
-# search result is a config override (`train --hparams best_hparams.json`).
-SEARCH_SPACE = ("hidden_units", "dropout", "learning_rate", "batch_size")
+# search result is a config override (`train --hparams best_hparams.json`): name -> (keras-tuner
+# HyperParameters method, its arguments). `build` defines them from here, `write_best` writes
+# them with the config field's type, `format_trials` shows a column each; the model takes the
+# ones that are `build_model` arguments, the input pipeline `batch_size`.
+SEARCH_SPACE: dict[str, tuple[str, dict[str, Any]]] = {
+    "hidden_units": ("Int", dict(min_value=64, max_value=1024, step=64)),
+    "dropout": ("Float", dict(min_value=0.0, max_value=0.5, step=0.1)),
+    "learning_rate": ("Float", dict(min_value=1e-4, max_value=1e-2, sampling="log")),
+    "batch_size": ("Choice", dict(values=[32, 64, 128, 256])),
+}
+# Searched settings that are not model arguments (the input pipeline's).
+NOT_MODEL_ARGUMENTS = ("batch_size",)
+
+
+def search_type(name: str) -> type:
+    """The Python type of a SEARCH_SPACE setting's values (the config field's: a test checks)."""
+    method, arguments = SEARCH_SPACE[name]
+    return {"Int": int, "Float": float}.get(method) or type(arguments["values"][0])
+
+
+def searched_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's SEARCH_SPACE values with the training config's types (int, float)."""
+    out = {}
+    for name, (_, arguments) in SEARCH_SPACE.items():
+        value = search_type(name)(values[name])
+        # a stepped float is a sum of steps (0.30000000000000004): its intended value
+        out[name] = round(value, 10) if isinstance(value, float) and "step" in arguments else value
+    return out
 
 
 class DenseHyperModel(kt.HyperModel):
@@ -60,14 +87,12 @@ class DenseHyperModel(kt.HyperModel):
         self.train, self.validation, self.config = train, validation, config
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        units = hp.Int("hidden_units", 64, 1024, step=64)
-        dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
-        learning_rate = hp.Float("learning_rate", 1e-4, 1e-2, sampling="log")
-        hp.Choice("batch_size", [32, 64, 128, 256])
+        values = {
+            name: getattr(hp, method)(name, **arguments)
+            for name, (method, arguments) in SEARCH_SPACE.items()
+        }
         return build_model(
-            units,
-            learning_rate,
-            dropout,
+            **{k: v for k, v in values.items() if k not in NOT_MODEL_ARGUMENTS},
             steps_per_execution=self.config.steps_per_execution,
             jit_compile=True,
         )
@@ -381,13 +406,7 @@ def write_best(
         },
         # What `pipeline train --hparams` reads: the winning values, and as many epochs as the
         # winning trial needed to reach its best validation score.
-        "hparams": {
-            "hidden_units": int(values["hidden_units"]),
-            "dropout": round(float(values["dropout"]), 4),
-            "learning_rate": float(values["learning_rate"]),
-            "batch_size": int(values["batch_size"]),
-            "epochs": best_epoch(best),
-        },
+        "hparams": {**searched_values(values), "epochs": best_epoch(best)},
         "trials": table,
     }
     path = Path(study_dir) / BEST_FILE
@@ -398,21 +417,30 @@ def write_best(
 
 
 def format_trials(best: dict[str, Any]) -> str:
-    lines = [
-        "| trial | units | dropout | learning rate | batch | epochs | best epoch | "
-        f"{OBJECTIVE} | val_accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    """The trials as a Markdown table, best first: one column per SEARCH_SPACE setting."""
+    columns = ["trial", *SEARCH_SPACE, "epochs", "best epoch", OBJECTIVE, "val_accuracy"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for t in sorted(
         best["trials"], key=lambda t: t["score"] if t["score"] is not None else float("inf")
     ):
-        v = t["values"]
         score = f"{t['score']:.4f}" if t["score"] is not None else t["status"].lower()
         accuracy = f"{t['val_accuracy']:.4f}" if t.get("val_accuracy") is not None else ""
         mark = " (best)" if t["trial_id"] == best["trial_id"] else ""
-        lines.append(
-            f"| {t['trial_id']}{mark} | {v['hidden_units']} | {v['dropout']:.1f} | "
-            f"{v['learning_rate']:.2e} | {v['batch_size']} | {t['epochs']} | "
-            f"{t['best_epoch']} | {score} | {accuracy} |"
-        )
+        cells = [
+            f"{t['trial_id']}{mark}",
+            *(_fmt_value(name, t["values"].get(name)) for name in SEARCH_SPACE),
+            str(t["epochs"]),
+            str(t["best_epoch"]),
+            score,
+            accuracy,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fmt_value(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2e}" if name == "learning_rate" else f"{value:g}"
+    return str(value)

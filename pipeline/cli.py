@@ -625,6 +625,7 @@ def _tune(args: argparse.Namespace) -> int:
         time_budget_minutes=args.time_budget,
         validation_fraction=args.validation_fraction,
         seed=args.seed,
+        steps_per_execution=TrainConfig().steps_per_execution,
         overwrite=args.overwrite,
     )
     try:

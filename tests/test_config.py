@@ -127,6 +127,39 @@ def test_every_field_has_a_flag_and_the_tuner_searches_config_fields():
     assert set(SEARCH_SPACE) <= set(hparam_keys())
 
 
+def test_the_search_space_is_what_trials_use_and_best_hparams_writes():
+    """SEARCH_SPACE is the one list: a trial's model and best_hparams.json follow it, with the
+    config fields' types (a searched setting added there alone reaches `train --hparams`)."""
+    import keras_tuner as kt
+
+    from components import tuner
+    from pipeline.config import fields
+
+    types = {f.name: f.type for f in fields()}
+    assert {name: tuner.search_type(name) for name in tuner.SEARCH_SPACE} == {
+        name: types[name] for name in tuner.SEARCH_SPACE
+    }
+    hp = kt.HyperParameters()
+    model = tuner.DenseHyperModel(None, None, _tune_config()).build(hp)
+    assert set(hp.values) == set(tuner.SEARCH_SPACE)
+    assert model.layers[1].units == hp.values["hidden_units"]
+    written = tuner.searched_values(hp.values)
+    assert list(written) == list(tuner.SEARCH_SPACE)
+    TrainConfig(**written)  # every value is a valid training setting of the right type
+    assert all(type(v) is types[k] for k, v in written.items())
+
+
+def _tune_config():
+    from components import tuner
+
+    defaults = TrainConfig()
+    return tuner.TuneConfig(
+        validation_fraction=defaults.validation_fraction,
+        seed=defaults.seed,
+        steps_per_execution=defaults.steps_per_execution,
+    )
+
+
 def test_bad_flag_and_bad_config_value_say_the_same_range():
     parser = build_parser()
     with pytest.raises(SystemExit):
