@@ -123,6 +123,7 @@ def run_ours(
     phases = {
         "import": timings["import_tensorflow_seconds"],
         "data": timings["data_seconds"],
+        "model build (before fit)": timings["fit_phases"].get("model_build", 0.0),
         "fit set-up": timings["fit_phases"]["fit_setup"],
         "compile (estimate)": timings["fit_phases"]["compile_estimate"] or 0.0,
         **{

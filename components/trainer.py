@@ -360,6 +360,7 @@ def train(
     line per epoch (a Keras progress bar on a terminal), 0 nothing. `compile_cache`: the folder
     keeping XLA's compiled programs across runs (components/compile_cache.py).
     """
+    building = time.perf_counter()
     start_epoch = resume_epoch(backup_dir, restore_from, epochs) if backup_dir is not None else 0
     if start_epoch:
         log.info("resuming from the backup at the end of epoch %d", start_epoch)
@@ -370,6 +371,7 @@ def train(
     per_element = use_steps_in_graph(model, strategy, batch_size)
     train_ds = make_train_ds(pass_number, per_element)
     _prepare_for_replicas(model, strategy, train_ds)
+    build_seconds = time.perf_counter() - building
     timer = PhaseTimer()
     callbacks = [
         timer,
@@ -398,7 +400,7 @@ def train(
         epoch_seconds=timer.seconds,
         fit_seconds=fit_seconds,
         initial_epoch=start_epoch,
-        phases=timer.summary(),
+        phases={"model_build": build_seconds, **timer.summary()},
     )
 
 

@@ -175,7 +175,13 @@ def _what_the_run_wrote(artifacts, run, metrics):
     assert gate["blessed"] and gate["baseline_version"] == 1 and gate["full_test_split"]
     for key in ("p_value", "candidate_only_wrong", "baseline_only_wrong", "significance"):
         assert key in gate, key
-    assert len(metrics["timings"]["fit_phases"]["epochs"]) == 5
+    phases = metrics["timings"]["fit_phases"]
+    assert len(phases["epochs"]) == 5
+    # every phase of the train stage is timed: build, set-up, compile, steps, callbacks
+    assert 0 < phases["model_build"] and 0 < phases["fit_setup"] and phases["compile_estimate"]
+    timed = phases["model_build"] + phases["fit_setup"]
+    timed += sum(sum(e.values()) for e in phases["epochs"])
+    assert timed <= metrics["timings"]["train_seconds"]
     assert (run / "data" / "statistics.pb").stat().st_size > 0
     for stage in ("train", "export", "validate", "gate", "publish", "report"):
         record = json.loads((run / "stages" / f"{stage}.json").read_text())
