@@ -310,7 +310,8 @@ def ingest(run: Run) -> None:
         _check_drift(stats, run.models)
     run.timings["data_seconds"] = time.perf_counter() - t
     log.info(
-        "data: %d train, %s, %d test examples (no epoch touches the test split: it is evaluated after training)",
+        "data: %d train, %s, %d test examples "
+        "(no epoch touches the test split: it is evaluated after training)",
         len(fit),
         f"{len(validation)} validation (held out of train, seed {config.seed})"
         if validation is not None
