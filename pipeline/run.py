@@ -160,46 +160,78 @@ def _train_as_worker(
 ) -> RunResult:
     """A non-chief worker trains with the chief (resuming from the chief's backup, read-only)
     and saves into a scratch folder it deletes; the chief does everything else."""
-    # A fixed place per (run, task): a worker killed mid-run leaves it behind, and its next
-    # start (the cluster manager's restart) removes it first.
-    scratch = paths.artifacts / ".workers" / f"{run_id}-{task}"
-    if scratch.exists():
-        log.info("%s: removing the scratch folder a killed worker left: %s", task, scratch)
-        shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    chief = stages.RunLayout(paths.run_dir(run_id))
-    if (chief.records / "train.json").is_file() and chief.model.is_file():
-        # The chief trained before the restart; what is left needs no other worker.
-        print(f"{task}: the chief has finished training; nothing to do")
-        shutil.rmtree(scratch, ignore_errors=True)
-        return RunResult(run_id, chief.root, {"chief": False})
-    # Only the chief's lines are news; the others' would repeat them.
-    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    scratch, lock = worker_scratch(paths.artifacts / ".workers", f"{run_id}-{task}")
     try:
-        run = stages.Run(
-            config,
-            run_id,
-            stages.RunLayout(scratch / "run"),
-            scratch,
-            scratch / "tensorboard",
-            scratch / "models",
-            is_chief=False,
-            restore_from=paths.run_dir(run_id) / "backup",
-            tfds_data_dir=paths.tfds_data_dir,
-            tfds_manual_dir=paths.tfds_manual_dir,
-            data_override=data,
-            tf_config=tf_config,
-        )
-        stages.ingest(run)
-        stages.run_stage(run, "train", stages.train, [])
-        print(f"{task}: done; the chief evaluates, publishes and reports")
-        return RunResult(run_id, run.layout.root, {**run.metrics, "chief": False})
+        return _train_in_scratch(config, paths, run_id, data, tf_config, task, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        lock.close()
         try:
             scratch.parent.rmdir()  # the last worker out removes .workers
         except OSError:
             pass
+
+
+def worker_scratch(workers: Path, name: str) -> tuple[Path, Any]:
+    """A non-chief worker's scratch folder `workers`/`name`, and the open file whose lock
+    (held until closed) says its worker is alive. Folders whose lock is free (their worker was
+    killed: the kernel released it) are removed first, whatever run they belong to."""
+    import fcntl
+    import tempfile
+
+    workers.mkdir(parents=True, exist_ok=True)
+    for folder in workers.iterdir():
+        try:
+            with open(folder / ".lock", "r+") as probe:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                log.info("removing the scratch folder a killed worker left: %s", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive (locked), or not a worker's folder: left alone
+            continue
+    # Made under a temporary name with its lock held, then renamed: never seen unlocked.
+    fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=workers))
+    lock = open(fresh / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    scratch = workers / name
+    shutil.rmtree(scratch, ignore_errors=True)  # the same task's, started again
+    os.replace(fresh, scratch)
+    return scratch, lock
+
+
+def _train_in_scratch(
+    config: TrainConfig,
+    paths: Paths,
+    run_id: str,
+    data: tuple[Any, Any] | None,
+    tf_config: dict[str, Any] | None,
+    task: str,
+    scratch: Path,
+) -> RunResult:
+    chief = stages.RunLayout(paths.run_dir(run_id))
+    if (chief.records / "train.json").is_file() and chief.model.is_file():
+        # The chief trained before the restart; what is left needs no other worker.
+        print(f"{task}: the chief has finished training; nothing to do")
+        return RunResult(run_id, chief.root, {"chief": False})
+    # Only the chief's lines are news; the others' would repeat them.
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    run = stages.Run(
+        config,
+        run_id,
+        stages.RunLayout(scratch / "run"),
+        scratch,
+        scratch / "tensorboard",
+        scratch / "models",
+        is_chief=False,
+        restore_from=paths.run_dir(run_id) / "backup",
+        tfds_data_dir=paths.tfds_data_dir,
+        tfds_manual_dir=paths.tfds_manual_dir,
+        data_override=data,
+        tf_config=tf_config,
+    )
+    stages.ingest(run)
+    stages.run_stage(run, "train", stages.train, [])
+    print(f"{task}: done; the chief evaluates, publishes and reports")
+    return RunResult(run_id, run.layout.root, {**run.metrics, "chief": False})
 
 
 def finish(run: stages.Run) -> RunResult:

@@ -84,6 +84,39 @@ def _runs(artifacts):
     return sorted(p for p in (artifacts / "runs").iterdir() if p.name != "latest")
 
 
+def test_a_killed_workers_scratch_folder_is_removed_by_any_later_worker(tmp_path):
+    """A worker killed mid-run (SIGKILL: no clean-up) leaves its scratch folder; the next worker
+    of any run removes it, and never the folder of a worker that is still alive."""
+    import fcntl
+
+    from pipeline.run import worker_scratch
+
+    workers = tmp_path / ".workers"
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, sys; from pathlib import Path; from pipeline.run import worker_scratch; "
+         "worker_scratch(Path(sys.argv[1]), 'old-run-worker-1'); os._exit(9)", str(workers)],
+        cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert killed.returncode == 9 and (workers / "old-run-worker-1").is_dir()
+    alive, held = worker_scratch(workers, "other-run-worker-1")  # a live worker (this process)
+    assert not (workers / "old-run-worker-1").exists()
+    mine, lock = worker_scratch(workers, "new-run-worker-2")
+    assert (
+        alive.is_dir()
+        and mine.is_dir()
+        and sorted(p.name for p in workers.iterdir())
+        == [
+            "new-run-worker-2",
+            "other-run-worker-1",
+        ]
+    )
+    with open(alive / ".lock", "r+") as probe, pytest.raises(OSError):
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.close()
+    lock.close()
+
+
 @pytest.mark.slow
 @requires_mnist
 def test_two_workers_train_publish_once_and_report_once(tmp_path):
