@@ -319,9 +319,14 @@ def _figure_html(figures: dict[str, bytes], name: str) -> str:
 
 
 def render_html(
-    figures: dict[str, bytes], metrics: dict[str, Any], config: dict[str, Any] | None
+    figures: dict[str, bytes],
+    metrics: dict[str, Any],
+    config: dict[str, Any] | None,
+    sections: dict[str, tuple[str, str]] | None = None,
 ) -> str:
-    """One self-contained page: every image embedded as base64, no external URL."""
+    """One self-contained page: every image embedded as base64, no external URL. `sections`:
+    {html id: (title, Markdown text)}, shown as text before the config (the data statistics,
+    the published version's model card)."""
     import html
     import json
 
@@ -355,10 +360,20 @@ def render_html(
 {img("confidence.png")}
 {img("train_sample.png")}
 {img("first_test.png")}
+{_sections_html(sections or {})}
 <h2>Config</h2>
 <pre id="config">{e(json.dumps(config or {}, indent=2, sort_keys=True))}</pre>
 </body></html>
 """
+
+
+def _sections_html(sections: dict[str, tuple[str, str]]) -> str:
+    import html
+
+    return "\n".join(
+        f'<h2>{html.escape(title)}</h2>\n<pre id="{html.escape(key)}">{html.escape(text)}</pre>'
+        for key, (title, text) in sections.items()
+    )
 
 
 def _headline_html(metrics: dict[str, Any], per_class: list[tuple[str, Any]]) -> str:
@@ -456,14 +471,16 @@ def write_report(
     history: dict[str, list[float]] | None = None,
     config: dict[str, Any] | None = None,
     figures: dict[str, bytes] | None = None,
+    sections: dict[str, tuple[str, str]] | None = None,
 ) -> list[Path]:
     """Write every figure as a PNG and index.html embedding them; return the paths written.
-    `figures`: already drawn by `build_figures` from these predictions and history."""
+    `figures`: already drawn by `build_figures` from these predictions and history;
+    `sections`: text sections of the page (`render_html`)."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     if figures is None:
         figures = build_figures(predictions, metrics, history)
-    files = {**figures, "index.html": render_html(figures, metrics, config).encode()}
+    files = {**figures, "index.html": render_html(figures, metrics, config, sections).encode()}
     written = []
     for name, data in files.items():
         path, tmp = report_dir / name, report_dir / f".tmp-{name}"

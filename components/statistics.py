@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from components.data import NUM_CLASSES, Split
+if TYPE_CHECKING:  # (components.data imports TensorFlow; `make report` reads tables without it)
+    from components.data import Split
 
 STATISTICS_FILE = "statistics.pb"
 
@@ -45,6 +47,8 @@ def split_statistics(split: Split, name: str) -> statistics_pb2.DatasetFeatureSt
     stats = statistics_pb2.DatasetFeatureStatistics(name=name, num_examples=len(split))
     label = stats.features.add(type=statistics_pb2.FeatureNameStatistics.INT)
     label.path.step.append("label")
+    from components.data import NUM_CLASSES
+
     counts = np.bincount(split.labels, minlength=NUM_CLASSES)
     label.num_stats.common_stats.num_non_missing = len(split)
     label.num_stats.mean = float(split.labels.mean())

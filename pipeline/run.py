@@ -304,4 +304,5 @@ def rebuild_report(run_dir: Path) -> list[Path]:
         metrics,
         metrics.get("history"),
         config.get("requested", config),
+        sections=stages.report_sections(stages.RunLayout(run_dir), metrics),
     )

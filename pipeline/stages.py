@@ -939,6 +939,7 @@ def report(run: Run) -> dict[str, Any]:
         history,
         config["requested"],
         figures=_figures_drawn_from(run, predictions),
+        sections=report_sections(run.layout, run.metrics),
     )
     monitoring.log_run_summary(
         run.tensorboard,
@@ -949,6 +950,31 @@ def report(run: Run) -> dict[str, Any]:
         hparam_keys(),
     )
     return {}
+
+
+def report_sections(layout: RunLayout, metrics: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The report's text sections: the statistics of the data the run read, and the model card
+    of the version it published (read back from that version's assets.extra, so the report
+    shows what TF Serving's users get). One that cannot be read is left out, with a warning."""
+    from google.protobuf.message import DecodeError
+
+    from components import model_card, statistics
+
+    sections = {}
+    try:
+        text = statistics.table(statistics.read(layout.statistics))
+        sections["statistics"] = ("Data statistics (what the run read, per split)", text)
+    except (OSError, DecodeError) as e:
+        log.warning("report: the data statistics cannot be read (%s): left out", e)
+    published = metrics.get("published_path")
+    if published:
+        card = Path(published) / "assets.extra" / model_card.CARD_MD
+        try:
+            title = f"Model card (version {metrics.get('published_version')})"
+            sections["model-card"] = (title, card.read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("report: the model card cannot be read (%s): left out", e)
+    return sections
 
 
 def _model_card(run: Run, version: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,14 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     ).stdout
     assert f"{result.metrics['test_accuracy']:.4f}" in dom
     assert dom.count("<img") == 7
+
+
+def test_report_shows_the_data_statistics_and_the_published_model_card(run):
+    _, result = run
+    page = (result.run_dir / "report" / "index.html").read_text()
+    stats = html.unescape(page.split('<pre id="statistics">')[1].split("</pre>")[0])
+    assert stats.startswith("| split | examples |") and "| test | " in stats
+    card = html.unescape(page.split('<pre id="model-card">')[1].split("</pre>")[0])
+    version = result.metrics["published_version"]
+    published = Path(result.metrics["published_path"]) / "assets.extra" / "model_card.md"
+    assert card == published.read_text() and f"version {version}" in page
