@@ -302,6 +302,7 @@ table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3
   text-align: right; }
 figure { margin: 1.5em 0; } img { max-width: 100%; } figcaption { color: #555; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+pre.text { white-space: pre-wrap; }
 </style>"""
 
 
@@ -371,7 +372,8 @@ def _sections_html(sections: dict[str, tuple[str, str]]) -> str:
     import html
 
     return "\n".join(
-        f'<h2>{html.escape(title)}</h2>\n<pre id="{html.escape(key)}">{html.escape(text)}</pre>'
+        f'<h2>{html.escape(title)}</h2>\n<pre class="text" id="{html.escape(key)}">'
+        f"{html.escape(text)}</pre>"
         for key, (title, text) in sections.items()
     )
 

@@ -216,9 +216,9 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
 def test_report_shows_the_data_statistics_and_the_published_model_card(run):
     _, result = run
     page = (result.run_dir / "report" / "index.html").read_text()
-    stats = html.unescape(page.split('<pre id="statistics">')[1].split("</pre>")[0])
+    stats = html.unescape(page.split('<pre class="text" id="statistics">')[1].split("</pre>")[0])
     assert stats.startswith("| split | examples |") and "| test | " in stats
-    card = html.unescape(page.split('<pre id="model-card">')[1].split("</pre>")[0])
+    card = html.unescape(page.split('<pre class="text" id="model-card">')[1].split("</pre>")[0])
     version = result.metrics["published_version"]
     published = Path(result.metrics["published_path"]) / "assets.extra" / "model_card.md"
     assert card == published.read_text() and f"version {version}" in page
