@@ -279,34 +279,8 @@ def tune(
     if config.overwrite and study_dir.exists():
         out(f"*** --overwrite: deleting study {config.study} ({study_dir}) and starting over ***")
         shutil.rmtree(study_dir)
-    if config.validation_fraction <= 0:
-        raise NoValidationSplit(
-            "a search selects on a validation split held out of train: "
-            "--validation-fraction must be > 0 (the default is 0.05)"
-        )
-    fit_split, val_split = data_lib.carve_validation(train, config.validation_fraction, config.seed)
-    if len(val_split) == 0 or len(fit_split) == 0:
-        raise NoValidationSplit(
-            f"--validation-fraction {config.validation_fraction:g} of {len(train)} training "
-            f"examples leaves {len(val_split)} for validation and {len(fit_split)} for "
-            f"training; use a larger fraction"
-        )
-    hypermodel = DenseHyperModel(fit_split, val_split, config)
-    common: dict[str, Any] = dict(
-        hypermodel=hypermodel,
-        objective=OBJECTIVE,
-        directory=str(study_dir),
-        project_name="keras_tuner",
-        overwrite=False,
-        seed=config.seed,
-    )
-    if config.algorithm == "hyperband":
-        tuner = _tuner_class("hyperband")(max_epochs=config.max_epochs, factor=3, **common)
-    else:
-        tuner = _tuner_class(config.algorithm)(max_trials=config.max_trials, **common)
-    tuner._setup_study(config, out)
-    # The oracle writes a trial's state file inside the trial's error handling too.
-    tuner.oracle.update_trial = _fatal_on_environment(tuner.oracle.update_trial)
+    fit_split, val_split = _carve(train, config)
+    tuner = _make_tuner(DenseHyperModel(fit_split, val_split, config), config, study_dir, out)
     done = tuner._completed()
     if done:
         out(
@@ -328,22 +302,64 @@ def tune(
             raise e.__cause__ from None  # the disk or memory: the CLI says which, exit 6 or 7
         raise
     if tuner.stop_reason == "the algorithm finished its schedule":
-        done = tuner._completed()
-        if config.algorithm == "hyperband" and done < config.max_trials:
-            tuner.stop_reason = (
-                f"Hyperband's bracket schedule for --max-epochs "
-                f"{config.max_epochs} (factor 3) holds {done} trial(s), fewer "
-                f"than --max-trials {config.max_trials}; raise --max-epochs "
-                f"for more, or use --algorithm random|bayesian"
-            )
-        elif done < config.max_trials:
-            tuner.stop_reason = (
-                f"the {config.algorithm} search ran out of new "
-                f"hyperparameter combinations after {done} trial(s)"
-            )
+        tuner.stop_reason = _why_the_schedule_ended(tuner, config)
     out(f"search stopped: {tuner.stop_reason}")
     best = write_best(tuner, config, study_dir, len(fit_split), len(val_split))
     return TuneResult(study_dir, best, tuner.trials_run, tuner.stop_reason)
+
+
+def _carve(train: data_lib.Split, config: TuneConfig) -> tuple[data_lib.Split, data_lib.Split]:
+    """(the trials' training examples, the validation examples they are selected on)."""
+    if config.validation_fraction <= 0:
+        raise NoValidationSplit(
+            "a search selects on a validation split held out of train: "
+            "--validation-fraction must be > 0 (the default is 0.05)"
+        )
+    fit_split, val_split = data_lib.carve_validation(train, config.validation_fraction, config.seed)
+    if len(val_split) == 0 or len(fit_split) == 0:
+        raise NoValidationSplit(
+            f"--validation-fraction {config.validation_fraction:g} of {len(train)} training "
+            f"examples leaves {len(val_split)} for validation and {len(fit_split)} for "
+            f"training; use a larger fraction"
+        )
+    return fit_split, val_split
+
+
+def _make_tuner(hypermodel: DenseHyperModel, config: TuneConfig, study_dir: Path, out: Any) -> Any:
+    """The keras-tuner Tuner of `config.algorithm` with the study's progress and budgets."""
+    common: dict[str, Any] = dict(
+        hypermodel=hypermodel,
+        objective=OBJECTIVE,
+        directory=str(study_dir),
+        project_name="keras_tuner",
+        overwrite=False,
+        seed=config.seed,
+    )
+    if config.algorithm == "hyperband":
+        tuner = _tuner_class("hyperband")(max_epochs=config.max_epochs, factor=3, **common)
+    else:
+        tuner = _tuner_class(config.algorithm)(max_trials=config.max_trials, **common)
+    tuner._setup_study(config, out)
+    # The oracle writes a trial's state file inside the trial's error handling too.
+    tuner.oracle.update_trial = _fatal_on_environment(tuner.oracle.update_trial)
+    return tuner
+
+
+def _why_the_schedule_ended(tuner: Any, config: TuneConfig) -> str:
+    """Why an algorithm that ended on its own ran fewer trials than asked, in one line."""
+    done = tuner._completed()
+    if config.algorithm == "hyperband" and done < config.max_trials:
+        return (
+            f"Hyperband's bracket schedule for --max-epochs {config.max_epochs} (factor 3) "
+            f"holds {done} trial(s), fewer than --max-trials {config.max_trials}; raise "
+            f"--max-epochs for more, or use --algorithm random|bayesian"
+        )
+    if done < config.max_trials:
+        return (
+            f"the {config.algorithm} search ran out of new hyperparameter combinations "
+            f"after {done} trial(s)"
+        )
+    return str(tuner.stop_reason)
 
 
 def unreadable_state_file(study_dir: Path) -> Path | None:

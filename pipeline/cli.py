@@ -463,8 +463,6 @@ def map_error(
     space is freed (default: the training run's own --run-name)."""
     import errno
 
-    import tensorflow as tf
-
     from components.data import DataDiskFull, DataError
     from components.exporter import PublishError
     from components.infra_validator import InfraValidationError
@@ -488,6 +486,21 @@ def map_error(
         return EXIT_PUBLISH, f"publish: {e}"
     if isinstance(e, ArtifactError):
         return EXIT_PUBLISH, str(e)
+    if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
+        hint = _disk_full_hint(run_id, again) if e.errno == errno.ENOSPC else ""
+        if e.errno == errno.ENOSPC:
+            return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
+        # Not only writes: reading back one of the run's own files can fail (made unreadable).
+        return EXIT_PUBLISH, f"could not read or write artifacts: {e}"
+    return _memory_or_tensorflow_file_error(e, run_id, again)
+
+
+def _memory_or_tensorflow_file_error(
+    e: BaseException, run_id: str | None, again: str | None
+) -> tuple[int, str] | None:
+    """map_error's out-of-memory and TensorFlow file errors (which are not OSErrors)."""
+    import tensorflow as tf
+
     if isinstance(e, MemoryError) or (
         isinstance(e, tf.errors.ResourceExhaustedError) and "OOM" in (e.message or "")
     ):  # TensorFlow says "OOM when allocating tensor ..." for memory, not for a full disk
@@ -497,12 +510,6 @@ def map_error(
             f"for more memory than this machine has: e.g. a smaller --batch-size or "
             f"--hidden-units); nothing was published"
         )
-    if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
-        hint = _disk_full_hint(run_id, again) if e.errno == errno.ENOSPC else ""
-        if e.errno == errno.ENOSPC:
-            return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
-        # Not only writes: reading back one of the run's own files can fail (made unreadable).
-        return EXIT_PUBLISH, f"could not read or write artifacts: {e}"
     if isinstance(
         e,
         (
@@ -598,11 +605,11 @@ def _report(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     check_artifacts_dir(args.artifacts_dir)
-    study_path = args.artifacts_dir / "tuning" / args.study
-    if study_path.exists() and not study_path.is_dir():
+    study_dir = args.artifacts_dir / "tuning" / args.study
+    if study_dir.exists() and not study_dir.is_dir():
         return _fail(
             EXIT_USAGE,
-            f"study {args.study}: {study_path} exists and is not a folder (move it away; "
+            f"study {args.study}: {study_dir} exists and is not a folder (move it away; "
             f"the study keeps its trials there)",
         )
     if args.validation_fraction == 0:  # before TensorFlow's import: the search needs it
@@ -614,53 +621,19 @@ def _tune(args: argparse.Namespace) -> int:
     from components.tf_import import import_tensorflow
 
     import_tensorflow()
-    from components import data as data_lib
-    from components import strategy, tuner
+    from components import tuner
 
-    config = tuner.TuneConfig(
-        study=args.study,
-        algorithm=args.algorithm,
-        max_trials=args.max_trials,
-        max_epochs=args.max_epochs,
-        time_budget_minutes=args.time_budget,
-        validation_fraction=args.validation_fraction,
-        seed=args.seed,
-        steps_per_execution=TrainConfig().steps_per_execution,
-        overwrite=args.overwrite,
-    )
+    loaded = _tune_data(args)
+    if isinstance(loaded, int):
+        return loaded
     try:
-        strategy.setup_device(args.device, deterministic=False, seed=args.seed)  # no TF_CONFIG
-        # Only the training split: selection must never see the test split.
-        train = data_lib.validate_split(
-            data_lib.load_split(
-                "train",
-                data_dir=args.tfds_data_dir,
-                manual_dir=args.tfds_manual_dir,
-                limit=args.max_train_examples,
-            )
+        result = tuner.tune(
+            _tune_config(args), loaded, study_dir, out=lambda line: print(line, flush=True)
         )
-    except strategy.DeviceError as e:
-        return _fail(EXIT_USAGE, str(e))
-    except data_lib.DataError as e:
-        return _fail(EXIT_DATA, f"data: {e}")
-    study_dir = args.artifacts_dir / "tuning" / args.study
-    try:
-        result = tuner.tune(config, train, study_dir, out=lambda line: print(line, flush=True))
     except (tuner.NoTrialCompleted, tuner.NoValidationSplit) as e:
         return _fail(EXIT_USAGE, str(e))
     except Exception as e:
-        broken = tuner.unreadable_state_file(study_dir) if isinstance(e, ValueError) else None
-        if broken is not None:  # json.JSONDecodeError included: keras-tuner's state files
-            return _fail(
-                EXIT_USAGE,
-                f"study {args.study}: {broken} is corrupt ({e}); run again "
-                f"with --overwrite to start the study over, or restore that "
-                f"file",
-            )
-        mapped = map_error(e, again=TUNE_AGAIN)
-        if mapped is None:
-            raise
-        return _fail(*mapped)
+        return _search_failed(e, args.study, study_dir)
     print(tuner.format_trials(result.best))
     hp = result.best["hparams"]
     print(
@@ -672,6 +645,61 @@ def _tune(args: argparse.Namespace) -> int:
         f'  make train ARGS="--hparams {study_dir / tuner.BEST_FILE}"'
     )
     return EXIT_OK
+
+
+def _tune_config(args: argparse.Namespace) -> Any:
+    from components import tuner
+
+    return tuner.TuneConfig(
+        study=args.study,
+        algorithm=args.algorithm,
+        max_trials=args.max_trials,
+        max_epochs=args.max_epochs,
+        time_budget_minutes=args.time_budget,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+        steps_per_execution=TrainConfig().steps_per_execution,
+        overwrite=args.overwrite,
+    )
+
+
+def _tune_data(args: argparse.Namespace) -> Any:
+    """The device set up and the training split (only: selection never sees the test split),
+    or the exit code of a one-line failure."""
+    from components import data as data_lib
+    from components import strategy
+
+    try:
+        strategy.setup_device(args.device, deterministic=False, seed=args.seed)  # no TF_CONFIG
+        return data_lib.validate_split(
+            data_lib.load_split(
+                "train",
+                data_dir=args.tfds_data_dir,
+                manual_dir=args.tfds_manual_dir,
+                limit=args.max_train_examples,
+            )
+        )
+    except strategy.DeviceError as e:
+        return _fail(EXIT_USAGE, str(e))
+    except data_lib.DataError as e:
+        return _fail(EXIT_DATA, f"data: {e}")
+
+
+def _search_failed(e: Exception, study: str, study_dir: Path) -> int:
+    """The exit code and line for a search that failed; re-raises a bug."""
+    from components import tuner
+
+    broken = tuner.unreadable_state_file(study_dir) if isinstance(e, ValueError) else None
+    if broken is not None:  # json.JSONDecodeError included: keras-tuner's state files
+        return _fail(
+            EXIT_USAGE,
+            f"study {study}: {broken} is corrupt ({e}); run again with --overwrite to start "
+            f"the study over, or restore that file",
+        )
+    mapped = map_error(e, again=TUNE_AGAIN)
+    if mapped is None:
+        raise e
+    return _fail(*mapped)
 
 
 def without_run_name(train_args: list[str]) -> list[str]:
