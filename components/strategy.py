@@ -184,24 +184,7 @@ def effective_settings(
     if jit and dropout > 0:
         jit = False  # measured here: Dropout's random masks under XLA ~5x slower on the CPU
         why.append("jit_compile -> false: Dropout under XLA is ~5x slower on the CPU")
-    if mixed_precision == "on":
-        mixed = True
-        if choice.device == "cpu":
-            log.warning(
-                "--mixed-precision on, on the CPU: float16 is emulated there and usually slower"
-            )
-    elif mixed_precision == "auto":
-        mixed = choice.device == "gpu" and (compute_capability or 0.0) >= 7.0
-        why.append(
-            f"mixed_precision auto -> {'on' if mixed else 'off'}: "
-            + (
-                "a GPU of compute capability >= 7.0"
-                if mixed
-                else "float16 pays only on GPUs of compute capability >= 7.0"
-            )
-        )
-    else:
-        mixed = False
+    mixed = _mixed_precision(mixed_precision, choice.device, compute_capability, why)
     if choice.threads_why:
         why.append(choice.threads_why)
     return Effective(
@@ -216,6 +199,31 @@ def effective_settings(
         cpu_threads=choice.cpu_threads,
         why=tuple(why),
     )
+
+
+def _mixed_precision(
+    requested: str, device: str, compute_capability: float | None, why: list[str]
+) -> bool:
+    """Whether float16 compute is on: `requested` on/off as given; auto on GPUs of compute
+    capability 7.0 or newer (appending the reason to `why`)."""
+    if requested == "on":
+        if device == "cpu":
+            log.warning(
+                "--mixed-precision on, on the CPU: float16 is emulated there and usually slower"
+            )
+        return True
+    if requested != "auto":
+        return False
+    mixed = device == "gpu" and (compute_capability or 0.0) >= 7.0
+    why.append(
+        f"mixed_precision auto -> {'on' if mixed else 'off'}: "
+        + (
+            "a GPU of compute capability >= 7.0"
+            if mixed
+            else "float16 pays only on GPUs of compute capability >= 7.0"
+        )
+    )
+    return mixed
 
 
 def make_strategy(choice: StrategyChoice) -> Any:
