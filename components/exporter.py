@@ -416,22 +416,7 @@ def publish_staged(
         version = (latest or 0) + 1
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
-            shutil.copytree(staged, tmp)
-            copied = file_digests(tmp)
-            if copied != file_digests(staged):  # read back: what was validated
-                raise PublishError(f"the copy of {staged} in {tmp} differs from it (disk?)")
-            extra = tmp / "assets.extra"
-            extra.mkdir(exist_ok=True)
-            extras = assets(version) if callable(assets) else assets
-            for name, content in extras.items():
-                (extra / name).write_bytes(
-                    content if isinstance(content, bytes) else content.encode()
-                )
-            # what `make predict`, `models list` and the next gate verify (assets.extra/ files
-            # written just now are hashed; the copied ones were, a moment ago)
-            rewritten = {f"assets.extra/{name}" for name in extras}
-            write_manifest(tmp, known={k: v for k, v in copied.items() if k not in rewritten})
-            _fsync_tree(tmp)
+            _write_version(staged, tmp, assets(version) if callable(assets) else assets)
             os.rename(tmp, final)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -447,6 +432,24 @@ def publish_staged(
             except OSError as e:  # the version is published; pruning is housekeeping
                 log.warning("could not prune old versions under %s: %s", base, e)
     return PublishResult(version, final, pruned)
+
+
+def _write_version(staged: Path, tmp: Path, extras: dict[str, str | bytes]) -> None:
+    """`staged` copied to `tmp` (read back: what was validated), `extras` added to its
+    assets.extra/, the manifest written, everything fsynced: ready to be renamed into place."""
+    shutil.copytree(staged, tmp)
+    copied = file_digests(tmp)
+    if copied != file_digests(staged):
+        raise PublishError(f"the copy of {staged} in {tmp} differs from it (disk?)")
+    extra = tmp / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    for name, content in extras.items():
+        (extra / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    # what `make predict`, `models list` and the next gate verify (assets.extra/ files written
+    # just now are hashed; the copied ones were, a moment ago)
+    rewritten = {f"assets.extra/{name}" for name in extras}
+    write_manifest(tmp, known={k: v for k, v in copied.items() if k not in rewritten})
+    _fsync_tree(tmp)
 
 
 def _os_error_text(e: OSError) -> str:
