@@ -96,29 +96,7 @@ def step_floor(manual_dir: str | None, repeats: int = 3, threads: int = 0) -> di
     pass_number = tf.Variable(0, dtype=tf.int64)
     dataset = data.make_train_dataset(train, batch, seed=0, epoch=pass_number)
 
-    model = build_model(steps_per_execution=1, jit_compile=False)
-    model.optimizer.build(model.trainable_variables)
-    xla_step = tf.function(model.train_step, jit_compile=True)
-
-    @tf.function
-    def in_graph() -> tf.Tensor:
-        order = data.epoch_order(n, 0, 0)
-
-        def body(i: tf.Tensor) -> tf.Tensor:
-            idx = order[i * batch : tf.minimum((i + 1) * batch, n)]
-            xla_step((data.preprocess(tf.gather(images, idx)), tf.gather(labels, idx)))
-            return i + 1
-
-        return tf.while_loop(lambda i: i < steps, body, [tf.constant(0)])[0]
-
-    @tf.function
-    def from_iterator(iterator: Any) -> tf.Tensor:
-        def body(i: tf.Tensor) -> tf.Tensor:
-            xla_step(iterator.get_next())
-            return i + 1
-
-        return tf.while_loop(lambda i: i < steps, body, [tf.constant(0)])[0]
-
+    in_graph, from_iterator = _graph_loops(images, labels, n, steps, batch)
     spe = defaults.steps_per_execution
     keras_loop = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
     ours = build_model(steps_per_execution=spe, jit_compile=defaults.jit_compile)
@@ -147,6 +125,40 @@ def step_floor(manual_dir: str | None, repeats: int = 3, threads: int = 0) -> di
         **{f"epoch_seconds_{k}": statistics.median(v) for k, v in seconds.items()},
         "runs": seconds,
     }
+
+
+def _graph_loops(images: Any, labels: Any, n: int, steps: int, batch: int) -> tuple[Any, Any]:
+    """One epoch of Keras's XLA-compiled train_step in a TensorFlow while loop: (batches
+    gathered in the graph, batches from an iterator's `get_next`)."""
+    import tensorflow as tf
+
+    from components import data
+    from components.model import build_model
+
+    model = build_model(steps_per_execution=1, jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    xla_step = tf.function(model.train_step, jit_compile=True)
+
+    @tf.function
+    def in_graph() -> tf.Tensor:
+        order = data.epoch_order(n, 0, 0)
+
+        def body(i: tf.Tensor) -> tf.Tensor:
+            idx = order[i * batch : tf.minimum((i + 1) * batch, n)]
+            xla_step((data.preprocess(tf.gather(images, idx)), tf.gather(labels, idx)))
+            return i + 1
+
+        return tf.while_loop(lambda i: i < steps, body, [tf.constant(0)])[0]
+
+    @tf.function
+    def from_iterator(iterator: Any) -> tf.Tensor:
+        def body(i: tf.Tensor) -> tf.Tensor:
+            xla_step(iterator.get_next())
+            return i + 1
+
+        return tf.while_loop(lambda i: i < steps, body, [tf.constant(0)])[0]
+
+    return in_graph, from_iterator
 
 
 def format_floor(floors: dict[str, Any]) -> str:

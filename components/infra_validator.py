@@ -461,17 +461,7 @@ def _validate(
         passed.append(f"serving_default on all {len(images)} examples")
         notify({"progress": "probabilities"})
         sample = images[: int(request.get("sample", 64))]
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            warmup = _replay_warmup(served, candidate, pool)
-            try:
-                pngs = _serving(lambda: _encode_pngs(sample))
-                baseline_probs = _scored_ahead(request.get("baseline"), request["examples"], images)
-                if request.get("baseline"):
-                    record["baseline_scored_ahead"] = baseline_probs is not None
-                if baseline_probs is None:
-                    baseline_probs = _baseline_probabilities(request.get("baseline"), images)
-            finally:
-                record["warmup_records_replayed"] = warmup()  # a warmup failure first
+        pngs, baseline_probs = _warmup_and_baseline(served, request, record, sample, images)
         passed.append("warmup replay")
         record["other_signatures"] = _serving(
             lambda: _check_signatures(served, pngs, probs[: len(sample)], out)
@@ -495,6 +485,29 @@ def _validate(
     record["seconds"] = round(time.perf_counter() - started, 3)
     (out / "infra_validation.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _warmup_and_baseline(
+    served: _Served,
+    request: dict[str, Any],
+    record: dict[str, Any],
+    sample: np.ndarray,
+    images: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The warmup replayed on a thread while the sample is PNG-encoded and the baseline scored
+    here (or its scores from ahead taken): (the sample's PNGs, the baseline's probabilities)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        warmup = _replay_warmup(served, Path(request["candidate"]), pool)
+        try:
+            pngs = _serving(lambda: _encode_pngs(sample))
+            baseline_probs = _scored_ahead(request.get("baseline"), request["examples"], images)
+            if request.get("baseline"):
+                record["baseline_scored_ahead"] = baseline_probs is not None
+            if baseline_probs is None:
+                baseline_probs = _baseline_probabilities(request.get("baseline"), images)
+        finally:
+            record["warmup_records_replayed"] = warmup()  # a warmup failure first
+    return pngs, baseline_probs
 
 
 def _save(path: Path, array: np.ndarray) -> None:

@@ -347,12 +347,11 @@ def train(
 ) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
 
-    `make_train_ds(epoch, k)` gives one pass over the training data, shuffled by the value of
-    the int64 variable `epoch` (set here at the start of every epoch), each element holding k
-    batches (`data.make_train_dataset`'s `steps_per_element`): Keras iterates it afresh at every
-    epoch, so an epoch is one pass for any batch size and steps_per_execution. On one replica,
-    k is the model's steps_per_execution and the batches are split off in the graph
-    (`train_steps_in_graph`); on several, k is 1 and Keras's own multi-step loop runs.
+    `make_train_ds(epoch, k)` gives one pass over the training data, shuffled by the int64
+    variable `epoch` (set here at every epoch start), each element holding k batches: Keras
+    iterates it afresh at every epoch, so an epoch is one pass for any batch size and
+    steps_per_execution. On one replica k is the model's steps_per_execution, the batches split
+    off in the graph (`train_steps_in_graph`); on several, k is 1 (Keras's multi-step loop).
     `backup_dir`: Keras BackupAndRestore state, saved at each epoch end (never mid-epoch: a
     resumed run restarts at the epoch boundary, so no batch is trained twice), with the previous
     copy kept so a garbled latest backup falls back to it. `restore_from`: resume from that
@@ -364,36 +363,21 @@ def train(
     start_epoch = resume_epoch(backup_dir, restore_from, epochs) if backup_dir is not None else 0
     if start_epoch:
         log.info("resuming from the backup at the end of epoch %d", start_epoch)
-    # Outside the strategy's scope: a plain host variable, read by the input pipeline.
-    pass_number = tf.Variable(start_epoch, dtype=tf.int64, trainable=False, name="pass_number")
-    with strategy.scope():
-        model = build_model()
-    per_element = use_steps_in_graph(model, strategy, batch_size)
-    train_ds = make_train_ds(pass_number, per_element)
-    _prepare_for_replicas(model, strategy, train_ds)
-    build_seconds = time.perf_counter() - building
-    timer = PhaseTimer()
-    callbacks = [
-        timer,
-        PassNumber(pass_number),
-        _NanGuard(),
-        *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq, profile),
-        *(extra_callbacks or []),
-    ]
-    verbose = _console(
-        callbacks,
-        epochs,
-        verbose,
-        per_element,
-        # The steps of an epoch for a progress bar: the cardinality of the one-batch dataset
-        # (built, never iterated).
-        lambda: int(make_train_ds(pass_number, 1).cardinality()),
+    model, train_ds, per_element, pass_number = _model_and_data(
+        build_model, make_train_ds, strategy, batch_size, start_epoch
     )
-    store = compile_cache_enable(compile_cache) if compile_cache is not None else None
-    start = time.perf_counter()
-    history = _fit(model, train_ds, validation_ds, epochs, callbacks, verbose)
-    fit_seconds = time.perf_counter() - start
-    compile_cache_promote(store)
+    build_seconds = time.perf_counter() - building
+    timer, callbacks = _callbacks(
+        model, pass_number, backup_dir, tensorboard_dir, update_freq, profile, extra_callbacks
+    )
+
+    def epoch_steps() -> int:  # for a progress bar: the one-batch dataset's (never iterated)
+        return int(make_train_ds(pass_number, 1).cardinality())
+
+    verbose = _console(callbacks, epochs, verbose, per_element, epoch_steps)
+    history, fit_seconds = _timed_fit(
+        model, train_ds, validation_ds, epochs, callbacks, verbose, compile_cache
+    )
     return TrainResult(
         model=model,
         history=_whole_history(history, backup_dir, start_epoch),
@@ -402,6 +386,25 @@ def train(
         initial_epoch=start_epoch,
         phases={"model_build": build_seconds, **timer.summary()},
     )
+
+
+def _model_and_data(
+    build_model: Callable[[], keras.Model],
+    make_train_ds: Callable[[tf.Variable, int], tf.data.Dataset],
+    strategy: tf.distribute.Strategy,
+    batch_size: int,
+    start_epoch: int,
+) -> tuple[keras.Model, tf.data.Dataset, int, tf.Variable]:
+    """The model built in `strategy`'s scope, set up for its dataset elements, and the training
+    dataset: (model, dataset, batches per element, the pass-number variable it reads)."""
+    # Outside the strategy's scope: a plain host variable, read by the input pipeline.
+    pass_number = tf.Variable(start_epoch, dtype=tf.int64, trainable=False, name="pass_number")
+    with strategy.scope():
+        model = build_model()
+    per_element = use_steps_in_graph(model, strategy, batch_size)
+    train_ds = make_train_ds(pass_number, per_element)
+    _prepare_for_replicas(model, strategy, train_ds)
+    return model, train_ds, per_element, pass_number
 
 
 # The most examples one element may hold (float32 28x28: 3 KB each, ~50 MB here); tf.data keeps
@@ -554,6 +557,44 @@ class StepProgress(keras.callbacks.Callback):
         if self.bar is not None:
             self.target = self.bar.target = self._seen()
             self.bar.update(self.target, list((logs or {}).items()), finalize=True)
+
+
+def _callbacks(
+    model: keras.Model,
+    pass_number: tf.Variable,
+    backup_dir: Path | None,
+    tensorboard_dir: Path | None,
+    update_freq: int,
+    profile: tuple[int, int] | None,
+    extra: list[keras.callbacks.Callback] | None,
+) -> tuple[PhaseTimer, list[keras.callbacks.Callback]]:
+    """The phase timer (first: it times the others), and every callback of the fit."""
+    timer = PhaseTimer()
+    return timer, [
+        timer,
+        PassNumber(pass_number),
+        _NanGuard(),
+        *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq, profile),
+        *(extra or []),
+    ]
+
+
+def _timed_fit(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    validation_ds: tf.data.Dataset | None,
+    epochs: int,
+    callbacks: list[keras.callbacks.Callback],
+    verbose: int,
+    compile_cache: Path | None,
+) -> tuple[keras.callbacks.History, float]:
+    """`_fit` with XLA's compiled programs kept in `compile_cache`: (history, seconds)."""
+    store = compile_cache_enable(compile_cache) if compile_cache is not None else None
+    start = time.perf_counter()
+    history = _fit(model, train_ds, validation_ds, epochs, callbacks, verbose)
+    seconds = time.perf_counter() - start
+    compile_cache_promote(store)
+    return history, seconds
 
 
 def _fit(

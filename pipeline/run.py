@@ -119,23 +119,30 @@ def train_pipeline(
         run.timings["import_tensorflow_seconds"] = import_seconds
         stages.ingest(run)
         stages.head_starts(run)
-        outputs = _stage_outputs(run.layout)
-        for name in STAGES:
-            try:
-                stages.run_stage(run, name, getattr(stages, name), outputs[name])
-            except infra_validator.InfraValidationError as e:
-                if not isinstance(e, infra_validator.BaselineDamaged):
-                    try:
-                        finish_unvalidated(run, e)
-                    except OSError as failed:  # (a full disk): the validation's error stands
-                        log.warning("could not record the failed validation: %s", failed)
-                raise
-            stages.announce(run, name)
+        _run_stages(run)
         return finish(run)
     finally:
         validator.close()
         if run is not None and run.lock is not None:
             run.lock.close()  # the run folder is free for the next attempt
+
+
+def _run_stages(run: stages.Run) -> None:
+    """Every stage after ingest, in order; a failed infra validation ends the run recorded."""
+    from components import infra_validator
+
+    outputs = _stage_outputs(run.layout)
+    for name in STAGES:
+        try:
+            stages.run_stage(run, name, getattr(stages, name), outputs[name])
+        except infra_validator.InfraValidationError as e:
+            if not isinstance(e, infra_validator.BaselineDamaged):
+                try:
+                    finish_unvalidated(run, e)
+                except OSError as failed:  # (a full disk): the validation's error stands
+                    log.warning("could not record the failed validation: %s", failed)
+            raise
+        stages.announce(run, name)
 
 
 def _stage_outputs(layout: stages.RunLayout) -> dict[str, list[Path]]:

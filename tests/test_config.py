@@ -166,3 +166,21 @@ def test_bad_flag_and_bad_config_value_say_the_same_range():
         parser.parse_args(["train", "--validation-fraction", "1"])
     with pytest.raises(ConfigError, match=r"validation_fraction must be a number in \[0, 1\)"):
         TrainConfig(validation_fraction=1.0)
+
+
+def test_no_function_in_the_product_is_over_60_lines():
+    """Issue 13's bound on the shape of the code: a function grown past it is split into named
+    steps (pipeline, components, serving, benchmarks; tests are not bound)."""
+    import ast
+
+    from tests.helpers import ROOT
+
+    long = []
+    for folder in ("pipeline", "components", "serving", "benchmarks"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 60:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
