@@ -63,14 +63,33 @@ def _check_images(images: tf.Tensor) -> tf.Tensor:
 
 
 def _decode_image(data: tf.Tensor) -> tf.Tensor:
+    """predict_png's decoding: an opaque 28x28 image, grayscale by luminance. A transparent
+    pixel has no colour of its own: such an image (a drawing canvas's export) is refused, not
+    read with its alpha dropped (its dark digit on a transparent page would come out blank);
+    predict_image composites it as the client does (components/photo.py)."""
     image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
+    native = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+    channels = tf.shape(native)[-1]
+    alpha = native[..., tf.maximum(channels - 1, 0)]
+    opaque = tf.logical_or(
+        tf.logical_not(tf.logical_or(tf.equal(channels, 2), tf.equal(channels, 4))),
+        tf.reduce_all(tf.equal(alpha, 255)),
+    )
     shape = tf.shape(image)
     with tf.control_dependencies(
         [
             tf.debugging.Assert(
                 tf.reduce_all(tf.equal(shape[:2], IMAGE_SHAPE)),
                 ["image must be 28x28 pixels; got", shape[:2]],
-            )
+            ),
+            tf.debugging.Assert(
+                opaque,
+                [
+                    "image has transparent pixels: predict_png takes opaque 28x28 MNIST-format "
+                    "images (a light digit on black); send it to predict_image, which "
+                    "composites transparency as the client does"
+                ],
+            ),
         ]
     ):
         return tf.reshape(image, IMAGE_SHAPE)

@@ -82,6 +82,38 @@ def test_wrong_size_png_is_invalid_argument(exported):
     assert out["class_ids"].shape == [1]
 
 
+def _png(pixels, mode):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_predict_png_refuses_transparency_and_reads_opaque_colour_as_gray(exported):
+    """A canvas export (a dark digit on a transparent page, RGBA or gray+alpha) is refused by
+    predict_png with what to do, not read blank with its alpha dropped; an opaque RGB(A) image
+    is read by luminance, as before."""
+    loaded = tf.saved_model.load(str(exported))
+    digit = _images(1, seed=3)[0]
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = 255 - digit  # dark ink (black) where the digit is, transparent elsewhere
+    gray_alpha = np.stack([np.zeros_like(digit), 255 - digit], -1)
+    for blob in (_png(rgba, "RGBA"), _png(gray_alpha, "LA")):
+        with pytest.raises(
+            tf.errors.InvalidArgumentError, match="transparent pixels.*predict_image"
+        ):
+            loaded.signatures["predict_png"](image_bytes=tf.constant([blob]))
+    opaque = np.dstack([digit, digit, digit, np.full_like(digit, 255)])
+    by_png = loaded.signatures["predict_png"](
+        image_bytes=tf.constant([_png(opaque, "RGBA"), _png(opaque[..., :3], "RGB")])
+    )
+    by_array = loaded.signatures["serving_default"](images=tf.constant(np.stack([digit] * 2)))
+    np.testing.assert_allclose(by_png["probabilities"], by_array["probabilities"], rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------- gate and publish
 
 
