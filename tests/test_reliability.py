@@ -507,6 +507,61 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
     assert not [p for p in paths.models.iterdir() if p.name.startswith(exporter.TMP_PREFIX)]
 
 
+def test_disk_full_while_writing_the_warmup_file_is_exit_6_and_the_same_run_goes_on(
+    tmp_path, tiny_data, monkeypatch, capsys
+):
+    """TensorFlow's TFRecord writer (the export's warmup file) fails as it does on a full disk:
+    a ResourceExhaustedError, not an OSError. One line, exit 6, nothing published; the same
+    --run-name then goes on from the trained model (training is not redone)."""
+    import tensorflow as tf
+
+    from pipeline import cli
+
+    real_writer = tf.io.TFRecordWriter
+
+    class FullDisk:
+        def __init__(self, path, *a, **k):
+            self.path = path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, record):
+            raise tf.errors.ResourceExhaustedError(
+                None, None, f"{self.path}; No space left on device"
+            )
+
+    paths = Paths(tmp_path / "artifacts")
+    monkeypatch.setattr(
+        "pipeline.run.train_pipeline",
+        lambda config, p, run_id=None, tf_config=None: train_pipeline(
+            config.replace(**small_config(device="cpu").to_dict()),
+            paths,
+            run_id=run_id,
+            data=tiny_data,
+        ),
+    )
+    args = ["train", "--artifacts-dir", str(paths.artifacts), "--run-name", "full"]
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
+    assert cli.main(args) == cli.EXIT_PUBLISH == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: could not write or read a file: ResourceExhaustedError: ")
+    assert "tf_serving_warmup_requests; No space left on device" in err[-1]
+    assert "run the same command again with --run-name full: it goes on" in err[-1]
+    assert exporter.published_versions(paths.models) == []
+    assert not (paths.runs / "full" / "export").exists()  # no half-written export in place
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", real_writer)
+    trained = (paths.runs / "full" / "train" / "model.keras").read_bytes()
+    assert cli.main(args) == cli.EXIT_OK
+    assert exporter.published_versions(paths.models) == [1]
+    assert (paths.runs / "full" / "train" / "model.keras").read_bytes() == trained
+
+
 def test_a_validation_fraction_that_leaves_no_example_is_refused_before_the_run(
     tmp_path, tiny_data
 ):
@@ -605,6 +660,10 @@ def test_a_failed_redo_leaves_no_record_of_the_stages_after_it(tmp_path, tiny_da
     with pytest.raises(InfraValidationError):
         train_pipeline(config, paths, run_id="r", data=tiny_data)
     assert sorted(p.stem for p in records.glob("*.json")) == ["export", "train"]
+    # The failed validation finished the run, recorded; taken up again once more by hand.
+    failed = json.loads((first.run_dir / "metrics.json").read_text())["infra_validation"]
+    assert failed["passed"] is False and "injected" in failed["reason"]
+    (first.run_dir / "metrics.json").unlink()
 
     monkeypatch.undo()
     again = train_pipeline(config, paths, run_id="r", data=tiny_data)
