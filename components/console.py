@@ -18,10 +18,15 @@ import sys
 import warnings
 
 # Lines from TensorFlow's native code (absl format: I/W/E + MMDD or 0000) that say nothing a
-# user can act on. A native *error* that is not listed here still shows.
+# user can act on. A native warning or error that is not listed here still shows.
 _NATIVE_NOISE = re.compile(
     r"^WARNING: All log messages before absl::InitializeLog\(\)"
-    r"|^[IW]\d{4} "  # native INFO and WARNING lines (start-up banners, XLA, collectives)
+    r"|^I\d{4} "  # native INFO lines (start-up banners, XLA, collectives): never a warning
+    # A multi-worker job's end: the chief's coordination service polls the error of a worker
+    # that left, and a worker still heartbeating finds the finished chief gone. (The launcher
+    # reports any worker that really failed, with its exit code.)
+    r"|^W\d{4} .*coordination_service_agent.*Polled an error from coordination service"
+    r"|^E\d{4} .*StartAbort UNAVAILABLE: Failed to send RPC to coordination service"
     r"|^E\d{4} .*(failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory"
     r"|computation_placer|cuda_(platform|executor|dnn|fft|blas)"
     # Loading a kept XLA program (components/compile_cache.py): TensorFlow first tries the

@@ -176,6 +176,18 @@ def test_loading_kept_xla_programs_is_quiet_but_a_real_cpu_mismatch_shows():
     )
 
 
+def test_the_end_of_a_multi_worker_job_is_quiet_but_other_collective_errors_show():
+    from components.console import is_noise
+
+    prefix = "E0000 00:00:1795795993.635348    1812 base_collective_executor.cc:252] "
+    assert is_noise(
+        prefix + "BaseCollectiveExecutor::StartAbort UNAVAILABLE: Failed to send RPC to "
+        "coordination service. Either the leader task was preempted/died/restarted"
+    )
+    assert not is_noise(prefix + "BaseCollectiveExecutor::StartAbort INTERNAL: all-reduce failed")
+    assert not is_noise("W0000 00:00:1795795993.6 1812 allocator.cc:1] Allocation exceeds 10%")
+
+
 def test_a_dropped_native_record_takes_its_continuation_lines_but_nothing_later():
     """A multi-worker chief's coordination warning spans lines; all of it is noise. A real
     native error and Python's own output afterwards still show."""
@@ -190,6 +202,9 @@ def test_a_dropped_native_record_takes_its_continuation_lines_but_nothing_later(
         "os.write(2, b'E0000 00:00:1795724476.9 4404 some.cc:2] a real native error\\n"
         "with its second line\\n')\n"
         "time.sleep(0.3)\n"
+        "os.write(2, b'W0000 00:00:1795724477.1 4404 other.cc:3] a real native warning\\n')\n"
+        "os.write(2, b'I0000 00:00:1795724477.2 4404 port.cc:153] oneDNN custom operations\\n')\n"
+        "time.sleep(0.3)\n"
         "os.write(2, b'terminate called after throwing\\n')\n"
         "print('python says', file=sys.stderr)\n"
     )
@@ -198,8 +213,10 @@ def test_a_dropped_native_record_takes_its_continuation_lines_but_nothing_later(
     )
     lines = r.stderr.strip().splitlines()
     assert not [x for x in lines if "coordination" in x or "task:1" in x or "crashed" in x], lines
-    for kept in ("a real native error", "with its second line", "terminate called", "python says"):
-        assert any(kept in x for x in lines), (kept, lines)
+    kept = ("a real native error", "with its second line", "a real native warning")
+    for line in (*kept, "terminate called", "python says"):
+        assert any(line in x for x in lines), (line, lines)
+    assert not [x for x in lines if "oneDNN" in x], lines
 
 
 def test_out_of_memory_is_not_called_a_full_disk():
