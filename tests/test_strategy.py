@@ -259,3 +259,63 @@ def test_keras_build_still_fails_on_an_uneven_first_batch_under_mirrored_strateg
             print(json.dumps({"fails": True, "error": str(e)[:300]}))
     """)
     assert out["fails"] and "must have the same size and shape" in out["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patched", ["none", "build", "build and reduce"])
+def test_keras_still_needs_both_multi_worker_work_arounds(patched):
+    """Why both multi-worker work-arounds exist: two real workers (two processes, a
+    MultiWorkerMirroredStrategy from TF_CONFIG) fit with none of them (Keras's first-batch
+    build fails), with the build one only (reducing 0-d step logs fails), and with both (they
+    train). When an unpatched case stops failing, Keras fixed it (keras-team/keras#20585) and
+    that patch can go."""
+    from pipeline.cluster import free_ports
+
+    body = f"""
+        import os
+        if {patched!r} == "build and reduce":
+            strategy.work_around_keras_multi_worker_reduce()
+        multi = tf.distribute.MultiWorkerMirroredStrategy()
+        split = data.validate_split(make_digits(64, seed=1))
+        with multi.scope():
+            model = build_model(steps_per_execution=1, jit_compile=False)
+        if {patched!r} != "none":
+            strategy.work_around_keras_distributed_build(model, multi, 16)
+        try:
+            model.fit(data.make_train_dataset(split, 32, seed=0,
+                                              epoch=tf.Variable(0, dtype=tf.int64)),
+                      epochs=1, verbose=0)
+            print(json.dumps({{"fails": False}}), flush=True)
+        except Exception as e:
+            print(json.dumps({{"fails": True, "error": str(e)[:300]}}), flush=True)
+        os._exit(0)  # (no collective shutdown handshake: the other worker may have failed)
+    """
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={
+                **os.environ,
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": i}}
+                ),
+            },
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=300)
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    expected = {"none": "PerReplica", "build": "Invalid reduction dimension"}.get(patched)
+    if expected is None:
+        assert not any(o["fails"] for o in outs), outs
+    else:
+        assert all(o["fails"] for o in outs), outs
+        assert any(expected in o["error"] for o in outs), outs
