@@ -333,6 +333,36 @@ def ingest(run: Run) -> None:
         **_data_record(train, test, from_tfds),
         "examples": run.metrics["examples"],
     }
+    _record_ingest(run)
+
+
+def _record_ingest(run: Run) -> None:
+    """The ingest stage's record, as every stage's (stages/ingest.json): what it read (the
+    data's source and fingerprint), what it wrote, with which settings, and how long it took.
+    Ingest runs on every attempt (its splits live in memory), so it is never skipped."""
+    outputs = [run.layout.statistics, run.layout.examples]
+    config = run.config
+    run.layout.records.mkdir(parents=True, exist_ok=True)
+    write_json(
+        run.layout.records / "ingest.json",
+        {
+            "stage": "ingest",
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "seconds": round(run.timings["data_seconds"], 3),
+            "inputs": {
+                "data": run.metrics["data"],
+                "tfds_data_dir": str(run.tfds_data_dir) if run.tfds_data_dir else None,
+                "tfds_manual_dir": str(run.tfds_manual_dir) if run.tfds_manual_dir else None,
+            },
+            "settings": {
+                k: getattr(config, k)
+                for k in ("validation_fraction", "seed", "max_train_examples", "max_test_examples")
+            },
+            "outputs": [_output_key(run, p) for p in outputs],
+            "outputs_sha256": {_output_key(run, p): tree_sha256(p) for p in outputs},
+        },
+    )
+    run.stages_done.append("ingest")
 
 
 def _carve_validation(train: Any, config: TrainConfig) -> tuple[Any, Any]:

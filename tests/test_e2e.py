@@ -183,7 +183,7 @@ def _what_the_run_wrote(artifacts, run, metrics):
     timed += sum(sum(e.values()) for e in phases["epochs"])
     assert timed <= metrics["timings"]["train_seconds"]
     assert (run / "data" / "statistics.pb").stat().st_size > 0
-    for stage in ("train", "export", "validate", "gate", "publish", "report"):
+    for stage in ("ingest", "train", "export", "validate", "gate", "publish", "report"):
         record = json.loads((run / "stages" / f"{stage}.json").read_text())
         assert "seconds" in record, stage
     extra = artifacts / "models" / "mnist" / "2" / "assets.extra"

@@ -659,7 +659,7 @@ def test_a_failed_redo_leaves_no_record_of_the_stages_after_it(tmp_path, tiny_da
     monkeypatch.setattr(stages, "validate", fails)
     with pytest.raises(InfraValidationError):
         train_pipeline(config, paths, run_id="r", data=tiny_data)
-    assert sorted(p.stem for p in records.glob("*.json")) == ["export", "train"]
+    assert sorted(p.stem for p in records.glob("*.json")) == ["export", "ingest", "train"]
     # The failed validation finished the run, recorded; taken up again once more by hand.
     failed = json.loads((first.run_dir / "metrics.json").read_text())["infra_validation"]
     assert failed["passed"] is False and "injected" in failed["reason"]
