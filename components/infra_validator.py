@@ -24,6 +24,7 @@ was checked until then and how long it took.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
@@ -242,6 +243,9 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 MODEL_SERVER = "tensorflow_model_server"
+# The TF Serving release of tensorflow-serving-api in pyproject.toml: serving/serve.sh's default
+# image, which `make serve` runs (tests/test_deploy.py checks that the two agree).
+TF_SERVING_IMAGE = "tensorflow/serving:2.21.0"
 MODEL_SERVER_TIMEOUT_S = float(os.environ.get("MNIST_MODEL_SERVER_TIMEOUT_S", "120"))
 
 
@@ -253,30 +257,91 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelServer:
+    """How TF Serving is started here: the `tensorflow_model_server` binary, or its pinned
+    Docker image (what `make serve` runs too) when a Docker engine answers and has the image."""
+
+    binary: str | None = None
+    docker: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.binary or f"docker run {TF_SERVING_IMAGE}"
+
+    def argv(self, models: Path, grpc_port: int, rest_port: int, name: str) -> list[str]:
+        if self.binary:
+            return [
+                self.binary,
+                f"--port={grpc_port}",
+                f"--rest_api_port={rest_port}",
+                "--model_name=mnist",
+                f"--model_base_path={models}",
+            ]
+        assert self.docker is not None
+        return [
+            self.docker, "run", "--rm", "--name", name,
+            "-p", f"127.0.0.1:{grpc_port}:8500", "-p", f"127.0.0.1:{rest_port}:8501",
+            "-v", f"{models}:/models/mnist:ro", "-e", "MODEL_NAME=mnist", TF_SERVING_IMAGE,
+        ]  # fmt: skip
+
+    def stop(self, name: str) -> None:
+        """A container outlives its `docker run` client: remove it by name."""
+        if self.docker:
+            try:
+                subprocess.run(
+                    [self.docker, "rm", "-f", name], capture_output=True, timeout=60, check=False
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                log.warning("could not remove the container %s: %s", name, e)
+
+
+def find_model_server() -> tuple[ModelServer | None, str]:
+    """(how to start TF Serving, or None; what the record says when it is not used)."""
+    import shutil
+
+    binary = shutil.which(MODEL_SERVER)
+    if binary:
+        return ModelServer(binary=binary), ""
+    docker = shutil.which("docker")
+    only = "validated with TensorFlow's graph-level loader only"
+    if docker is None or not _succeeds([docker, "info"]):
+        return None, f"{MODEL_SERVER} not on PATH and no Docker engine answers: {only}"
+    if not _succeeds([docker, "image", "inspect", TF_SERVING_IMAGE]):
+        return None, (
+            f"{MODEL_SERVER} not on PATH; Docker answers but {TF_SERVING_IMAGE} is not pulled "
+            f"(docker pull {TF_SERVING_IMAGE} to use it): {only}"
+        )
+    return ModelServer(docker=docker), ""
+
+
+def _succeeds(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def validate_with_model_server(
-    binary: str, candidate: Path, images: np.ndarray, expected: np.ndarray
+    server_kind: ModelServer, candidate: Path, images: np.ndarray, expected: np.ndarray
 ) -> dict[str, Any]:
-    """The real server, when it is installed: start it on a copy of the staged model, wait for
+    """The real server, when it is here: start it on a copy of the staged model, wait for
     AVAILABLE, send a REST and a gRPC request, compare with the graph loader's answers, stop."""
     import shutil
     import tempfile
 
     started = time.perf_counter()
+    label = server_kind.label
     with tempfile.TemporaryDirectory(prefix="infra-") as tmp:
         shutil.copytree(candidate, Path(tmp) / "mnist" / "1")
         grpc_port, rest_port = _free_port(), _free_port()
+        name = f"mnist-infra-{os.getpid()}-{rest_port}"
         log_path = Path(tmp) / "server.log"
         with open(log_path, "w") as log_file:
             # Its own process group: stopped with everything it started, even when the
             # validating process is killed.
             server = subprocess.Popen(
-                [
-                    binary,
-                    f"--port={grpc_port}",
-                    f"--rest_api_port={rest_port}",
-                    "--model_name=mnist",
-                    f"--model_base_path={Path(tmp) / 'mnist'}",
-                ],
+                server_kind.argv(Path(tmp) / "mnist", grpc_port, rest_port, name),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -289,19 +354,20 @@ def validate_with_model_server(
             return lines[-1][:300] if lines else "(no output)"
 
         try:
-            _wait_until_available(binary, server, rest, server_log)
+            _wait_until_available(label, server, rest, server_log)
             sample, want = images[:8], expected[:8]
             rest_probs = _rest_predict(rest, sample)
             grpc_probs = _grpc_predict(grpc_port, sample)
-            for name, got in (("REST", rest_probs), ("gRPC", grpc_probs)):
+            for kind, got in (("REST", rest_probs), ("gRPC", grpc_probs)):
                 if got.shape != want.shape or float(np.abs(got - want).max()) > 1e-5:
                     raise InfraValidationError(
-                        f"{binary} answers differently over {name} than the graph loader"
+                        f"{label} answers differently over {kind} than the graph loader"
                     )
         finally:
             _stop_group(server)
+            server_kind.stop(name)
     return {
-        "binary": binary,
+        "server": label,
         "requests": ["REST", "gRPC"],
         "examples": 8,
         "seconds": round(time.perf_counter() - started, 3),
@@ -469,16 +535,12 @@ def _validate(
         passed.append(f"the other signatures on {len(sample)} examples")
     finally:
         served.close()
-    import shutil
-
-    binary = shutil.which(MODEL_SERVER)
-    record["model_server"] = (
-        validate_with_model_server(binary, candidate, images, probs)
-        if binary
-        else f"{MODEL_SERVER} not on PATH: validated with TensorFlow's graph-level loader only"
-    )
-    if binary:
-        passed.append(MODEL_SERVER)
+    server, note = find_model_server()
+    if server is not None:
+        record["model_server"] = validate_with_model_server(server, candidate, images, probs)
+        passed.append(server.label)
+    else:
+        record["model_server"] = note
     if baseline_probs is not None:
         _save(out / "baseline_probabilities.npy", baseline_probs)
         record["baseline"] = request["baseline"]

@@ -231,6 +231,9 @@ def test_serving_image_is_the_pinned_release_everywhere():
     assert container["image"] == image
     serve_sh = (ROOT / "serving" / "serve.sh").read_text()
     assert f"TF_SERVING_IMAGE=${{TF_SERVING_IMAGE:-{image}}}" in serve_sh
+    from components.infra_validator import TF_SERVING_IMAGE
+
+    assert image == TF_SERVING_IMAGE  # what infra validation runs when Docker is used
     code = "\n".join(line for line in serve_sh.splitlines() if not line.lstrip().startswith("#"))
     assert not re.search(r"\stensorflow/serving\s", code), "an unpinned image in serve.sh"
 

@@ -205,6 +205,63 @@ def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_dat
     )
 
 
+def _fake_docker(tmp_path, monkeypatch, image_pulled=True):
+    """A `docker` on PATH whose engine answers; `run` fails as a server that cannot start
+    (no Docker engine is available here); every call is logged."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "docker-calls"
+    fake = bin_dir / "docker"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'case "$1" in\n'
+        "  info|rm) exit 0 ;;\n"
+        f"  image) exit {0 if image_pulled else 1} ;;\n"
+        "  run) echo 'Failed to start server: address in use' >&2; exit 1 ;;\n"
+        "esac\n"
+        "exit 2\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_without_the_binary_the_pinned_image_runs_in_docker(tmp_path, tiny_data, monkeypatch):
+    """No tensorflow_model_server, a Docker engine with the pinned TF Serving image: the staged
+    model is served in a container (here one that fails to start: nothing is published), and
+    the container is removed afterwards."""
+    from components.infra_validator import TF_SERVING_IMAGE
+
+    calls = _fake_docker(tmp_path, monkeypatch)
+    with pytest.raises(
+        InfraValidationError,
+        match=f"docker run {TF_SERVING_IMAGE} exited with code 1 before serving: Failed to start",
+    ):
+        _run(tmp_path, tiny_data)
+    _nothing_published(
+        tmp_path, passed=("load", "serving_default on all", "warmup", "the other signatures")
+    )
+    lines = calls.read_text().splitlines()
+    (run,) = [line.split() for line in lines if line.startswith("run ")]
+    assert run[-1] == TF_SERVING_IMAGE and "MODEL_NAME=mnist" in run
+    assert any(a.endswith("/mnist:/models/mnist:ro") for a in run)
+    name = run[run.index("--name") + 1]
+    assert lines[-1] == f"rm -f {name}"  # the container is removed, whatever happened
+
+
+def test_docker_without_the_pinned_image_is_not_used(tmp_path, tiny_data, monkeypatch):
+    """A Docker engine without the TF Serving image: no pull during a run (minutes, network);
+    the run is validated with the graph loader and the record says how to use Docker."""
+    calls = _fake_docker(tmp_path, monkeypatch, image_pulled=False)
+    result = _run(tmp_path, tiny_data)
+    assert (
+        "is not pulled (docker pull tensorflow/serving:2.21.0"
+        in (result.metrics["infra_validation"]["model_server"])
+    )
+    assert not [line for line in calls.read_text().splitlines() if line.startswith("run ")]
+
+
 def test_a_later_run_has_its_baseline_scored_while_it_trains(tmp_path, tiny_data):
     first = _run(tmp_path, tiny_data, "r1")
     assert "baseline_scored_ahead" not in first.metrics["infra_validation"]  # no baseline
