@@ -67,13 +67,15 @@ def _decode_image(data: tf.Tensor) -> tf.Tensor:
     pixel has no colour of its own: such an image (a drawing canvas's export) is refused, not
     read with its alpha dropped (its dark digit on a transparent page would come out blank);
     predict_image composites it as the client does (components/photo.py)."""
+    from components.photo import decode_png_rgba
+
     image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
-    native = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
-    channels = tf.shape(native)[-1]
-    alpha = native[..., tf.maximum(channels - 1, 0)]
-    opaque = tf.logical_or(
-        tf.logical_not(tf.logical_or(tf.equal(channels, 2), tf.equal(channels, 4))),
-        tf.reduce_all(tf.equal(alpha, 255)),
+    # A PNG's transparency: an alpha channel, or a tRNS colour of a gray, RGB or palette image
+    # (decoded to RGBA as predict_image decodes it). TensorFlow's GIF decoder has none.
+    opaque = tf.cond(
+        tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n"),
+        lambda: tf.reduce_all(tf.equal(decode_png_rgba(data)[..., 3], 255)),
+        lambda: tf.constant(True),
     )
     shape = tf.shape(image)
     with tf.control_dependencies(

@@ -186,7 +186,7 @@ def _decode_gray(data: tf.Tensor) -> tf.Tensor:
             tf.cond(
                 tf.equal(fmt, 4),
                 lambda: tf.io.decode_bmp(data, channels=4),
-                lambda: _decode_png_rgba(data),
+                lambda: decode_png_rgba(data),
             )
         )
 
@@ -259,7 +259,7 @@ def _checked(image: tf.Tensor) -> tf.Tensor:
         return tf.identity(image)
 
 
-def _decode_png_rgba(data: tf.Tensor) -> tf.Tensor:
+def decode_png_rgba(data: tf.Tensor) -> tf.Tensor:
     """uint8 RGBA of a PNG. TensorFlow (2.21) fills the alpha of a grayscale or palette PNG of
     1, 2 or 4 bits per pixel with no transparency (fully opaque) with 1, 3 or 15 instead of 255,
     which would make a bilevel scan, or a drawing saved with a 2- or 4-colour palette, nearly

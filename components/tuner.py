@@ -147,11 +147,11 @@ class NoValidationSplit(ValueError):
 
 
 def _environment_errors() -> tuple[type[BaseException], ...]:
-    """What the machine, not a trial's hyperparameters, causes: a full disk (Python's OSError,
-    TensorFlow's file errors), no memory. Retrying the next trial cannot help."""
+    """What the disk, not a trial's hyperparameters, causes: Python's OSError and TensorFlow's
+    file errors (a full disk, a file that cannot be read). Retrying the next trial cannot help.
+    Running out of memory is not one: a large trial fails, a smaller one may fit."""
     return (
         OSError,
-        MemoryError,
         tf.errors.ResourceExhaustedError,
         tf.errors.DataLossError,
         tf.errors.PermissionDeniedError,
@@ -168,6 +168,8 @@ def _fatal_on_environment(call: Any) -> Any:
         try:
             return call(*args, **kwargs)
         except _environment_errors() as e:
+            if isinstance(e, tf.errors.ResourceExhaustedError) and "OOM" in (e.message or ""):
+                raise  # out of memory in this trial (TensorFlow's same error class)
             raise kt.errors.FatalError(str(e)) from e
 
     return wrapped
@@ -299,7 +301,7 @@ def tune(
         pass
     except kt.errors.FatalError as e:
         if isinstance(e.__cause__, _environment_errors()):
-            raise e.__cause__ from None  # the disk or memory: the CLI says which, exit 6 or 7
+            raise e.__cause__ from None  # the disk: the CLI says which file, exit 6
         raise
     if tuner.stop_reason == "the algorithm finished its schedule":
         tuner.stop_reason = _why_the_schedule_ended(tuner, config)

@@ -465,7 +465,7 @@ def map_error(
 
     from components.data import DataDiskFull, DataError
     from components.exporter import PublishError
-    from components.infra_validator import InfraValidationError
+    from components.infra_validator import BaselineDamaged, InfraValidationError
     from components.strategy import DeviceError
     from components.trainer import BackupError, TrainingDiverged
     from pipeline.stages import ArtifactError, RunStateError
@@ -480,8 +480,15 @@ def map_error(
         return EXIT_DATA, f"data: {e}"
     if isinstance(e, TrainingDiverged):
         return EXIT_DIVERGED, f"training: {e}; nothing was published"
-    if isinstance(e, InfraValidationError):
+    if isinstance(e, BaselineDamaged):
         return EXIT_INFRA, f"infra validation: {e}; nothing was published"
+    if isinstance(e, InfraValidationError):
+        again = f" --run-name {run_id}" if run_id else ""
+        return EXIT_INFRA, (
+            f"infra validation: {e}; nothing was published (recorded in the run's "
+            f"metrics.json; the same command with{again or ' the same --run-name'} validates "
+            f"again, without retraining)"
+        )
     if isinstance(e, PublishError):
         return EXIT_PUBLISH, f"publish: {e}"
     if isinstance(e, ArtifactError):

@@ -139,7 +139,7 @@ def _run_stages(run: stages.Run) -> None:
             if not isinstance(e, infra_validator.BaselineDamaged):
                 try:
                     finish_unvalidated(run, e)
-                except OSError as failed:  # (a full disk): the validation's error stands
+                except (OSError, stages.ArtifactError) as failed:  # the validation's error stands
                     log.warning("could not record the failed validation: %s", failed)
             raise
         stages.announce(run, name)
@@ -182,27 +182,47 @@ def _train_as_worker(
 def worker_scratch(workers: Path, name: str) -> tuple[Path, Any]:
     """A non-chief worker's scratch folder `workers`/`name`, and the open file whose lock
     (held until closed) says its worker is alive. Folders whose lock is free (their worker was
-    killed: the kernel released it) are removed first, whatever run they belong to."""
-    import fcntl
+    killed: the kernel released it) are removed first, whatever run they belong to. Sweeping
+    and creating happen under one lock beside `workers`, so two workers starting at once (a
+    cluster restarted) never remove each other's folder."""
     import tempfile
 
     workers.mkdir(parents=True, exist_ok=True)
-    for folder in workers.iterdir():
-        try:
-            with open(folder / ".lock", "r+") as probe:
-                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                log.info("removing the scratch folder a killed worker left: %s", folder)
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # alive (locked), or not a worker's folder: left alone
-            continue
-    # Made under a temporary name with its lock held, then renamed: never seen unlocked.
-    fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=workers))
-    lock = open(fresh / ".lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    scratch = workers / name
-    shutil.rmtree(scratch, ignore_errors=True)  # the same task's, started again
-    os.replace(fresh, scratch)
+    with open(workers.with_name(f"{workers.name}.lock"), "w") as sweep:
+        _flock(sweep, blocking=True)
+        for folder in workers.iterdir():
+            if folder.name.startswith("."):
+                continue  # (nothing of ours: every scratch folder is renamed into place)
+            try:
+                with open(folder / ".lock", "r+") as probe:
+                    if _flock(probe, blocking=False):
+                        log.info("removing the scratch folder a killed worker left: %s", folder)
+                        shutil.rmtree(folder, ignore_errors=True)
+            except OSError:  # not a worker's folder: left alone
+                continue
+        # Made under a temporary name with its lock held, then renamed into place.
+        fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=workers))
+        lock = open(fresh / ".lock", "w")
+        _flock(lock, blocking=True)
+        scratch = workers / name
+        shutil.rmtree(scratch, ignore_errors=True)  # the same task's, started again
+        os.replace(fresh, scratch)
     return scratch, lock
+
+
+def _flock(handle: Any, blocking: bool) -> bool:
+    """An exclusive lock on `handle`: True when taken. Where the file system has no locks
+    (ENOLCK), False: a folder whose lock cannot be taken is never taken for a dead worker's."""
+    import errno
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        return False
 
 
 def _train_in_scratch(
@@ -258,7 +278,8 @@ def finish(run: stages.Run) -> RunResult:
 def finish_unvalidated(run: stages.Run, error: Exception) -> None:
     """A staged model that failed its infra validation: the run ends unpublished, and its
     metrics.json says what was checked, what failed and how long it took (no report: there are
-    no served predictions to report on; runs/latest keeps pointing at the last reported run)."""
+    no served predictions to report on; runs/latest keeps pointing at the last reported run).
+    The same --run-name takes it up again (stages.failed_validation)."""
     run.timings["pipeline_seconds"] = time.perf_counter() - run.started
     reason = str(error)
     run.metrics.update(

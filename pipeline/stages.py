@@ -221,13 +221,24 @@ class RunStateError(RuntimeError):
     """A named run cannot be resumed as asked (finished, or started with another config)."""
 
 
+def failed_validation(run_dir: Path) -> bool:
+    """Whether the run ended at a failed infra validation (its metrics.json says so): such a
+    run is taken up again by the same --run-name (the validation is redone, not training: a
+    timeout or a model server that did not start need not be the model's fault)."""
+    try:
+        infra = json.loads((run_dir / "metrics.json").read_text()).get("infra_validation")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(infra, dict) and infra.get("passed") is False
+
+
 def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any]) -> bool:
     """Create the run dir, or check that an existing one can be resumed. True when resuming."""
     if not run_dir.exists():
         run_dir.mkdir(parents=True)
         config.to_json(run_dir / "config.json", effective)
         return False
-    if (run_dir / "metrics.json").exists():
+    if (run_dir / "metrics.json").exists() and not failed_validation(run_dir):
         raise RunStateError(
             f"run {run_dir.name} already finished ({run_dir}); pick another --run-name"
         )
@@ -783,12 +794,15 @@ def _photo_expectation(model: Any, images: np.ndarray) -> Any:
     from components.photo import normalize_photos
 
     def expect() -> np.ndarray | str:
-        pngs = [tf.io.encode_png(image[..., None]).numpy() for image in images]
-        try:
-            normalized = normalize_photos(tf.constant(pngs)).numpy()
-        except tf.errors.InvalidArgumentError as e:
-            return (e.message or str(e)).strip().splitlines()[0]
-        return evaluator.predict_with_loss(model, normalized, None)[0]
+        # On the CPU, as the validating process serves it (a GPU's float rounding could move
+        # a threshold of the normalisation and crop a pixel differently).
+        with tf.device("/CPU:0"):
+            pngs = [tf.io.encode_png(image[..., None]).numpy() for image in images]
+            try:
+                normalized = normalize_photos(tf.constant(pngs)).numpy()
+            except tf.errors.InvalidArgumentError as e:
+                return (e.message or str(e)).strip().splitlines()[0]
+            return evaluator.predict_with_loss(model, normalized, None)[0]
 
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="photo-check")
     future = pool.submit(expect)
@@ -994,7 +1008,7 @@ def report_sections(layout: RunLayout, metrics: dict[str, Any]) -> dict[str, tup
     try:
         text = statistics.table(statistics.read(layout.statistics))
         sections["statistics"] = ("Data statistics (what the run read, per split)", text)
-    except (OSError, DecodeError) as e:
+    except (OSError, DecodeError, KeyError, IndexError, ValueError) as e:  # (parsed, not ours)
         log.warning("report: the data statistics cannot be read (%s): left out", e)
     published = metrics.get("published_path")
     if published:

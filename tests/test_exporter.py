@@ -82,13 +82,13 @@ def test_wrong_size_png_is_invalid_argument(exported):
     assert out["class_ids"].shape == [1]
 
 
-def _png(pixels, mode):
+def _png(pixels, mode, **options):
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode=mode).save(buf, format="PNG")
+    Image.fromarray(pixels, mode=mode).save(buf, format="PNG", **options)
     return buf.getvalue()
 
 
@@ -101,7 +101,8 @@ def test_predict_png_refuses_transparency_and_reads_opaque_colour_as_gray(export
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., 3] = 255 - digit  # dark ink (black) where the digit is, transparent elsewhere
     gray_alpha = np.stack([np.zeros_like(digit), 255 - digit], -1)
-    for blob in (_png(rgba, "RGBA"), _png(gray_alpha, "LA")):
+    trns = _png(np.where(digit > 128, 255, 0).astype(np.uint8), "L", transparency=0)
+    for blob in (_png(rgba, "RGBA"), _png(gray_alpha, "LA"), trns):
         with pytest.raises(
             tf.errors.InvalidArgumentError, match="transparent pixels.*predict_image"
         ):

@@ -224,6 +224,7 @@ def _fake_docker(tmp_path, monkeypatch, image_pulled=True):
     )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MNIST_INFRA_DOCKER", "1")
     return calls
 
 
@@ -248,6 +249,14 @@ def test_without_the_binary_the_pinned_image_runs_in_docker(tmp_path, tiny_data,
     assert any(a.endswith("/mnist:/models/mnist:ro") for a in run)
     name = run[run.index("--name") + 1]
     assert lines[-1] == f"rm -f {name}"  # the container is removed, whatever happened
+
+
+def test_docker_is_used_only_when_asked(tmp_path, tiny_data, monkeypatch):
+    calls = _fake_docker(tmp_path, monkeypatch)
+    monkeypatch.delenv("MNIST_INFRA_DOCKER")
+    result = _run(tmp_path, tiny_data)
+    assert "MNIST_INFRA_DOCKER=1 validates in" in result.metrics["infra_validation"]["model_server"]
+    assert not calls.exists()  # docker was not even asked
 
 
 def test_docker_without_the_pinned_image_is_not_used(tmp_path, tiny_data, monkeypatch):
@@ -278,8 +287,14 @@ def test_a_later_run_has_its_baseline_scored_while_it_trains(tmp_path, tiny_data
     )
 
 
-def test_infra_validation_failure_is_exit_8():
-    assert cli.map_error(InfraValidationError("x"))[0] == cli.EXIT_INFRA == 8
+def test_infra_validation_failure_is_exit_8_and_says_how_to_validate_again():
+    from components.infra_validator import BaselineDamaged
+
+    code, message = cli.map_error(InfraValidationError("x"), "r7")
+    assert code == cli.EXIT_INFRA == 8
+    assert "the same command with --run-name r7 validates again, without retraining" in message
+    code, message = cli.map_error(BaselineDamaged("the baseline is damaged"), "r7")
+    assert code == 8 and "validates again" not in message
 
 
 def test_every_signature_says_when_it_is_unsure(tmp_path, tiny_data):
