@@ -88,6 +88,7 @@ class Run:
     stages_done: list[str] = dataclasses.field(default_factory=list)  # kept or run, this attempt
     lock: Any = None  # the open run-folder lock, held until the process ends
     early_figures: Any = None  # a Future: the report's figures, drawn during the validation
+    photo_expected: Any = None  # a Future: the trained model on predict_image's sample
     timings: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -669,6 +670,10 @@ def export(run: Run) -> dict[str, Any]:
 
     tmp = run.layout.export.with_name(".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
+    # A head start for the validation, on the core the export leaves idle.
+    run.photo_expected = _photo_expectation(
+        run.keras_model(), run.splits["test"].images[:PHOTO_SAMPLE]
+    )
     exporter.export_saved_model(
         run.keras_model(), tmp, uncertainty=read_json(run.layout.calibration)
     )
@@ -717,8 +722,11 @@ def validate(run: Run) -> dict[str, Any]:
     baseline = exporter.latest_version_dir(run.models)
     _check_baseline(baseline)
     test = run.splits["test"]
-    # Meanwhile (the trainer only waits): the trained model on the photo signature's sample.
-    photo_expected = _photo_expectation(run.keras_model(), test.images[:PHOTO_SAMPLE])
+    # Begun during the export (else now, while the trainer only waits): the trained model on
+    # the photo signature's sample.
+    photo_expected = run.photo_expected or _photo_expectation(
+        run.keras_model(), test.images[:PHOTO_SAMPLE]
+    )
     record = run.validator.validate(
         run.layout.export,
         run.layout.examples,
