@@ -63,38 +63,54 @@ def _check_images(images: tf.Tensor) -> tf.Tensor:
 
 
 def _decode_image(data: tf.Tensor) -> tf.Tensor:
-    """predict_png's decoding: an opaque 28x28 image, grayscale by luminance. A transparent
-    pixel has no colour of its own: such an image (a drawing canvas's export) is refused, not
-    read with its alpha dropped (its dark digit on a transparent page would come out blank);
-    predict_image composites it as the client does (components/photo.py)."""
-    from components.photo import decode_png_rgba
-
+    """predict_png's decoding of one image: 28x28, grayscale by luminance."""
     image = tf.io.decode_image(data, channels=1, dtype=tf.uint8, expand_animations=False)
-    # A PNG's transparency: an alpha channel, or a tRNS colour of a gray, RGB or palette image
-    # (decoded to RGBA as predict_image decodes it). TensorFlow's GIF decoder has none.
-    opaque = tf.cond(
-        tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n"),
-        lambda: tf.reduce_all(tf.equal(decode_png_rgba(data)[..., 3], 255)),
-        lambda: tf.constant(True),
-    )
     shape = tf.shape(image)
     with tf.control_dependencies(
         [
             tf.debugging.Assert(
                 tf.reduce_all(tf.equal(shape[:2], IMAGE_SHAPE)),
                 ["image must be 28x28 pixels; got", shape[:2]],
-            ),
-            tf.debugging.Assert(
-                opaque,
-                [
-                    "image has transparent pixels: predict_png takes opaque 28x28 MNIST-format "
-                    "images (a light digit on black); send it to predict_image, which "
-                    "composites transparency as the client does"
-                ],
-            ),
+            )
         ]
     ):
         return tf.reshape(image, IMAGE_SHAPE)
+
+
+def _opaque(image_bytes: tf.Tensor) -> tf.Tensor:
+    """An Assert that no image of the batch has transparent pixels. A transparent pixel has no
+    colour of its own: such an image (a drawing canvas's export) is refused by predict_png, not
+    read with its alpha dropped (a dark digit on a transparent page would come out blank);
+    predict_image composites it as the client does (components/photo.py).
+
+    Only a PNG whose header allows transparency (an alpha channel: colour type 4 or 6; or a
+    tRNS chunk) is decoded again, as RGBA (as predict_image decodes it), to look at its alpha:
+    the usual opaque grayscale PNG costs two string tests, for the whole batch at once.
+    (TensorFlow's GIF decoder has no transparency; BMP and JPEG have none it reads.)"""
+    from components.photo import decode_png_rgba
+
+    png = tf.equal(tf.strings.substr(image_bytes, 0, 8), b"\x89PNG\r\n\x1a\n")
+    colour = tf.strings.substr(image_bytes, 25, 1)  # the IHDR's colour type
+    may = tf.logical_and(
+        png,
+        tf.logical_or(
+            tf.logical_or(tf.equal(colour, b"\x04"), tf.equal(colour, b"\x06")),
+            tf.strings.regex_full_match(image_bytes, r"\C*tRNS\C*"),  # \C: any byte
+        ),
+    )
+    opaque = tf.map_fn(
+        lambda data: tf.reduce_all(tf.equal(decode_png_rgba(data)[..., 3], 255)),
+        tf.boolean_mask(image_bytes, may),
+        fn_output_signature=tf.bool,
+    )
+    return tf.debugging.Assert(
+        tf.reduce_all(opaque),
+        [
+            "image has transparent pixels: predict_png takes opaque 28x28 MNIST-format images "
+            "(a light digit on black); send it to predict_image, which composites transparency "
+            "as the client does"
+        ],
+    )
 
 
 def build_export_archive(
@@ -126,7 +142,8 @@ def build_export_archive(
         images = tf.map_fn(
             _decode_image, image_bytes, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8)
         )
-        return predict(images)
+        with tf.control_dependencies([_opaque(image_bytes)]):
+            return predict(tf.identity(images))
 
     from components.photo import normalize_photos
 
