@@ -794,8 +794,6 @@ def _photo_expectation(model: Any, images: np.ndarray) -> Any:
     """A future: the trained model's probabilities on `images` as predict_image sees them
     (PNG-encoded, normalised by components.photo.normalize_photos, the function inside that
     signature), or the refusal's text when that normalisation refuses them."""
-    import concurrent.futures
-
     import tensorflow as tf
 
     from components import evaluator
@@ -812,8 +810,15 @@ def _photo_expectation(model: Any, images: np.ndarray) -> Any:
                 return (e.message or str(e)).strip().splitlines()[0]
             return evaluator.predict_with_loss(model, normalized, None)[0]
 
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="photo-check")
-    future = pool.submit(expect)
+    return _in_background(expect, "photo-check")
+
+
+def _in_background(call: Callable[[], Any], name: str) -> Any:
+    """`call()` on a thread of its own: its Future (a head start the caller collects later)."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(call)
     pool.shutdown(wait=False)
     return future
 
@@ -943,7 +948,6 @@ def _draw_figures_early(run: Run) -> None:
     validating process has written them, while it replays the warmup and scores the baseline:
     the one stretch of a run where the trainer only waits. `report` uses them only if they were
     drawn from exactly the predictions it reads."""
-    import concurrent.futures
     import hashlib
 
     from components import evaluator
@@ -959,9 +963,7 @@ def _draw_figures_early(run: Run) -> None:
         figures = report_lib.build_figures(predictions, {"confusion_matrix": confusion}, history)
         return hashlib.sha256(served.tobytes()).hexdigest(), figures
 
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="figures")
-    run.early_figures = pool.submit(draw)
-    pool.shutdown(wait=False)
+    run.early_figures = _in_background(draw, "figures")
 
 
 def _figures_drawn_from(run: Run, predictions: dict[str, np.ndarray]) -> Any:
