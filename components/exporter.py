@@ -77,6 +77,15 @@ def _decode_image(data: tf.Tensor) -> tf.Tensor:
         return tf.reshape(image, IMAGE_SHAPE)
 
 
+def _decode_pngs(image_bytes: tf.Tensor) -> tf.Tensor:
+    """predict_png's images: uint8 [N, 28, 28], each decoded alone, none transparent."""
+    images = tf.map_fn(
+        _decode_image, image_bytes, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8)
+    )
+    with tf.control_dependencies([_opaque(image_bytes)]):
+        return tf.identity(images)
+
+
 def _opaque(image_bytes: tf.Tensor) -> tf.Tensor:
     """An Assert that no image of the batch has transparent pixels. A transparent pixel has no
     colour of its own: such an image (a drawing canvas's export) is refused by predict_png, not
@@ -139,11 +148,7 @@ def build_export_archive(
         return predict(_check_images(images))
 
     def serve_png(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(
-            _decode_image, image_bytes, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8)
-        )
-        with tf.control_dependencies([_opaque(image_bytes)]):
-            return predict(tf.identity(images))
+        return predict(_decode_pngs(image_bytes))
 
     from components.photo import normalize_photos
 

@@ -717,7 +717,6 @@ def validate(run: Run) -> dict[str, Any]:
     """Infra validation and evaluation of the *exported* model, and the baseline's, in the
     validating process; the served outputs must match the trained Keras model's."""
     from components import evaluator, exporter
-    from components.infra_validator import InfraValidationError
 
     baseline = exporter.latest_version_dir(run.models)
     _check_baseline(baseline)
@@ -736,20 +735,8 @@ def validate(run: Run) -> dict[str, Any]:
         on_probabilities=lambda: _draw_figures_early(run),
     )
     served = np.load(run.layout.served)
-    trained, losses = evaluator.predict_with_loss(run.keras_model(), test.images, test.labels)
-    # float32 on the CPU on both sides: 1e-5. A model trained on a GPU (TF32 matmuls, float16
-    # under mixed precision) is served on the CPU here, so its tolerance is wider, and a class
-    # may flip only where the trained model's top two probabilities are within it.
-    tolerance = 1e-5 if run.effective.device == "cpu" else 2e-3
-    differs, gap = _disagreement(served, trained, tolerance)
-    record.update(max_abs_difference_vs_trained_model=gap, tolerance=tolerance)
-    if differs or gap > tolerance:
-        raise InfraValidationError(
-            f"the exported model disagrees with the trained model: {differs} different "
-            f"classes, probabilities up to {gap:.2e} apart (tolerance {tolerance:g})",
-            record,
-        )
-    _check_photo_signature(run, record, photo_expected.result(), tolerance)
+    losses = _check_served_as_trained(run, record, served)
+    _check_photo_signature(run, record, photo_expected.result(), _tolerance(run))
     calibration = read_json(run.layout.calibration)
     threshold = calibration["threshold"]
     metrics = {
@@ -776,6 +763,33 @@ def validate(run: Run) -> dict[str, Any]:
         },
         "metrics": metrics,
     }
+
+
+def _tolerance(run: Run) -> float:
+    """float32 on the CPU on both sides: 1e-5. A model trained on a GPU (TF32 matmuls, float16
+    under mixed precision) is served on the CPU here, so its tolerance is wider, and a class
+    may flip only where the trained model's top two probabilities are within it."""
+    return 1e-5 if run.effective.device == "cpu" else 2e-3
+
+
+def _check_served_as_trained(run: Run, record: dict[str, Any], served: np.ndarray) -> Any:
+    """The served probabilities of the test split must be the trained model's (within the
+    tolerance); returns the trained model's per-example losses (Keras's, for test_loss)."""
+    from components import evaluator
+    from components.infra_validator import InfraValidationError
+
+    test = run.splits["test"]
+    trained, losses = evaluator.predict_with_loss(run.keras_model(), test.images, test.labels)
+    tolerance = _tolerance(run)
+    differs, gap = _disagreement(served, trained, tolerance)
+    record.update(max_abs_difference_vs_trained_model=gap, tolerance=tolerance)
+    if differs or gap > tolerance:
+        raise InfraValidationError(
+            f"the exported model disagrees with the trained model: {differs} different "
+            f"classes, probabilities up to {gap:.2e} apart (tolerance {tolerance:g})",
+            record,
+        )
+    return losses
 
 
 # Test examples sent through predict_png and predict_image by the infra validation.
