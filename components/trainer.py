@@ -375,7 +375,7 @@ def train(
         return int(make_train_ds(pass_number, 1).cardinality())
 
     verbose = _console(callbacks, epochs, verbose, per_element, epoch_steps)
-    history, fit_seconds = _timed_fit(
+    history, fit_seconds = _fit(
         model, train_ds, validation_ds, epochs, callbacks, verbose, compile_cache
     )
     return TrainResult(
@@ -579,24 +579,6 @@ def _callbacks(
     ]
 
 
-def _timed_fit(
-    model: keras.Model,
-    train_ds: tf.data.Dataset,
-    validation_ds: tf.data.Dataset | None,
-    epochs: int,
-    callbacks: list[keras.callbacks.Callback],
-    verbose: int,
-    compile_cache: Path | None,
-) -> tuple[keras.callbacks.History, float]:
-    """`_fit` with XLA's compiled programs kept in `compile_cache`: (history, seconds)."""
-    store = compile_cache_enable(compile_cache) if compile_cache is not None else None
-    start = time.perf_counter()
-    history = _fit(model, train_ds, validation_ds, epochs, callbacks, verbose)
-    seconds = time.perf_counter() - start
-    compile_cache_promote(store)
-    return history, seconds
-
-
 def _fit(
     model: keras.Model,
     train_ds: tf.data.Dataset,
@@ -604,9 +586,13 @@ def _fit(
     epochs: int,
     callbacks: list[keras.callbacks.Callback],
     verbose: int,
-) -> keras.callbacks.History:
+    compile_cache: Path | None = None,
+) -> tuple[keras.callbacks.History, float]:
+    """Keras `fit`, with XLA's compiled programs kept in `compile_cache`: (history, seconds)."""
+    store = compile_cache_enable(compile_cache) if compile_cache is not None else None
+    start = time.perf_counter()
     try:
-        return model.fit(
+        history = model.fit(
             train_ds,
             validation_data=validation_ds,
             epochs=epochs,
@@ -622,6 +608,9 @@ def _fit(
             if close is not None:
                 close()
         raise
+    seconds = time.perf_counter() - start
+    compile_cache_promote(store)
+    return history, seconds
 
 
 def _prepare_for_replicas(

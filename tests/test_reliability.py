@@ -469,15 +469,9 @@ def test_gpu_demanded_without_gpu_is_a_usage_error(tmp_path):
 # ---------------------------------------------------------------- 10: disk full
 
 
-def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, monkeypatch, capsys):
-    from components import report
-    from pipeline import cli
-    from pipeline import run as pipeline_run
-
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(report, "write_report", full)
+def _small_cli_runs(tmp_path, tiny_data, monkeypatch):
+    """`python -m pipeline train` in-process, each run on tiny_data at the small config; the
+    artifacts' Paths."""
     paths = Paths(tmp_path / "artifacts")
     monkeypatch.setattr(
         "pipeline.run.train_pipeline",
@@ -488,6 +482,19 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
             data=tiny_data,
         ),
     )
+    return paths
+
+
+def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, monkeypatch, capsys):
+    from components import report
+    from pipeline import cli
+    from pipeline import run as pipeline_run
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full)
+    paths = _small_cli_runs(tmp_path, tiny_data, monkeypatch)
     ids = []
     real_new_run_id = pipeline_run.new_run_id
     monkeypatch.setattr(
@@ -534,16 +541,7 @@ def test_disk_full_while_writing_the_warmup_file_is_exit_6_and_the_same_run_goes
                 None, None, f"{self.path}; No space left on device"
             )
 
-    paths = Paths(tmp_path / "artifacts")
-    monkeypatch.setattr(
-        "pipeline.run.train_pipeline",
-        lambda config, p, run_id=None, tf_config=None: train_pipeline(
-            config.replace(**small_config(device="cpu").to_dict()),
-            paths,
-            run_id=run_id,
-            data=tiny_data,
-        ),
-    )
+    paths = _small_cli_runs(tmp_path, tiny_data, monkeypatch)
     args = ["train", "--artifacts-dir", str(paths.artifacts), "--run-name", "full"]
     monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
     assert cli.main(args) == cli.EXIT_PUBLISH == 6
