@@ -183,12 +183,16 @@ def worker_scratch(workers: Path, name: str) -> tuple[Path, Any]:
     """A non-chief worker's scratch folder `workers`/`name`, and the open file whose lock
     (held until closed) says its worker is alive. Folders whose lock is free (their worker was
     killed: the kernel released it) are removed first, whatever run they belong to. Sweeping
-    and creating happen under one lock beside `workers`, so two workers starting at once (a
-    cluster restarted) never remove each other's folder."""
+    and creating happen under one lock, so two workers starting at once (a cluster
+    restarted) never remove each other's folder."""
+    import hashlib
     import tempfile
 
     workers.mkdir(parents=True, exist_ok=True)
-    with open(workers.with_name(f"{workers.name}.lock"), "w") as sweep:
+    # (in the temporary folder, named after `workers`: the artifacts folder keeps no lock file;
+    # the processes this serialises are on one host, as flock's locks are)
+    key = hashlib.sha256(str(workers.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mnist-workers-{key}.lock", "w") as sweep:
         _flock(sweep, blocking=True)
         for folder in workers.iterdir():
             if folder.name.startswith("."):
