@@ -454,6 +454,47 @@ def evaluate(signature: Any, photos: list[Photo], batch_size: int = 32) -> dict[
     }
 
 
+def through_client(model_dir: Path, photos: list[Photo]) -> dict[str, Any]:
+    """The photos as a user sends them: written as files, then `python -m serving predict FILES
+    --local MODEL --json` in its own process (what `make predict IMAGE=...` runs: the client
+    reads them, applies EXIF orientation, and sends them to predict_image). A photo the model
+    refuses counts as wrong and flagged, as in `evaluate`."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="photos-") as tmp:
+        files = []
+        for i, (data, label, _) in enumerate(photos):
+            suffix = ".jpg" if data[:2] == b"\xff\xd8" else ".png"
+            path = Path(tmp) / f"{i:04d}-{label}{suffix}"
+            path.write_bytes(data)
+            files.append(path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "serving", "predict", *map(str, files), "--local",
+             str(model_dir), "--json"],
+            cwd=ROOT, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    if proc.returncode not in (0, 2) or not proc.stdout.strip():
+        raise RuntimeError(f"the client failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    answer = json.loads(proc.stdout)
+    rows = {row["input"]: row for row in answer["predictions"]}
+    right, flagged = [], []
+    for path, (_, label, _) in zip(files, photos):
+        row = rows.get(path.name)
+        right.append(row is not None and row["digit"] == label)
+        flagged.append(row is None or bool(row["uncertain"]))
+    wrong = [f for r, f in zip(right, flagged) if not r]
+    correct = [f for r, f in zip(right, flagged) if r]
+    return {
+        "photos": len(photos),
+        "correct": int(sum(right)),
+        "accuracy": float(np.mean(right)),
+        "refused": len(answer.get("refused", [])),
+        "mistakes_flagged": float(np.mean(wrong)) if wrong else None,
+        "correct_flagged": float(np.mean(correct)) if correct else None,
+    }
+
+
 def _flags(out: Any, n: int) -> list[bool]:
     if "uncertain" not in out:
         return [False] * n
@@ -618,6 +659,7 @@ def _measure(
     start = time.perf_counter()
     result = evaluate(signature, photos)
     result["predict_seconds"] = time.perf_counter() - start
+    result["through_client"] = through_client(args.model_dir, photos)
     result["clean_28x28_accuracy_serving_default"] = clean_accuracy(model, digits, labels)
     same = _test_indices(photos)
     result["same_digits_clean_accuracy"] = clean_accuracy(model, digits[same], labels[same])
@@ -665,6 +707,12 @@ def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
             f"flagged uncertain: {result['mistakes_flagged']:.0%} of the wrong answers (refusals "
             f"included), {result['correct_flagged']:.1%} of the right ones"
         )
+    client = result["through_client"]
+    print(
+        f"the same photos as files through the client (python -m serving predict ... --local, "
+        f"as make predict runs it): {client['correct']}/{client['photos']} right = "
+        f"{client['accuracy']:.1%} ({client['refused']} refused)"
+    )
     print(
         f"the same {n} digits as clean 28x28 arrays through serving_default: "
         f"{result['same_digits_clean_accuracy']:.1%} (the model's own ceiling here)"

@@ -342,7 +342,7 @@ def test_photos_of_real_test_digits_are_read_by_a_model_trained_one_epoch(tmp_pa
     real MNIST test digits (benchmarks.photos, seed 0) through predict_image."""
     import keras
 
-    from benchmarks.photos import generate, load_test_digits
+    from benchmarks.photos import generate, load_test_digits, through_client
     from components.data import load_split, preprocess, validate_split
     from components.model import build_model
 
@@ -357,6 +357,9 @@ def test_photos_of_real_test_digits_are_read_by_a_model_trained_one_epoch(tmp_pa
     predicted = signature(image_bytes=tf.constant([p[0] for p in photos]))["class_ids"].numpy()
     right = int((predicted == [p[1] for p in photos]).sum())
     assert right >= 17, [(p[1], int(c), p[2]) for p, c in zip(photos, predicted) if c != p[1]]
+    # The same photos as files through the client as `make predict` runs it: the same answers.
+    client = through_client(tmp_path / "model", photos)
+    assert client["correct"] == right and client["refused"] == 0
 
 
 def test_refusal_messages_keep_the_digits_that_matter():
