@@ -501,7 +501,7 @@ def validate(
         "examples": int(len(images)),
     }
     try:
-        return _validate(request, notify, record, candidate, out, images)
+        return _validate(request, notify, record, candidate, out, images, started)
     except InfraValidationError as e:
         if not isinstance(e, BaselineDamaged):
             e.record = dict(record, seconds=round(time.perf_counter() - started, 3))
@@ -515,9 +515,10 @@ def _validate(
     candidate: Path,
     out: Path,
     images: np.ndarray,
+    started: float,
 ) -> dict[str, Any]:
-    """`validate`'s checks, filling `record` (and its "passed_checks" list) as they pass."""
-    started = time.perf_counter()
+    """`validate`'s checks, filling `record` (and its "passed_checks" list) as they pass;
+    `started`: when the validation began (perf_counter), for its seconds."""
     passed: list[str] = record.setdefault("passed_checks", [])
     try:
         served = _Served(candidate)

@@ -151,20 +151,27 @@ def run_stage(
     run.timings[f"{name}_seconds"] = seconds
     run.stages_done.append(name)
     if run.is_chief:
-        run.layout.records.mkdir(parents=True, exist_ok=True)
-        write_json(
-            record_path,
-            {
-                "stage": name,
-                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                "seconds": round(seconds, 3),
-                "outputs": [_output_key(run, p) for p in outputs],
-                "outputs_sha256": {
-                    _output_key(run, p): tree_sha256(p) for p in outputs if p.exists()
-                },
-                **settings,
-            },
-        )
+        write_record(run, name, seconds, outputs, settings)
+
+
+def write_record(
+    run: Run, name: str, seconds: float, outputs: list[Path], extra: dict[str, Any]
+) -> None:
+    """stages/<name>.json: when the stage finished, how long it took, its outputs and their
+    SHA-256 (what lets a resumed run trust them), and what the stage adds (inputs, settings,
+    metrics)."""
+    run.layout.records.mkdir(parents=True, exist_ok=True)
+    write_json(
+        run.layout.records / f"{name}.json",
+        {
+            "stage": name,
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            "seconds": round(seconds, 3),
+            "outputs": [_output_key(run, p) for p in outputs],
+            "outputs_sha256": {_output_key(run, p): tree_sha256(p) for p in outputs if p.exists()},
+            **extra,
+        },
+    )
 
 
 def _output_key(run: Run, path: Path) -> str:
@@ -352,15 +359,13 @@ def _record_ingest(run: Run) -> None:
     """The ingest stage's record, as every stage's (stages/ingest.json): what it read (the
     data's source and fingerprint), what it wrote, with which settings, and how long it took.
     Ingest runs on every attempt (its splits live in memory), so it is never skipped."""
-    outputs = [run.layout.statistics, run.layout.examples]
     config = run.config
-    run.layout.records.mkdir(parents=True, exist_ok=True)
-    write_json(
-        run.layout.records / "ingest.json",
+    write_record(
+        run,
+        "ingest",
+        run.timings["data_seconds"],
+        [run.layout.statistics, run.layout.examples],
         {
-            "stage": "ingest",
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "seconds": round(run.timings["data_seconds"], 3),
             "inputs": {
                 "data": run.metrics["data"],
                 "tfds_data_dir": str(run.tfds_data_dir) if run.tfds_data_dir else None,
@@ -370,8 +375,6 @@ def _record_ingest(run: Run) -> None:
                 k: getattr(config, k)
                 for k in ("validation_fraction", "seed", "max_train_examples", "max_test_examples")
             },
-            "outputs": [_output_key(run, p) for p in outputs],
-            "outputs_sha256": {_output_key(run, p): tree_sha256(p) for p in outputs},
         },
     )
     run.stages_done.append("ingest")
