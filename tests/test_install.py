@@ -370,3 +370,30 @@ def test_tensorflow_is_imported_without_the_garbage_collector_running_through_it
     assert result["enabled"] is True
     assert result["frozen"] > 100_000
     assert result["seconds"] > 0 and result["again"] == 0
+
+
+# --- a real nvidia-smi: runs only on a machine with an NVIDIA driver -------------------------
+
+needs_real_nvidia_smi = pytest.mark.skipif(
+    shutil.which("nvidia-smi") is None, reason="no nvidia-smi: not a GPU machine"
+)
+
+
+@needs_real_nvidia_smi
+def test_real_nvidia_smi_is_read_and_picks_the_gpu_build():
+    """The fake nvidia-smi above imitates the real one's output; this checks the imitation against
+    the real driver's: every GPU it lists is read, its memory is found by name, and `make` picks
+    the GPU build for it."""
+    raw = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    listed = [line for line in raw.splitlines() if re.match(r"GPU \d+:", line)]
+    gpus = gd.nvidia_smi_gpus()
+    assert len(gpus) == len(listed) >= 1 and all("UUID" not in gpu for gpu in gpus), raw
+    name = gpus[0].split(": ", 1)[1]
+    memory = gd.nvidia_smi_memory()
+    assert re.fullmatch(r"\d+ MiB", memory.get(name, "")), (name, memory)
+    described = gd.describe_gpu({"device_name": name, "compute_capability": (9, 0)})
+    assert described == f"{name} (compute capability 9.0, {memory[name]})"
+    assert f"nvidia-smi lists {gpus[0]}" in (gd.explain_missing_gpu(0) or "")
+    if shutil.which("make"):
+        out = _make_n("train")
+        assert _says_gpu(out) and f"nvidia-smi lists {gpus[0]};" in out
