@@ -497,11 +497,21 @@ def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+class EmptyHoldOut(ValueError):
+    """A validation fraction that leaves no example on one side of the split."""
+
+
 def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Hold out `fraction` of a split with a fixed seed: (rest, held_out)."""
+    """Hold out `fraction` (> 0) of a split with a fixed seed: (rest, held_out); EmptyHoldOut
+    when either side would be empty."""
     n = len(split)
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
+    if not 0 < n_val < n:
+        raise EmptyHoldOut(
+            f"{fraction:g} of {n} training examples leaves {n_val} for validation and "
+            f"{n - n_val} for training"
+        )
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     return (
         Split(split.name, split.images[train_idx], split.labels[train_idx]),

@@ -317,14 +317,10 @@ def _carve(train: data_lib.Split, config: TuneConfig) -> tuple[data_lib.Split, d
             "a search selects on a validation split held out of train: "
             "--validation-fraction must be > 0 (the default is 0.05)"
         )
-    fit_split, val_split = data_lib.carve_validation(train, config.validation_fraction, config.seed)
-    if len(val_split) == 0 or len(fit_split) == 0:
-        raise NoValidationSplit(
-            f"--validation-fraction {config.validation_fraction:g} of {len(train)} training "
-            f"examples leaves {len(val_split)} for validation and {len(fit_split)} for "
-            f"training; use a larger fraction"
-        )
-    return fit_split, val_split
+    try:
+        return data_lib.carve_validation(train, config.validation_fraction, config.seed)
+    except data_lib.EmptyHoldOut as e:
+        raise NoValidationSplit(f"--validation-fraction {e}; use a larger fraction") from None
 
 
 def _make_tuner(hypermodel: DenseHyperModel, config: TuneConfig, study_dir: Path, out: Any) -> Any:

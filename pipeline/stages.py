@@ -386,14 +386,12 @@ def _carve_validation(train: Any, config: TrainConfig) -> tuple[Any, Any]:
 
     fit, validation = train, None
     if config.validation_fraction > 0:
-        fit, validation = data_lib.carve_validation(train, config.validation_fraction, config.seed)
-        if len(validation) == 0 or len(fit) == 0:
-            raise ConfigError(
-                f"validation_fraction {config.validation_fraction:g} of "
-                f"{len(train)} training examples leaves {len(validation)} for "
-                f"validation and {len(fit)} for training; use 0 or a larger "
-                f"fraction"
+        try:
+            fit, validation = data_lib.carve_validation(
+                train, config.validation_fraction, config.seed
             )
+        except data_lib.EmptyHoldOut as e:
+            raise ConfigError(f"validation_fraction {e}; use 0 or a larger fraction") from None
     return fit, validation
 
 

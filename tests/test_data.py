@@ -118,6 +118,15 @@ def test_carve_validation_is_disjoint_and_seeded():
     assert len(np.unique(both, axis=0)) == 100
 
 
+@pytest.mark.parametrize(
+    ("fraction", "why"),
+    [(0.001, "leaves 0 for validation and 100"), (0.999, "leaves 100 for validation and 0")],
+)
+def test_carve_validation_refuses_an_empty_side(fraction, why):
+    with pytest.raises(data.EmptyHoldOut, match=why):
+        data.carve_validation(make_digits(100), fraction, seed=0)
+
+
 def test_manual_dir_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match="lacks t10k-images-idx3-ubyte.gz"):
         data.verify_manual_dir(tmp_path)
