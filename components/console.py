@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import sys
+import traceback
 import warnings
+from typing import Any
 
 # Lines from TensorFlow's native code (absl format: I/W/E + MMDD or 0000) that say nothing a
 # user can act on. A native warning or error that is not listed here still shows.
@@ -79,8 +81,35 @@ def setup(verbose: bool = False) -> None:
     )
     if not _installed and _is_process_stderr(sys.stderr):
         _installed = _filter_native_stderr()
+    sys.unraisablehook = _quiet_unraisable
+    sys.excepthook = _quiet_excepthook
     # absl installs its own handler on first import and would print TFDS's INFO lines twice.
     logging.getLogger("absl").propagate = True
+
+
+def _secondary_write_failure(where: object, error: BaseException | None) -> bool:
+    """h5py failing to close the handles of a file whose write already failed (a full disk
+    while Keras saves a backup). The write itself raised, and that error is reported in one
+    line with its exit code; each handle's `__dealloc__` then fails again, and Cython prints
+    it twice (through sys.excepthook, then sys.unraisablehook) as tracebacks."""
+    return (
+        "h5py" in str(where)
+        and isinstance(error, RuntimeError)
+        and "file write failed" in str(error)
+    )
+
+
+def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """sys.unraisablehook: any other unraisable exception still shows."""
+    if not _secondary_write_failure(unraisable.object, unraisable.exc_value):
+        sys.__unraisablehook__(unraisable)
+
+
+def _quiet_excepthook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+    """sys.excepthook: every other exception still shows its traceback."""
+    frames = traceback.extract_tb(tb)
+    if not (frames and _secondary_write_failure(frames[-1].filename, error)):
+        sys.__excepthook__(kind, error, tb)
 
 
 def _is_process_stderr(stream: object) -> bool:

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from components import files
 from components.data import IMAGE_SHAPE, preprocess
 from components.files import file_digests, write_manifest
 
@@ -465,7 +466,7 @@ def publish_staged(
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
                 raise PublishError(
-                    f"could not write version {version} under {base}: {_os_error_text(e)}"
+                    f"could not write version {version} under {base}: {files.os_error_text(e)}"
                 ) from e
             raise
         pruned: list[int] = []
@@ -493,15 +494,6 @@ def _write_version(staged: Path, tmp: Path, extras: dict[str, str | bytes]) -> N
     rewritten = {f"assets.extra/{name}" for name in extras}
     write_manifest(tmp, known={k: v for k, v in copied.items() if k not in rewritten})
     _fsync_tree(tmp)
-
-
-def _os_error_text(e: OSError) -> str:
-    """shutil.copytree's error holds a list of (source, destination, reason): the first reason."""
-    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
-        first = e.args[0][0]
-        more = len(e.args[0]) - 1
-        return f"{first[-1]}" + (f" (and {more} more files)" if more else "")
-    return str(e)
 
 
 def version_of_run(base: Path, run_id: str) -> int | None:

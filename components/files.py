@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def sha256(path: Path | str) -> str:
@@ -77,16 +79,65 @@ def damaged_files(folder: Path | str, name: str = VERSION_MANIFEST) -> list[str]
     return damaged
 
 
-def save_npz(path: Path | str, **arrays: Any) -> None:
-    """`np.savez` whole or not at all: written under a temporary name, then renamed; a failed
-    write (a full disk) leaves no partial file behind."""
-    import numpy as np
-
+@contextlib.contextmanager
+def atomic_write(path: Path | str, mode: str = "wb", sync: bool = False) -> Iterator[IO[Any]]:
+    """A file written whole or not at all: what is written to the handle goes to a temporary
+    name beside `path` (".tmp-NAME"), renamed over `path` once closed; a failed write (a full
+    disk) leaves no partial file behind. An OSError that does not name its file (a write or
+    close that fails: "[Errno 28] No space left on device") is raised again naming `path`.
+    `sync`: fsync before the rename (a file that must survive a power cut with what it
+    vouches for)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     try:
-        np.savez(tmp, **arrays)
+        with open(tmp, mode) as f:
+            yield f
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+def os_error_text(e: OSError) -> str:
+    """`e` on one line: shutil.copytree's error (a list of (source, destination, reason)) as
+    its first reason; a full disk as the OS words it, with its file (h5py, writing Keras's
+    backups, words it as a multi-line HDF5 report with the file named inside)."""
+    import errno
+    import re
+    import shutil
+
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        first, more = e.args[0][0], len(e.args[0]) - 1
+        return " ".join(str(first[-1]).split()) + (f" (and {more} more files)" if more else "")
+    text = " ".join(str(e).split())
+    if e.errno != errno.ENOSPC:
+        return text
+    named = re.search(r"filename = '([^']+)'", text)
+    where = e.filename or (named.group(1) if named else None)
+    return f"[Errno {errno.ENOSPC}] No space left on device" + (f": {where}" if where else "")
+
+
+def disk_full(e: OSError) -> bool:
+    """A full disk behind `e` (shutil.copytree's error carries it only as text)."""
+    import errno
+
+    return e.errno == errno.ENOSPC or "No space left on device" in str(e)
+
+
+def save_npz(path: Path | str, **arrays: Any) -> None:
+    """`np.savez` whole or not at all (`atomic_write`)."""
+    import numpy as np
+
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def write_text(path: Path | str, text: str, sync: bool = False) -> None:
+    """`text` (UTF-8) whole or not at all (`atomic_write`)."""
+    with atomic_write(path, sync=sync) as f:
+        f.write(text.encode())

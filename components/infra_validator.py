@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from components import files
+
 log = logging.getLogger(__name__)
 
 WARMUP_PATH = Path("assets.extra") / "tf_serving_warmup_requests"
@@ -236,10 +238,7 @@ SIGNATURE_OUTPUTS = "signature_outputs.npz"
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    files.save_npz(path, **arrays)
 
 
 MODEL_SERVER = "tensorflow_model_server"
@@ -586,10 +585,8 @@ def _warmup_and_baseline(
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:  # np.save(str) would add ".npy" to the temporary name
+    with files.atomic_write(path) as f:  # np.save(str) would add ".npy" to the temporary name
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _serving(call: Callable[[], Any]) -> Any:

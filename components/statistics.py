@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
+from components import files
+
 if TYPE_CHECKING:  # (components.data imports TensorFlow; `make report` reads tables without it)
     from components.data import Split
 
@@ -82,9 +84,8 @@ def compute(splits: dict[str, Split]) -> statistics_pb2.DatasetFeatureStatistics
 
 
 def write(path: Path, stats: statistics_pb2.DatasetFeatureStatisticsList) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_bytes(stats.SerializeToString())
-    tmp.replace(path)
+    with files.atomic_write(path) as f:
+        f.write(stats.SerializeToString())
 
 
 def read(path: Path) -> statistics_pb2.DatasetFeatureStatisticsList:

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -18,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from components import files
 from components.compile_cache import enable as compile_cache_enable
 from components.compile_cache import promote as compile_cache_promote
 from components.files import sha256
@@ -57,12 +57,7 @@ def _recorded(backup_dir: Path) -> list[dict] | None:
 
 def _write_synced(path: Path, text: str) -> None:
     """Atomically and durably (fsync): a checksum file must survive what the backup does."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_text(path, text, sync=True)
 
 
 def _verified_epoch(

@@ -16,7 +16,7 @@ import keras_tuner as kt
 import tensorflow as tf
 
 from components import data as data_lib
-from components import trainer
+from components import files, trainer
 from components.model import build_model
 from components.trainer import PassNumber
 
@@ -423,10 +423,7 @@ def write_best(
         "hparams": {**searched_values(values), "epochs": best_epoch(best)},
         "trials": table,
     }
-    path = Path(study_dir) / BEST_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    files.write_text(Path(study_dir) / BEST_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -461,8 +461,7 @@ def map_error(
     """The exit code and one-line message for an error a user, a file or the disk can cause;
     None for a bug (the traceback is then printed, exit 1). `again`: what to do once disk
     space is freed (default: the training run's own --run-name)."""
-    import errno
-
+    from components import files
     from components.data import DataDiskFull, DataError
     from components.exporter import PublishError
     from components.infra_validator import BaselineDamaged, InfraValidationError
@@ -490,15 +489,17 @@ def map_error(
             f"again, without retraining)"
         )
     if isinstance(e, PublishError):
-        return EXIT_PUBLISH, f"publish: {e}"
+        cause = e.__cause__
+        full = isinstance(cause, OSError) and files.disk_full(cause)
+        return EXIT_PUBLISH, f"publish: {e}" + (_disk_full_hint(run_id, again) if full else "")
     if isinstance(e, ArtifactError):
         return EXIT_PUBLISH, str(e)
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
-        hint = _disk_full_hint(run_id, again) if e.errno == errno.ENOSPC else ""
-        if e.errno == errno.ENOSPC:
-            return EXIT_PUBLISH, f"could not write artifacts: {e}{hint}"
+        if files.disk_full(e):
+            hint = _disk_full_hint(run_id, again)
+            return EXIT_PUBLISH, f"could not write artifacts: {files.os_error_text(e)}{hint}"
         # Not only writes: reading back one of the run's own files can fail (made unreadable).
-        return EXIT_PUBLISH, f"could not read or write artifacts: {e}"
+        return EXIT_PUBLISH, f"could not read or write artifacts: {files.os_error_text(e)}"
     return _memory_or_tensorflow_file_error(e, run_id, again)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from components import files
 from components.files import save_npz, tree_sha256
 from pipeline.config import ConfigError, TrainConfig, hparam_keys
 
@@ -28,9 +29,7 @@ log = logging.getLogger("pipeline")
 
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -217,6 +218,49 @@ def test_a_dropped_native_record_takes_its_continuation_lines_but_nothing_later(
     for line in (*kept, "terminate called", "python says"):
         assert any(line in x for x in lines), (line, lines)
     assert not [x for x in lines if "oneDNN" in x], lines
+
+
+def test_h5pys_second_report_of_a_failed_write_is_dropped_but_other_errors_show():
+    """A backup's write fails on a full disk (reported in one line); h5py then fails to close
+    the file's handles and Cython reports each through sys.excepthook and
+    sys.unraisablehook. Those are dropped; any other exception still shows its traceback."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from components import console
+        console.setup()
+
+        def raised_in(filename, message):  # an exception whose traceback ends in `filename`
+            try:
+                exec(compile(f"raise RuntimeError({message!r})", filename, "exec"))
+            except RuntimeError as e:
+                return e
+
+        failed = "Can't decrement id ref count (file write failed: errno = 28)"
+        for where, message in [
+            ("h5py/_objects.pyx", failed),
+            ("h5py/_objects.pyx", "a real bug in h5py"),
+            ("mine.py", "file write failed in my code"),
+        ]:
+            e = raised_in(where, message)
+            sys.excepthook(RuntimeError, e, e.__traceback__)
+
+            class Handle:  # Python reports what __del__ raises through sys.unraisablehook
+                def __del__(self):
+                    raise e
+
+            Handle.__del__.__qualname__ = where.replace(".pyx", ".ObjectID.__dealloc__")
+            Handle()
+        print("python goes on", file=sys.stderr)
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert "decrement id ref count" not in r.stderr, r.stderr
+    assert r.stderr.count("a real bug in h5py") == 2, r.stderr  # through each hook
+    assert r.stderr.count("file write failed in my code") == 2, r.stderr
+    assert "python goes on" in r.stderr
 
 
 def test_out_of_memory_is_not_called_a_full_disk():

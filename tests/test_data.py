@@ -320,12 +320,13 @@ def test_an_npz_that_cannot_be_written_whole_leaves_nothing(tmp_path, monkeypatc
     from components.files import save_npz
 
     def full_disk(file, **arrays):
-        Path(file).write_bytes(b"half")
+        file.write(b"half")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device") as raised:
         save_npz(tmp_path / "test_examples.npz", images=np.zeros(3))
+    assert raised.value.filename == str(tmp_path / "test_examples.npz")  # the file is named
     assert list(tmp_path.iterdir()) == []
 
 

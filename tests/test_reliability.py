@@ -514,6 +514,46 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
     assert not [p for p in paths.models.iterdir() if p.name.startswith(exporter.TMP_PREFIX)]
 
 
+def test_a_write_that_fills_the_disk_names_its_file_and_leaves_nothing(tmp_path):
+    """A write or close that fails raises an OSError that names no file: atomic_write names
+    the file it was writing, and leaves neither it nor its temporary copy."""
+    import errno
+
+    from components import files
+
+    target = tmp_path / "predictions.npz"
+    with pytest.raises(OSError) as raised:
+        with files.atomic_write(target) as f:
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert raised.value.filename == str(target) and raised.value.errno == errno.ENOSPC
+    assert files.os_error_text(raised.value) == f"[Errno 28] No space left on device: {target}"
+    assert list(tmp_path.iterdir()) == []
+    files.write_text(target, "whole")
+    assert target.read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_h5pys_full_disk_report_is_one_line_with_its_file():
+    import errno
+
+    from components import files
+
+    h5py_says = OSError(
+        errno.ENOSPC,
+        "Can't synchronously write data (file write failed: time = Fri Nov 27 18:53:38 2026\n"
+        ", filename = '/a/runs/r/backup/latest.weights.h5', file descriptor = 13, errno = 28, "
+        "error message = 'No space left on device', buf = 0x55, total write size = 393128)",
+    )
+    assert files.os_error_text(h5py_says) == (
+        "[Errno 28] No space left on device: /a/runs/r/backup/latest.weights.h5"
+    )
+    assert files.disk_full(h5py_says)
+    assert not files.disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert files.os_error_text(OSError(errno.EACCES, "Permission\ndenied")) == (
+        "[Errno 13] Permission denied"
+    )
+
+
 def test_disk_full_while_writing_the_warmup_file_is_exit_6_and_the_same_run_goes_on(
     tmp_path, tiny_data, monkeypatch, capsys
 ):
@@ -776,3 +816,74 @@ def test_a_run_reached_by_another_spelling_of_its_folder_is_not_redone(
     monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained again"))
     again = train_pipeline(config, Paths(tmp_path / "moved"), run_id="r", data=tiny_data)
     assert again.metrics["test_accuracy"] == first.metrics["test_accuracy"]
+
+
+# ------------------------------------------------------- 10b: a real full disk (tmpfs)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of that many bytes (a real full disk: every writer,
+    h5py's and TensorFlow's native ones included, gets ENOSPC); grow(size) resizes it. Needs
+    root (CI's machine runs as root); skipped where tmpfs cannot be mounted."""
+    mounted = []
+
+    def mount(size: int):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    def grow(point, size: int):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(point)], check=True)
+
+    mount.grow = grow
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def _used_bytes(folder):
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+@requires_mnist
+def test_a_really_full_disk_at_every_stage_is_one_line_exit_6_and_the_run_goes_on(small_disk):
+    """The artifacts folder on a tmpfs too small for a whole run, at several sizes, so the disk
+    fills in different stages (the run's data, the backup that h5py writes, the export, the
+    validation's files, the publish): each ends in one `error:` line naming the file, exit 6,
+    no traceback, no version folder; given space, the same --run-name goes on and publishes."""
+    roomy = small_disk(256 << 20)
+    first = run(small_train_cmd(roomy / "a", "--epochs", "1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    needed = _used_bytes(roomy / "a")
+    failures = []
+    for share in (0.1, 0.4, 0.7, 0.9):
+        disk = small_disk(int(needed * share))
+        r = run(small_train_cmd(disk / "a", "--epochs", "1"))
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 6 and "Traceback" not in r.stderr, (share, r.stderr[-3000:])
+        assert len(errors) == 1 and "No space left on device" in errors[0], (share, errors)
+        assert "free space and run the same command again with --run-name" in errors[0]
+        models = disk / "a" / "models" / "mnist"
+        assert not exporter.published_versions(models) if models.exists() else True
+        failures.append((disk, errors[0]))
+    full_files = {
+        m.split("No space left on device")[1].split(" (disk full")[0] for _, m in failures
+    }
+    assert len(full_files) > 1, failures  # the disk filled at different files
+    disk, message = failures[-1]
+    run_name = message.split("--run-name ")[1].split(":")[0]
+    small_disk.grow(disk, 256 << 20)
+    again = run(small_train_cmd(disk / "a", "--epochs", "1", "--run-name", run_name))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert exporter.published_versions(disk / "a" / "models" / "mnist") == [1]
