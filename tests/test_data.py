@@ -160,7 +160,6 @@ def test_missing_manual_dir(tmp_path):
 def _prepared_copy(tmp_path):
     """A data dir with MNIST prepared from the shared manual dir, without the array cache (so
     the prepared TFRecords themselves are read)."""
-    from pathlib import Path
 
     root = Path(tmp_path) / "tfds"
     data.load_split("test", data_dir=root, manual_dir=SHARED_MNIST)
