@@ -25,10 +25,13 @@ _NATIVE_NOISE = re.compile(
     r"^WARNING: All log messages before absl::InitializeLog\(\)"
     r"|^I\d{4} "  # native INFO lines (start-up banners, XLA, collectives): never a warning
     # A multi-worker job's end: the chief's coordination service polls the error of a worker
-    # that left, and a worker still heartbeating finds the finished chief gone. (The launcher
-    # reports any worker that really failed, with its exit code.)
+    # that left, the chief's collectives find that finished worker "unhealthy (stopped sending
+    # heartbeats)", and a worker still heartbeating finds the finished chief gone. (The
+    # launcher reports any worker that really failed, with its exit code.)
     r"|^W\d{4} .*coordination_service_agent.*Polled an error from coordination service"
     r"|^E\d{4} .*StartAbort UNAVAILABLE: Failed to send RPC to coordination service"
+    r"|^E\d{4} .*StartAbort UNAVAILABLE: Error reported from /job:worker/task:\d+: "
+    r"The following tasks are unhealthy \(stopped sending heartbeats\)"
     r"|^E\d{4} .*(failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory"
     r"|computation_placer|cuda_(platform|executor|dnn|fft|blas)"
     # Loading a kept XLA program (components/compile_cache.py): TensorFlow first tries the

@@ -178,7 +178,9 @@ def figure_curves(history: dict[str, list[float]]) -> Figure:
                     label="validation" if prefix else "train",
                 )
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        epochs = max((len(history.get(p + key) or []) for p in ("", "val_")), default=0)
+        ax.set_xlim(0.5, max(epochs, 1) + 0.5)  # one epoch: a point at 1, not ticks 0.95-1.05
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -223,14 +224,14 @@ class _StudyMixin:
         super().on_trial_end(trial)  # type: ignore[misc]
         best = self.oracle.get_best_trials(1)
         best_score = best[0].score if best else float("nan")
-        left = max(0.0, self.deadline - time.monotonic())
+        left = math.ceil(max(0.0, self.deadline - time.monotonic()))  # "0 s" only when spent
         score = trial.score if trial.score is not None else float("nan")
         accuracy = _best_accuracy(trial)
         self.out(
             f"trial {trial.trial_id} {trial.status.lower()}: {OBJECTIVE} {score:.4f} "
             f"(val_accuracy {accuracy:.4f}), best so far {best_score:.4f}; "
             f"{time.monotonic() - self.started:.0f} s "
-            f"elapsed, {left:.0f} s of budget left"
+            f"elapsed, {left} s of budget left"
         )
 
 

@@ -576,7 +576,8 @@ def _models(args: argparse.Namespace) -> int:
             config = versions.canary(base, version, args.base_path)
         labels = versions.read_labels(base)
         print(
-            f"stable: {labels['stable']}, canary: {labels['canary']}; wrote {config} "
+            f"stable: {labels['stable'] or '-'}, canary: {labels['canary'] or '-'}; "
+            f"wrote {config} "
             f"(TF Serving re-reads it with --model_config_file_poll_wait_seconds)"
         )
         return EXIT_OK

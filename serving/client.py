@@ -101,6 +101,13 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
     path = Path(path)
     if version is not None and label is not None:
         raise FlagError("give --version or --label, not both")
+    if not path.exists() and path.name.isdigit() and path.parent.is_dir():
+        published = versions.published(path.parent)  # a version folder named that is not there
+        if published:
+            raise FlagError(
+                f"no version {path.name} under {path.parent} (published: "
+                f"{', '.join(map(str, published))})"
+            )
     if (path / "saved_model.pb").is_file():
         if version is not None or label is not None:
             raise FlagError(

@@ -222,3 +222,14 @@ def test_report_shows_the_data_statistics_and_the_published_model_card(run):
     version = result.metrics["published_version"]
     published = Path(result.metrics["published_path"]) / "assets.extra" / "model_card.md"
     assert card == published.read_text() and f"version {version}" in page
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5])
+def test_the_curves_have_whole_epoch_ticks(epochs):
+    from components import report
+
+    history = {k: [0.5] * epochs for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    for ax in report.figure_curves(history).axes:
+        low, high = ax.get_xlim()
+        shown = [t for t in ax.get_xticks() if low <= t <= high]
+        assert shown == list(range(1, epochs + 1)), (epochs, shown)

@@ -114,7 +114,9 @@ def test_local_predictions_run_the_version_tf_serving_would(three_versions, tmp_
     base = three_versions
     artifacts = ["--artifacts-dir", str(base.parents[1])]
     assert local_model_dir(base) == base / "3"
+    capsys.readouterr()
     assert cli.main(["models", "promote", "1", *artifacts]) == 0
+    assert capsys.readouterr().out.startswith("stable: 1, canary: -; wrote ")
     assert local_model_dir(base) == base / "1"  # 2 and 3 are not served
     assert cli.main(["models", "canary", "2", *artifacts]) == 0
     assert local_model_dir(base) == base / "2"
@@ -126,6 +128,8 @@ def test_local_predictions_run_the_version_tf_serving_would(three_versions, tmp_
             local_model_dir(base, **bad)
     with pytest.raises(InputError, match="one SavedModel"):
         local_model_dir(base / "3", version=1)
+    with pytest.raises(InputError, match=r"no version 7 under .* \(published: 1, 2, 3\)"):
+        local_model_dir(base / "7")  # a version folder that is not there
 
     digit, pixels = tmp_path / "bar.npy", np.zeros((28, 28), np.uint8)
     pixels[4:24, 12:16] = 255  # a "1"
