@@ -84,8 +84,10 @@ def setup(verbose: bool = False) -> None:
     )
     if not _installed and _is_process_stderr(sys.stderr):
         _installed = _filter_native_stderr()
-    sys.unraisablehook = _quiet_unraisable
-    sys.excepthook = _quiet_excepthook
+    if sys.unraisablehook is not _quiet_unraisable:  # once; what was there before is kept
+        _previous_hooks.update(unraisable=sys.unraisablehook, exception=sys.excepthook)
+        sys.unraisablehook = _quiet_unraisable
+        sys.excepthook = _quiet_excepthook
     # absl installs its own handler on first import and would print TFDS's INFO lines twice.
     logging.getLogger("absl").propagate = True
 
@@ -102,17 +104,23 @@ def _secondary_write_failure(where: object, error: BaseException | None) -> bool
     )
 
 
+_previous_hooks: dict[str, Any] = {}
+
+
 def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
-    """sys.unraisablehook: any other unraisable exception still shows."""
+    """sys.unraisablehook: any other unraisable exception goes to the hook installed before."""
     if not _secondary_write_failure(unraisable.object, unraisable.exc_value):
-        sys.__unraisablehook__(unraisable)
+        _previous_hooks.get("unraisable", sys.__unraisablehook__)(unraisable)
 
 
 def _quiet_excepthook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
-    """sys.excepthook: every other exception still shows its traceback."""
+    """sys.excepthook: Cython's report from inside `__dealloc__` has h5py's frames alone; an
+    exception that reached the top of a program passed through its frames and still shows
+    (through the hook installed before)."""
     frames = traceback.extract_tb(tb)
-    if not (frames and _secondary_write_failure(frames[-1].filename, error)):
-        sys.__excepthook__(kind, error, tb)
+    inside_h5py = bool(frames) and all("h5py" in frame.filename for frame in frames)
+    if not (inside_h5py and _secondary_write_failure(frames[-1].filename, error)):
+        _previous_hooks.get("exception", sys.__excepthook__)(kind, error, tb)
 
 
 def _is_process_stderr(stream: object) -> bool:

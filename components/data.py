@@ -498,7 +498,12 @@ def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 class EmptyHoldOut(ValueError):
-    """A validation fraction that leaves no example on one side of the split."""
+    """A validation fraction that leaves no example on one side of the split; `advice`: which
+    way to change it."""
+
+    def __init__(self, message: str, advice: str):
+        super().__init__(message)
+        self.advice = advice
 
 
 def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -510,7 +515,8 @@ def carve_validation(split: Split, fraction: float, seed: int) -> tuple[Split, S
     if not 0 < n_val < n:
         raise EmptyHoldOut(
             f"{fraction:g} of {n} training examples leaves {n_val} for validation and "
-            f"{n - n_val} for training"
+            f"{n - n_val} for training",
+            "use a larger fraction" if n_val == 0 else "use a smaller fraction",
         )
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     return (

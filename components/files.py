@@ -119,7 +119,9 @@ def os_error_text(e: OSError) -> str:
         return text
     named = re.search(r"filename = '([^']+)'", text)
     where = e.filename or (named.group(1) if named else None)
-    return f"[Errno {errno.ENOSPC}] No space left on device" + (f": {where}" if where else "")
+    if where is None:
+        return text  # e.g. "could not write <file>: No space left on device"
+    return f"[Errno {errno.ENOSPC}] No space left on device: {where}"
 
 
 def disk_full(e: OSError) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -557,7 +558,7 @@ def _validate(
         _save(out / "baseline_probabilities.npy", baseline_probs)
         record["baseline"] = request["baseline"]
     record["seconds"] = round(time.perf_counter() - started, 3)
-    (out / "infra_validation.json").write_text(json.dumps(record, indent=2) + "\n")
+    files.write_text(out / "infra_validation.json", json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -691,6 +692,14 @@ def serve_requests() -> None:
                 "reason": str(e),
                 "record": e.record,
                 "baseline_damaged": isinstance(e, BaselineDamaged),
+            }
+        except OSError as e:  # writing its files (a full disk): the trainer raises it again
+            answer = {
+                "ok": False,
+                "reason": f"{type(e).__name__}: {_first_line(e)}",
+                "errno": e.errno,
+                "strerror": e.strerror,
+                "filename": e.filename,
             }
         except Exception as e:  # a bug or an unexpected file: reported, never a hang
             answer = {"ok": False, "reason": f"{type(e).__name__}: {_first_line(e)}"}
@@ -833,6 +842,8 @@ class Validator:
         if not answer["ok"]:
             if answer.get("baseline_damaged"):
                 raise BaselineDamaged(answer["reason"])
+            if answer.get("errno") == errno.ENOSPC:  # the served model is not at fault
+                raise OSError(errno.ENOSPC, answer.get("strerror"), answer.get("filename"))
             raise InfraValidationError(
                 answer["reason"], dict(answer.get("record") or {}, seconds=answer["seconds"])
             )

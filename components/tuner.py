@@ -321,7 +321,7 @@ def _carve(train: data_lib.Split, config: TuneConfig) -> tuple[data_lib.Split, d
     try:
         return data_lib.carve_validation(train, config.validation_fraction, config.seed)
     except data_lib.EmptyHoldOut as e:
-        raise NoValidationSplit(f"--validation-fraction {e}; use a larger fraction") from None
+        raise NoValidationSplit(f"--validation-fraction {e}; {e.advice}") from None
 
 
 def _make_tuner(hypermodel: DenseHyperModel, config: TuneConfig, study_dir: Path, out: Any) -> Any:
@@ -365,6 +365,8 @@ def unreadable_state_file(study_dir: Path) -> Path | None:
     """The first of keras-tuner's JSON state files in a study that does not parse (a kill
     while it was written, a disk that filled), or None."""
     for path in sorted(Path(study_dir).rglob("*.json")):
+        if path.name.startswith("."):
+            continue  # a temporary copy a kill left behind (files.atomic_write), not state
         try:
             json.loads(path.read_text())
         except (OSError, ValueError):

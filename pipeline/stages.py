@@ -390,7 +390,9 @@ def _carve_validation(train: Any, config: TrainConfig) -> tuple[Any, Any]:
                 train, config.validation_fraction, config.seed
             )
         except data_lib.EmptyHoldOut as e:
-            raise ConfigError(f"validation_fraction {e}; use 0 or a larger fraction") from None
+            raise ConfigError(
+                f"validation_fraction {e}; {e.advice} (or 0: no validation)"
+            ) from None
     return fit, validation
 
 

@@ -234,19 +234,27 @@ def test_h5pys_second_report_of_a_failed_write_is_dropped_but_other_errors_show(
         from components import console
         console.setup()
 
-        def raised_in(filename, message):  # an exception whose traceback ends in `filename`
+        def raised_in(filename, message):  # a traceback with `filename`'s frame alone
+            scope = {}
+            exec(compile(
+                f"try:\\n raise RuntimeError({message!r})\\nexcept RuntimeError as e:\\n error = e",
+                filename, "exec"), scope)
+            return scope["error"]
+
+        def raised_through_mine(filename, message):  # reached a program's own frame
             try:
                 exec(compile(f"raise RuntimeError({message!r})", filename, "exec"))
             except RuntimeError as e:
                 return e
 
         failed = "Can't decrement id ref count (file write failed: errno = 28)"
-        for where, message in [
-            ("h5py/_objects.pyx", failed),
-            ("h5py/_objects.pyx", "a real bug in h5py"),
-            ("mine.py", "file write failed in my code"),
+        for where, message, raised in [
+            ("h5py/_objects.pyx", failed, raised_in),
+            ("h5py/_objects.pyx", "a real bug in h5py", raised_in),
+            ("mine.py", "file write failed in my code", raised_in),
+            ("h5py/_hl/files.pyx", "file write failed up to the top", raised_through_mine),
         ]:
-            e = raised_in(where, message)
+            e = raised(where, message)
             sys.excepthook(RuntimeError, e, e.__traceback__)
 
             class Handle:  # Python reports what __del__ raises through sys.unraisablehook
@@ -264,6 +272,8 @@ def test_h5pys_second_report_of_a_failed_write_is_dropped_but_other_errors_show(
     assert "decrement id ref count" not in r.stderr, r.stderr
     assert r.stderr.count("a real bug in h5py") == 2, r.stderr  # through each hook
     assert r.stderr.count("file write failed in my code") == 2, r.stderr
+    # a close that fails and reaches the top of the program is an error of its own: it shows
+    assert "file write failed up to the top" in r.stderr, r.stderr
     assert "python goes on" in r.stderr
 
 

@@ -119,12 +119,16 @@ def test_carve_validation_is_disjoint_and_seeded():
 
 
 @pytest.mark.parametrize(
-    ("fraction", "why"),
-    [(0.001, "leaves 0 for validation and 100"), (0.999, "leaves 100 for validation and 0")],
+    ("fraction", "why", "advice"),
+    [
+        (0.001, "leaves 0 for validation and 100", "use a larger fraction"),
+        (0.999, "leaves 100 for validation and 0", "use a smaller fraction"),
+    ],
 )
-def test_carve_validation_refuses_an_empty_side(fraction, why):
-    with pytest.raises(data.EmptyHoldOut, match=why):
+def test_carve_validation_refuses_an_empty_side(fraction, why, advice):
+    with pytest.raises(data.EmptyHoldOut, match=why) as raised:
         data.carve_validation(make_digits(100), fraction, seed=0)
+    assert raised.value.advice == advice
 
 
 def test_manual_dir_missing_file_is_named(tmp_path):

@@ -515,3 +515,32 @@ def test_a_validating_process_gone_before_the_validation_is_started_again(model,
             validator.validate(candidate, examples, tmp_path / "out2", baseline=baseline)
     finally:
         validator.close()
+
+
+def test_a_full_disk_in_the_validating_process_is_a_full_disk_in_the_trainer(monkeypatch, capsys):
+    """The validating process writes the served outputs beside the run; a full disk there is not
+    the model's fault: its answer carries the errno, and the trainer raises the OSError again
+    (exit 6 with the free-space hint, not exit 8 "infra validation failed")."""
+    import errno
+    import io
+
+    from components import infra_validator as iv
+    from pipeline.cli import EXIT_PUBLISH, map_error
+
+    def full(request, progress):
+        raise OSError(errno.ENOSPC, "No space left on device", "/a/run/evaluation/x.npz")
+
+    monkeypatch.setattr(iv, "validate", full)
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"export_dir": "/a"}\n'))
+    iv.serve_requests()
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["ok"] is False and answer["errno"] == errno.ENOSPC
+
+    validator = iv.Validator.__new__(iv.Validator)
+    monkeypatch.setattr(validator, "_read_line", lambda deadline: answer, raising=False)
+    with pytest.raises(OSError) as raised:
+        validator._answer(0.0, None)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == "/a/run/evaluation/x.npz"
+    code, message = map_error(raised.value, "r1")
+    assert code == EXIT_PUBLISH and "No space left on device: /a/run/evaluation/x.npz" in message
+    assert "free space and run the same command again with --run-name r1" in message

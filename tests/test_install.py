@@ -384,7 +384,10 @@ def test_real_nvidia_smi_is_read_and_picks_the_gpu_build():
     """The fake nvidia-smi above imitates the real one's output; this checks the imitation against
     the real driver's: every GPU it lists is read, its memory is found by name, and `make` picks
     the GPU build for it."""
-    raw = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    if listing.returncode != 0:
+        pytest.skip(f"nvidia-smi is installed but answers nothing: {listing.stderr.strip()}")
+    raw = listing.stdout
     listed = [line for line in raw.splitlines() if re.match(r"GPU \d+:", line)]
     gpus = gd.nvidia_smi_gpus()
     assert len(gpus) == len(listed) >= 1 and all("UUID" not in gpu for gpu in gpus), raw
@@ -393,7 +396,7 @@ def test_real_nvidia_smi_is_read_and_picks_the_gpu_build():
     assert re.fullmatch(r"\d+ MiB", memory.get(name, "")), (name, memory)
     described = gd.describe_gpu({"device_name": name, "compute_capability": (9, 0)})
     assert described == f"{name} (compute capability 9.0, {memory[name]})"
-    assert f"nvidia-smi lists {gpus[0]}" in (gd.explain_missing_gpu(0) or "")
+    assert gpus[0] in (gd.explain_missing_gpu(0) or "")  # "2 GPUs (GPU 0: ..., ...)" for several
     if shutil.which("make"):
         out = _make_n("train")
         assert _says_gpu(out) and f"nvidia-smi lists {gpus[0]};" in out

@@ -300,3 +300,18 @@ def test_a_study_path_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
     assert code == cli.EXIT_USAGE and len(err) == 1, err
     assert "tuning/d exists and is not a folder" in err[0]
     assert (artifacts / "tuning" / "d").read_text() == "not a folder"
+
+
+def test_a_temporary_copy_left_by_a_kill_is_not_called_damaged_state(tmp_path):
+    """A kill while best_hparams.json was written leaves its hidden temporary copy; that is
+    not keras-tuner's state, so the study is not called damaged (nor --overwrite advised)."""
+    from components.tuner import unreadable_state_file
+
+    study = tmp_path / "study"
+    (study / "trial_0000").mkdir(parents=True)
+    (study / "oracle.json").write_text("{}")
+    (study / "trial_0000" / "trial.json").write_text("{}")
+    (study / ".tmp-best_hparams.json").write_text('{"half": ')
+    assert unreadable_state_file(study) is None
+    (study / "trial_0000" / "trial.json").write_text('{"half": ')
+    assert unreadable_state_file(study) == study / "trial_0000" / "trial.json"
