@@ -80,27 +80,49 @@ def damaged_files(folder: Path | str, name: str = VERSION_MANIFEST) -> list[str]
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path | str, mode: str = "wb", sync: bool = False) -> Iterator[IO[Any]]:
-    """A file written whole or not at all: what is written to the handle goes to a temporary
-    name beside `path` (".tmp-NAME"), renamed over `path` once closed; a failed write (a full
-    disk) leaves no partial file behind. An OSError that does not name its file (a write or
-    close that fails: "[Errno 28] No space left on device") is raised again naming `path`.
-    `sync`: fsync before the rename (a file that must survive a power cut with what it
-    vouches for)."""
+def replaced(path: Path | str) -> Iterator[Path]:
+    """Whole or not at all: the caller writes the file or folder at the temporary path this
+    yields (".tmp-NAME" beside `path`), which then replaces `path`; a failed write (a full
+    disk) leaves no partial copy behind, and a killed writer's is removed by the next. An OSError
+    that does not name its file (a write or close that fails: "[Errno 28] No space left on
+    device") is raised again naming `path`."""
+    import shutil
+
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
+    _remove(tmp)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)  # a folder (a SavedModel) is not replaced by a rename alone
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if isinstance(e, OSError) and e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+def _remove(path: Path) -> None:
+    """A file or a folder, if there."""
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path | str, mode: str = "wb", sync: bool = False) -> Iterator[IO[Any]]:
+    """A file written whole or not at all through the handle this yields (`replaced`).
+    `sync`: fsync before the rename (a file that must survive a power cut with what it
+    vouches for)."""
+    with replaced(path) as tmp, open(tmp, mode) as f:
+        yield f
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def os_error_text(e: OSError) -> str:

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -576,9 +575,8 @@ def train(run: Run) -> dict[str, Any]:
         else None
     )
     run.layout.model.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.layout.model.with_name(".tmp-model.keras")
-    result.model.save(tmp)
-    os.replace(tmp, run.layout.model)
+    with files.replaced(run.layout.model) as tmp:
+        result.model.save(tmp)
     write_json(run.layout.history, result.history)
     run.timings["fit_seconds"] = result.fit_seconds
     run.timings["fit_phases"] = result.phases
@@ -670,17 +668,14 @@ def export(run: Run) -> dict[str, Any]:
     """The staged SavedModel (signatures, warmup records) from train/model.keras."""
     from components import exporter
 
-    tmp = run.layout.export.with_name(".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
     # A head start for the validation, on the core the export leaves idle.
     run.photo_expected = _photo_expectation(
         run.keras_model(), run.splits["test"].images[:PHOTO_SAMPLE]
     )
-    exporter.export_saved_model(
-        run.keras_model(), tmp, uncertainty=read_json(run.layout.calibration)
-    )
-    shutil.rmtree(run.layout.export, ignore_errors=True)
-    os.replace(tmp, run.layout.export)
+    with files.replaced(run.layout.export) as tmp:
+        exporter.export_saved_model(
+            run.keras_model(), tmp, uncertainty=read_json(run.layout.calibration)
+        )
     return {"inputs": {"model": str(run.layout.model)}}
 
 

@@ -878,8 +878,9 @@ def test_a_really_full_disk_at_every_stage_is_one_line_exit_6_and_the_run_goes_o
         assert not exporter.published_versions(models) if models.exists() else True
         failures.append((disk, errors[0]))
     named = [m.split("No space left on device")[1].split(" (disk full")[0] for _, m in failures]
-    assert all(name.startswith(": ") and "/" in name for name in named), failures  # its file
-    assert len({name.rsplit("/", 1)[1] for name in named}) > 1, failures  # different files
+    said = "\n".join(message for _, message in failures)
+    assert all(name.startswith(": ") and "/" in name for name in named), said  # its file
+    assert len({name.rsplit("/", 1)[1] for name in named}) > 1, said  # different files
     disk, message = failures[-1]
     run_name = message.split("--run-name ")[1].split(":")[0]
     small_disk.grow(disk, 256 << 20)
