@@ -382,6 +382,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a container stopped): unwound as an interrupt, reported as itself."""
 
 
+def _resume_hint(e: KeyboardInterrupt) -> str:
+    """How to go on with the interrupted run (noted by `_train` once the run had begun)."""
+    notes = getattr(e, "__notes__", None)
+    return f"; {notes[-1]}" if notes else ""
+
+
 def _terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
@@ -414,10 +420,10 @@ def _command(args: argparse.Namespace) -> int:
             return _models(args)
     except (UsageError, ConfigError) as e:
         return _fail(EXIT_USAGE, str(e))
-    except Terminated:
-        return _fail(EXIT_TERMINATED, "terminated (SIGTERM); a named run resumes where it was")
-    except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted")
+    except Terminated as e:
+        return _fail(EXIT_TERMINATED, "terminated (SIGTERM)" + _resume_hint(e))
+    except KeyboardInterrupt as e:
+        return _fail(EXIT_INTERRUPTED, "interrupted" + _resume_hint(e))
     raise AssertionError(args.command)
 
 
@@ -439,6 +445,11 @@ def _train(args: argparse.Namespace) -> int:
             run_id=run_id,
             tf_config=parse_tf_config(os.environ.get("TF_CONFIG")),
         )
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to go on, if the run began
+        if paths.run_dir(run_id).is_dir():
+            again = "" if args.run_name else f" with --run-name {run_id}"
+            e.add_note(f"the same command{again} resumes the run where it stopped")
+        raise
     except Exception as e:
         mapped = map_error(e, run_id)
         if mapped is None:
@@ -641,6 +652,9 @@ def _tune(args: argparse.Namespace) -> int:
         )
     except (tuner.NoTrialCompleted, tuner.NoValidationSplit) as e:
         return _fail(EXIT_USAGE, str(e))
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
+        e.add_note(TUNE_AGAIN)
+        raise
     except Exception as e:
         return _search_failed(e, args.study, study_dir)
     print(tuner.format_trials(result.best))

@@ -95,8 +95,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_at_the_defaults(tmp_pa
 @pytest.mark.parametrize(
     "how, code, line",
     [
-        ("ctrl-c", 130, "error: interrupted"),  # SIGINT to the whole group, as a terminal sends it
-        ("sigterm", 143, "error: terminated (SIGTERM); a named run resumes where it was"),
+        # SIGINT to the whole group, as a terminal sends it
+        ("ctrl-c", 130, "error: interrupted; the same command resumes the run where it stopped"),
+        (
+            "sigterm",
+            143,
+            "error: terminated (SIGTERM); the same command resumes the run where it stopped",
+        ),
     ],
 )
 def test_an_interrupted_run_says_one_line_and_resumes(tmp_path, how, code, line):
@@ -512,6 +517,52 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
     for v in exporter.published_versions(paths.models):
         assert (paths.models / str(v) / "saved_model.pb").is_file()
     assert not [p for p in paths.models.iterdir() if p.name.startswith(exporter.TMP_PREFIX)]
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_ctrl_c_says_how_to_resume_the_run(tmp_path, tiny_data, monkeypatch, capsys, named):
+    """An interrupt after the run began names what resumes it: the generated run id for an
+    unnamed run (the user never saw a --run-name), the same command for a named one; the rerun
+    with it then goes on without retraining."""
+    from components import report
+    from pipeline import cli
+    from pipeline import run as pipeline_run
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    paths = _small_cli_runs(tmp_path, tiny_data, monkeypatch)
+    ids = []
+    real_new_run_id = pipeline_run.new_run_id
+    monkeypatch.setattr(
+        pipeline_run, "new_run_id", lambda: ids.append(real_new_run_id()) or ids[-1]
+    )
+    with monkeypatch.context() as m:
+        m.setattr(report, "write_report", ctrl_c)  # the last stage: training is done
+        name = ["--run-name", "mine"] if named else []
+        code = cli.main(["train", "--artifacts-dir", str(paths.artifacts), *name])
+    assert code == cli.EXIT_INTERRUPTED == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    run_id = "mine" if named else ids[0]
+    again = "" if named else f" with --run-name {run_id}"
+    assert last == f"error: interrupted; the same command{again} resumes the run where it stopped"
+    trained = (paths.runs / run_id / "train" / "model.keras").read_bytes()
+    code = cli.main(["train", "--artifacts-dir", str(paths.artifacts), "--run-name", run_id])
+    assert code == cli.EXIT_OK, capsys.readouterr().err
+    assert (paths.runs / run_id / "train" / "model.keras").read_bytes() == trained  # not retrained
+    assert (paths.runs / run_id / "metrics.json").is_file()
+
+
+def test_ctrl_c_before_the_run_began_is_one_word(tmp_path, monkeypatch, capsys):
+    from pipeline import cli
+    from pipeline import run as pipeline_run
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_run, "train_pipeline", ctrl_c)
+    assert cli.main(["train", "--artifacts-dir", str(tmp_path / "a")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
 
 
 def test_a_write_that_fills_the_disk_names_its_file_and_leaves_nothing(tmp_path):
