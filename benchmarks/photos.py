@@ -11,6 +11,9 @@ JPEG (quality 35..95) or PNG (some grayscale), on canvases whose longer side is 
 `generate(..., ballpoint=True)` renders phone-sized photos instead (longer side 1000..2000 px)
 of digits written with a ballpoint: MNIST's strokes thinned to their skeleton and drawn again
 with a pen 1-4% of the digit's height wide, a hairline at MNIST's scale once fitted to 20x20.
+`generate(..., desk=True)` photographs the page lying on a darker surface (a dark or grey desk,
+wood grain) that fills 15-60% of the frame, the page slightly turned and sometimes cut by the
+frame's edge: the surface and the page's edge must not be taken for ink.
 Everything is drawn from seeded generators, so the same (n, seed) gives the same bytes, and
 photo k is the same whatever n. `generate_blank` renders the same pages with no digit.
 
@@ -58,11 +61,13 @@ def generate(
     labels: np.ndarray | None = None,
     size: tuple[int, int] | None = None,
     ballpoint: bool = False,
+    desk: bool = False,
 ) -> list[Photo]:
     """`n` photo-like renderings of distinct MNIST test digits, deterministic in (n, seed).
 
     `digits`/`labels` default to the MNIST test split; `size` (width, height) fixes the canvas;
-    `ballpoint`: phone-sized photos of a thin pen (the module's docstring).
+    `ballpoint`: phone-sized photos of a thin pen; `desk`: the page on a desk (the module's
+    docstring).
     """
     if digits is None or labels is None:
         digits, labels = load_test_digits()
@@ -72,7 +77,7 @@ def generate(
     photos = []
     for k, i in enumerate(chosen):
         sample_rng = np.random.default_rng([seed, k])
-        data, description = render(digits[i], sample_rng, size=size, ballpoint=ballpoint)
+        data, description = render(digits[i], sample_rng, size=size, ballpoint=ballpoint, desk=desk)
         photos.append((data, int(labels[i]), f"test[{i}] {description}"))
     return photos
 
@@ -91,6 +96,7 @@ def render(
     rng: np.random.Generator,
     size: tuple[int, int] | None = None,
     ballpoint: bool = False,
+    desk: bool = False,
 ) -> tuple[bytes, str]:
     """One MNIST digit (uint8 [28, 28], white on black) as an encoded photo of handwriting;
     `digit` None gives a blank page under the same conditions (which must be refused)."""
@@ -106,7 +112,10 @@ def render(
     ink = _ink(rng, paper, notes)
     opacity = rng.uniform(0.85, 1.0)
     a = (opacity * alpha)[..., None]
-    image = _light(rng, page * (1 - a) + ink * a, notes)
+    image = page * (1 - a) + ink * a
+    if desk:
+        image = _on_a_desk(rng, image, notes)
+    image = _light(rng, image, notes)
     return _encode(rng, _camera(rng, image, notes), notes), ", ".join(notes)
 
 
@@ -289,6 +298,45 @@ def _place(
     full_alpha = np.zeros((height, width))
     full_alpha[y0 : y0 + dh, x0 : x0 + dw] = alpha
     return full_alpha
+
+
+def _on_a_desk(rng: np.random.Generator, page: np.ndarray, notes: list[str]) -> np.ndarray:
+    """The page (float RGB, 0..255) shrunk, turned a little and laid on a darker surface that
+    fills the rest of the same frame (15-60% of it), sometimes running off one side."""
+    from PIL import Image
+
+    height, width = page.shape[:2]
+    kind = str(rng.choice(["dark desk", "grey desk", "wood"]))
+    yy, xx = np.mgrid[0:height, 0:width]
+    if kind == "wood":
+        angle = rng.uniform(0, np.pi)
+        along = np.cos(angle) * xx + np.sin(angle) * yy
+        across = -np.sin(angle) * xx + np.cos(angle) * yy
+        period = rng.uniform(0.02, 0.08) * max(width, height)
+        grain = np.sin(2 * np.pi * (across + 3 * np.sin(along / period)) / period)
+        tone = rng.uniform(60, 90) * (1 + 0.2 * grain)
+        surface = tone[..., None] * np.array([1.25, 0.9, 0.6])
+    else:
+        level = rng.uniform(15, 50) if kind == "dark desk" else rng.uniform(50, 90)
+        surface = np.broadcast_to(level * np.array([1.0, 1.0, 1.05]), (height, width, 3))
+    surface = (
+        surface * (1 + _smooth_noise(rng, (height, width), cells=8, amplitude=0.05))[..., None]
+    )
+    covered = rng.uniform(0.4, 0.85)  # of the frame's area
+    scale = float(np.sqrt(covered))
+    w, h = max(8, int(width * scale)), max(8, int(height * scale))
+    turned = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).resize(
+        (w, h), Image.Resampling.LANCZOS
+    )
+    angle = rng.uniform(-8, 8)
+    turned = turned.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
+    mask = Image.new("L", (w, h), 255).rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
+    x0 = int(rng.uniform(-0.1 * w, width - 0.9 * turned.width))  # may run off one side
+    y0 = int(rng.uniform(-0.1 * h, height - 0.9 * turned.height))
+    frame = Image.fromarray(np.clip(surface, 0, 255).astype(np.uint8))
+    frame.paste(turned, (x0, y0), mask)
+    notes.append(f"on a {kind} ({1 - covered:.0%} of the frame), turned {angle:.0f} deg")
+    return np.asarray(frame, dtype=np.float64)
 
 
 def _ink(rng: np.random.Generator, paper: np.ndarray, notes: list[str]) -> np.ndarray:
@@ -622,6 +670,12 @@ def _parser() -> argparse.ArgumentParser:
         help="phone-sized photos of a ballpoint pen (default 60; 0 skips them)",
     )
     parser.add_argument(
+        "--desk",
+        type=int,
+        default=60,
+        help="photos of the page lying on a desk (default 60; 0 skips them)",
+    )
+    parser.add_argument(
         "--blank",
         type=int,
         default=50,
@@ -666,6 +720,9 @@ def _measure(
     if args.ballpoint:
         pens = generate(args.ballpoint, args.seed, digits=digits, labels=labels, ballpoint=True)
         result["ballpoint"] = evaluate(signature, pens)
+    if args.desk:
+        desks = generate(args.desk, args.seed, digits=digits, labels=labels, desk=True)
+        result["desk"] = evaluate(signature, desks)
     blanks = generate_blank(args.blank, args.seed)
     result["blank_pages"] = {"n": len(blanks), "refused": refusals(signature, blanks)}
     big = latency_photo(digits, labels, args.seed)
@@ -673,6 +730,7 @@ def _measure(
     result["settings"] = {
         "n": args.n,
         "ballpoint": args.ballpoint,
+        "desk": args.desk,
         "seed": args.seed,
         "model_dir": str(args.model_dir),
         "generate_seconds": generated_s,
@@ -732,6 +790,19 @@ def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
             + (f"{pens['mistakes_flagged']:.0%} of the wrong answers, " if pens["failures"] else "")
             + f"{pens['correct_flagged']:.1%} of the right ones"
         )
+    if "desk" in result:
+        desks = result["desk"]
+        print(
+            f"the page on a desk (a dark, grey or wooden surface fills 15-60% of the frame): "
+            f"{desks['correct']}/{desks['photos']} right = {desks['accuracy']:.1%} "
+            f"({desks['refused']} refused); flagged uncertain: "
+            + (
+                f"{desks['mistakes_flagged']:.0%} of the wrong answers, "
+                if desks["failures"]
+                else ""
+            )
+            + f"{desks['correct_flagged']:.1%} of the right ones"
+        )
     blank = result["blank_pages"]
     print(
         f"blank pages (same conditions, no digit) refused with InvalidArgument: "
@@ -743,7 +814,8 @@ def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
         f"p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
         f"({lat['runs']} runs)"
     )
-    for f in result["failures"] + result.get("ballpoint", {}).get("failures", []):
+    others = [f for key in ("ballpoint", "desk") for f in result.get(key, {}).get("failures", [])]
+    for f in result["failures"] + others:
         what = "refused" if "refused" in f else f"read {f['predicted']}"
         print(f"  miss #{f['index']}: true {f['label']} {what}: {f['description']}")
 

@@ -22,14 +22,22 @@ Per image, independently (tf.map_fn):
    meant to be seen (over black when what is opaque is light: a light digit on transparent).
    TensorFlow's GIF decoder makes transparent pixels black, so a GIF's transparency is lost
    here (the client sends such GIFs as PNG). EXIF orientation is not applied (the client does).
-3. Polarity: is the ink darker or lighter than the page? Against the local mean (a box a
+3. The surface under the page: a page photographed lying on a desk leaves a darker surface
+   around it (or on some sides), and the page's edge is a long, sharp step. Found at
+   BACKGROUND_SIDE with the strokes closed and opened away: a region darker than SURFACE_RATIO
+   of the page, much darker than the page just across its edge (a vignette or a shadow darkens
+   gradually or less), running along at least SURFACE_BORDER of the image's border (a digit
+   touching the border does not). It and the page's edge are filled with the page's own level
+   spread from that edge, so neither is taken for ink. A digit written across the page's edge
+   loses what lies outside it.
+4. Polarity: is the ink darker or lighter than the page? Against the local mean (a box a
    quarter of the image wide) the lighting is gone, the page is the bulk of the distribution
    and the ink its long tail: the sign of the third moment says which side. The image is
    turned so that the ink is bright.
-4. The page (uneven light, vignette, shadows, paper texture) is estimated by a morphological
+5. The page (uneven light, vignette, shadows, paper texture) is estimated by a morphological
    opening with a window wider than any stroke, at BACKGROUND_SIDE, and taken out: for dark ink
    as a fraction of the page's brightness (light multiplies), for light ink as a difference.
-5. Threshold: the noise level (median absolute deviation) and Otsu's threshold of what stands
+6. Threshold: the noise level (median absolute deviation) and Otsu's threshold of what stands
    above it. The ink mask is opened (drops speckles and ruled lines thinner than the strokes),
    dilated (joins broken strokes) and labelled (connected components by max pooling with
    pointer jumping); the component with the most ink is the digit, with any other piece that
@@ -37,9 +45,9 @@ Per image, independently (tf.map_fn):
    digit (a thin pen photographed large has strokes as thin as ruled lines there: most of its
    pixels do not survive), it is labelled again without the opening, unless that joins it to a
    line across the page.
-6. Evidence: too little contrast or signal over noise, too few pixels, too small, or a flat
+7. Evidence: too little contrast or signal over noise, too few pixels, too small, or a flat
    sliver (a ruled line) is "no digit found".
-7. The digit's ink, soft (anti-aliased edges kept), is cropped to its bounding box, fitted into
+8. The digit's ink, soft (anti-aliased edges kept), is cropped to its bounding box, fitted into
    20x20 keeping the aspect ratio with an anti-aliased resize (strokes thinner than MNIST's
    median width thickened to it, measured at 4x that scale), stretched to 0..255 and placed in
    28x28 with its centre of mass at (14, 14), as in MNIST.
@@ -66,6 +74,10 @@ MIN_SNR = 4.0  # ... or standing less than this many noise standard deviations a
 MIN_PIXELS = 12  # a digit covers at least this many pixels at ANALYSIS_SIDE
 MIN_EXTENT = 0.04  # ... and spans at least this fraction of the image's longer side
 MAX_FLATNESS = 2.5  # ... and is at most this many times wider than high (not a ruled line)
+SURFACE_RATIO = 0.45  # a surface under the page is darker than this fraction of the page
+SURFACE_EDGE = 0.5  # ... and than this fraction of the page just across its edge (not a vignette)
+SURFACE_BORDER = 0.05  # ... and runs along at least this fraction of the image's border
+SURFACE_WIDTH = 11  # ... and is at least this wide at BACKGROUND_SIDE (wider than a stroke)
 POLARITY_BOX = 0.25  # polarity is judged against the mean over a box this wide (of the side)
 OPENING_WINDOW = 0.3  # the page: an opening with a window this wide (of BACKGROUND_SIDE)
 SOFT_LOW = 0.25  # the digit's soft ink starts at this fraction of the mask's threshold
@@ -91,6 +103,7 @@ def normalize_photos(image_bytes: tf.Tensor) -> tf.Tensor:
 def normalize_photo(data: tf.Tensor) -> tf.Tensor:
     """One encoded photo (string scalar) -> uint8 [28, 28]. See the module's docstring."""
     small = _blur3(_decode_gray(data))  # float32 [H, W] in 0..1, longer side <= ANALYSIS_SIDE
+    small = _without_surface(small)
     ink_is_dark = _ink_is_dark(small)
     small = tf.where(ink_is_dark, 1.0 - small, small)  # ink bright from here on
     page = _background(small)
@@ -359,6 +372,92 @@ def _quantile(
     target = tf.cast(q, tf.float32) * tf.cast(tf.size(x), tf.float32)
     index = tf.argmax(tf.cast(cdf, tf.float32) >= target)
     return lo + (tf.cast(index, tf.float32) + 0.5) * (hi - lo) / bins
+
+
+def _coarse(x: tf.Tensor) -> tf.Tensor:
+    """[H, W] resized (anti-aliased) so that its longer side is BACKGROUND_SIDE."""
+    shape = tf.shape(x)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    size = tf.maximum(1.0, tf.round(tf.stack([h, w]) * BACKGROUND_SIDE / tf.maximum(h, w)))
+    return tf.image.resize(x[..., None], tf.cast(size, tf.int32), antialias=True)[..., 0]
+
+
+def _without_surface(gray: tf.Tensor) -> tf.Tensor:
+    """`gray` with the surface the page lies on (and the page's edge) replaced by the page's
+    own level, continued from its edge; unchanged when there is none. See the module's
+    docstring (step 3)."""
+    coarse = _coarse(gray)
+    # Dark strokes gone (a closing; the edges replicated first, so that a thin strip of
+    # surface along the border stays); the page's level without light strokes (an opening).
+    level = _erode(_dilate(_pad_edge(coarse, 5), 5), 5)
+    page = _quantile(_dilate(_erode(level, 5), 5)[5:-5, 5:-5], 0.9, 0.0, 1.0)
+    level = level[5:-5, 5:-5]
+    # Wide only: a dark stroke that survived the closing (a thick pen) and touches the surface
+    # is cut off from it here, and stays ink (edges replicated: a strip along the border stays).
+    dark = tf.cast(
+        _pad_edge(tf.cast(level < SURFACE_RATIO * page, tf.float32), SURFACE_WIDTH), tf.float32
+    )
+    wide = (_dilate(_erode(dark, SURFACE_WIDTH), SURFACE_WIDTH) > 0)[
+        SURFACE_WIDTH:-SURFACE_WIDTH, SURFACE_WIDTH:-SURFACE_WIDTH
+    ]
+    surface = _along_the_border(_label(wide))
+    grown = _dilate(tf.cast(surface, tf.float32), 5)  # with the page's (blurred) edge
+    ring = tf.logical_and(_dilate(grown, 5) > 0, grown <= 0)
+    inside, across = _mean_where(level, surface), _mean_where(level, ring)
+    found = tf.reduce_all(
+        tf.stack(
+            [
+                tf.reduce_any(surface),
+                inside < SURFACE_EDGE * across,
+                tf.reduce_mean(grown) < 0.75,  # a page is in the picture
+            ]
+        )
+    )
+
+    def filled() -> tf.Tensor:
+        shape = tf.shape(gray)
+        fill = tf.image.resize(_spread(level, grown <= 0)[..., None], shape, "bilinear")[..., 0]
+        mask = tf.image.resize(grown[..., None], shape, "bilinear")[..., 0] > 0
+        return tf.where(mask, fill, gray)
+
+    return tf.cond(found, filled, lambda: gray)
+
+
+def _mean_where(x: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    m = tf.cast(mask, tf.float32)
+    return tf.math.divide_no_nan(tf.reduce_sum(x * m), tf.reduce_sum(m))
+
+
+def _along_the_border(labels: tf.Tensor) -> tf.Tensor:
+    """The components (of `_label`) that touch at least SURFACE_BORDER of the image's border."""
+    shape = tf.shape(labels)
+    flat = tf.reshape(labels, [-1])
+    ids, index = tf.unique(flat)
+    inner = tf.ones(shape - 2)
+    border = tf.reshape(1.0 - tf.pad(inner, [[1, 1], [1, 1]]), [-1])
+    contact = tf.math.unsorted_segment_sum(border, index, tf.size(ids))
+    long = tf.logical_and(contact >= SURFACE_BORDER * tf.reduce_sum(border), tf.not_equal(ids, 0.0))
+    return tf.reshape(tf.gather(long, index), shape)
+
+
+def _spread(x: tf.Tensor, known: tf.Tensor) -> tf.Tensor:
+    """`x` where `known`; elsewhere the mean of the known neighbours, spread outwards a ring of
+    pixels at a time until every pixel has a value (a flat fill continuing the known edge)."""
+    known_f = tf.cast(known, tf.float32)
+    start = x * known_f
+
+    def body(values, have, i):
+        total = _box(values * have, 3)
+        count = _box(have, 3)
+        new = tf.where(have > 0, values, tf.math.divide_no_nan(total, count))
+        return new, tf.cast(tf.logical_or(have > 0, count > 0), tf.float32), i + 1
+
+    values, _, _ = tf.while_loop(
+        lambda _v, have, i: tf.logical_and(tf.reduce_min(have) < 1.0, i < 2 * BACKGROUND_SIDE),
+        body,
+        [start, known_f, tf.constant(0)],
+    )
+    return values
 
 
 def _ink_is_dark(gray: tf.Tensor) -> tf.Tensor:

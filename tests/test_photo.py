@@ -83,6 +83,53 @@ def test_an_mnist_style_image_passes_through_nearly_unchanged(reference):
     assert np.abs(np.subtract(_centre_of_mass(again), _centre_of_mass(reference))).max() < 1
 
 
+def _on_a_desk(page: np.ndarray, frame: tuple[int, int], at: tuple[int, int], level: float):
+    """The page (float RGB) laid on a flat surface of `level` filling the rest of `frame`."""
+    out = np.full((*frame, 3), level) * np.array([1.0, 0.95, 0.85])
+    y, x = at
+    h, w = min(page.shape[0], frame[0] - y), min(page.shape[1], frame[1] - x)
+    out[y : y + h, x : x + w] = page[:h, :w]
+    return out
+
+
+@pytest.mark.parametrize(
+    "level, at",
+    [(0.1, (60, 80)), (0.3, (30, 20)), (0.2, (0, 120))],  # dark, grey; page running off one side
+    ids=["dark desk", "grey desk", "page cut by the frame"],
+)
+def test_a_page_on_a_desk_is_read_as_the_page_alone(reference, level, at):
+    """The surface around the page and the page's long sharp edge are not ink: the digit comes
+    out as it does from the page alone (before: the page's outline was the 'digit')."""
+    page = render_digit(7, (200, 200), box=(0.1, 0.3, 0.8))
+    photo = _on_a_desk(page, (320, 360), at, level)
+    [alone, on_desk] = _normalize(_encode(page, "PNG"), _encode(photo, "JPEG", quality=90))
+    assert _similar(alone, reference) > 0.9
+    assert _similar(on_desk, alone) > 0.9
+
+
+def test_a_thick_digit_touching_the_page_edge_is_kept(reference):
+    """A wide dark stroke that runs into the surface stays ink (only what is wider than a
+    stroke is surface)."""
+    page = render_digit(7, (200, 200), box=(0.0, 0.3, 1.0), pen=0.12)  # its bar at the top edge
+    photo = _on_a_desk(page, (300, 300), (80, 50), 0.1)
+    [alone, on_desk] = _normalize(_encode(page, "PNG"), _encode(photo, "PNG"))
+    assert _similar(on_desk, alone) > 0.9
+
+
+def test_no_surface_leaves_the_image_as_it_was():
+    """Dark ink on a page that fills the frame, a white digit on black (MNIST's own), a page
+    darkened towards a corner by a vignette: nothing is taken for a surface."""
+    from components.photo import _without_surface
+
+    h, w = 240, 320
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    vignette = 1 - 0.75 * ((yy - 0.5) ** 2 + (xx - 0.5) ** 2) * 2
+    photo = render_digit(4, (h, w), box=(0.2, 0.3, 0.6)).mean(-1) * vignette
+    for gray in (photo, 1 - photo, np.zeros((28, 28)) + (np.arange(28) % 7 == 0)):
+        x = tf.constant(gray, tf.float32)
+        assert np.array_equal(_without_surface(x).numpy(), x.numpy())
+
+
 @pytest.mark.parametrize("ink", [0.0, 1.0])
 def test_transparency_is_composited_so_the_digit_shows(reference, ink):
     """A drawing exported with the digit opaque on a transparent canvas (whose hidden pixels
@@ -333,6 +380,9 @@ def test_the_photo_generator_is_deterministic():
     for data, _, description in pens:
         assert "ballpoint" in description
         assert max(Image.open(io.BytesIO(data)).size) >= 1000  # phone-sized
+    desks = generate(2, 11, digits=digits, labels=labels, desk=True)
+    assert desks == generate(2, 11, digits=digits, labels=labels, desk=True)
+    assert all(" on a " in description for _, _, description in desks)
 
 
 @pytest.mark.e2e
