@@ -254,14 +254,22 @@ def export_saved_model(
 
 
 def published_versions(base: Path) -> list[int]:
-    """Complete versions under `base`, ascending (numeric folder names only)."""
+    """Complete versions under `base`, ascending: folders named by a version number as this
+    product writes it (no leading zero)."""
     if not Path(base).is_dir():
         return []
     return sorted(
         int(p.name)
         for p in Path(base).iterdir()
-        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+        if p.is_dir() and p.name.isdigit() and p.name == str(int(p.name)) and int(p.name) > 0
     )
+
+
+def _next_version(base: Path, latest: int | None) -> int:
+    """After the latest version and after any other entry with a number for a name (a file
+    "4", a folder "007" that TF Serving would read as version 7): never onto something there."""
+    taken = [int(p.name) for p in Path(base).iterdir() if p.name.isdigit()]
+    return max([latest or 0, *taken]) + 1
 
 
 def latest_version_dir(base: Path) -> Path | None:
@@ -392,7 +400,10 @@ def _versus_baseline(
 def publish_lock(base: Path) -> Iterator[None]:
     """An exclusive lock on the models folder, held while a version is chosen and written."""
     base.mkdir(parents=True, exist_ok=True)
-    with open(base / LOCK_FILE, "w") as f:
+    lock = base / LOCK_FILE
+    if lock.is_dir() and not lock.is_symlink():
+        raise PublishError(f"{lock} is a folder; the publish lock is a file: remove that folder")
+    with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -457,7 +468,7 @@ def publish_staged(
                 if latest is not None
                 else PublishError(f"baseline version {baseline_version} disappeared from {base}")
             )
-        version = (latest or 0) + 1
+        version = _next_version(base, latest)
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
             _write_version(staged, tmp, assets(version) if callable(assets) else assets)

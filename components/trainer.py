@@ -40,13 +40,14 @@ METADATA_FILE = "training_metadata.json"
 CHECKSUMS_FILE = "checksums.json"
 
 
-def _recorded(backup_dir: Path) -> list[dict] | None:
-    """The (weights, metadata, epoch) entries the checksum file vouches for; None when there is
-    no checksum file (a backup saved before its first checksum), [] when it is unreadable (then
-    no copy is trusted)."""
+def _recorded(backup_dir: Path) -> list[dict]:
+    """The (weights, metadata, epoch) entries the checksum file vouches for; [] when it is
+    missing or unreadable: then no copy is trusted (a backup whose checksums were lost could
+    hold anything; the one honest case, a kill between Keras saving epoch 1 and its checksum
+    being written, costs that one epoch)."""
     path = backup_dir / CHECKSUMS_FILE
-    if not path.exists():
-        return None
+    if not path.is_file():
+        return []
     try:
         value = json.loads(path.read_text())
         return [e for e in (value.get("latest"), value.get("previous")) if isinstance(e, dict)]
@@ -61,7 +62,7 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def _verified_epoch(
-    weights: Path, metadata: Path, recorded: list[dict] | None, max_epoch: int | None
+    weights: Path, metadata: Path, recorded: list[dict], max_epoch: int | None
 ) -> int | None:
     """The epoch a (weights, metadata) pair resumes at, or None when it is unreadable, does not
     match a recorded checksum, or claims an epoch outside the run's plan."""
@@ -78,7 +79,7 @@ def _verified_epoch(
         return None
     if max_epoch is not None and epoch > max_epoch:
         return None
-    if recorded is not None and not any(
+    if not any(
         (e.get("weights_sha256"), e.get("metadata_sha256"), e.get("epoch")) == (*shas, epoch)
         for e in recorded
     ):
@@ -86,13 +87,40 @@ def _verified_epoch(
     return epoch
 
 
+def _first_save_cut_short(backup_dir: Path) -> bool:
+    """Keras saved epoch 1 and the run stopped before its checksums were written: no checksum
+    file, no previous copy, and the metadata of epoch 1 (or none readable). Anything else
+    without checksums is not this moment, and is refused (`_readable_pair`)."""
+    if not backup_dir.is_dir() or (backup_dir / CHECKSUMS_FILE).exists():
+        return False
+    if any((backup_dir / f"{name}.bkp").exists() for name in (WEIGHTS_FILE, METADATA_FILE)):
+        return False
+    try:
+        epoch = json.loads((backup_dir / METADATA_FILE).read_text()).get("epoch")
+    except FileNotFoundError:
+        epoch = 1 if (backup_dir / WEIGHTS_FILE).exists() else None
+    except (OSError, ValueError, AttributeError):
+        epoch = 1  # cut short while writing it
+    return epoch == 1
+
+
 def _readable_pair(backup_dir: Path, max_epoch: int | None = None) -> tuple[Path, Path, int] | None:
     """The newest verified (weights, metadata, epoch) in a backup dir: the latest copy, else
     the previous one Keras keeps. None when there is no backup; BackupError when no copy
     passes its checksum and epoch checks."""
     weights, metadata = backup_dir / WEIGHTS_FILE, backup_dir / METADATA_FILE
+    if backup_dir.exists() and not backup_dir.is_dir():
+        raise BackupError(
+            f"{backup_dir} is not a folder (the run's backup belongs there): move it away, or "
+            f"pick another --run-name"
+        )
     if not weights.exists() and not metadata.exists():
         return None
+    if not (backup_dir / CHECKSUMS_FILE).is_file():
+        raise BackupError(
+            f"the backup in {backup_dir} has no {CHECKSUMS_FILE}, so none of its copies can "
+            f"be verified: delete that folder to start this run over, or pick another --run-name"
+        )
     recorded = _recorded(backup_dir)
     for w, m in ((weights, metadata), (Path(f"{weights}.bkp"), Path(f"{metadata}.bkp"))):
         epoch = _verified_epoch(w, m, recorded, max_epoch)
@@ -118,6 +146,16 @@ def resume_epoch(
     """
     backup_dir = Path(backup_dir)
     source = Path(restore_from) if restore_from is not None else backup_dir
+    if _first_save_cut_short(source):
+        log.warning(
+            "the backup in %s holds epoch 1 without its checksums (the run was stopped while "
+            "saving it), so it cannot be verified: training starts over",
+            source,
+        )
+        if source == backup_dir:  # else Keras would restore it
+            for name in (WEIGHTS_FILE, METADATA_FILE):
+                (backup_dir / name).unlink(missing_ok=True)
+        return 0
     found = _readable_pair(source, epochs)
     if found is None:
         return 0

@@ -63,12 +63,22 @@ def new_run_id() -> str:
 
 
 def update_latest(runs: Path, run_id: str) -> None:
-    """Point runs/latest at `run_id` atomically (a new link renamed over the old one)."""
+    """Point runs/latest at `run_id` atomically (a new link renamed over the old one). A
+    convenience link: when something else is in its place (a folder), that is left alone
+    with a warning, and the run goes on."""
     tmp = runs / f".latest-{run_id}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(run_id, tmp)
-    os.replace(tmp, runs / "latest")
+    try:
+        os.replace(tmp, runs / "latest")
+    except OSError as e:
+        tmp.unlink()
+        log.warning(
+            "could not point %s at this run (%s): move it away to have the link again",
+            runs / "latest",
+            e.strerror or e,
+        )
 
 
 STAGES = ("train", "export", "validate", "gate", "publish", "report")

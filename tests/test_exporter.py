@@ -190,6 +190,26 @@ def test_versions_strictly_increase_past_gaps(staged, tmp_path):
     assert _publish(staged, base, "r1", baseline=7).version == 8
 
 
+def test_a_numbered_name_that_is_not_a_version_is_never_written_onto(staged, tmp_path):
+    """A file "2" where the next version would go, and a folder "007" (TF Serving would read it
+    as version 7; we list only the names we write): the next version goes past both."""
+    base = tmp_path / "m"
+    assert _publish(staged, base, "r1").version == 1
+    (base / "2").write_text("x")
+    assert _publish(staged, base, "r2", baseline=1).version == 3
+    (base / "007").mkdir()
+    assert exporter.published_versions(base) == [1, 3]
+    assert _publish(staged, base, "r3", baseline=3).version == 8
+
+
+def test_a_folder_where_the_publish_lock_goes_is_a_one_line_publish_error(staged, tmp_path):
+    base = tmp_path / "m"
+    (base / exporter.LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(exporter.PublishError, match=r"\.publish\.lock is a folder.*remove"):
+        _publish(staged, base, "r1")
+    assert exporter.published_versions(base) == []
+
+
 def test_leftovers_of_a_killed_export_are_removed(staged, tmp_path):
     base = tmp_path / "m"
     (base / ".tmp-dead-run" / "variables").mkdir(parents=True)

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from components import exporter, trainer
+from components import exporter, files, trainer
 from components.data import DataError, Split, _registered_files
 from pipeline.config import small_config
 from pipeline.run import Paths, train_pipeline
@@ -189,6 +189,16 @@ def _backup(tmp_path, epochs_done):
             backup / f"{trainer.WEIGHTS_FILE}{suffix}",
         )
         (backup / f"{trainer.METADATA_FILE}{suffix}").write_text(json.dumps({"epoch": epoch}))
+    entries = [
+        {
+            "weights_sha256": files.sha256(backup / f"{trainer.WEIGHTS_FILE}{suffix}"),
+            "metadata_sha256": files.sha256(backup / f"{trainer.METADATA_FILE}{suffix}"),
+            "epoch": epoch,
+        }
+        for suffix, epoch in (("", epochs_done), (".bkp", epochs_done - 1))
+    ]
+    checksums = {"latest": entries[0], "previous": entries[1]}
+    (backup / trainer.CHECKSUMS_FILE).write_text(json.dumps(checksums))
     return backup
 
 
@@ -205,6 +215,35 @@ def test_garbled_backup_without_a_good_copy_stops_with_a_clear_error(tmp_path):
     (backup / trainer.METADATA_FILE).write_text("{not json")
     (backup / f"{trainer.WEIGHTS_FILE}.bkp").write_bytes(b"")
     with pytest.raises(trainer.BackupError, match="corrupt .* and has no good previous copy"):
+        trainer.resume_epoch(backup)
+
+
+def test_a_backup_without_its_checksums_is_not_trusted(tmp_path):
+    """Its copies could hold anything (zeroed weights in a valid HDF5 file resumed and were
+    published): no copy is used, and the error says what to do."""
+    backup = _backup(tmp_path, epochs_done=3)
+    (backup / trainer.CHECKSUMS_FILE).unlink()
+    with pytest.raises(trainer.BackupError, match="has no checksums.json, so none of its"):
+        trainer.resume_epoch(backup)
+
+
+def test_a_first_backup_cut_short_before_its_checksums_starts_over(tmp_path, caplog):
+    """Stopped between Keras saving epoch 1 and its checksums being written: that copy cannot
+    be verified, so it is dropped (with a warning) and training starts over; it costs one
+    epoch, and Keras does not restore the unverified copy."""
+    backup = _backup(tmp_path, epochs_done=1)
+    for name in (trainer.CHECKSUMS_FILE, f"{trainer.WEIGHTS_FILE}.bkp"):
+        (backup / name).unlink()
+    (backup / f"{trainer.METADATA_FILE}.bkp").unlink()
+    assert trainer.resume_epoch(backup) == 0
+    assert "holds epoch 1 without its checksums" in caplog.text
+    assert not (backup / trainer.WEIGHTS_FILE).exists()
+
+
+def test_a_file_where_the_backup_folder_belongs_is_an_error_not_a_fresh_start(tmp_path):
+    backup = tmp_path / "backup"
+    backup.write_text("x")
+    with pytest.raises(trainer.BackupError, match="is not a folder"):
         trainer.resume_epoch(backup)
 
 
@@ -563,6 +602,22 @@ def test_ctrl_c_before_the_run_began_is_one_word(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline_run, "train_pipeline", ctrl_c)
     assert cli.main(["train", "--artifacts-dir", str(tmp_path / "a")]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+
+
+def test_a_folder_named_latest_does_not_fail_a_published_run(tmp_path, caplog):
+    """runs/latest is a convenience link: a folder in its place is left alone with a warning
+    (the run, already published, still ends well) and no temporary link is left behind."""
+    from pipeline.run import update_latest
+
+    runs = tmp_path / "runs"
+    (runs / "latest").mkdir(parents=True)
+    (runs / "r1").mkdir()
+    update_latest(runs, "r1")
+    assert "could not point" in caplog.text and (runs / "latest").is_dir()
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "r1"]
+    (runs / "latest").rmdir()
+    update_latest(runs, "r1")
+    assert os.readlink(runs / "latest") == "r1"
 
 
 def test_a_write_that_fills_the_disk_names_its_file_and_leaves_nothing(tmp_path):
