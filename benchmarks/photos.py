@@ -753,6 +753,22 @@ def _current_graph(model: Any) -> Any:
     return predict_image
 
 
+OTHER_SETS = {
+    "ballpoint": "ballpoint photos (1000-2000 px, a pen 1-4% of the digit's height)",
+    "desk": "the page on a desk (a dark, grey or wooden surface fills 15-60% of the frame)",
+}
+
+
+def _set_line(title: str, r: dict[str, Any]) -> str:
+    """One line of a second photo set's figures."""
+    flagged_wrong = f"{r['mistakes_flagged']:.0%} of the wrong answers, " if r["failures"] else ""
+    return (
+        f"{title}: {r['correct']}/{r['photos']} right = {r['accuracy']:.1%} "
+        f"({r['refused']} refused); flagged uncertain: {flagged_wrong}"
+        f"{r['correct_flagged']:.1%} of the right ones"
+    )
+
+
 def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
     """What a person reads: the figures of `_measure`, then each misread photo."""
     print(
@@ -781,28 +797,9 @@ def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
         f"clean 28x28 test digits through serving_default: "
         f"{result['clean_28x28_accuracy_serving_default']:.2%} (10,000)"
     )
-    if "ballpoint" in result:
-        pens = result["ballpoint"]
-        print(
-            f"ballpoint photos (1000-2000 px, a pen 1-4% of the digit's height): "
-            f"{pens['correct']}/{pens['photos']} right = {pens['accuracy']:.1%} "
-            f"({pens['refused']} refused); flagged uncertain: "
-            + (f"{pens['mistakes_flagged']:.0%} of the wrong answers, " if pens["failures"] else "")
-            + f"{pens['correct_flagged']:.1%} of the right ones"
-        )
-    if "desk" in result:
-        desks = result["desk"]
-        print(
-            f"the page on a desk (a dark, grey or wooden surface fills 15-60% of the frame): "
-            f"{desks['correct']}/{desks['photos']} right = {desks['accuracy']:.1%} "
-            f"({desks['refused']} refused); flagged uncertain: "
-            + (
-                f"{desks['mistakes_flagged']:.0%} of the wrong answers, "
-                if desks["failures"]
-                else ""
-            )
-            + f"{desks['correct_flagged']:.1%} of the right ones"
-        )
+    for key, title in OTHER_SETS.items():
+        if key in result:
+            print(_set_line(title, result[key]))
     blank = result["blank_pages"]
     print(
         f"blank pages (same conditions, no digit) refused with InvalidArgument: "
@@ -814,7 +811,7 @@ def _print_result(result: dict[str, Any], n: int, seed: int) -> None:
         f"p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
         f"({lat['runs']} runs)"
     )
-    others = [f for key in ("ballpoint", "desk") for f in result.get(key, {}).get("failures", [])]
+    others = [f for key in OTHER_SETS for f in result.get(key, {}).get("failures", [])]
     for f in result["failures"] + others:
         what = "refused" if "refused" in f else f"read {f['predicted']}"
         print(f"  miss #{f['index']}: true {f['label']} {what}: {f['description']}")
