@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 
@@ -53,30 +55,117 @@ def write_manifest(
     (Path(folder) / name).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def damaged_files(folder: Path | str, name: str = VERSION_MANIFEST) -> list[str] | None:
-    """The files under `folder` that are missing or differ from its manifest; None when there
-    is no manifest (published before manifests were written: nothing to check against); an
-    unreadable manifest is itself damage."""
-    import json
+# What a version's manifest must list: a manifest that leaves out the SavedModel's graph or
+# weights (`{}` included) would vouch for a version whose model nobody checked.
+MANIFEST_COVERS = ("saved_model.pb", "variables")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
+
+def damaged_files(
+    folder: Path | str, name: str = VERSION_MANIFEST, covers: tuple[str, ...] = MANIFEST_COVERS
+) -> list[str] | None:
+    """The files under `folder` that are missing or differ from its manifest; None when there
+    is no manifest (published before manifests were written: nothing to check against). An
+    unreadable or invalid manifest (not {relative path: SHA-256}, or not listing each of
+    `covers`: a file, or every file under a folder) is itself damage; so is an entry naming
+    anything but a regular file inside `folder` (a device would be read forever)."""
     folder = Path(folder)
     path = folder / name
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        return [f"{name} (unreadable: {e})"]
+        manifest = _manifest(read_regular(path))
+        missing = [f for f in _covered(folder, covers) if f not in manifest]
+        if missing:
+            raise ValueError(f"does not list {', '.join(missing)}")
+    except (OSError, ValueError, RecursionError) as e:
+        return [f"{name} (invalid: {e})"]
     damaged = []
     for relative, digest in sorted(manifest.items()):
         try:
-            if sha256(folder / relative) != digest:
+            if regular_sha256(_inside(folder, relative)) != digest:
                 damaged.append(relative)
-        except OSError:
-            damaged.append(f"{relative} (missing or unreadable)")
+        except OSError as e:
+            damaged.append(f"{relative} ({e.strerror or 'missing or unreadable'})")
     return damaged
+
+
+def _manifest(data: bytes) -> dict[str, str]:
+    """{relative path: SHA-256} as `write_manifest` writes it, else ValueError saying why."""
+    import json
+
+    manifest = json.loads(data)
+    if not isinstance(manifest, dict):
+        raise ValueError("not a JSON object")
+    for relative, digest in manifest.items():
+        parts = PurePosixPath(relative).parts
+        if (
+            PurePosixPath(relative).as_posix() != relative  # "./a", "a//b", "a/"
+            or not parts
+            or parts[0] == "/"
+            or ".." in parts
+            or "\0" in relative
+        ):
+            raise ValueError(f"{relative!r} is not a path relative to the version folder")
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise ValueError(f"{relative!r}: {digest!r} is not a SHA-256")
+    return manifest
+
+
+def _covered(folder: Path, covers: tuple[str, ...]) -> list[str]:
+    """The relative paths a manifest must list: each of `covers`, or for a folder (not a link
+    to one) every file under it."""
+    paths = []
+    for cover in covers:
+        path = folder / cover
+        if path.is_dir() and not path.is_symlink():
+            paths += [p.relative_to(folder).as_posix() for p in sorted(path.rglob("*"))]
+        else:
+            paths.append(cover)
+    return [p for p in paths if not (folder / p).is_dir() or (folder / p).is_symlink()]
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """`folder/relative`, unless a link takes it out of `folder` (OSError)."""
+    import errno
+
+    path = folder / relative
+    try:
+        outside = not path.resolve().is_relative_to(folder.resolve())
+    except RuntimeError:  # a loop of links
+        outside = True
+    if outside:
+        raise OSError(errno.EXDEV, "a link out of the version folder", str(path))
+    return path
+
+
+def _open_regular(path: Path | str) -> io.BufferedReader:
+    """`path` opened for reading if it is a regular file, else OSError: a device (/dev/zero)
+    never ends and a FIFO blocks, so neither is opened; checked again once open (O_NONBLOCK:
+    a FIFO put there meanwhile does not block)."""
+    import errno
+    import stat
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path | str) -> bytes:
+    """The bytes of `path`, a regular file (`_open_regular`): for files a person or a damaged
+    disk may have replaced (a manifest, a model card)."""
+    with _open_regular(path) as f:
+        return f.read()
+
+
+def regular_sha256(path: Path | str) -> str:
+    """`sha256` of a regular file only (`_open_regular`)."""
+    with _open_regular(path) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

@@ -566,9 +566,7 @@ def _models(args: argparse.Namespace) -> int:
                 + (" (it goes back to the previous stable)" if args.action == "rollback" else "")
             )
         if args.action == "list":
-            rows = versions.list_versions(base)
-            print(json.dumps(rows, indent=2) if args.json else versions.format_table(rows))
-            return EXIT_OK
+            return _list_models(base, args.json)
         if args.action == "rollback":
             old, new, config = versions.rollback(base, args.base_path)
             print(f"stable: version {old} -> {new}; wrote {config}")
@@ -594,6 +592,18 @@ def _models(args: argparse.Namespace) -> int:
         return EXIT_OK
     except versions.VersionError as e:
         raise UsageError(str(e)) from None
+
+
+def _list_models(base: Path, as_json: bool) -> int:
+    """The table (or JSON) of versions, then a warning line for each label TF Serving could not
+    follow (on stderr with --json, so that stdout stays JSON)."""
+    from serving import versions
+
+    rows = versions.list_versions(base)
+    print(json.dumps(rows, indent=2) if as_json else versions.format_table(rows))
+    for line in versions.label_warnings(base, rows):
+        print(line, file=sys.stderr if as_json else sys.stdout)
+    return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:

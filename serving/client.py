@@ -101,6 +101,9 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
     path = Path(path)
     if version is not None and label is not None:
         raise FlagError("give --version or --label, not both")
+    problem = versions.not_a_folder(path)
+    if problem:
+        raise FlagError(f"--local: {problem}: give a SavedModel or a models folder")
     if not path.exists() and path.name.isdigit() and path.parent.is_dir():
         published = versions.published(path.parent)  # a version folder named that is not there
         if published:
@@ -115,32 +118,61 @@ def local_model_dir(path: Path, version: int | None = None, label: str | None = 
                 f"of a models base folder (e.g. {path.parent})"
             )
         return path
-    if version is None and label is None:
-        try:
-            labels = versions.read_labels(path)
-        except versions.VersionError as e:
-            raise ServerError(str(e)) from None
-        served = [v for v in (labels["stable"], labels["canary"]) if isinstance(v, int)]
-        return path / str(max(served)) if served else latest_version(path)
-    if label is not None:
-        try:
-            version = versions.read_labels(path).get(label) if label in versions.LABELS else None
-        except versions.VersionError as e:
-            raise ServerError(str(e)) from None
-        if version is None:
-            raise FlagError(
-                f"no version is labelled {label!r} under {path} (the labels are "
-                f"{' and '.join(versions.LABELS)}, set with `python -m pipeline models promote N` "
-                f"and `... canary N`)"
-            )
+    if version is None:
+        return _served_dir(path, label)
     chosen = path / str(version)
     if not (chosen / "saved_model.pb").is_file():
         published = versions.published(path) if path.is_dir() else []
         raise FlagError(
             f"no version {version} under {path} (published: "
             f"{', '.join(map(str, published)) or 'none'})"
+            + ("; that folder has no saved_model.pb" if version in published else "")
         )
     return chosen
+
+
+def _served_dir(path: Path, label: str | None) -> Path:
+    """The version `label` points to, or for a plain request (None) the newest labelled one
+    or else the latest; a label that points at a version that is gone or incomplete says so
+    and how to move it."""
+    from serving import versions
+
+    try:
+        labels = versions.read_labels(path)
+    except versions.VersionError as e:
+        raise ServerError(str(e)) from None
+    if label is not None and labels.get(label) is None:
+        raise FlagError(
+            f"no version is labelled {label!r} under {path} (the labels are "
+            f"{' and '.join(versions.LABELS)}, set with `python -m pipeline models promote N` "
+            f"and `... canary N`)"
+        )
+    served = {labels[k]: k for k in reversed(versions.LABELS) if labels[k] is not None}
+    if label is None and not served:
+        return _complete(path, latest_version(path), "the latest, no label is set")
+    version = labels[label] if label is not None else max(served)
+    key = label or served[version]
+    move = (
+        "`python -m pipeline models canary none` clears it"
+        if key == "canary"
+        else "`python -m pipeline models rollback` or `... models promote N` moves it"
+    )
+    if version not in versions.published(path):
+        raise ServerError(
+            f"label {key} points at version {version}, which is not published under {path} "
+            f"(published: {', '.join(map(str, versions.published(path))) or 'none'}): {move}"
+        )
+    return _complete(path, path / str(version), f"labelled {key}", move)
+
+
+def _complete(path: Path, chosen: Path, why: str, move: str | None = None) -> Path:
+    """`chosen` when it holds a SavedModel's graph (what is in it is checked on loading)."""
+    if (chosen / "saved_model.pb").is_file():
+        return chosen
+    raise ServerError(
+        f"version {chosen.name} ({why}) under {path} is incomplete: no saved_model.pb; "
+        + (move or "delete that folder, or label a version with `python -m pipeline models`")
+    )
 
 
 class LocalPredictor:

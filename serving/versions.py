@@ -33,6 +33,30 @@ def published(base: Path) -> list[int]:
     )
 
 
+def not_a_folder(path: Path) -> str | None:
+    """Why `path` (or a folder above it) cannot hold versions: a file, a device, a link to
+    nothing; None when it is a folder or is not there at all (nothing published yet)."""
+    for p in (*reversed(Path(path).parents), Path(path)):
+        if p.is_dir():
+            continue
+        if os.path.lexists(p):
+            what = "a link to nothing" if not p.exists() else "not a folder"
+            return f"{p} is {what}"
+        return None
+    return None
+
+
+def check_base(base: Path) -> None:
+    """The models folder is a folder, or not there yet (a file there would read as "nothing
+    published", and a publish or a label would fail on it later)."""
+    problem = not_a_folder(base)
+    if problem:
+        raise VersionError(
+            f"{problem}: the published versions go in the folder {base}; move it away "
+            f"(`make train` publishes there again)"
+        )
+
+
 def _labels_path(base: Path) -> Path:
     return Path(base).parent / LABELS_FILE
 
@@ -44,22 +68,40 @@ def read_labels(base: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"stable": None, "canary": None, "history": []}
     try:
-        value = json.loads(path.read_text())
-        if not isinstance(value, dict):
-            raise ValueError("expected a JSON object")
-        labels = {
-            "stable": value.get("stable"),
-            "canary": value.get("canary"),
-            "history": [v for v in value.get("history") or [] if isinstance(v, int)],
-        }
-        for key in LABELS:
-            if labels[key] is not None and not isinstance(labels[key], int):
-                raise ValueError(f"{key} must be a version number")
-    except (OSError, ValueError) as e:
+        from components.files import read_regular
+
+        labels = _valid_labels(json.loads(read_regular(path)))
+    except (OSError, ValueError, RecursionError) as e:
         raise VersionError(
-            f"{path} is not readable ({e}); delete it to serve the latest version again"
+            f"{path} cannot be used ({e}); fix it, or delete it to serve the latest version "
+            f"again (`models promote N` then writes it anew)"
         ) from None
     return labels
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the file has it, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_version(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0  # True is no 1
+
+
+def _valid_labels(value: Any) -> dict[str, Any]:
+    """`value` as labels, else ValueError saying what is wrong: stable and canary a version
+    number or null, history a list of version numbers."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    labels = {key: value.get(key) for key in LABELS}
+    for key in LABELS:
+        if labels[key] is not None and not _is_version(labels[key]):
+            raise ValueError(f"{key} must be a version number or null, not {_shown(labels[key])}")
+    history = value.get("history", [])
+    if not isinstance(history, list) or not all(_is_version(v) for v in history):
+        raise ValueError(f"history must be a list of version numbers, not {_shown(history)}")
+    return {**labels, "history": list(history)}
 
 
 def labelled(base: Path) -> set[int]:
@@ -71,49 +113,109 @@ def labelled(base: Path) -> set[int]:
     return {v for v in (labels["stable"], labels["canary"]) if isinstance(v, int)}
 
 
-def _card(version_dir: Path) -> dict[str, Any]:
+def _card(version_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """The version's model card (or, for an older version, its metrics) and, when the file
+    there cannot be read as one, why not."""
+    from components.files import read_regular
+
     extra = version_dir / "assets.extra"
     for name in ("model_card.json", "metrics.json"):
-        try:
-            return json.loads((extra / name).read_text())
-        except (OSError, ValueError):
+        if not os.path.lexists(extra / name):
             continue
-    return {}
+        try:
+            card = json.loads(read_regular(extra / name))
+        except (OSError, ValueError, RecursionError) as e:
+            return {}, f"{name} unreadable ({e})"
+        return (card, None) if isinstance(card, dict) else ({}, f"{name} is not a JSON object")
+    return {}, None
+
+
+def _card_fields(card: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The list's facts from a card, each None where the card does not hold it in the shape
+    the model card writes (and then named among the problems)."""
+    problems: list[str] = []
+
+    def part(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+        value = parent.get(key, {})
+        if isinstance(value, dict):
+            return value
+        problems.append(f"{where}{key} is not an object")
+        return {}
+
+    def fact(parent: dict[str, Any], key: str, where: str, kinds: tuple[type, ...]) -> Any:
+        value = parent.get(key)
+        if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+            return value
+        problems.append(f"{where}{key} is {_shown(value)}")
+        return None
+
+    details, lineage = part(card, "model_details", ""), part(card, "lineage", "")
+    quantitative = part(card, "quantitative_analysis", "")
+    code = part(lineage, "code", "lineage.")
+    number = (float, int)
+    fields = {
+        "accuracy": fact(quantitative, "accuracy", "quantitative_analysis.", number)
+        if "accuracy" in quantitative
+        else fact(card, "test_accuracy", "", number),
+        "date": fact(details, "date", "model_details.", (str,)),
+        "run_id": fact(details, "run_id", "model_details.", (str,))
+        if "run_id" in details
+        else fact(card, "run_id", "", (str,)),
+        "commit": fact(code, "commit", "lineage.code.", (str,)),
+        "data_fingerprint": fact(lineage, "data_fingerprint", "lineage.", (str,)),
+    }
+    return fields, problems
 
 
 def list_versions(base: Path) -> list[dict[str, Any]]:
+    check_base(base)
     labels = read_labels(base)
     rows = []
     for v in published(base):
-        card = _card(Path(base) / str(v))
-        details = card.get("model_details", {})
-        quantitative = card.get("quantitative_analysis", {})
-        lineage = card.get("lineage", {})
+        card, problem = _card(Path(base) / str(v))
+        fields, problems = _card_fields(card)
+        if problem:
+            problems.insert(0, problem)
         rows.append(
             {
                 "version": v,
                 "labels": [k for k in LABELS if labels[k] == v],
-                "accuracy": quantitative.get("accuracy", card.get("test_accuracy")),
-                "date": details.get("date"),
-                "run_id": details.get("run_id", card.get("run_id")),
-                "commit": (lineage.get("code") or {}).get("commit"),
-                "data_fingerprint": lineage.get("data_fingerprint"),
+                **fields,
                 "files": _files_state(Path(base) / str(v)),
+                "card": "unreadable: " + "; ".join(problems) if problems else "ok",
             }
         )
     return rows
 
 
+def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """A line for each label that points at a version that is not published or would not
+    serve: TF Serving would be told to load it."""
+    labels, states = read_labels(base), {r["version"]: r["files"] for r in rows}
+    fixes = {"stable": "`models promote N` moves it", "canary": "`models canary none` clears it"}
+    warnings = []
+    for key in LABELS:
+        v = labels[key]
+        if v is None or states.get(v, "").startswith(("ok", "unverified")):
+            continue
+        what = f"is {states[v]}" if v in states else "is not published"
+        warnings.append(f"warning: label {key} -> {v}: that version {what}; {fixes[key]}")
+    return warnings
+
+
+UNVERIFIED = "unverified: no SHA-256 manifest, never labelled"
+
+
 def _files_state(version_dir: Path) -> str:
-    """ "ok" (every file as published), "DAMAGED: <files>", or "unverified" (published before
-    versions carried their files' SHA-256)."""
+    """ "ok" (every file as published), "DAMAGED: <files>", "INCOMPLETE: ..." or UNVERIFIED
+    (published before versions carried their files' SHA-256, or not by `make train`)."""
     from components.files import damaged_files
 
     if not (Path(version_dir) / "saved_model.pb").is_file():
         return "INCOMPLETE: no saved_model.pb"
     damaged = damaged_files(version_dir)
     if damaged is None:
-        return "unverified"
+        return UNVERIFIED
     return "ok" if not damaged else "DAMAGED: " + ", ".join(damaged)
 
 
@@ -128,7 +230,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['version']:<8} {','.join(r['labels']) or '-':<14} {accuracy:<9} "
             f"{r['date'] or '-':<20} {r['run_id'] or '-':<31} "
             f"{(r['commit'] or '-')[:12]:<13} {(r['data_fingerprint'] or '-')[:12]:<13} "
-            f"{r['files']}"
+            f"{r['files']}" + ("" if r["card"] == "ok" else f" (model card {r['card']})")
         )
     return "\n".join(lines)
 
@@ -156,18 +258,29 @@ def model_server_config(labels: dict[str, Any], base_path: str) -> str:
     )
 
 
-def _write(base: Path, labels: dict[str, Any], base_path: str | None) -> Path:
+def _write(
+    base: Path, labels: dict[str, Any], base_path: str | None, verify: tuple[str, ...] = LABELS
+) -> Path:
     """Under the publish lock (the exporter's `.publish.lock`): a publish that prunes reads the
-    labels under the same lock, so it never deletes a version being labelled."""
+    labels under the same lock, so it never deletes a version being labelled. The `verify`
+    labels must point at versions that would serve."""
     import fcntl
 
     lock = Path(base) / ".publish.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as held:
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        held = open(lock, "w")
+    except OSError as e:
+        raise VersionError(
+            f"cannot take the publish lock {lock}: {e.strerror or e}"
+            + ("; it is a folder: remove it" if lock.is_dir() else "")
+            + "; nothing changed"
+        ) from None
+    with held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        for v in (labels["stable"], labels["canary"]):
-            if v is not None:
-                _require(base, v)  # not pruned while we waited for the lock
+        for key in verify:  # each still published (not pruned while we waited for the lock)
+            if labels[key] is not None:
+                _require(base, labels[key], key)
         return _write_locked(base, labels, base_path)
 
 
@@ -195,42 +308,40 @@ def _write_locked(base: Path, labels: dict[str, Any], base_path: str | None) -> 
     return root / CONFIG_FILE
 
 
-def _unparsable(saved_model_pb: Path) -> str | None:
-    """Why TF Serving's loader would reject this saved_model.pb at once (it does not parse as
-    a SavedModel, or has no graph with a serving_default signature), else None."""
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    model = saved_model_pb2.SavedModel()
-    try:
-        model.ParseFromString(saved_model_pb.read_bytes())
-    except (OSError, DecodeError) as e:
-        return f"saved_model.pb does not parse ({type(e).__name__})"
-    if not any("serving_default" in graph.signature_def for graph in model.meta_graphs):
-        return "saved_model.pb has no serving_default signature"
-    return None
+# How to point a label elsewhere when the version it points at cannot be kept.
+_MOVE_LABEL = {
+    "stable": "`models promote N` or `models rollback` moves it",
+    "canary": "`models canary none` clears it",
+}
 
 
-def _require(base: Path, version: int) -> None:
-    """`version` is published and its files are as published (TF Serving would load it)."""
+def _require(base: Path, version: int, label: str | None = None) -> None:
+    """`version` is published and its files are as published (TF Serving would load it). With
+    `label`: the version that label already points at, which is then named with the way out."""
+    pointed = f"label {label} points at version {version}, which" if label else ""
     if version not in published(base):
         raise VersionError(
-            f"version {version} is not published under {base} (published: "
+            f"{pointed or f'version {version}'} is not published under {base} (published: "
             f"{', '.join(map(str, published(base))) or 'none'})"
+            + (f"; nothing changed: {_MOVE_LABEL[label]}" if label else "")
         )
     state = _files_state(Path(base) / str(version))
-    if state == "unverified":  # no SHA-256 to check against (e.g. a SavedModel from elsewhere)
-        problem = _unparsable(Path(base) / str(version) / "saved_model.pb")
-        state = f"INCOMPLETE: {problem}" if problem else state
+    if state == UNVERIFIED:  # no SHA-256 to check against (e.g. a SavedModel from elsewhere)
+        raise VersionError(
+            f"{pointed or f'version {version}'} cannot be verified (it has no "
+            f"assets.extra/files_sha256.json); nothing changed: "
+            + (_MOVE_LABEL[label] if label else "publish it with `make train` to label it")
+        )
     if state.startswith(("DAMAGED", "INCOMPLETE")):
         raise VersionError(
-            f"version {version} would not serve ({state}); nothing changed: "
-            f"publish it again, or pick another (`models list`)"
+            f"{pointed or f'version {version}'} would not serve ({state}); nothing changed: "
+            + (_MOVE_LABEL[label] if label else "publish it again, or pick another (`models list`)")
         )
 
 
 def promote(base: Path, version: int, base_path: str | None = None) -> Path:
     """`version` becomes stable (the previous stable is remembered for rollback)."""
+    check_base(base)
     _require(base, version)
     labels = read_labels(base)
     if labels["stable"] is not None and labels["stable"] != version:
@@ -243,17 +354,21 @@ def promote(base: Path, version: int, base_path: str | None = None) -> Path:
 
 def canary(base: Path, version: int | None, base_path: str | None = None) -> Path:
     """Serve `version` as canary beside stable (None removes the canary)."""
+    check_base(base)
     labels = read_labels(base)
     if version is not None:
         _require(base, version)
         if labels["stable"] is None:
             raise VersionError("promote a stable version first: a canary runs beside stable")
     labels["canary"] = version
-    return _write(base, labels, base_path)
+    # Clearing the canary is always possible: it is the way out of a canary label pointing at
+    # a version that is gone, even while stable points at one too (promote then moves stable).
+    return _write(base, labels, base_path, LABELS if version is not None else ())
 
 
 def rollback(base: Path, base_path: str | None = None) -> tuple[int, int, Path]:
     """stable goes back to the previous stable. Returns (from, to, config path)."""
+    check_base(base)
     labels = read_labels(base)
     while labels["history"]:
         previous = labels["history"].pop()

@@ -28,6 +28,7 @@ def three_versions(exported, tmp_path):
                 }
             )
         )
+        write_manifest(base / str(v))  # as publishing writes it
     return base
 
 
@@ -165,8 +166,9 @@ def test_a_full_disk_while_labelling_changes_nothing(three_versions, monkeypatch
 
 
 def test_a_version_that_would_not_serve_is_never_labelled(three_versions, capsys):
-    """A damaged version (a file no longer as published) or a folder that is not a SavedModel
-    cannot be promoted or served as canary: TF Serving would fail to load what it is told to."""
+    """A damaged version (a file no longer as published), a folder that is not a SavedModel or
+    one with no manifest to verify it by cannot be promoted or served as canary: TF Serving
+    would fail to load what it is told to, or load a model nobody checked."""
     base = three_versions
     artifacts = ["--artifacts-dir", str(base.parents[1])]
     assert cli.main(["models", "promote", "1", *artifacts]) == 0
@@ -175,21 +177,20 @@ def test_a_version_that_would_not_serve_is_never_labelled(three_versions, capsys
     write_manifest(base / "5")  # as publishing writes it
     with open(base / "5" / "saved_model.pb", "r+b") as f:
         f.truncate(100)
-    shutil.copytree(base / "1", base / "6")  # no checksums (a SavedModel from elsewhere)
-    with open(base / "6" / "saved_model.pb", "r+b") as f:
-        f.truncate(1000)
+    shutil.copytree(base / "1", base / "6")
+    (base / "6" / "assets.extra" / "files_sha256.json").unlink()  # a SavedModel from elsewhere
     before = (base.parent / versions.CONFIG_FILE).read_text()
     capsys.readouterr()
-    for action, version, state in (
-        ("promote", "4", "INCOMPLETE: no saved_model.pb"),
-        ("canary", "4", "INCOMPLETE: no saved_model.pb"),
-        ("promote", "5", "DAMAGED: saved_model.pb"),
-        ("canary", "5", "DAMAGED: saved_model.pb"),
-        ("promote", "6", "INCOMPLETE: saved_model.pb does not parse (DecodeError)"),
+    for action, version, says in (
+        ("promote", "4", "version 4 would not serve (INCOMPLETE: no saved_model.pb)"),
+        ("canary", "4", "version 4 would not serve (INCOMPLETE: no saved_model.pb)"),
+        ("promote", "5", "version 5 would not serve (DAMAGED: saved_model.pb)"),
+        ("canary", "5", "version 5 would not serve (DAMAGED: saved_model.pb)"),
+        ("promote", "6", "version 6 cannot be verified"),
     ):
         assert cli.main(["models", action, version, *artifacts]) == cli.EXIT_USAGE
         err = capsys.readouterr().err
-        assert f"version {version} would not serve ({state}" in err and "nothing changed" in err
+        assert says in err and "nothing changed" in err and len(err.splitlines()) == 1, err
     assert (base.parent / versions.CONFIG_FILE).read_text() == before
     assert versions.read_labels(base)["stable"] == 1
 
@@ -221,3 +222,302 @@ def test_a_folder_where_a_labels_file_goes_is_one_line(three_versions, capsys, n
         code == cli.EXIT_USAGE and len(err) == 1 and f"{base.parent / name} is not a file" in err[0]
     )
     assert (base.parent / name).is_dir() and not (base.parent / f".{name}.tmp").exists()
+
+
+def _models(base, *args):
+    """`python -m pipeline models ARGS` on `base`'s artifacts folder: (exit code, out, err)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["models", *args, "--artifacts-dir", str(base.parents[1])])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _predict(base, tmp_path, *flags):
+    """`python -m serving predict DIGIT --local base FLAGS`: (exit code, stderr lines)."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from serving import cli as serving_cli
+
+    digit, pixels = tmp_path / "digit.npy", np.zeros((28, 28), np.uint8)
+    pixels[4:24, 12:16] = 255  # a "1"
+    np.save(digit, pixels)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = serving_cli.main(["predict", str(digit), "--local", str(base), *flags])
+    return code, err.getvalue().splitlines()
+
+
+def _snapshot(base):
+    """labels.json and models.config, as they are."""
+    return {p.name: p.read_bytes() for p in base.parent.glob("*.*") if p.is_file()}
+
+
+def _labelled_as_before(base, before):
+    """Nothing was labelled: labels.json and models.config are as they were."""
+    assert _snapshot(base) == before
+
+
+@pytest.mark.parametrize(
+    "name, card",
+    [
+        ("model_card.json", []),
+        ("model_card.json", {"model_details": "x"}),
+        ("model_card.json", {"lineage": [1]}),
+        ("model_card.json", {"lineage": {"code": {"commit": 5}}}),
+        ("model_card.json", {"quantitative_analysis": {"accuracy": True}}),
+        ("metrics.json", [1]),  # no model card: the metrics are read instead
+    ],
+)
+def test_a_model_card_of_the_wrong_shape_is_listed_as_unreadable(three_versions, name, card):
+    base = three_versions
+    extra = base / "3" / "assets.extra"
+    if name == "metrics.json":
+        (extra / "model_card.json").unlink()
+    (extra / name).write_text(json.dumps(card))
+    code, out, err = _models(base, "list")
+    assert code == 0 and not err, err
+    row = out.splitlines()[3]
+    assert row.startswith("3 ") and "DAMAGED: assets.extra/" in row
+    assert "(model card unreadable: " in row
+    code, out, err = _models(base, "list", "--json")
+    rows = json.loads(out)
+    assert rows[2]["card"].startswith("unreadable: ") and rows[2]["commit"] is None
+    assert rows[2]["accuracy"] is None and rows[0]["card"] == "ok" and rows[0]["run_id"] == "run-1"
+    code, _, err = _models(base, "promote", "3")  # the manifest says the card changed
+    assert code == cli.EXIT_USAGE and "version 3 would not serve (DAMAGED" in err
+
+
+@pytest.mark.parametrize(
+    "labels, wrong",
+    [
+        ({"stable": 2, "history": 5}, "history must be a list of version numbers, not 5"),
+        ({"stable": True, "history": [1]}, "stable must be a version number or null, not true"),
+        ({"stable": 2, "canary": "3"}, 'canary must be a version number or null, not "3"'),
+        ({"stable": 2, "history": [1, False]}, "history must be a list of version numbers"),
+        ({"stable": 0}, "stable must be a version number or null, not 0"),
+        ([2], "expected a JSON object"),
+    ],
+)
+def test_an_invalid_labels_file_is_one_line_naming_it(three_versions, tmp_path, labels, wrong):
+    base = three_versions
+    path = base.parent / versions.LABELS_FILE
+    path.write_text(json.dumps(labels))
+    before = _snapshot(base)
+    for args in (["list"], ["promote", "3"], ["canary", "3"], ["rollback"]):
+        code, out, err = _models(base, *args)
+        lines = err.splitlines()
+        assert code == cli.EXIT_USAGE and len(lines) == 1 and not out, (args, err)
+        assert lines[0].startswith(f"error: {path} cannot be used ({wrong}")
+        assert "delete it" in lines[0] and "`models promote N`" in lines[0]
+    _labelled_as_before(base, before)
+    assert versions.labelled(base) == {1, 2, 3}  # unreadable labels: nothing is pruned
+    code, lines = _predict(base, tmp_path)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {path} cannot be used"), (
+        lines
+    )
+
+
+def test_labels_pointing_at_no_published_version_say_how_to_move_them(three_versions, tmp_path):
+    base = three_versions
+    path = base.parent / versions.LABELS_FILE
+    path.write_text(json.dumps({"stable": 99, "canary": 98, "history": [97]}))
+    code, out, err = _models(base, "list")
+    assert code == 0 and not err
+    assert "warning: label stable -> 99: that version is not published; `models promote" in out
+    assert "warning: label canary -> 98: that version is not published; `models canary none`" in out
+    code, out, err = _models(base, "list", "--json")
+    assert [r["version"] for r in json.loads(out)] == [1, 2, 3] and "label stable -> 99" in err
+    code, lines = _predict(base, tmp_path)
+    assert code == 1 and len(lines) == 1
+    assert "label stable points at version 99, which is not published" in lines[0]
+    assert "models promote N` moves it" in lines[0]
+    code, lines = _predict(base, tmp_path, "--label", "canary")
+    assert code == 1 and "`python -m pipeline models canary none` clears it" in lines[0]
+    code, _, err = _models(base, "promote", "3")
+    assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1
+    assert "label canary points at version 98, which is not published" in err
+    assert "`models canary none` clears it" in err
+    code, _, err = _models(base, "rollback")
+    assert code == cli.EXIT_USAGE and "nothing to roll back to" in err
+    assert _models(base, "canary", "none")[0] == 0  # the way out, though stable is gone too
+    assert _models(base, "promote", "3")[0] == 0
+    assert versions.read_labels(base) == {"stable": 3, "canary": None, "history": [97, 99]}
+
+
+def test_a_labelled_version_without_its_graph_is_named_with_the_way_out(three_versions, tmp_path):
+    base = three_versions
+    assert _models(base, "promote", "2")[0] == 0
+    (base / "2" / "saved_model.pb").unlink()
+    code, lines = _predict(base, tmp_path)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"error: version 2 (labelled stable) under {base} is incomplete: no saved_model.pb"
+    )
+    assert "models rollback` or `... models promote N`" in lines[0]
+    code, lines = _predict(base, tmp_path, "--version", "2")
+    assert code == cli.EXIT_USAGE and "that folder has no saved_model.pb" in lines[0]
+    code, out, _ = _models(base, "list")
+    assert "warning: label stable -> 2: that version is INCOMPLETE: no saved_model.pb" in out
+    code, _, err = _models(base, "canary", "3")  # stable must move first
+    assert code == cli.EXIT_USAGE and "label stable points at version 2, which would not" in err
+
+
+def _flip(path, at=100, count=8):
+    data = bytearray(path.read_bytes())
+    data[at : at + count] = bytes(b ^ 0xFF for b in data[at : at + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "manifest, says",
+    [
+        ({}, "does not list saved_model.pb, variables/"),
+        ([], "not a JSON object"),
+        ({"saved_model.pb": "00"}, "'saved_model.pb': '00' is not a SHA-256"),
+        ("only saved_model.pb", "does not list variables/variables.data-00000-of-00001"),
+    ],
+)
+def test_a_manifest_that_vouches_for_too_little_is_damage(three_versions, manifest, says):
+    from components.files import damaged_files
+
+    base = three_versions
+    path = base / "3" / "assets.extra" / "files_sha256.json"
+    if manifest == "only saved_model.pb":
+        manifest = {"saved_model.pb": json.loads(path.read_text())["saved_model.pb"]}
+    path.write_text(json.dumps(manifest))
+    _flip(base / "3" / "saved_model.pb")
+    assert _models(base, "promote", "2")[0] == 0
+    before = _snapshot(base)
+    (damage,) = damaged_files(base / "3")
+    assert damage.startswith("assets.extra/files_sha256.json (invalid: ") and says in damage
+    code, out, _ = _models(base, "list")
+    assert code == 0 and "DAMAGED: assets.extra/files_sha256.json (invalid" in out
+    for action in ("promote", "canary"):
+        code, _, err = _models(base, action, "3")
+        assert code == cli.EXIT_USAGE and "version 3 would not serve (DAMAGED" in err
+    _labelled_as_before(base, before)
+
+
+@pytest.mark.parametrize("remove", ["assets.extra/files_sha256.json", "assets.extra"])
+def test_a_version_that_cannot_be_verified_is_never_labelled(three_versions, remove):
+    """No manifest: a version published before manifests, or copied in by hand. It is listed
+    and still served as the latest or compared with as a baseline (the trainer's gate), but
+    never labelled: nothing vouches that its files are the ones validated."""
+    from components.files import damaged_files
+
+    base = three_versions
+    target = base / "3" / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    data = base / "3" / "variables" / "variables.data-00000-of-00001"
+    data.write_bytes(bytes(data.stat().st_size))  # zeroed weights: nothing can tell
+    assert _models(base, "promote", "2")[0] == 0
+    before = _snapshot(base)
+    assert damaged_files(base / "3") is None  # unverified, not damaged: the trainer's view
+    code, out, _ = _models(base, "list")
+    assert code == 0 and "unverified: no SHA-256 manifest, never labelled" in out.splitlines()[3]
+    for action in ("promote", "canary"):
+        code, _, err = _models(base, action, "3")
+        assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1
+        assert "version 3 cannot be verified" in err and "`make train`" in err
+    _labelled_as_before(base, before)
+
+
+def _replace_with(path, kind):
+    import os
+
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(kind)
+
+
+@pytest.mark.parametrize(
+    "key, kind, says",
+    [
+        ("/dev/zero", None, "'/dev/zero' is not a path relative to the version folder"),
+        ("../../../../etc/hostname", None, "is not a path relative to the version folder"),
+        ("variables/../saved_model.pb", None, "is not a path relative to the version folder"),
+        ("./saved_model.pb", None, "is not a path relative to the version folder"),
+        ("zero", "/dev/zero", "zero (a link out of the version folder)"),
+        ("zero", "fifo", "zero (not a regular file)"),
+        ("zero", "folder", "zero (not a regular file)"),
+        ("zero", "/etc/hostname", "zero (a link out of the version folder)"),
+        ("assets.extra/files_sha256.json", "/dev/zero", "files_sha256.json (invalid: "),
+    ],
+)
+def test_a_manifest_naming_anything_but_a_file_of_the_version_is_damage(
+    three_versions, key, kind, says
+):
+    """Never opened (a device is read forever, a FIFO waits), never read outside the version,
+    and the trainer's baseline check says so instead of hanging."""
+    import signal
+
+    from components.files import damaged_files
+    from components.infra_validator import BaselineDamaged
+    from pipeline.stages import _check_baseline
+
+    base = three_versions
+    path = base / "3" / "assets.extra" / "files_sha256.json"
+    manifest = json.loads(path.read_text())
+    if kind is not None:
+        _replace_with(base / "3" / key, kind)
+    if key != "assets.extra/files_sha256.json":
+        path.write_text(json.dumps({**manifest, key: "0" * 64}))
+
+    def hung(*_):
+        raise TimeoutError("damaged_files hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)  # a hang fails the test, not the suite
+    signal.alarm(60)
+    try:
+        assert any(says in d for d in damaged_files(base / "3")), damaged_files(base / "3")
+        code, out, _ = _models(base, "list")
+        assert code == 0 and "DAMAGED: " in out.splitlines()[3]
+        assert _models(base, "promote", "3")[0] == cli.EXIT_USAGE
+        with pytest.raises(BaselineDamaged):
+            _check_baseline(base / "3")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("where", ["mnist", "models"])
+@pytest.mark.parametrize("kind", ["file", "/nonexistent/x", "/dev/null"])
+def test_a_models_folder_that_is_not_a_folder_is_one_line(tmp_path, where, kind):
+    base = tmp_path / "artifacts" / "models" / "mnist"
+    bad = base if where == "mnist" else base.parent
+    bad.parent.mkdir(parents=True)
+    bad.write_text("") if kind == "file" else bad.symlink_to(kind)
+    what = "a link to nothing" if kind.startswith("/nonexistent") else "not a folder"
+    for args in (["list"], ["promote", "3"], ["canary", "3"], ["rollback"]):
+        code, out, err = _models(base, *args)
+        assert code == cli.EXIT_USAGE and not out and len(err.splitlines()) == 1, (args, err)
+        assert err.startswith(f"error: {bad} is {what}: the published versions go in the folder")
+    code, lines = _predict(base, tmp_path)
+    assert code == cli.EXIT_USAGE and lines == [
+        f"error: --local: {bad} is {what}: give a SavedModel or a models folder"
+    ]
+
+
+def test_a_folder_where_the_publish_lock_goes_is_one_line(three_versions):
+    base = three_versions
+    assert _models(base, "promote", "1")[0] == 0 and _models(base, "promote", "2")[0] == 0
+    before = _snapshot(base)
+    (base / ".publish.lock").unlink()
+    (base / ".publish.lock").mkdir()
+    for args in (["promote", "3"], ["canary", "3"], ["rollback"]):
+        code, _, err = _models(base, *args)
+        assert code == cli.EXIT_USAGE and err == (
+            f"error: cannot take the publish lock {base / '.publish.lock'}: Is a directory; "
+            "it is a folder: remove it; nothing changed\n"
+        )
+    _labelled_as_before(base, before)
