@@ -65,14 +65,12 @@ class Prediction:
 
 
 def latest_version(base: Path) -> Path:
-    versions = (
-        sorted(int(p.name) for p in Path(base).iterdir() if p.is_dir() and p.name.isdigit())
-        if Path(base).is_dir()
-        else []
-    )
-    if not versions:
+    from serving.versions import published
+
+    numbers = published(Path(base))
+    if not numbers:
         raise ServerError(f"no published model under {base} (run `make train` first)")
-    return Path(base) / str(versions[-1])
+    return Path(base) / str(numbers[-1])
 
 
 def damaged_message(path: Path, damaged: list[str]) -> str:

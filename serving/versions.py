@@ -28,9 +28,13 @@ def published(base: Path) -> list[int]:
     base = Path(base)
     if not base.is_dir():
         return []
-    return sorted(
-        int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-    )
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and is_version_name(p.name))
+
+
+def is_version_name(name: str) -> bool:
+    """A version folder's name as the exporter writes it: a positive number, no leading zero
+    (a "007" is not listed as 7: its path would not be mnist/7)."""
+    return name.isdigit() and name == str(int(name)) and int(name) > 0
 
 
 def not_a_folder(path: Path) -> str | None:

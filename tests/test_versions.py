@@ -521,3 +521,13 @@ def test_a_folder_where_the_publish_lock_goes_is_one_line(three_versions):
             "it is a folder: remove it; nothing changed\n"
         )
     _labelled_as_before(base, before)
+
+
+def test_a_zero_padded_folder_is_not_listed_as_a_version(three_versions):
+    """ "007" is not a name the exporter writes: listed as 7 it would point at mnist/7, which
+    is not there (models list said INCOMPLETE; a damaged-baseline error named that folder)."""
+    from serving.client import latest_version
+
+    shutil.copytree(three_versions / "3", three_versions / "007")
+    assert versions.published(three_versions) == [1, 2, 3]
+    assert latest_version(three_versions) == three_versions / "3"
