@@ -182,8 +182,13 @@ def replaced(path: Path | str) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
-        if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)  # a folder (a SavedModel) is not replaced by a rename alone
+        # What is in the way makes way: a folder is not replaced by a rename alone (a
+        # SavedModel's previous copy, or a folder where this file belongs), nor is a file by
+        # a folder. Only our own artifacts' paths come here.
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif tmp.is_dir() and (path.exists() or path.is_symlink()):
+            path.unlink()
         os.replace(tmp, path)
     except BaseException as e:
         _remove(tmp)

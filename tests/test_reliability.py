@@ -639,6 +639,24 @@ def test_a_write_that_fills_the_disk_names_its_file_and_leaves_nothing(tmp_path)
     assert target.read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def test_whatever_is_in_the_way_of_an_artifact_makes_way(tmp_path):
+    """A folder where the run's file belongs (train/model.keras made a folder failed every
+    later attempt with "[Errno 21] Is a directory"), and a file where its folder belongs."""
+    from components import files
+
+    target = tmp_path / "model.keras"
+    (target / "inside").mkdir(parents=True)
+    files.write_text(target, "whole")
+    assert target.read_text() == "whole"
+    folder = tmp_path / "export"
+    folder.write_text("x")
+    with files.replaced(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "saved_model.pb").write_text("pb")
+    assert (folder / "saved_model.pb").read_text() == "pb"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "model.keras"]
+
+
 def test_h5pys_full_disk_report_is_one_line_with_its_file():
     import errno
 
