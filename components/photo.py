@@ -394,9 +394,7 @@ def _without_surface(gray: tf.Tensor) -> tf.Tensor:
     level = level[5:-5, 5:-5]
     # Wide only: a dark stroke that survived the closing (a thick pen) and touches the surface
     # is cut off from it here, and stays ink (edges replicated: a strip along the border stays).
-    dark = tf.cast(
-        _pad_edge(tf.cast(level < SURFACE_RATIO * page, tf.float32), SURFACE_WIDTH), tf.float32
-    )
+    dark = _pad_edge(tf.cast(level < SURFACE_RATIO * page, tf.float32), SURFACE_WIDTH)
     wide = (_dilate(_erode(dark, SURFACE_WIDTH), SURFACE_WIDTH) > 0)[
         SURFACE_WIDTH:-SURFACE_WIDTH, SURFACE_WIDTH:-SURFACE_WIDTH
     ]
@@ -477,9 +475,7 @@ def _background(bright_ink: tf.Tensor) -> tf.Tensor:
     than any stroke keeps lighting, vignette and shadow edges and removes the strokes. Done on
     the image resized to BACKGROUND_SIDE (so the window is a fixed size), then resized back."""
     shape = tf.shape(bright_ink)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    size = tf.maximum(1.0, tf.round(tf.stack([h, w]) * BACKGROUND_SIDE / tf.maximum(h, w)))
-    coarse = tf.image.resize(bright_ink[..., None], tf.cast(size, tf.int32), antialias=True)
+    coarse = _coarse(bright_ink)[..., None]
     k = int(round(OPENING_WINDOW * BACKGROUND_SIDE)) // 2 * 2 + 1
     # Edges replicated a window wide first: an opening cuts ramps short at the border otherwise.
     padded = _pad_edge(coarse[..., 0], k)[None, :, :, None]
