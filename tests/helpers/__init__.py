@@ -36,16 +36,18 @@ def make_digits(n: int, seed: int = 0, name: str = "train"):
 
 
 def wait_for_backup_epoch(run_dir: Path, proc, epoch: int = 1, timeout: float = 400) -> None:
-    """Block until the run's backup records `epoch` completed epochs (or `proc` ends)."""
-    from components.trainer import METADATA_FILE
+    """Block until the run's backup is complete for `epoch` epochs (or `proc` ends): its
+    checksums vouch for that epoch. (Keras's own metadata file says the epoch a moment
+    earlier; a signal in between finds an unverifiable first save, and the run starts over.)"""
+    from components.trainer import CHECKSUMS_FILE
 
-    meta = run_dir / "backup" / METADATA_FILE
+    checksums = run_dir / "backup" / CHECKSUMS_FILE
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:
-            if json.loads(meta.read_text())["epoch"] >= epoch:
+            if json.loads(checksums.read_text())["latest"]["epoch"] >= epoch:
                 return
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
         time.sleep(0.05)
 
