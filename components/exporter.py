@@ -403,7 +403,13 @@ def publish_lock(base: Path) -> Iterator[None]:
     lock = base / LOCK_FILE
     if lock.is_dir() and not lock.is_symlink():
         raise PublishError(f"{lock} is a folder; the publish lock is a file: remove that folder")
-    with open(lock, "w") as f:
+    try:
+        handle = files.open_lock(lock)
+    except files.NotALockFile as e:
+        raise PublishError(
+            f"cannot take the publish lock {lock}: {e.strerror}: remove it"
+        ) from None
+    with handle as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

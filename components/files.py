@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -205,6 +207,32 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+class NotALockFile(OSError):
+    """Something other than a regular file where a lock file belongs."""
+
+
+def open_lock(path: Path | str, create: bool = True) -> IO[str]:
+    """A lock file, opened (made if missing, unless not `create`: FileNotFoundError) for
+    `fcntl.flock`: never blocks on what is in its place (a named pipe would block `open`
+    until a writer came) and refuses anything but a regular file (NotALockFile, naming it)."""
+    flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, 0o644)  # (a folder: IsADirectoryError)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotALockFile(errno.EINVAL, "not a regular file (a lock file belongs there)", path)
+    return os.fdopen(fd, "r+")
+
+
+def folder(path: Path | str) -> Path:
+    """One of our artifacts' folders, made if missing; a file (or a link to anything but a
+    folder) in its place makes way, as a folder in a file's place does in `replaced`."""
+    path = Path(path)
+    if not path.is_dir() and (path.is_symlink() or path.exists()):
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager

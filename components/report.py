@@ -342,6 +342,7 @@ def render_html(
         for k, m in per_class
     )
     provenance = _provenance_html(metrics)
+    settings = json.dumps(config, indent=2, sort_keys=True) if config else "(not recorded)"
 
     def img(name: str) -> str:
         return _figure_html(figures, name)
@@ -365,7 +366,7 @@ def render_html(
 {img("first_test.png")}
 {_sections_html(sections or {})}
 <h2>Config</h2>
-<pre id="config">{e(json.dumps(config or {}, indent=2, sort_keys=True))}</pre>
+<pre id="config">{e(settings)}</pre>
 </body></html>
 """
 
@@ -480,8 +481,9 @@ def write_report(
     """Write every figure as a PNG and index.html embedding them; return the paths written.
     `figures`: already drawn by `build_figures` from these predictions and history;
     `sections`: text sections of the page (`render_html`)."""
-    report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    from components.files import folder
+
+    report_dir = folder(report_dir)  # (`make report` refuses a file there before coming here)
     if figures is None:
         figures = build_figures(predictions, metrics, history)
     files = {**figures, "index.html": render_html(figures, metrics, config, sections).encode()}

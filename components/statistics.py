@@ -89,7 +89,12 @@ def write(path: Path, stats: statistics_pb2.DatasetFeatureStatisticsList) -> Non
 
 
 def read(path: Path) -> statistics_pb2.DatasetFeatureStatisticsList:
-    return statistics_pb2.DatasetFeatureStatisticsList.FromString(Path(path).read_bytes())
+    """The statistics written by `write`; ValueError for a file that parses (an empty file is
+    a valid, empty message) but holds no split."""
+    stats = statistics_pb2.DatasetFeatureStatisticsList.FromString(Path(path).read_bytes())
+    if not stats.datasets:
+        raise ValueError(f"{path} holds no split's statistics")
+    return stats
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from components import files
 from pipeline import stages
 from pipeline.config import TrainConfig
 from pipeline.stages import write_json
@@ -163,7 +164,7 @@ def _stage_outputs(layout: stages.RunLayout) -> dict[str, list[Path]]:
         "validate": [layout.served, layout.predictions],
         "gate": [layout.blessing],
         "publish": [layout.publication],
-        "report": [],
+        "report": [layout.report],
     }
 
 
@@ -208,7 +209,7 @@ def worker_scratch(workers: Path, name: str) -> tuple[Path, Any]:
             if folder.name.startswith("."):
                 continue  # (nothing of ours: every scratch folder is renamed into place)
             try:
-                with open(folder / ".lock", "r+") as probe:
+                with files.open_lock(folder / ".lock", create=False) as probe:
                     if _flock(probe, blocking=False):
                         log.info("removing the scratch folder a killed worker left: %s", folder)
                         shutil.rmtree(folder, ignore_errors=True)
@@ -340,11 +341,15 @@ def rebuild_report(run_dir: Path) -> list[Path]:
         )
     predictions = report.load_predictions(run_dir / report.PREDICTIONS_FILE)
     config = _read_json_object(run_dir / "config.json")
+    settings = config.get("requested", config)
+    if not isinstance(settings, dict) or "epochs" not in settings:
+        log.warning("%s holds no run settings: the report shows none", run_dir / "config.json")
+        settings = {}
     return report.write_report(
         run_dir / "report",
         predictions,
         metrics,
         metrics.get("history"),
-        config.get("requested", config),
+        settings,
         sections=stages.report_sections(stages.RunLayout(run_dir), metrics),
     )

@@ -158,7 +158,7 @@ def write_record(
     """stages/<name>.json: when the stage finished, how long it took, its outputs and their
     SHA-256 (what lets a resumed run trust them), and what the stage adds (inputs, settings,
     metrics)."""
-    run.layout.records.mkdir(parents=True, exist_ok=True)
+    files.folder(run.layout.records)
     write_json(
         run.layout.records / f"{name}.json",
         {
@@ -200,7 +200,12 @@ def _lock_run(run_dir: Path) -> Any:
     instead of both training into the same backup."""
     import fcntl
 
-    handle = open(run_dir / ".lock", "w")
+    try:
+        handle = files.open_lock(run_dir / ".lock")
+    except files.NotALockFile as e:
+        raise RunStateError(
+            f"run {run_dir.name}: {e.filename} is {e.strerror}: remove it"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -423,9 +428,9 @@ def _open_run_dir(run: Run, stats: Any, test: Any) -> None:
     run.resuming = prepare_run_dir(run.layout.root, run.config, run.effective.to_dict())
     run.lock = _lock_run(run.layout.root)
     log.info("run %s -> %s%s", run.run_id, run.layout.root, " (resuming)" if run.resuming else "")
-    run.layout.statistics.parent.mkdir(parents=True, exist_ok=True)
+    files.folder(run.layout.statistics.parent)
     statistics.write(run.layout.statistics, stats)
-    run.layout.evaluation.mkdir(parents=True, exist_ok=True)
+    files.folder(run.layout.evaluation)
     save_npz(run.layout.examples, images=test.images, labels=test.labels)
 
 
@@ -574,7 +579,7 @@ def train(run: Run) -> dict[str, Any]:
         and run.effective.strategy in ("default", "one_device")
         else None
     )
-    run.layout.model.parent.mkdir(parents=True, exist_ok=True)
+    files.folder(run.layout.model.parent)
     with files.replaced(run.layout.model) as tmp:
         result.model.save(tmp)
     write_json(run.layout.history, result.history)

@@ -270,10 +270,12 @@ def _write(
     labels must point at versions that would serve."""
     import fcntl
 
+    from components.files import open_lock
+
     lock = Path(base) / ".publish.lock"
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        held = open(lock, "w")
+        held = open_lock(lock)  # (a named pipe there would block `open`)
     except OSError as e:
         raise VersionError(
             f"cannot take the publish lock {lock}: {e.strerror or e}"

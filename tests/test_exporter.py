@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from components import exporter
 from components.data import preprocess
+from tests.helpers import no_hang
 
 
 def _images(n=8, seed=0):
@@ -207,6 +208,17 @@ def test_a_folder_where_the_publish_lock_goes_is_a_one_line_publish_error(staged
     (base / exporter.LOCK_FILE).mkdir(parents=True)
     with pytest.raises(exporter.PublishError, match=r"\.publish\.lock is a folder.*remove"):
         _publish(staged, base, "r1")
+    assert exporter.published_versions(base) == []
+
+
+def test_a_named_pipe_where_the_publish_lock_goes_is_refused_not_waited_on(staged, tmp_path):
+    """`open` of a FIFO for writing blocks until a reader comes: the publish would hang."""
+    base = tmp_path / "m"
+    base.mkdir()
+    os.mkfifo(base / exporter.LOCK_FILE)
+    with no_hang(30):
+        with pytest.raises(exporter.PublishError, match=r"\.publish\.lock: not a regular file"):
+            _publish(staged, base, "r1")
     assert exporter.published_versions(base) == []
 
 

@@ -132,6 +132,24 @@ def test_rebuild_report(tmp_path, tiny_data, monkeypatch):
     assert redraw.returncode == 0, redraw.stderr[-2000:]
 
 
+def test_a_report_from_emptied_statistics_and_config_says_what_it_left_out(
+    tmp_path, tiny_data, caplog
+):
+    """An empty statistics.pb parses (an empty message) and `{}` is valid JSON: the report is
+    redrawn without them, and says so, rather than showing an empty table as the data's."""
+    result = train_pipeline(small_config(device="cpu"), Paths(tmp_path / "a"), data=tiny_data)
+    assert 'id="statistics"' in (result.run_dir / "report" / "index.html").read_text()
+    (result.run_dir / "data" / "statistics.pb").write_bytes(b"")
+    (result.run_dir / "config.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        rebuild_report(result.run_dir)
+    warned = caplog.text
+    assert "statistics.pb holds no split's statistics): left out" in warned
+    assert "config.json holds no run settings" in warned
+    html = (result.run_dir / "report" / "index.html").read_text()
+    assert 'id="statistics"' not in html and '<pre id="config">(not recorded)</pre>' in html
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not a zip", "one array", "other arrays"])
 def test_a_damaged_report_input_is_one_line_and_exit_4(tmp_path, damage, capsys):
     from pipeline.cli import main

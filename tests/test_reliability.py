@@ -4,6 +4,7 @@ The slow tests run the CLI as subprocesses on a subset of the real MNIST (CI has
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pipeline.run import Paths, train_pipeline
 from tests.helpers import (
     ROOT,
     SHARED_MNIST,
+    no_hang,
     requires_mnist,
     small_run_flags,
     train_cmd,
@@ -341,6 +343,40 @@ def test_a_run_killed_after_training_does_not_train_again(tmp_path, tiny_data, m
     assert fits == [] and result.metrics["published_version"] == 1
     assert (run_dir / "train" / "model.keras").stat().st_mtime_ns == model_before
     assert result.metrics["epochs_trained"] == 2
+
+
+@pytest.mark.parametrize("name", ["stages", "data", "evaluation", "train", "report"])
+def test_a_file_where_a_runs_folder_belongs_makes_way_when_the_run_is_taken_up(
+    tmp_path, tiny_data, name
+):
+    """A named run taken up again with one of its folders replaced by a file: its stages
+    write that folder again (they failed with "[Errno 17] File exists"), and a report
+    that is not the one the stage wrote is redrawn, not trusted from its record."""
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu")
+    first = train_pipeline(config, paths, run_id="r1", data=tiny_data)
+    run_dir = first.run_dir
+    shutil.rmtree(run_dir / name)
+    (run_dir / name).write_text("in the way")
+    (run_dir / "metrics.json").unlink()
+    result = train_pipeline(config, paths, run_id="r1", data=tiny_data)
+    assert (run_dir / name).is_dir() and (run_dir / "metrics.json").is_file()
+    assert (run_dir / "report" / "index.html").is_file()
+    assert result.metrics["test_accuracy"] == first.metrics["test_accuracy"]
+
+
+def test_a_named_pipe_where_a_runs_lock_goes_is_refused_not_waited_on(tmp_path, tiny_data):
+    from pipeline.stages import RunStateError
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu")
+    run_dir = train_pipeline(config, paths, run_id="r1", data=tiny_data).run_dir
+    (run_dir / "metrics.json").unlink()
+    (run_dir / ".lock").unlink()
+    os.mkfifo(run_dir / ".lock")
+    with no_hang(60):
+        with pytest.raises(RunStateError, match=r"\.lock is not a regular file.*remove it"):
+            train_pipeline(config, paths, run_id="r1", data=tiny_data)
 
 
 def test_no_backup_starts_at_epoch_zero(tmp_path):

@@ -2,7 +2,9 @@
 parses as tensorflow-serving-api's ModelServerConfig; labelled versions are never pruned."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 from google.protobuf import text_format
@@ -12,6 +14,7 @@ from components import exporter
 from components.files import write_manifest
 from pipeline import cli
 from serving import versions
+from tests.helpers import no_hang
 
 
 @pytest.fixture
@@ -459,7 +462,6 @@ def test_a_manifest_naming_anything_but_a_file_of_the_version_is_damage(
 ):
     """Never opened (a device is read forever, a FIFO waits), never read outside the version,
     and the trainer's baseline check says so instead of hanging."""
-    import signal
 
     from components.files import damaged_files
     from components.infra_validator import BaselineDamaged
@@ -520,6 +522,21 @@ def test_a_folder_where_the_publish_lock_goes_is_one_line(three_versions):
             f"error: cannot take the publish lock {base / '.publish.lock'}: Is a directory; "
             "it is a folder: remove it; nothing changed\n"
         )
+    _labelled_as_before(base, before)
+
+
+def test_a_named_pipe_where_the_publish_lock_goes_is_one_line(three_versions):
+    base = three_versions
+    assert _models(base, "promote", "1")[0] == 0
+    before = _snapshot(base)
+    (base / ".publish.lock").unlink()
+    os.mkfifo(base / ".publish.lock")
+    with no_hang(30):
+        code, _, err = _models(base, "promote", "3")
+    assert code == cli.EXIT_USAGE and err == (
+        f"error: cannot take the publish lock {base / '.publish.lock'}: not a regular file "
+        "(a lock file belongs there); nothing changed\n"
+    )
     _labelled_as_before(base, before)
 
 

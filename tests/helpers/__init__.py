@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -76,3 +78,20 @@ def small_run_flags(train_examples: int) -> list[str]:
         "--tfds-manual-dir",
         str(SHARED_MNIST),
     ]
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int):
+    """A call that would block (an `open` of a named pipe) fails the test with TimeoutError
+    after `seconds` instead of stalling the suite."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
