@@ -223,8 +223,8 @@ def serving_figures(model_dir: str) -> dict[str, float]:
 def photo_figures(model_dir: str, manual_dir: str | None) -> dict[str, Any]:
     """The photo benchmark (benchmarks/photos.py) on the default run's published model: 300
     photo-like renderings of MNIST test digits through `predict_image`, the `uncertain` flag's
-    rates, 60 phone-sized ballpoint photos, 60 photos of the page on a desk, and batch-1 latency
-    on a 1000x1000 JPEG."""
+    rates, 60 phone-sized ballpoint photos, 60 photos of the page on a desk, 40 of a small
+    digit in a large photo, and batch-1 latency on a 1000x1000 JPEG."""
     import tensorflow as tf
 
     from benchmarks import photos
@@ -240,10 +240,16 @@ def photo_figures(model_dir: str, manual_dir: str | None) -> dict[str, Any]:
     desks = photos.evaluate(
         signature, photos.generate(60, 0, digits=digits, labels=labels, desk=True)
     )
+    smalls = photos.evaluate(
+        signature, photos.generate(40, 0, digits=digits, labels=labels, small=True)
+    )
     latency = photos.latency(signature, photos.latency_photo(digits, labels, 0))
     return {
         "desk_accuracy": desks["accuracy"],
         "desk_n": desks["photos"],
+        "small_accuracy": smalls["accuracy"],
+        "small_n": smalls["photos"],
+        "small_refused": smalls["refused"],
         "ballpoint_accuracy": pens["accuracy"],
         "ballpoint_n": pens["photos"],
         "ballpoint_refused": pens["refused"],
@@ -500,6 +506,12 @@ def format_table(r: dict[str, Any]) -> str:
         + (
             f"; the page on a desk ({r['desk_n']}): {r['desk_accuracy']:.1%} right"
             if "desk_n" in r
+            else ""
+        )
+        + (
+            f"; a small ballpoint digit in a large photo ({r['small_n']}): "
+            f"{r['small_accuracy']:.1%} right, {r['small_refused']} refused"
+            if "small_n" in r
             else ""
         ),
         "",

@@ -14,6 +14,8 @@ with a pen 1-4% of the digit's height wide, a hairline at MNIST's scale once fit
 `generate(..., desk=True)` photographs the page lying on a darker surface (a dark or grey desk,
 wood grain) that fills 15-60% of the frame, the page slightly turned and sometimes cut by the
 frame's edge: the surface and the page's edge must not be taken for ink.
+`generate(..., small=True)`: a ballpoint digit only 6-12% of a 1500-2400 px photo's height, as
+when a whole page is photographed: its strokes are a fraction of a pixel at the analysis size.
 Everything is drawn from seeded generators, so the same (n, seed) gives the same bytes, and
 photo k is the same whatever n. `generate_blank` renders the same pages with no digit.
 
@@ -62,12 +64,13 @@ def generate(
     size: tuple[int, int] | None = None,
     ballpoint: bool = False,
     desk: bool = False,
+    small: bool = False,
 ) -> list[Photo]:
     """`n` photo-like renderings of distinct MNIST test digits, deterministic in (n, seed).
 
     `digits`/`labels` default to the MNIST test split; `size` (width, height) fixes the canvas;
-    `ballpoint`: phone-sized photos of a thin pen; `desk`: the page on a desk (the module's
-    docstring).
+    `ballpoint`: phone-sized photos of a thin pen; `desk`: the page on a desk; `small`: a
+    ballpoint digit small in a large photo (the module's docstring).
     """
     if digits is None or labels is None:
         digits, labels = load_test_digits()
@@ -77,7 +80,9 @@ def generate(
     photos = []
     for k, i in enumerate(chosen):
         sample_rng = np.random.default_rng([seed, k])
-        data, description = render(digits[i], sample_rng, size=size, ballpoint=ballpoint, desk=desk)
+        data, description = render(
+            digits[i], sample_rng, size=size, ballpoint=ballpoint, desk=desk, small=small
+        )
         photos.append((data, int(labels[i]), f"test[{i}] {description}"))
     return photos
 
@@ -97,18 +102,21 @@ def render(
     size: tuple[int, int] | None = None,
     ballpoint: bool = False,
     desk: bool = False,
+    small: bool = False,
 ) -> tuple[bytes, str]:
     """One MNIST digit (uint8 [28, 28], white on black) as an encoded photo of handwriting;
     `digit` None gives a blank page under the same conditions (which must be refused)."""
     # Each step appends what it did to `notes` and draws from `rng` in a fixed order: the same
     # generator gives the same bytes.
     notes: list[str] = []
-    width, height = _canvas_size(rng, size, (1000, 2000) if ballpoint else (120, 1000))
+    sides = (1500, 2400) if small else (1000, 2000) if ballpoint else (120, 1000)
+    width, height = _canvas_size(rng, size, sides)
     notes.append(f"{width}x{height}")
     paper, page = _paper(rng, width, height)
     page = _ruled(rng, page, notes)
-    trace = _ballpoint_trace(digit, rng, notes) if ballpoint else _pen_trace(digit, rng, notes)
-    alpha = _place(trace, rng, width, height, notes)
+    pen = ballpoint or small
+    trace = _ballpoint_trace(digit, rng, notes) if pen else _pen_trace(digit, rng, notes)
+    alpha = _place(trace, rng, width, height, notes, (0.06, 0.12) if small else (0.25, 0.85))
     ink = _ink(rng, paper, notes)
     opacity = rng.uniform(0.85, 1.0)
     a = (opacity * alpha)[..., None]
@@ -275,13 +283,18 @@ def _thinned(mask: np.ndarray) -> np.ndarray:
 
 
 def _place(
-    trace: Any, rng: np.random.Generator, width: int, height: int, notes: list[str]
+    trace: Any,
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    notes: list[str],
+    share: tuple[float, float] = (0.25, 0.85),
 ) -> np.ndarray:
-    """The trace at a random size and place on the page (sometimes touching a border), as
-    ink coverage [height, width] in 0..1."""
+    """The trace at a random size (`share` of the shorter side) and place on the page
+    (sometimes touching a border), as ink coverage [height, width] in 0..1."""
     from PIL import Image
 
-    digit_height = rng.uniform(0.25, 0.85) * min(width, height)
+    digit_height = rng.uniform(*share) * min(width, height)
     scale = min(
         digit_height / trace.height, 0.95 * width / trace.width, 0.95 * height / trace.height
     )
@@ -676,6 +689,12 @@ def _parser() -> argparse.ArgumentParser:
         help="photos of the page lying on a desk (default 60; 0 skips them)",
     )
     parser.add_argument(
+        "--small",
+        type=int,
+        default=40,
+        help="photos of a small ballpoint digit in a large photo (default 40; 0 skips them)",
+    )
+    parser.add_argument(
         "--blank",
         type=int,
         default=50,
@@ -723,6 +742,9 @@ def _measure(
     if args.desk:
         desks = generate(args.desk, args.seed, digits=digits, labels=labels, desk=True)
         result["desk"] = evaluate(signature, desks)
+    if args.small:
+        smalls = generate(args.small, args.seed, digits=digits, labels=labels, small=True)
+        result["small"] = evaluate(signature, smalls)
     blanks = generate_blank(args.blank, args.seed)
     result["blank_pages"] = {"n": len(blanks), "refused": refusals(signature, blanks)}
     big = latency_photo(digits, labels, args.seed)
@@ -731,6 +753,7 @@ def _measure(
         "n": args.n,
         "ballpoint": args.ballpoint,
         "desk": args.desk,
+        "small": args.small,
         "seed": args.seed,
         "model_dir": str(args.model_dir),
         "generate_seconds": generated_s,
@@ -756,6 +779,7 @@ def _current_graph(model: Any) -> Any:
 OTHER_SETS = {
     "ballpoint": "ballpoint photos (1000-2000 px, a pen 1-4% of the digit's height)",
     "desk": "the page on a desk (a dark, grey or wooden surface fills 15-60% of the frame)",
+    "small": "small in a large photo (a ballpoint digit 6-12% of a 1500-2400 px photo's height)",
 }
 
 

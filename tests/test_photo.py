@@ -238,6 +238,16 @@ def test_a_thin_pen_photographed_large_is_read_whole_with_mnist_strokes(digit):
     assert _similar(out, felt) > 0.8
 
 
+def test_a_small_thin_digit_in_a_large_photo_is_read_not_refused():
+    """A ballpoint 7 an eighth of a 12-megapixel-like photo's height (a digit on a whole page):
+    averaged with its paper by the downscale, its ink's contrast is under MIN_CONTRAST (it was
+    refused as "too faint"), but it stands far above the noise: read like the felt-pen 7."""
+    felt = _normalize(_encode(render_digit(7, (300, 400), box=(0.1, 0.3, 0.8)), "PNG"))[0]
+    photo = render_digit(7, (1512, 2016), box=(0.4, 0.6, 0.12), pen=0.015, seed=3)
+    [out] = _normalize(_encode(photo, "JPEG", quality=85))
+    assert _similar(out, felt) > 0.9
+
+
 def _png_header_claiming(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     chunk = b"IHDR" + ihdr
@@ -383,6 +393,13 @@ def test_the_photo_generator_is_deterministic():
     desks = generate(2, 11, digits=digits, labels=labels, desk=True)
     assert desks == generate(2, 11, digits=digits, labels=labels, desk=True)
     assert all(" on a " in description for _, _, description in desks)
+    smalls = generate(1, 11, digits=digits, labels=labels, small=True)
+    assert smalls == generate(1, 11, digits=digits, labels=labels, small=True)
+    [(data, _, description)] = smalls
+    size = Image.open(io.BytesIO(data)).size
+    high = int(description.split("digit ")[1].split("px high")[0])
+    assert "ballpoint" in description and max(size) >= 1500
+    assert 0.05 <= high / min(size) <= 0.13  # a small digit in a large photo
 
 
 @pytest.mark.e2e
