@@ -289,6 +289,20 @@ def _from_photo(path: Path, data: bytes) -> LoadedInput:
     return dataclasses.replace(item, notes=(*item.notes, *sorted(said))) if said else item
 
 
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif")
+
+
+def _heif_advice(data: bytes) -> str:
+    """What to do with a HEIC/HEIF/AVIF photo (an iPhone's default format), which neither
+    Pillow nor TensorFlow decodes: its ISO-BMFF `ftyp` box names the brand."""
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        return (
+            f": a {data[8:12].decode()} (HEIF) photo, as phones save by default; save it as "
+            f"JPEG first (iPhone: Settings > Camera > Formats > Most Compatible)"
+        )
+    return ""
+
+
 def _read_photo(path: Path, data: bytes) -> LoadedInput:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -302,7 +316,7 @@ def _read_photo(path: Path, data: bytes) -> LoadedInput:
         raise InputError(
             f"{path}: not an image the client can read "
             f"(PNG, JPEG, GIF, BMP, .npy or IDX expected)"
-            + (": the file is empty" if not data else "")
+            + (": the file is empty" if not data else _heif_advice(data))
         ) from None
     except OSError as e:
         raise InputError(
