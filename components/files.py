@@ -213,23 +213,46 @@ class NotALockFile(OSError):
     """Something other than a regular file where a lock file belongs."""
 
 
+NOT_A_LOCK = "not a regular file (a lock file belongs there)"
+
+
 def open_lock(path: Path | str, create: bool = True) -> IO[str]:
     """A lock file, opened (made if missing, unless not `create`: FileNotFoundError) for
     `fcntl.flock`: never blocks on what is in its place (a named pipe would block `open`
-    until a writer came) and refuses anything but a regular file (NotALockFile, naming it)."""
+    until a writer came), never opens a device, and refuses anything but a regular file
+    (NotALockFile, naming it: a folder keeps its "Is a directory")."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise NotALockFile(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise NotALockFile(errno.EINVAL, NOT_A_LOCK, str(path))
+    except FileNotFoundError:
+        if not create:
+            raise
     flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    fd = os.open(path, flags, 0o644)  # (a folder: IsADirectoryError)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:  # (in its place since the check: a socket, a loop, a folder)
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ELOOP, errno.EOPNOTSUPP):
+            raise NotALockFile(e.errno, e.strerror or NOT_A_LOCK, str(path)) from None
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise NotALockFile(errno.EINVAL, "not a regular file (a lock file belongs there)", path)
+        raise NotALockFile(errno.EINVAL, NOT_A_LOCK, str(path))
     return os.fdopen(fd, "r+")
 
 
 def folder(path: Path | str) -> Path:
-    """One of our artifacts' folders, made if missing; a file (or a link to anything but a
-    folder) in its place makes way, as a folder in a file's place does in `replaced`."""
+    """One of our artifacts' folders, made if missing; a file in its place makes way, as a
+    folder in a file's place does in `replaced`. A link is someone's choice: a link to a
+    folder is used, any other link (dangling: a drive not mounted) is FileExistsError."""
     path = Path(path)
-    if not path.is_dir() and (path.is_symlink() or path.exists()):
+    if path.is_symlink() and not path.is_dir():
+        raise FileExistsError(
+            errno.EEXIST, "a link to something that is not a folder (move it away)", str(path)
+        )
+    if path.exists() and not path.is_dir():
         path.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path

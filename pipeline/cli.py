@@ -612,7 +612,7 @@ def _report(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     if not (run_dir / "metrics.json").is_file():
         raise UsageError(f"{run_dir} is not a finished run (no metrics.json)")
-    if (run_dir / "report").exists() and not (run_dir / "report").is_dir():
+    if os.path.lexists(run_dir / "report") and not (run_dir / "report").is_dir():
         return _fail(EXIT_PUBLISH, f"{run_dir / 'report'} is not a folder: move it away")
     from components.report import ReportWriteError
 

@@ -203,7 +203,7 @@ def worker_scratch(workers: Path, name: str) -> tuple[Path, Any]:
     # (in the temporary folder, named after `workers`: the artifacts folder keeps no lock file;
     # the processes this serialises are on one host, as flock's locks are)
     key = hashlib.sha256(str(workers.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"mnist-workers-{key}.lock", "w") as sweep:
+    with files.open_lock(Path(tempfile.gettempdir()) / f"mnist-workers-{key}.lock") as sweep:
         _flock(sweep, blocking=True)
         for folder in workers.iterdir():
             if folder.name.startswith("."):

@@ -204,7 +204,7 @@ def _lock_run(run_dir: Path) -> Any:
         handle = files.open_lock(run_dir / ".lock")
     except files.NotALockFile as e:
         raise RunStateError(
-            f"run {run_dir.name}: {e.filename} is {e.strerror}: remove it"
+            f"run {run_dir.name}: {e.filename} is {files.NOT_A_LOCK}: remove it"
         ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -289,17 +289,22 @@ def _from_photo(path: Path, data: bytes) -> LoadedInput:
     return dataclasses.replace(item, notes=(*item.notes, *sorted(said))) if said else item
 
 
-HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif")
+HEIC_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+AVIF_BRANDS = (b"avif", b"avis")
 
 
 def _heif_advice(data: bytes) -> str:
-    """What to do with a HEIC/HEIF/AVIF photo (an iPhone's default format), which neither
-    Pillow nor TensorFlow decodes: its ISO-BMFF `ftyp` box names the brand."""
-    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+    """What to do with a HEIC/HEIF photo (an iPhone's default format) or an AVIF, which
+    neither Pillow nor TensorFlow decodes: its ISO-BMFF `ftyp` box names the brand."""
+    if data[4:8] != b"ftyp":
+        return ""
+    if data[8:12] in HEIC_BRANDS:
         return (
-            f": a {data[8:12].decode()} (HEIF) photo, as phones save by default; save it as "
-            f"JPEG first (iPhone: Settings > Camera > Formats > Most Compatible)"
+            ": a HEIC/HEIF photo, as phones save by default; save it as JPEG first "
+            "(iPhone: Settings > Camera > Formats > Most Compatible)"
         )
+    if data[8:12] in AVIF_BRANDS:
+        return ": an AVIF image; save it as JPEG or PNG first"
     return ""
 
 

@@ -620,15 +620,18 @@ def test_cli_a_photo_without_a_digit_is_a_clear_error(exported, tmp_path, capsys
         assert Image.open(tmp_path / "seen.png").size[1] == 8 + 2 * (28 * 6 + 8)
 
 
-@pytest.mark.parametrize("brand", [b"heic", b"mif1", b"avif"])
+@pytest.mark.parametrize("brand", [b"heic", b"mif1"])
 def test_a_phones_heif_photo_is_refused_with_what_to_do(tmp_path, brand):
     """Neither Pillow nor TensorFlow decodes HEIC (an iPhone's default): say so, and how to
     get a JPEG, rather than only "not an image"."""
     path = tmp_path / "IMG_0001.HEIC"
     path.write_bytes(b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x00\x00mif1heic" + bytes(64))
     with pytest.raises(
-        InputError, match=r"\(HEIF\) photo, as phones save by default; save it as JPEG"
+        InputError, match=r"a HEIC/HEIF photo, as phones save by default; save it as JPEG"
     ):
+        load_inputs([path])
+    path.write_bytes(b"\x00\x00\x00\x1cftypavif" + bytes(64))
+    with pytest.raises(InputError, match=r": an AVIF image; save it as JPEG or PNG first$"):
         load_inputs([path])
     path.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(64))  # an MP4: no such advice
     with pytest.raises(InputError) as e:

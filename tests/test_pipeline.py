@@ -197,6 +197,19 @@ def test_a_file_where_the_report_goes_is_one_line_and_exit_6(tmp_path, capsys):
     assert err == [f"error: {run / 'report'} is not a folder: move it away"]
 
 
+def test_a_dangling_link_where_the_report_goes_is_one_line_and_kept(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    (run / "report").symlink_to(tmp_path / "not-mounted")
+    assert main(["report", str(run)]) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run / 'report'} is not a folder: move it away"]
+    assert (run / "report").is_symlink()
+
+
 def test_figures_drawn_from_other_predictions_are_not_used():
     import concurrent.futures
     import hashlib

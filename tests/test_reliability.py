@@ -365,7 +365,8 @@ def test_a_file_where_a_runs_folder_belongs_makes_way_when_the_run_is_taken_up(
     assert result.metrics["test_accuracy"] == first.metrics["test_accuracy"]
 
 
-def test_a_named_pipe_where_a_runs_lock_goes_is_refused_not_waited_on(tmp_path, tiny_data):
+@pytest.mark.parametrize("kind", ["named pipe", "folder"])
+def test_a_named_pipe_where_a_runs_lock_goes_is_refused_not_waited_on(tmp_path, tiny_data, kind):
     from pipeline.stages import RunStateError
 
     paths = Paths(tmp_path / "artifacts")
@@ -373,7 +374,7 @@ def test_a_named_pipe_where_a_runs_lock_goes_is_refused_not_waited_on(tmp_path, 
     run_dir = train_pipeline(config, paths, run_id="r1", data=tiny_data).run_dir
     (run_dir / "metrics.json").unlink()
     (run_dir / ".lock").unlink()
-    os.mkfifo(run_dir / ".lock")
+    os.mkfifo(run_dir / ".lock") if kind == "named pipe" else (run_dir / ".lock").mkdir()
     with no_hang(60):
         with pytest.raises(RunStateError, match=r"\.lock is not a regular file.*remove it"):
             train_pipeline(config, paths, run_id="r1", data=tiny_data)
@@ -691,6 +692,54 @@ def test_whatever_is_in_the_way_of_an_artifact_makes_way(tmp_path):
         (tmp / "saved_model.pb").write_text("pb")
     assert (folder / "saved_model.pb").read_text() == "pb"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "model.keras"]
+
+
+def test_a_link_to_a_folder_is_used_and_any_other_link_is_refused_not_removed(tmp_path):
+    """A link where a run's folder belongs is someone's choice (a report folder on another
+    drive): a link to a folder is written through, and a dangling one (that drive not
+    mounted) or a link to a file is refused, never removed; a plain file makes way."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("kept")
+    linked = tmp_path / "report"
+    linked.symlink_to(elsewhere)
+    assert files.folder(linked) == linked and linked.is_symlink()
+    assert (elsewhere / "mine.txt").read_text() == "kept"
+    for name, target in (
+        ("train", tmp_path / "not-mounted" / "x"),
+        ("data", elsewhere / "mine.txt"),
+    ):
+        link = tmp_path / name
+        link.symlink_to(target)
+        with pytest.raises(FileExistsError, match="a link to something that is not a folder"):
+            files.folder(link)
+        assert link.is_symlink()
+    plain = tmp_path / "stages"
+    plain.write_text("in the way")
+    assert files.folder(plain).is_dir()
+    assert (elsewhere / "mine.txt").read_text() == "kept"
+
+
+def test_a_lock_file_is_never_waited_on_opened_as_a_device_or_taken_for_a_folder(tmp_path):
+    import socket
+
+    fifo, folder, sock, device = (tmp_path / n for n in ("fifo", "folder", "sock", "device"))
+    os.mkfifo(fifo)
+    folder.mkdir()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    device.symlink_to("/dev/null")
+    try:
+        for path in (fifo, folder, sock, device):
+            with no_hang(10), pytest.raises(files.NotALockFile) as e:
+                files.open_lock(path)
+            assert e.value.filename == str(path), path
+    finally:
+        server.close()
+    with files.open_lock(tmp_path / "new.lock") as handle:  # made when missing
+        assert handle.fileno() >= 0
+    with pytest.raises(FileNotFoundError):
+        files.open_lock(tmp_path / "absent.lock", create=False)
 
 
 def test_h5pys_full_disk_report_is_one_line_with_its_file():
