@@ -556,8 +556,8 @@ def _digit_from_residual(residual: tf.Tensor) -> tf.Tensor:
             _assert(
                 _is_digit(evidence),
                 [
-                    "no digit found: the image is blank, or its ink is too faint or too small "
-                    "(a digit should fill a good part of the photo: crop closer to it) "
+                    "no digit found: the image is blank, or its ink is too faint or too small; "
+                    "a digit should fill a good part of the photo: crop closer to it "
                     "(contrast, ink/noise, pixels, height, width):",
                     evidence["contrast"],
                     evidence["snr"],
