@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -401,11 +402,13 @@ def publish_lock(base: Path) -> Iterator[None]:
     """An exclusive lock on the models folder, held while a version is chosen and written."""
     base.mkdir(parents=True, exist_ok=True)
     lock = base / LOCK_FILE
-    if lock.is_dir() and not lock.is_symlink():
-        raise PublishError(f"{lock} is a folder; the publish lock is a file: remove that folder")
     try:
         handle = files.open_lock(lock)
-    except files.NotALockFile as e:
+    except files.NotARegularFile as e:
+        if e.errno == errno.EISDIR:
+            raise PublishError(
+                f"{lock} is a folder; the publish lock is a file: remove that folder"
+            ) from None
         raise PublishError(
             f"cannot take the publish lock {lock}: {e.strerror}: remove it"
         ) from None

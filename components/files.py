@@ -129,7 +129,6 @@ def _covered(folder: Path, covers: tuple[str, ...]) -> list[str]:
 
 def _inside(folder: Path, relative: str) -> Path:
     """`folder/relative`, unless a link takes it out of `folder` (OSError)."""
-    import errno
 
     path = folder / relative
     try:
@@ -141,20 +140,35 @@ def _inside(folder: Path, relative: str) -> Path:
     return path
 
 
-def _open_regular(path: Path | str) -> io.BufferedReader:
-    """`path` opened for reading if it is a regular file, else OSError: a device (/dev/zero)
-    never ends and a FIFO blocks, so neither is opened; checked again once open (O_NONBLOCK:
-    a FIFO put there meanwhile does not block)."""
-    import errno
-    import stat
+class NotARegularFile(OSError):
+    """Something other than a regular file where one belongs (a device, a FIFO, a socket)."""
 
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+def _regular_fd(path: Path | str, flags: int, strerror: str = "not a regular file") -> int:
+    """`path` opened with `flags` if it is a regular file (or missing, with O_CREAT), else
+    NotARegularFile: checked before opening, so a device (/dev/zero never ends) is never
+    opened, and again once open (O_NONBLOCK: a FIFO put there meanwhile does not block)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise NotARegularFile(errno.EINVAL, strerror, str(path))
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:  # (in its place since the check: a socket, a loop, a folder)
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ELOOP, errno.EOPNOTSUPP):
+            raise NotARegularFile(e.errno, strerror, str(path)) from None
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return os.fdopen(fd, "rb")
+        raise NotARegularFile(errno.EINVAL, strerror, str(path))
+    return fd
+
+
+def _open_regular(path: Path | str) -> io.BufferedReader:
+    """`path` opened for reading if it is a regular file (`_regular_fd`), else OSError."""
+    return os.fdopen(_regular_fd(path, os.O_RDONLY), "rb")
 
 
 def read_regular(path: Path | str) -> bytes:
@@ -209,37 +223,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-class NotALockFile(OSError):
-    """Something other than a regular file where a lock file belongs."""
-
-
 NOT_A_LOCK = "not a regular file (a lock file belongs there)"
 
 
 def open_lock(path: Path | str, create: bool = True) -> IO[str]:
     """A lock file, opened (made if missing, unless not `create`: FileNotFoundError) for
-    `fcntl.flock`: never blocks on what is in its place (a named pipe would block `open`
-    until a writer came), never opens a device, and refuses anything but a regular file
-    (NotALockFile, naming it: a folder keeps its "Is a directory")."""
-    try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISDIR(mode):
-            raise NotALockFile(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(mode):
-            raise NotALockFile(errno.EINVAL, NOT_A_LOCK, str(path))
-    except FileNotFoundError:
-        if not create:
-            raise
-    flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as e:  # (in its place since the check: a socket, a loop, a folder)
-        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ELOOP, errno.EOPNOTSUPP):
-            raise NotALockFile(e.errno, e.strerror or NOT_A_LOCK, str(path)) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise NotALockFile(errno.EINVAL, NOT_A_LOCK, str(path))
+    `fcntl.flock` (`_regular_fd`): never a wait on a named pipe (`open` would block until a
+    writer came) nor a device opened; anything but a regular file is NotARegularFile naming
+    it, a folder with its "Is a directory"."""
+    if os.path.isdir(path):
+        raise NotARegularFile(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    fd = _regular_fd(path, os.O_RDWR | (os.O_CREAT if create else 0), NOT_A_LOCK)
     return os.fdopen(fd, "r+")
 
 
@@ -274,7 +268,6 @@ def os_error_text(e: OSError) -> str:
     """`e` on one line: shutil.copytree's error (a list of (source, destination, reason)) as
     its first reason; a full disk as the OS words it, with its file (h5py, writing Keras's
     backups, words it as a multi-line HDF5 report with the file named inside)."""
-    import errno
     import re
     import shutil
 
@@ -293,7 +286,6 @@ def os_error_text(e: OSError) -> str:
 
 def disk_full(e: OSError) -> bool:
     """A full disk behind `e` (shutil.copytree's error carries it only as text)."""
-    import errno
 
     return e.errno == errno.ENOSPC or "No space left on device" in str(e)
 

@@ -202,7 +202,7 @@ def _lock_run(run_dir: Path) -> Any:
 
     try:
         handle = files.open_lock(run_dir / ".lock")
-    except files.NotALockFile as e:
+    except files.NotARegularFile as e:
         raise RunStateError(
             f"run {run_dir.name}: {e.filename} is {files.NOT_A_LOCK}: remove it"
         ) from None

@@ -731,7 +731,7 @@ def test_a_lock_file_is_never_waited_on_opened_as_a_device_or_taken_for_a_folder
     device.symlink_to("/dev/null")
     try:
         for path in (fifo, folder, sock, device):
-            with no_hang(10), pytest.raises(files.NotALockFile) as e:
+            with no_hang(10), pytest.raises(files.NotARegularFile) as e:
                 files.open_lock(path)
             assert e.value.filename == str(path), path
     finally:
