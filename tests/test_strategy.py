@@ -209,7 +209,10 @@ def test_two_replicas_take_the_same_step_as_one():
         print(json.dumps({"diff": diff, "moved": moved, "replicas": result["two_replicas"]}))
     """)
     assert out["replicas"] == 2 and out["moved"] > 1e-4
-    assert out["diff"] < 1e-6
+    # float32: the all-reduce sums the two halves' gradients in another order, and Adam's
+    # first step divides each by its own magnitude, so tiny gradients differ by ~1e-6 (1.15e-6
+    # seen on CI) out of a step of ~1e-3: two orders of magnitude under any real difference.
+    assert out["diff"] < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["mirrored", "one_device"])
