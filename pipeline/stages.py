@@ -568,6 +568,9 @@ def train(run: Run) -> dict[str, Any]:
     # data on a first run draws from Python's `random`, which Keras's default seeds come from)
     # must not change the initial weights.
     keras.utils.set_random_seed(run.config.seed)
+    # Before the fit, not after it: a link where the model goes (a drive not mounted) must
+    # stop the run before its training, not lose it at the save.
+    files.folder(run.layout.model.parent)
     result = _fit(run)
     run.history = result.history
     # Later stages run on the chief alone: a model whose variables are mirrored across workers
@@ -579,7 +582,6 @@ def train(run: Run) -> dict[str, Any]:
         and run.effective.strategy in ("default", "one_device")
         else None
     )
-    files.folder(run.layout.model.parent)
     with files.replaced(run.layout.model) as tmp:
         result.model.save(tmp)
     write_json(run.layout.history, result.history)

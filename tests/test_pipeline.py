@@ -210,6 +210,24 @@ def test_a_dangling_link_where_the_report_goes_is_one_line_and_kept(tmp_path, ca
     assert (run / "report").is_symlink()
 
 
+def test_a_dangling_link_where_the_model_goes_stops_the_run_before_training(tmp_path, monkeypatch):
+    """train/ linked to a drive that is not mounted: the run stops before the fit (nothing
+    trained is lost at the save), and the link is kept."""
+    from types import SimpleNamespace
+
+    from pipeline import stages
+
+    layout = stages.RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    layout.model.parent.symlink_to(tmp_path / "not-mounted")
+    fits = []
+    monkeypatch.setattr(stages, "_fit", lambda run: fits.append(run))
+    run = SimpleNamespace(config=SimpleNamespace(seed=0), layout=layout)
+    with pytest.raises(FileExistsError, match="a link to something that is not a folder"):
+        stages.train(run)
+    assert fits == [] and layout.model.parent.is_symlink()
+
+
 def test_figures_drawn_from_other_predictions_are_not_used():
     import concurrent.futures
     import hashlib
