@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
 import logging
 import math
@@ -401,23 +399,12 @@ def _versus_baseline(
 def publish_lock(base: Path) -> Iterator[None]:
     """An exclusive lock on the models folder, held while a version is chosen and written."""
     base.mkdir(parents=True, exist_ok=True)
-    lock = base / LOCK_FILE
     try:
-        handle = files.open_lock(lock)
+        handle = files.open_lock(base / LOCK_FILE)
     except files.NotARegularFile as e:
-        if e.errno == errno.EISDIR:
-            raise PublishError(
-                f"{lock} is a folder; the publish lock is a file: remove that folder"
-            ) from None
-        raise PublishError(
-            f"cannot take the publish lock {lock}: {e.strerror}: remove it"
-        ) from None
-    with handle as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        raise PublishError(files.lock_refusal(e, "the publish lock", base / LOCK_FILE)) from None
+    with files.holding(handle):
+        yield
 
 
 def remove_leftovers(base: Path) -> list[str]:

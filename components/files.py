@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -129,7 +130,6 @@ def _covered(folder: Path, covers: tuple[str, ...]) -> list[str]:
 
 def _inside(folder: Path, relative: str) -> Path:
     """`folder/relative`, unless a link takes it out of `folder` (OSError)."""
-
     path = folder / relative
     try:
         outside = not path.resolve().is_relative_to(folder.resolve())
@@ -237,6 +237,26 @@ def open_lock(path: Path | str, create: bool = True) -> IO[str]:
     return os.fdopen(fd, "r+")
 
 
+def lock_refusal(e: OSError, what: str, path: Path | str) -> str:
+    """Why `what` (the lock file at `path`, `open_lock`) cannot be taken, with what to do."""
+    if not isinstance(e, NotARegularFile):
+        return f"cannot take {what} {path}: {e.strerror or e}"
+    problem = "it is a folder" if e.errno == errno.EISDIR else e.strerror
+    return f"cannot take {what} {path}: {problem}: remove it"
+
+
+@contextlib.contextmanager
+def holding(handle: IO[str]) -> Iterator[None]:
+    """An exclusive flock on an open lock file (`open_lock`) for the block, waiting for its
+    holder first; the file closed after."""
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def folder(path: Path | str) -> Path:
     """One of our artifacts' folders, made if missing; a file in its place makes way, as a
     folder in a file's place does in `replaced`. A link is someone's choice: a link to a
@@ -286,7 +306,6 @@ def os_error_text(e: OSError) -> str:
 
 def disk_full(e: OSError) -> bool:
     """A full disk behind `e` (shutil.copytree's error carries it only as text)."""
-
     return e.errno == errno.ENOSPC or "No space left on device" in str(e)
 
 

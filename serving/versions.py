@@ -268,9 +268,7 @@ def _write(
     """Under the publish lock (the exporter's `.publish.lock`): a publish that prunes reads the
     labels under the same lock, so it never deletes a version being labelled. The `verify`
     labels must point at versions that would serve."""
-    import fcntl
-
-    from components.files import open_lock
+    from components.files import holding, lock_refusal, open_lock
 
     lock = Path(base) / ".publish.lock"
     try:
@@ -278,12 +276,9 @@ def _write(
         held = open_lock(lock)  # (a named pipe there would block `open`)
     except OSError as e:
         raise VersionError(
-            f"cannot take the publish lock {lock}: {e.strerror or e}"
-            + ("; it is a folder: remove it" if lock.is_dir() else "")
-            + "; nothing changed"
+            lock_refusal(e, "the publish lock", lock) + "; nothing changed"
         ) from None
-    with held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with holding(held):
         for key in verify:  # each still published (not pruned while we waited for the lock)
             if labels[key] is not None:
                 _require(base, labels[key], key)

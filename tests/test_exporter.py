@@ -206,7 +206,7 @@ def test_a_numbered_name_that_is_not_a_version_is_never_written_onto(staged, tmp
 def test_a_folder_where_the_publish_lock_goes_is_a_one_line_publish_error(staged, tmp_path):
     base = tmp_path / "m"
     (base / exporter.LOCK_FILE).mkdir(parents=True)
-    with pytest.raises(exporter.PublishError, match=r"\.publish\.lock is a folder.*remove"):
+    with pytest.raises(exporter.PublishError, match=r"\.publish\.lock: it is a folder: remove it$"):
         _publish(staged, base, "r1")
     assert exporter.published_versions(base) == []
 

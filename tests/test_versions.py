@@ -519,8 +519,8 @@ def test_a_folder_where_the_publish_lock_goes_is_one_line(three_versions):
     for args in (["promote", "3"], ["canary", "3"], ["rollback"]):
         code, _, err = _models(base, *args)
         assert code == cli.EXIT_USAGE and err == (
-            f"error: cannot take the publish lock {base / '.publish.lock'}: Is a directory; "
-            "it is a folder: remove it; nothing changed\n"
+            f"error: cannot take the publish lock {base / '.publish.lock'}: it is a folder: "
+            "remove it; nothing changed\n"
         )
     _labelled_as_before(base, before)
 
@@ -535,7 +535,7 @@ def test_a_named_pipe_where_the_publish_lock_goes_is_one_line(three_versions):
         code, _, err = _models(base, "promote", "3")
     assert code == cli.EXIT_USAGE and err == (
         f"error: cannot take the publish lock {base / '.publish.lock'}: not a regular file "
-        "(a lock file belongs there); nothing changed\n"
+        "(a lock file belongs there): remove it; nothing changed\n"
     )
     _labelled_as_before(base, before)
 
