@@ -380,18 +380,25 @@ def _versus_baseline(
         f"version {baseline_version}'s {base_acc:.4f} on the same {n} examples "
         f"({worse} newly wrong, {better} newly right, McNemar p={p:.3g})"
     )
-    if accuracy < base_acc - max_regression and p < SIGNIFICANCE:
+    drop = base_acc - accuracy
+    if drop > max_regression and p < SIGNIFICANCE:
         return GateDecision(
             False,
-            f"test accuracy {accuracy:.4f} is significantly more than "
-            f"{max_regression:.4f} below {versus}",
+            f"test accuracy {accuracy:.4f} is {drop:.4f} below {versus}: more than "
+            f"--max-regression {max_regression:.4f}, and significant (p < {SIGNIFICANCE})",
             **common,
         )
+    if drop <= 0:
+        regression = f"not below {versus}"
+    elif drop <= max_regression:
+        regression = f"{drop:.4f} below {versus}: within --max-regression {max_regression:.4f}"
+    else:
+        regression = (
+            f"{drop:.4f} below {versus}: more than --max-regression {max_regression:.4f} but "
+            f"not significant (p >= {SIGNIFICANCE})"
+        )
     return GateDecision(
-        True,
-        f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}, no "
-        f"significant regression vs {versus}",
-        **common,
+        True, f"test accuracy {accuracy:.4f} >= {min_accuracy:.4f}, {regression}", **common
     )
 
 

@@ -425,10 +425,14 @@ def _provenance_html(metrics: dict[str, Any]) -> str:
     infra = metrics.get("infra_validation") or {}
     parts = ["<h2>Where the numbers come from</h2><ul>"]
     if examples:
+        held = (
+            f"{examples['validation']} validation examples held out of the training split"
+            if examples.get("validation")
+            else "no validation examples (none held out: no validation curves)"
+        )
         parts.append(
-            f"<li>Training curves: {examples.get('train')} training examples and "
-            f"{examples.get('validation')} validation examples held out of the training split "
-            f"(none: no validation curves). Everything else on this page: the "
+            f"<li>Training curves: {examples.get('train')} training examples and {held}. "
+            f"Everything else on this page: the "
             f"<b>test split</b> ({examples.get('test')} examples), read once after training, "
             f"through the <b>exported SavedModel</b>.</li>"
         )

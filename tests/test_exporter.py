@@ -161,12 +161,22 @@ def test_gate_regression_is_paired_and_must_be_significant():
     baseline = _correct(10_000, range(200))  # 0.98
     # 60 newly wrong, none newly right: a 0.006 drop, far from noise
     g = exporter.gate(_correct(10_000, range(260)), baseline_correct=baseline, **kw)
-    assert not g.blessed and "significantly" in g.reason and "version 3's 0.9800" in g.reason
+    assert not g.blessed and "version 3's 0.9800" in g.reason
+    assert "0.0060 below" in g.reason and "more than --max-regression 0.0020, and significant" in (
+        g.reason
+    )
     assert (g.candidate_only_wrong, g.baseline_only_wrong) == (60, 0) and g.p_value < 1e-9
     # a 0.0025 drop made of 200 newly wrong and 175 newly right: within noise (p ~ 0.1)
     noisy = _correct(10_000, [*range(200, 400), *range(25)])
     g = exporter.gate(noisy, baseline_correct=baseline, **kw)
     assert g.accuracy == pytest.approx(0.9775) and g.blessed and 0.05 < g.p_value < 0.2
+    assert "0.0025 below" in g.reason and "but not significant (p >= 0.05)" in g.reason
+    # a significant 0.0010 drop is within the allowed regression, and says so
+    g = exporter.gate(_correct(10_000, range(210)), baseline_correct=baseline, **kw)
+    assert g.blessed and g.p_value < 0.01
+    assert "0.0010 below version 3's" in g.reason and "within --max-regression 0.0020" in g.reason
+    g = exporter.gate(baseline, baseline_correct=baseline, **kw)
+    assert g.blessed and "not below version 3's 0.9800" in g.reason
     assert exporter.mcnemar_p(0, 0) == 1.0 and exporter.mcnemar_p(5, 0) == 1 / 32
 
 

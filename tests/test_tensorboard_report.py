@@ -233,3 +233,16 @@ def test_the_curves_have_whole_epoch_ticks(epochs):
         low, high = ax.get_xlim()
         shown = [t for t in ax.get_xticks() if low <= t <= high]
         assert shown == list(range(1, epochs + 1)), (epochs, shown)
+
+
+def test_the_report_says_where_its_curves_come_from():
+    """Validation curves from examples held out of the training split, or none without them
+    (the report said "none: no validation curves" beside 3,000 validation examples)."""
+    from components.report import _provenance_html
+
+    held = _provenance_html({"examples": {"train": 57000, "validation": 3000, "test": 10000}})
+    assert "57000 training examples and 3000 validation examples held out" in held
+    assert "no validation curves" not in held
+    none = _provenance_html({"examples": {"train": 60000, "validation": 0, "test": 10000}})
+    assert "60000 training examples and no validation examples" in none
+    assert "no validation curves" in none
