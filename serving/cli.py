@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     if args.show is not None:
-        _check_writable(args.show)
+        _check_writable(args.show, args.inputs)
     if args.local is not None:  # the model runs here: TensorFlow is needed, imported fast
         from components.tf_import import import_tensorflow
 
@@ -457,8 +457,12 @@ def _shown(image: np.ndarray | None) -> np.ndarray:
     return image
 
 
-def _check_writable(path: Path) -> None:
-    """--show must name a file that can be written, checked before anything is sent."""
+def _check_writable(path: Path, inputs: list[str]) -> None:
+    """--show must name a file that can be written, and none of the inputs (it would be
+    overwritten), checked before anything is sent."""
+    for given in inputs:
+        if path.exists() and os.path.exists(given) and os.path.samefile(given, path):
+            raise FlagError(f"--show {path} is one of the inputs: it would be overwritten")
     if path.is_dir():
         raise FlagError(f"--show {path} is a folder: give a file name, e.g. {path / 'seen.png'}")
     if path.suffix.lower() != ".png":

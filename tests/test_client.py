@@ -556,6 +556,20 @@ def test_cli_show_to_a_place_that_cannot_be_written_is_one_line(exported, tmp_pa
     assert err.startswith("error: could not write --show") and len(err.splitlines()) == 1, err
 
 
+def test_cli_show_never_overwrites_an_input(exported, tmp_path, capsys):
+    photo = tmp_path / "mine.png"
+    Image.fromarray(_digit_image()).resize((112, 112)).save(photo)
+    before = photo.read_bytes()
+    for show in (photo, tmp_path / "." / "mine.png"):
+        assert (
+            client_main(["predict", str(photo), "--local", str(exported), "--show", str(show)]) == 2
+        )
+        assert capsys.readouterr().err == (
+            f"error: --show {show} is one of the inputs: it would be overwritten\n"
+        )
+    assert photo.read_bytes() == before
+
+
 def test_cli_shows_uncertain_and_the_top_3_when_the_model_says(rest_server, tmp_path, capsys):
     _photo(tmp_path / "a.jpg")
     _photo(tmp_path / "b.png", digit=4, fmt="PNG")
