@@ -407,6 +407,22 @@ def test_a_manifest_that_vouches_for_too_little_is_damage(three_versions, manife
     _labelled_as_before(base, before)
 
 
+def test_a_deleted_variables_folder_is_named_as_missing_not_blamed_on_the_manifest(
+    three_versions,
+):
+    import shutil
+
+    from components.files import damaged_files
+
+    base = three_versions
+    shutil.rmtree(base / "3" / "variables")
+    damage = damaged_files(base / "3")
+    assert damage and all(d.startswith("variables/") for d in damage), damage
+    assert "variables/variables.index (No such file or directory)" in damage
+    code, out, _ = _models(base, "list")
+    assert code == 0 and "DAMAGED: variables/" in out
+
+
 @pytest.mark.parametrize("remove", ["assets.extra/files_sha256.json", "assets.extra"])
 def test_a_version_that_cannot_be_verified_is_never_labelled(three_versions, remove):
     """No manifest: a version published before manifests, or copied in by hand. It is listed
