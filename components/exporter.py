@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "mnist"
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".publish.lock"
+HIGHEST_FILE = ".highest_version"  # the highest version number ever published here
 WARMUP_FILE = "tf_serving_warmup_requests"
 METRICS_FILE = "metrics.json"
 
@@ -265,10 +266,34 @@ def published_versions(base: Path) -> list[int]:
 
 
 def _next_version(base: Path, latest: int | None) -> int:
-    """After the latest version and after any other entry with a number for a name (a file
-    "4", a folder "007" that TF Serving would read as version 7): never onto something there."""
+    """After the latest version, after any other entry with a number for a name (a file "4", a
+    folder "007" that TF Serving would read as version 7), and after every number used before
+    (`_numbers_used`): a version number is never given to a second model."""
     taken = [int(p.name) for p in Path(base).iterdir() if p.name.isdigit()]
-    return max([latest or 0, *taken]) + 1
+    return max([latest or 0, *taken, *_numbers_used(base)]) + 1
+
+
+def _numbers_used(base: Path) -> list[int]:
+    """The numbers of versions published here and deleted since (a damaged one, as its error
+    advises): the highest one published (HIGHEST_FILE) and those labels.json points at or
+    remembers. A TF Serving that loaded such a version would not load another model under its
+    number, and a label still pointing at it would move to a model nobody promoted."""
+    from serving.versions import VersionError, read_labels
+
+    used = []
+    try:
+        used.append(int(files.read_regular(base / HIGHEST_FILE).decode()))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError is a ValueError)
+        log.warning(
+            "%s is unreadable (%s): numbering after the versions and labels", base / HIGHEST_FILE, e
+        )
+    try:
+        labels = read_labels(base)
+    except VersionError:  # (`models list` and the serving config say what is wrong with it)
+        return used
+    return [*used, *(v for v in (labels["stable"], labels["canary"]) if v), *labels["history"]]
 
 
 def latest_version_dir(base: Path) -> Path | None:
@@ -475,6 +500,8 @@ def publish_staged(
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
             _write_version(staged, tmp, assets(version) if callable(assets) else assets)
+            with files.atomic_write(base / HIGHEST_FILE, "w", sync=True) as f:
+                f.write(f"{version}\n")
             os.rename(tmp, final)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -201,6 +201,32 @@ def test_versions_strictly_increase_past_gaps(staged, tmp_path):
     assert _publish(staged, base, "r1", baseline=7).version == 8
 
 
+def test_a_deleted_versions_number_is_never_given_to_another_model(staged, tmp_path, caplog):
+    """Version 2 deleted (damaged: its error says to delete it): TF Serving may have loaded
+    it, a label may point at it; the next model is 3, not a second 2. Known from the highest
+    number published, else from labels.json's labels and history."""
+    import json
+    import shutil
+
+    base = tmp_path / "models" / "mnist"
+    assert _publish(staged, base, "r1").version == 1
+    assert _publish(staged, base, "r2", baseline=1).version == 2
+    shutil.rmtree(base / "2")
+    assert _publish(staged, base, "r3", baseline=1).version == 3
+    shutil.rmtree(base / "3")
+    (base / exporter.HIGHEST_FILE).unlink()  # (an older publish: only the labels remember)
+    (base.parent / "labels.json").write_text(
+        json.dumps({"stable": 3, "canary": None, "history": [1]})
+    )
+    assert _publish(staged, base, "r4", baseline=1).version == 4
+    shutil.rmtree(base / "4")
+    (base / exporter.HIGHEST_FILE).write_bytes(b"\xff garbage")
+    with caplog.at_level("WARNING"):
+        assert _publish(staged, base, "r5", baseline=1).version == 4  # after the label's 3
+    assert f"{base / exporter.HIGHEST_FILE} is unreadable" in caplog.text
+    assert (base / exporter.HIGHEST_FILE).read_text() == "4\n"
+
+
 def test_a_numbered_name_that_is_not_a_version_is_never_written_onto(staged, tmp_path):
     """A file "2" where the next version would go, and a folder "007" (TF Serving would read it
     as version 7; we list only the names we write): the next version goes past both."""

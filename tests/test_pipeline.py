@@ -98,7 +98,11 @@ def test_run_on_learnable_data_publishes_a_servable_model(tmp_path, tiny_data):
     )
     assert not worse.blessed and worse.metrics["published_version"] is None
     assert "below version 1" in worse.metrics["gate"]["reason"]
-    assert sorted(os.listdir(artifacts / "models" / "mnist")) == [".publish.lock", "1"]
+    assert sorted(os.listdir(artifacts / "models" / "mnist")) == [
+        ".highest_version",
+        ".publish.lock",
+        "1",
+    ]
 
 
 def test_rebuild_report(tmp_path, tiny_data, monkeypatch):
