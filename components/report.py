@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,8 @@ def figure_confusion(confusion: np.ndarray, title: str = "Confusion matrix (test
     return fig
 
 
-def figure_curves(history: dict[str, list[float]]) -> Figure:
+def figure_curves(history: dict[str, list[float | None]]) -> Figure:
+    """Loss and accuracy per epoch; an epoch whose logs were lost (None) is a gap."""
     fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(10, 3.8))
     for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         for prefix, style in (("", "o-"), ("val_", "s--")):
@@ -173,7 +175,7 @@ def figure_curves(history: dict[str, list[float]]) -> Figure:
             if values:
                 ax.plot(
                     range(1, len(values) + 1),
-                    values,
+                    [math.nan if v is None else v for v in values],
                     style,
                     label="validation" if prefix else "train",
                 )
@@ -230,7 +232,7 @@ def mistake_indices(labels: np.ndarray, probabilities: np.ndarray, n: int = MIST
 def build_figures(
     predictions: dict[str, np.ndarray],
     metrics: dict[str, Any],
-    history: dict[str, list[float]] | None,
+    history: dict[str, list[float | None]] | None,
 ) -> dict[str, bytes]:
     """All report figures as PNG bytes, keyed by file name."""
     images, labels, probs = (
@@ -477,7 +479,7 @@ def write_report(
     report_dir: Path,
     predictions: dict[str, np.ndarray],
     metrics: dict[str, Any],
-    history: dict[str, list[float]] | None = None,
+    history: dict[str, list[float | None]] | None = None,
     config: dict[str, Any] | None = None,
     figures: dict[str, bytes] | None = None,
     sections: dict[str, tuple[str, str]] | None = None,

@@ -196,14 +196,28 @@ def resume_epoch(
 HISTORY_FILE = "history.json"
 
 
-def backed_up_history(backup_dir: Path, epochs: int) -> dict[str, list[float]]:
+def backed_up_history(backup_dir: Path, epochs: int) -> dict[str, list[float | None]]:
     """The per-epoch logs of the first `epochs` epochs, saved beside the backup (a resumed
-    run's History holds only the epochs it ran itself)."""
+    run's History holds only the epochs it ran itself). An epoch the file does not hold (it is
+    damaged or missing, or cut short) is None in every log, with a warning: never another
+    epoch's figures in its place."""
+    path = Path(backup_dir) / HISTORY_FILE
     try:
-        value = json.loads((Path(backup_dir) / HISTORY_FILE).read_text())
-        return {k: [float(x) for x in v[:epochs]] for k, v in value.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
+        value = json.loads(files.read_regular(path))
+        history = {
+            str(k): [None if x is None else float(x) for x in v[:epochs]] for k, v in value.items()
+        }
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+        history = {}
+    if epochs and (not history or any(len(v) < epochs for v in history.values())):
+        log.warning(
+            "%s does not hold the logs of the %d epoch(s) trained before this resume: they are "
+            "recorded as unknown (null)",
+            path,
+            epochs,
+        )
+        return {k: [None] * epochs for k in history}
+    return history
 
 
 class BackupChecksums(keras.callbacks.Callback):
@@ -216,9 +230,9 @@ class BackupChecksums(keras.callbacks.Callback):
         self.backup_dir = Path(backup_dir)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        history = backed_up_history(self.backup_dir, epoch)
+        history = backed_up_history(self.backup_dir, epoch) if epoch else {}
         for key, value in (logs or {}).items():
-            history.setdefault(key, []).append(float(value))
+            history.setdefault(key, [None] * epoch).append(float(value))
         _write_synced(self.backup_dir / HISTORY_FILE, json.dumps(history))
         weights, metadata = self.backup_dir / WEIGHTS_FILE, self.backup_dir / METADATA_FILE
         recorded = _recorded(self.backup_dir)
@@ -354,7 +368,7 @@ class EpochLine(keras.callbacks.Callback):
 @dataclasses.dataclass
 class TrainResult:
     model: keras.Model
-    history: dict[str, list[float]]
+    history: dict[str, list[float | None]]  # None: an epoch's logs lost with a damaged backup
     epoch_seconds: list[float]
     fit_seconds: float
     initial_epoch: int
@@ -536,11 +550,14 @@ def train_steps_in_graph(model: keras.Model, batch: int) -> None:
 
 def _whole_history(
     history: keras.callbacks.History, backup_dir: Path | None, start_epoch: int
-) -> dict[str, list[float]]:
+) -> dict[str, list[float | None]]:
     """This fit's history after the epochs a resumed run had trained before (in its backup)."""
     earlier = backed_up_history(backup_dir, start_epoch) if backup_dir and start_epoch else {}
-    ran = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    return {k: earlier.get(k, []) + ran.get(k, []) for k in {*earlier, *ran}}
+    ran: dict[str, list[float | None]] = {
+        k: [float(v) for v in vs] for k, vs in history.history.items()
+    }
+    unknown: list[float | None] = [None] * start_epoch
+    return {k: earlier.get(k, unknown) + ran.get(k, []) for k in {*earlier, *ran}}
 
 
 def _console(

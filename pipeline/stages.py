@@ -74,7 +74,7 @@ class Run:
     strategy: Any = None
     effective: Any = None
     model: Any = None
-    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    history: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
     validator: Any = None
     restore_from: Path | None = None
     tfds_data_dir: Path | None = None

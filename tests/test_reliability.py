@@ -883,6 +883,49 @@ def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
     assert again.metrics["published_version"] == result.metrics["published_version"]
 
 
+@pytest.mark.parametrize("damage", ["garbage{", None, '{"loss": [0.5]}'])
+def test_a_damaged_backup_history_leaves_the_earlier_epochs_unknown_not_shifted(
+    tmp_path, tiny_data, monkeypatch, caplog, damage
+):
+    """The backup's history.json garbled, deleted or cut short before the resume: epochs 1-2's
+    logs are unknown (null), with a warning, and epoch 3's stay at epoch 3 (later epochs were
+    copied into the earlier ones' places: a zig-zag in metrics.json and the report)."""
+    import keras
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu", epochs=3)
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    real = trainer.train
+    monkeypatch.setattr(
+        trainer,
+        "train",
+        lambda *a, **k: real(
+            *a, **{**k, "extra_callbacks": [*k.get("extra_callbacks", []), Crash()]}
+        ),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train_pipeline(config, paths, run_id="r", data=tiny_data)
+    monkeypatch.setattr(trainer, "train", real)
+    saved = paths.artifacts / "runs" / "r" / "backup" / trainer.HISTORY_FILE
+    if damage is None:
+        saved.unlink()
+    else:
+        saved.write_text(damage)
+    with caplog.at_level("WARNING"):
+        result = train_pipeline(config, paths, run_id="r", data=tiny_data)
+    assert result.metrics["resumed_from_epoch"] == 2
+    assert "recorded as unknown" in caplog.text
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
+    for key in ("loss", "accuracy", "val_loss"):
+        assert history[key][:2] == [None, None] and isinstance(history[key][2], float), history
+    assert (result.run_dir / "report" / "training_curves.png").stat().st_size > 0
+
+
 def test_a_failed_redo_leaves_no_record_of_the_stages_after_it(tmp_path, tiny_data, monkeypatch):
     """Retrained after a finished validation, then failing in validation: the old validation's
     record must not let a later attempt skip validating the new model."""
