@@ -10,6 +10,7 @@ own `sys.stderr` (logging, warnings, tracebacks) keeps writing to the real stder
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import logging
 import os
@@ -68,6 +69,7 @@ def setup(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    _outlive_the_reader()
     if verbose:
         return
     for name in _CHATTY_LOGGERS:
@@ -90,6 +92,58 @@ def setup(verbose: bool = False) -> None:
         sys.excepthook = _quiet_excepthook
     # absl installs its own handler on first import and would print TFDS's INFO lines twice.
     logging.getLogger("absl").propagate = True
+
+
+class _PipeSafe:
+    """A console stream that outlives its reader: once the pipe it writes to is closed (`make
+    train | head -3`), its file descriptor is pointed at /dev/null and the command goes on
+    (a run's results are its files, not its console) instead of failing on BrokenPipeError."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()  # what was buffered goes to /dev/null too
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _outlive_the_reader() -> None:
+    """The process's own stdout and stderr (not a test's or a notebook's capture) as
+    `_PipeSafe`, once; logging's handlers on stderr follow."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if isinstance(stream, _PipeSafe) or not _is_fd(stream, fd):
+            continue
+        safe = _PipeSafe(stream)
+        setattr(sys, name, safe)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
+                handler.setStream(safe)
 
 
 def _secondary_write_failure(where: object, error: BaseException | None) -> bool:
@@ -125,8 +179,12 @@ def _quiet_excepthook(kind: type[BaseException], error: BaseException, tb: Any) 
 
 def _is_process_stderr(stream: object) -> bool:
     """False when stderr is already redirected in-process (pytest's capture, a notebook)."""
+    return _is_fd(stream, 2) or isinstance(stream, _PipeSafe)
+
+
+def _is_fd(stream: object, fd: int) -> bool:
     try:
-        return stream.fileno() == 2  # type: ignore[attr-defined]
+        return stream.fileno() == fd  # type: ignore[attr-defined]
     except (AttributeError, OSError, ValueError):
         return False
 
@@ -187,7 +245,7 @@ def _filter_native_stderr() -> bool:
         errors="replace",
         line_buffering=True,
     )
-    sys.stderr = real_stream
+    sys.stderr = real_stream = _PipeSafe(real_stream)  # type: ignore[assignment]
     faulthandler.enable(file=real_stream)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, no_hang
 
 
 def run_cli(args, cwd, **kw):
@@ -369,3 +369,40 @@ def test_verbose_shows_the_library_noise_the_default_hides(tmp_path):
     assert len(quiet.stderr.splitlines()) == 1
     noise = [line for line in verbose.stderr.splitlines() if line.startswith(("I0000", "E0000"))]
     assert noise and said in verbose.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_a_console_whose_reader_left_does_not_stop_the_command(tmp_path, both):
+    """`make train | head -3` (or `2>&1 | head`): once the pipe's reader has gone, prints and
+    log lines go nowhere and the command goes on to its end (its files are its results):
+    no BrokenPipeError taken for a disk error (exit 6), no traceback, exit 0."""
+    done = tmp_path / "done"
+    code = textwrap.dedent(
+        f"""
+        import logging, sys, time
+        from components import console
+        console.setup()
+        print("first line", flush=True)
+        time.sleep(1.0)  # the reader has read its line and left
+        for i in range(2000):
+            print("line", i)
+            logging.getLogger("pipeline").info("log line %d", i)
+        open({str(done)!r}, "w").write("finished")
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if both else subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does once it has its line
+    with no_hang(60):
+        err = proc.communicate()[1] if proc.stderr else b""
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert done.read_text() == "finished"
+    if not both:  # (else stderr went to the pipe too)
+        assert b"Traceback" not in err and b"BrokenPipe" not in err, err
