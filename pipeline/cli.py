@@ -491,7 +491,11 @@ def map_error(
     if isinstance(e, TrainingDiverged):
         return EXIT_DIVERGED, f"training: {e}; nothing was published"
     if isinstance(e, BaselineDamaged):
-        return EXIT_INFRA, f"infra validation: {e}; nothing was published"
+        again = f" --run-name {run_id}" if run_id else " the same --run-name"
+        return EXIT_INFRA, (
+            f"infra validation: {e}; nothing was published (once that folder is dealt with, "
+            f"the same command with{again} goes on from where this run stopped)"
+        )
     if isinstance(e, InfraValidationError):
         again = f" --run-name {run_id}" if run_id else ""
         return EXIT_INFRA, (

@@ -686,7 +686,9 @@ def export(run: Run) -> dict[str, Any]:
     return {"inputs": {"model": str(run.layout.model)}}
 
 
-def _check_baseline(baseline: Path | None) -> None:
+def _check_baseline(
+    baseline: Path | None, consequence: str = "the new model was not judged"
+) -> None:
     """The latest published version is the gate's baseline: damaged, it can neither be compared
     with nor served, and the new model is not at fault; say which folder and what to do."""
     from components.files import damaged_files
@@ -700,7 +702,7 @@ def _check_baseline(baseline: Path | None) -> None:
         raise BaselineDamaged(
             "the baseline (the latest published version) "
             + damaged_message(baseline, damaged)
-            + "; the new model was not judged"
+            + f"; {consequence}"
         )
 
 
@@ -711,10 +713,14 @@ def head_starts(run: Run) -> None:
     did not happen."""
     from components import exporter
 
+    baseline = exporter.latest_version_dir(run.models)
+    if not (run.layout.records / "validate.json").is_file():
+        # The validate stage would refuse it after the training: refused before it instead.
+        _check_baseline(baseline, "checked before training: nothing was trained")
     # Whether or not the validate stage will run (a resumed run may skip it): unused scores
-    # cost only that idle core. A damaged baseline fails here silently; validate says so.
+    # cost only that idle core.
     if run.validator is not None:
-        run.validator.score_baseline(exporter.latest_version_dir(run.models), run.layout.examples)
+        run.validator.score_baseline(baseline, run.layout.examples)
 
 
 def validate(run: Run) -> dict[str, Any]:

@@ -295,6 +295,7 @@ def test_infra_validation_failure_is_exit_8_and_says_how_to_validate_again():
     assert "the same command with --run-name r7 validates again, without retraining" in message
     code, message = cli.map_error(BaselineDamaged("the baseline is damaged"), "r7")
     assert code == 8 and "validates again" not in message
+    assert "the same command with --run-name r7 goes on from where this run stopped" in message
 
 
 def test_every_signature_says_when_it_is_unsure(tmp_path, tiny_data):

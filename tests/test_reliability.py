@@ -1033,8 +1033,12 @@ def test_a_damaged_published_version_is_named_everywhere(tmp_path, tiny_data, ca
     assert serving_cli.main(["predict", str(digit), "--local", str(paths.models)]) == 1
     err = capsys.readouterr().err
     assert f"{version} is damaged: variables/" in err and len(err.strip().splitlines()) == 1, err
-    with pytest.raises(InfraValidationError, match=f"baseline.*{version} is damaged"):
+    runs_before = set(paths.runs.iterdir())
+    with pytest.raises(InfraValidationError, match=f"baseline.*{version} is damaged") as e:
         train_pipeline(config, paths, data=tiny_data)
+    assert str(e.value).endswith("checked before training: nothing was trained")
+    (stopped,) = set(paths.runs.iterdir()) - runs_before
+    assert not (stopped / "train").exists()  # refused before the fit, not after it
     assert sorted(p.name for p in paths.models.iterdir() if p.name.isdigit()) == ["1"]
 
 
