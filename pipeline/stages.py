@@ -397,6 +397,12 @@ def _carve_validation(train: Any, config: TrainConfig) -> tuple[Any, Any]:
             raise ConfigError(
                 f"validation_fraction {e}; {e.advice} (or 0: no validation)"
             ) from None
+        if len(fit) < config.batch_size:  # (0.99999: five epochs of one example)
+            raise ConfigError(
+                f"validation_fraction {config.validation_fraction:g} of {len(train)} training "
+                f"examples leaves {len(fit)} for training, less than one batch "
+                f"({config.batch_size}); use a smaller fraction (or 0: no validation)"
+            )
     return fit, validation
 
 

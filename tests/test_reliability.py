@@ -818,6 +818,11 @@ def test_a_validation_fraction_that_leaves_no_example_is_refused_before_the_run(
     with pytest.raises(ConfigError, match="leaves 0 for validation"):
         train_pipeline(small_config(device="cpu", validation_fraction=1e-6), paths, data=tiny_data)
     assert not paths.runs.exists()
+    # the other side: a fraction that leaves less than one batch to train on
+    config = small_config(device="cpu", validation_fraction=0.95)  # 13 of 256 left
+    with pytest.raises(ConfigError, match=r"leaves \d+ for training, less than one batch \(16\)"):
+        train_pipeline(config, paths, data=tiny_data)
+    assert not paths.runs.exists()
 
 
 @pytest.mark.parametrize(
