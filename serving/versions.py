@@ -194,7 +194,8 @@ def list_versions(base: Path) -> list[dict[str, Any]]:
 
 def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
     """A line for each label that points at a version that is not published or would not
-    serve: TF Serving would be told to load it."""
+    serve (TF Serving would be told to load it), and for each folder with a number for a name
+    that is not a version written here ("007", "0": TF Serving would take it for one)."""
     labels, states = read_labels(base), {r["version"]: r["files"] for r in rows}
     fixes = {"stable": "`models promote N` moves it", "canary": "`models canary none` clears it"}
     warnings = []
@@ -204,6 +205,13 @@ def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
             continue
         what = f"is {states[v]}" if v in states else "is not published"
         warnings.append(f"warning: label {key} -> {v}: that version {what}; {fixes[key]}")
+    versions = {str(r["version"]) for r in rows}
+    for p in sorted(Path(base).iterdir()):
+        if p.is_dir() and p.name.isdigit() and p.name not in versions:
+            warnings.append(
+                f"warning: {p} is not a version this product wrote, but TF Serving reads it as "
+                f"version {int(p.name)} (and may serve it): move it out of {base}"
+            )
     return warnings
 
 

@@ -564,3 +564,8 @@ def test_a_zero_padded_folder_is_not_listed_as_a_version(three_versions):
     shutil.copytree(three_versions / "3", three_versions / "007")
     assert versions.published(three_versions) == [1, 2, 3]
     assert latest_version(three_versions) == three_versions / "3"
+    code, out, _ = _models(three_versions, "list")
+    assert code == 0 and out.splitlines()[-1] == (
+        f"warning: {three_versions / '007'} is not a version this product wrote, but TF Serving "
+        f"reads it as version 7 (and may serve it): move it out of {three_versions}"
+    )
