@@ -17,6 +17,7 @@ The cache is an optimisation: any failure to read or write it is a warning, neve
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -74,7 +75,13 @@ def _read_manifest(store: Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError):
-        log.warning("compile cache manifest %s is unreadable: starting the cache afresh", store)
+        log.warning(
+            "compile cache manifest %s is unreadable: starting the cache afresh", store / MANIFEST
+        )
+        # (under the lock: the entries it vouched for are dropped now; said once, not at
+        # every later read)
+        with contextlib.suppress(OSError):
+            (store / MANIFEST).unlink()
         return {}
     if not isinstance(value, dict):
         return {}

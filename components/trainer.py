@@ -361,7 +361,7 @@ class EpochLine(keras.callbacks.Callback):
         val = "  ".join(f"{k} {logs[k]:.4f}" for k in ("val_loss", "val_accuracy") if k in logs)
         self.out(
             f"epoch {epoch + 1}/{self.epochs}  {train}{'  | ' + val if val else ''}  "
-            f"({time.perf_counter() - self._start:.1f} s, {steps} steps)"
+            f"({time.perf_counter() - self._start:.1f} s, {steps} step{'' if steps == 1 else 's'})"
         )
 
 

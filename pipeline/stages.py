@@ -547,7 +547,7 @@ def announce(run: Run, name: str) -> None:
             print(
                 f"Unsure: {u['flagged_fraction']:.1%} of test predictions flagged (top "
                 f"probability < {u['threshold']:.3f}, {how}): accuracy "
-                f"{u['accuracy_flagged']:.3f} flagged vs {unflagged}"
+                f"{u['accuracy_flagged']:.4f} flagged vs {unflagged}"
             )
         predictions = np.load(run.layout.served)
         print(

@@ -104,11 +104,18 @@ def test_only_entries_the_manifest_vouches_for_are_kept(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"a.pb": 3}'])
-def test_an_unreadable_manifest_trusts_nothing(tmp_path, text):
+def test_an_unreadable_manifest_trusts_nothing(tmp_path, text, caplog):
     (tmp_path / "a.pb").write_bytes(b"x")
     (tmp_path / "manifest.json").write_text(text)
     assert compile_cache._verified_entries(tmp_path) == {}
     assert not (tmp_path / "a.pb").exists()
+    if text == "{not json":  # said once, naming the file (a run reads the manifest twice)
+        assert compile_cache._verified_entries(tmp_path) == {}
+        said = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+        assert said == [
+            f"compile cache manifest {tmp_path / 'manifest.json'} is unreadable: starting the "
+            "cache afresh"
+        ]
 
 
 def test_an_unwritable_store_is_a_warning_not_a_failure(tmp_path, caplog, monkeypatch):

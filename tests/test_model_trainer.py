@@ -276,3 +276,20 @@ def test_test_loss_is_kerass_loss_even_for_a_confidently_wrong_model():
     metrics = evaluator.compute_metrics(probabilities, labels, losses)
     assert metrics["test_loss"] == pytest.approx(keras_loss, rel=1e-4)
     assert evaluator.compute_metrics(probabilities, labels)["test_loss"] < 16.2
+
+
+def test_the_epoch_line_counts_its_steps_in_words():
+    from types import SimpleNamespace
+
+    from components.trainer import EpochLine
+
+    for steps, said in ((1, "(1 step)"), (1782, "(1782 steps)")):
+        done = iter((0, steps))
+        counter = SimpleNamespace(numpy=lambda: next(done))
+        lines: list[str] = []
+        line = EpochLine(5, out=lines.append)
+        line.set_model(SimpleNamespace(optimizer=SimpleNamespace(iterations=counter)))
+        line.on_epoch_begin(0)
+        line.on_epoch_end(0, {"loss": 0.25, "accuracy": 0.9})
+        assert lines[0].startswith("epoch 1/5  loss 0.2500  accuracy 0.9000  (")
+        assert lines[0].endswith(f" s, {said[1:]}"), lines
