@@ -284,8 +284,7 @@ def test_the_epoch_line_counts_its_steps_in_words():
     from components.trainer import EpochLine
 
     for steps, said in ((1, "(1 step)"), (1782, "(1782 steps)")):
-        done = iter((0, steps))
-        counter = SimpleNamespace(numpy=lambda: next(done))
+        counter = SimpleNamespace(numpy=iter((0, steps)).__next__)  # iterations at begin, end
         lines: list[str] = []
         line = EpochLine(5, out=lines.append)
         line.set_model(SimpleNamespace(optimizer=SimpleNamespace(iterations=counter)))
