@@ -165,8 +165,8 @@ def load_split(
 def _quiet_tfds() -> Iterator[None]:
     """TFDS's own console output while it prepares: progress bars, a "Downloading and preparing
     dataset Unknown size" print and absl warnings about folders it has not written yet. Our log
-    says what happens ("preparing TFDS mnist into ... (first run only)") in one line. Under
-    --verbose (absl's INFO lines shown) TFDS prints as it does."""
+    says what happens ("preparing TFDS mnist into ...") in one line. Under --verbose (absl's
+    INFO lines shown) TFDS prints as it does."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.utils import tqdm_utils
 
@@ -249,7 +249,7 @@ def _load(split: str, data_dir: Path | None, manual_dir: Path | None) -> Split:
             kwargs["download_and_prepare_kwargs"] = {
                 "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))
             }
-        log.info("preparing TFDS %s into %s (first run only)", DATASET, folder)
+        log.info("preparing TFDS %s into %s (later runs read what this writes)", DATASET, folder)
     try:
         ds = tfds.load(DATASET, split=split, as_supervised=True, data_dir=str(root), **kwargs)
         images, labels = _to_numpy(ds)
