@@ -372,6 +372,35 @@ def test_tensorflow_is_imported_without_the_garbage_collector_running_through_it
     assert result["seconds"] > 0 and result["again"] == 0
 
 
+def test_a_ctrl_c_swallowed_inside_tensorflows_import_is_raised_after_it(tmp_path):
+    """A module deep in the import catches everything (a bare `except:` around an optional
+    import) just as Ctrl-C lands: the command must still stop (exit 130 in the CLIs), not run
+    on as if nothing had been pressed. A stand-in `tensorflow` does exactly that."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(1)\n"
+        "except:  # noqa: E722\n"
+        "    swallowed = True\n"
+    )
+    code = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from components.tf_import import import_tensorflow\n"
+        "try:\n"
+        "    import_tensorflow()\n"
+        "except KeyboardInterrupt:\n"
+        "    import tensorflow, signal\n"
+        "    print('raised', tensorflow.swallowed, signal.getsignal(signal.SIGINT).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["raised", "True", "default_int_handler"]
+
+
 # --- a real nvidia-smi: runs only on a machine with an NVIDIA driver -------------------------
 
 needs_real_nvidia_smi = pytest.mark.skipif(
