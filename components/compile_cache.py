@@ -74,14 +74,16 @@ def _read_manifest(store: Path) -> dict[str, str]:
         value = json.loads((store / MANIFEST).read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
         log.warning(
             "compile cache manifest %s is unreadable: starting the cache afresh", store / MANIFEST
         )
-        # (under the lock: the entries it vouched for are dropped now; said once, not at
-        # every later read)
-        with contextlib.suppress(OSError):
-            (store / MANIFEST).unlink()
+        # Garbled (under the lock: the entries it vouched for are dropped now): removed, so
+        # that this is said once, not at every later read. (A folder there, or a read error,
+        # is left as it is.)
+        if isinstance(e, ValueError):
+            with contextlib.suppress(OSError):
+                (store / MANIFEST).unlink()
         return {}
     if not isinstance(value, dict):
         return {}

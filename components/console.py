@@ -179,7 +179,7 @@ def _quiet_excepthook(kind: type[BaseException], error: BaseException, tb: Any) 
 
 def _is_process_stderr(stream: object) -> bool:
     """False when stderr is already redirected in-process (pytest's capture, a notebook)."""
-    return _is_fd(stream, 2) or isinstance(stream, _PipeSafe)
+    return _is_fd(stream, 2)
 
 
 def _is_fd(stream: object, fd: int) -> bool:
@@ -212,8 +212,11 @@ for raw in sys.stdin.buffer:
     if now < rest_of_dropped and not record.match(line):
         continue
     rest_of_dropped = 0.0
-    out.write(raw)
-    out.flush()
+    try:
+        out.write(raw)
+        out.flush()
+    except BrokenPipeError:  # the reader has gone (`2>&1 | head`): keep draining, quietly
+        out = open("/dev/null", "wb")
 """
 
 

@@ -211,8 +211,8 @@ def backed_up_history(backup_dir: Path, epochs: int) -> dict[str, list[float | N
         history = {}
     if epochs and (not history or any(len(v) < epochs for v in history.values())):
         log.warning(
-            "%s does not hold the logs of the %d epoch(s) trained before this resume: they are "
-            "recorded as unknown (null)",
+            "%s does not hold the logs of the first %d epoch(s): they are recorded as unknown "
+            "(null)",
             path,
             epochs,
         )

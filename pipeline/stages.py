@@ -397,11 +397,12 @@ def _carve_validation(train: Any, config: TrainConfig) -> tuple[Any, Any]:
             raise ConfigError(
                 f"validation_fraction {e}; {e.advice} (or 0: no validation)"
             ) from None
-        if len(fit) < config.batch_size:  # (0.99999: five epochs of one example)
+        if len(fit) < config.batch_size <= len(train):  # (0.99999: epochs of one example)
             raise ConfigError(
                 f"validation_fraction {config.validation_fraction:g} of {len(train)} training "
                 f"examples leaves {len(fit)} for training, less than one batch "
-                f"({config.batch_size}); use a smaller fraction (or 0: no validation)"
+                f"({config.batch_size}); use a smaller fraction (or 0: no validation) or a "
+                f"smaller --batch-size"
             )
     return fit, validation
 
@@ -722,7 +723,13 @@ def head_starts(run: Run) -> None:
     baseline = exporter.latest_version_dir(run.models)
     if not (run.layout.records / "validate.json").is_file():
         # The validate stage would refuse it after the training: refused before it instead.
-        _check_baseline(baseline, "checked before training: nothing was trained")
+        trained = (run.layout.records / "train.json").is_file()
+        _check_baseline(
+            baseline,
+            "the new model was not judged"
+            if trained
+            else "checked before training: nothing was trained",
+        )
     # Whether or not the validate stage will run (a resumed run may skip it): unused scores
     # cost only that idle core.
     if run.validator is not None:

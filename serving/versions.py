@@ -206,8 +206,8 @@ def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
         what = f"is {states[v]}" if v in states else "is not published"
         warnings.append(f"warning: label {key} -> {v}: that version {what}; {fixes[key]}")
     versions = {str(r["version"]) for r in rows}
-    for p in sorted(Path(base).iterdir()):
-        if p.is_dir() and p.name.isdigit() and p.name not in versions:
+    for p in sorted(Path(base).iterdir()) if Path(base).is_dir() else []:
+        if p.is_dir() and p.name.isascii() and p.name.isdigit() and p.name not in versions:
             warnings.append(
                 f"warning: {p} is not a version this product wrote, but TF Serving reads it as "
                 f"version {int(p.name)} (and may serve it): move it out of {base}"

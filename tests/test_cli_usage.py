@@ -384,7 +384,7 @@ def test_a_console_whose_reader_left_does_not_stop_the_command(tmp_path, both):
         console.setup()
         print("first line", flush=True)
         time.sleep(1.0)  # the reader has read its line and left
-        for i in range(2000):
+        for i in range(20000):  # (more than a pipe's 64 KB buffer holds)
             print("line", i)
             logging.getLogger("pipeline").info("log line %d", i)
         open({str(done)!r}, "w").write("finished")

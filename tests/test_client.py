@@ -20,7 +20,7 @@ from components.photo import example_photos, render_digit
 from serving.cli import main as client_main
 from serving.client import GrpcClient, LocalPredictor, RestClient, ServerError
 from serving.inputs import InputError, load_inputs, seen_images
-from tests.helpers import ROOT, SHARED_MNIST, requires_mnist
+from tests.helpers import ROOT, SHARED_MNIST, as_a_terminals_job, requires_mnist
 
 
 def _digit_image():
@@ -875,7 +875,7 @@ def test_ctrl_c_during_a_prediction_is_one_line(exported, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving", "predict", str(photo), "--local", str(exported)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=as_a_terminals_job,
     )  # fmt: skip
     time.sleep(0.7)  # Python and NumPy are up, TensorFlow's import takes a second more
     assert proc.poll() is None

@@ -177,6 +177,14 @@ def test_gate_regression_is_paired_and_must_be_significant():
     assert "0.0010 below version 3's" in g.reason and "within --max-regression 0.0020" in g.reason
     g = exporter.gate(baseline, baseline_correct=baseline, **kw)
     assert g.blessed and "not below version 3's 0.9800" in g.reason
+    # exactly --max-regression (20 more wrong of 10,000: 0.002) is within it, whatever the
+    # floats of the two accuracies make of the difference; one more is not
+    for base_wrong in range(0, 970, 7):
+        base = _correct(10_000, range(base_wrong))
+        g = exporter.gate(_correct(10_000, range(base_wrong + 20)), baseline_correct=base, **kw)
+        assert g.blessed and "within --max-regression 0.0020" in g.reason, (base_wrong, g.reason)
+        g = exporter.gate(_correct(10_000, range(base_wrong + 21)), baseline_correct=base, **kw)
+        assert not g.blessed, (base_wrong, g.reason)
     assert exporter.mcnemar_p(0, 0) == 1.0 and exporter.mcnemar_p(5, 0) == 1 / 32
 
 

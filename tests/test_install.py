@@ -16,6 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from components import gpu_diagnostics as gd
+from tests.helpers import as_a_terminals_job
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -396,8 +397,9 @@ def test_a_ctrl_c_swallowed_inside_tensorflows_import_is_raised_after_it(tmp_pat
         "    print('raised', tensorflow.swallowed, signal.getsignal(signal.SIGINT).__name__)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+        preexec_fn=as_a_terminals_job,
+    ).stdout  # fmt: skip
     assert out.split() == ["raised", "True", "default_int_handler"]
 
 

@@ -20,6 +20,7 @@ from pipeline.run import Paths, train_pipeline
 from tests.helpers import (
     ROOT,
     SHARED_MNIST,
+    as_a_terminals_job,
     no_hang,
     requires_mnist,
     small_run_flags,
@@ -118,6 +119,7 @@ def test_an_interrupted_run_says_one_line_and_resumes(tmp_path, how, code, line)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, like a terminal's foreground job
+        preexec_fn=as_a_terminals_job,
     )  # fmt: skip
     wait_for_backup_epoch(artifacts / "runs" / "r", proc, epoch=1)
     assert proc.poll() is None, "the run finished before it could be interrupted"

@@ -569,3 +569,8 @@ def test_a_zero_padded_folder_is_not_listed_as_a_version(three_versions):
         f"warning: {three_versions / '007'} is not a version this product wrote, but TF Serving "
         f"reads it as version 7 (and may serve it): move it out of {three_versions}"
     )
+
+
+def test_models_list_before_anything_is_published(tmp_path):
+    code, out, err = _models(tmp_path / "artifacts" / "models" / "mnist", "list")
+    assert code == 0 and "Traceback" not in err and "warning" not in out, (out, err)

@@ -95,3 +95,13 @@ def no_hang(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def as_a_terminals_job() -> None:
+    """`preexec_fn` for a child that is sent Ctrl-C: SIGINT back to its default action, as in a
+    terminal's foreground job. A job started in the background of a shell without job control
+    (`.ci/run &`) ignores SIGINT, its children inherit that, and Python then never raises
+    KeyboardInterrupt in them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
