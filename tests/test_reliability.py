@@ -856,13 +856,10 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, tiny_data):
             train_pipeline(small_config(device="cpu"), paths, run_id="busy", data=tiny_data)
 
 
-def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
-    tmp_path, tiny_data, monkeypatch
-):
+def _stopped_after_epoch_2(config, paths, tiny_data, monkeypatch):
+    """Run "r" of `config`, interrupted (Ctrl-C) at the end of its second epoch: a backup of
+    epoch 2 is left to resume from."""
     import keras
-
-    paths = Paths(tmp_path / "artifacts")
-    config = small_config(device="cpu", epochs=3)
 
     class Crash(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -880,6 +877,14 @@ def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
     with pytest.raises(KeyboardInterrupt):
         train_pipeline(config, paths, run_id="r", data=tiny_data)
     monkeypatch.setattr(trainer, "train", real)
+
+
+def test_a_resumed_run_reports_every_epoch_and_an_unreadable_record_is_redone(
+    tmp_path, tiny_data, monkeypatch
+):
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu", epochs=3)
+    _stopped_after_epoch_2(config, paths, tiny_data, monkeypatch)
     result = train_pipeline(config, paths, run_id="r", data=tiny_data)
     assert result.metrics["resumed_from_epoch"] == 2
     assert len(result.metrics["history"]["loss"]) == 3  # epochs 1-2 from the backup, 3 now
@@ -897,27 +902,9 @@ def test_a_damaged_backup_history_leaves_the_earlier_epochs_unknown_not_shifted(
     """The backup's history.json garbled, deleted or cut short before the resume: epochs 1-2's
     logs are unknown (null), with a warning, and epoch 3's stay at epoch 3 (later epochs were
     copied into the earlier ones' places: a zig-zag in metrics.json and the report)."""
-    import keras
-
     paths = Paths(tmp_path / "artifacts")
     config = small_config(device="cpu", epochs=3)
-
-    class Crash(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    real = trainer.train
-    monkeypatch.setattr(
-        trainer,
-        "train",
-        lambda *a, **k: real(
-            *a, **{**k, "extra_callbacks": [*k.get("extra_callbacks", []), Crash()]}
-        ),
-    )
-    with pytest.raises(KeyboardInterrupt):
-        train_pipeline(config, paths, run_id="r", data=tiny_data)
-    monkeypatch.setattr(trainer, "train", real)
+    _stopped_after_epoch_2(config, paths, tiny_data, monkeypatch)
     saved = paths.artifacts / "runs" / "r" / "backup" / trainer.HISTORY_FILE
     if damage is None:
         saved.unlink()
