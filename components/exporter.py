@@ -265,35 +265,28 @@ def published_versions(base: Path) -> list[int]:
     )
 
 
-def _next_version(base: Path, latest: int | None) -> int:
+def _next_version(base: Path, latest: int | None, remembered: set[int]) -> int:
     """After the latest version, after any other entry with a number for a name (a file "4", a
-    folder "007" that TF Serving would read as version 7), and after every number used before
-    (`_numbers_used`): a version number is never given to a second model."""
+    folder "007" that TF Serving would read as version 7), after the highest number published
+    here (HIGHEST_FILE) and after the `remembered` ones (those labels point at or remember): a
+    version number is never given to a second model. A TF Serving that loaded a version deleted
+    since would not load another model under its number, and a label still pointing at it would
+    move to a model nobody promoted."""
     taken = [int(p.name) for p in Path(base).iterdir() if p.name.isascii() and p.name.isdigit()]
-    return max([latest or 0, *taken, *_numbers_used(base)]) + 1
+    return max([latest or 0, *taken, *_highest_published(base), *remembered]) + 1
 
 
-def _numbers_used(base: Path) -> list[int]:
-    """The numbers of versions published here and deleted since (a damaged one, as its error
-    advises): the highest one published (HIGHEST_FILE) and those labels.json points at or
-    remembers. A TF Serving that loaded such a version would not load another model under its
-    number, and a label still pointing at it would move to a model nobody promoted."""
-    from serving.versions import VersionError, read_labels
-
-    used = []
+def _highest_published(base: Path) -> list[int]:
+    """[the highest version number ever published under `base`] as HIGHEST_FILE has it, or []."""
     try:
-        used.append(int(files.read_regular(base / HIGHEST_FILE).decode()))
+        return [int(files.read_regular(base / HIGHEST_FILE).decode())]
     except FileNotFoundError:
-        pass
+        return []
     except (OSError, ValueError) as e:  # (UnicodeDecodeError is a ValueError)
         log.warning(
             "%s is unreadable (%s): numbering after the versions and labels", base / HIGHEST_FILE, e
         )
-    try:
-        labels = read_labels(base)
-    except VersionError:  # (`models list` and the serving config say what is wrong with it)
-        return used
-    return [*used, *(v for v in (labels["stable"], labels["canary"]) if v), *labels["history"]]
+        return []
 
 
 def latest_version_dir(base: Path) -> Path | None:
@@ -480,13 +473,16 @@ def publish_staged(
     assets: dict[str, str | bytes] | Callable[[int], dict[str, str | bytes]],
     keep_versions: int = 0,
     protected: Callable[[], set[int]] | None = None,
+    remembered: Callable[[], set[int]] | None = None,
 ) -> PublishResult:
     """Copy a validated, blessed staged SavedModel in as the next version, atomically.
 
     Under the publish lock: `baseline_version` must still be the latest version (else
     BaselineMoved: the caller gates again against the new one); the copy is written under a
     non-numeric name with `assets` (or `assets(version)`) added to assets.extra/, fsynced, and
-    renamed into place.
+    renamed into place. `protected()` (versions pruning keeps) and `remembered()` (numbers never
+    given again) are read under the lock: the serving side's labels, which `models promote`
+    writes under it too.
     """
     base = Path(base)
     with publish_lock(base):
@@ -499,7 +495,7 @@ def publish_staged(
                 if latest is not None
                 else PublishError(f"baseline version {baseline_version} disappeared from {base}")
             )
-        version = _next_version(base, latest)
+        version = _next_version(base, latest, remembered() if remembered else set())
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
             _write_version(staged, tmp, assets(version) if callable(assets) else assets)

@@ -249,6 +249,15 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any
         run_dir.mkdir(parents=True)
         config.to_json(run_dir / "config.json", effective)
         return False
+    check_resumable(run_dir, config)
+    return True
+
+
+def check_resumable(run_dir: Path, config: TrainConfig) -> None:
+    """RunStateError unless the existing `run_dir` can be taken up by `config`: not finished
+    (or ended at a failed infra validation), started with the same settings. Reads only: the
+    pipeline asks it before TensorFlow's import and the data load, so a finished run is refused
+    in a moment, and again when it opens the folder."""
     if (run_dir / "metrics.json").exists() and not failed_validation(run_dir):
         raise RunStateError(
             f"run {run_dir.name} already finished ({run_dir}); pick another --run-name"
@@ -267,7 +276,6 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any
             f"run {run_dir.name} was started with another config ({diff}); "
             f"resume it with the same flags, or pick another --run-name"
         )
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -962,6 +970,7 @@ def publish(run: Run) -> dict[str, Any]:
                 assets=assets,
                 keep_versions=run.config.keep_versions,
                 protected=lambda: versions.labelled(run.models),
+                remembered=lambda: versions.remembered(run.models),
             )
         except exporter.BaselineMoved as moved:
             log.info("version %d was published meanwhile: validating against it", moved.latest)

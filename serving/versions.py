@@ -117,6 +117,17 @@ def labelled(base: Path) -> set[int]:
     return {v for v in (labels["stable"], labels["canary"]) if isinstance(v, int)}
 
 
+def remembered(base: Path) -> set[int]:
+    """Version numbers the labels point at or remember (history), published or deleted since:
+    never given to another model. Unreadable labels remember nothing (`models list` and the
+    serving config say what is wrong with them)."""
+    try:
+        labels = read_labels(base)
+    except VersionError:
+        return set()
+    return {v for v in (labels["stable"], labels["canary"]) if v} | set(labels["history"])
+
+
 def _card(version_dir: Path) -> tuple[dict[str, Any], str | None]:
     """The version's model card (or, for an older version, its metrics) and, when the file
     there cannot be read as one, why not."""

@@ -216,21 +216,26 @@ def test_a_deleted_versions_number_is_never_given_to_another_model(staged, tmp_p
     import json
     import shutil
 
+    from serving import versions
+
     base = tmp_path / "models" / "mnist"
-    assert _publish(staged, base, "r1").version == 1
-    assert _publish(staged, base, "r2", baseline=1).version == 2
+    remembered = {"remembered": lambda: versions.remembered(base)}  # (as the pipeline passes)
+    assert _publish(staged, base, "r1", **remembered).version == 1
+    assert _publish(staged, base, "r2", baseline=1, **remembered).version == 2
     shutil.rmtree(base / "2")
-    assert _publish(staged, base, "r3", baseline=1).version == 3
+    assert _publish(staged, base, "r3", baseline=1, **remembered).version == 3
     shutil.rmtree(base / "3")
     (base / exporter.HIGHEST_FILE).unlink()  # (an older publish: only the labels remember)
     (base.parent / "labels.json").write_text(
         json.dumps({"stable": 3, "canary": None, "history": [1]})
     )
-    assert _publish(staged, base, "r4", baseline=1).version == 4
+    assert _publish(staged, base, "r4", baseline=1, **remembered).version == 4
     shutil.rmtree(base / "4")
     (base / exporter.HIGHEST_FILE).write_bytes(b"\xff garbage")
     with caplog.at_level("WARNING"):
-        assert _publish(staged, base, "r5", baseline=1).version == 4  # after the label's 3
+        assert (
+            _publish(staged, base, "r5", baseline=1, **remembered).version == 4
+        )  # after the label's 3
     assert f"{base / exporter.HIGHEST_FILE} is unreadable" in caplog.text
     assert (base / exporter.HIGHEST_FILE).read_text() == "4\n"
 
