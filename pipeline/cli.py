@@ -473,41 +473,37 @@ def map_error(
     None for a bug (the traceback is then printed, exit 1). `again`: what to do once disk
     space is freed (default: the training run's own --run-name)."""
     from components import files
-    from components.data import DataDiskFull, DataError
-    from components.exporter import PublishError
-    from components.infra_validator import BaselineDamaged, InfraValidationError
-    from components.strategy import DeviceError
-    from components.trainer import BackupError, TrainingDiverged
-    from pipeline.stages import ArtifactError, RunStateError
 
-    if isinstance(e, (DeviceError, RunStateError, ConfigError)):
+    if _raised(e, "components.strategy.DeviceError", "pipeline.stages.RunStateError") or (
+        isinstance(e, ConfigError)
+    ):
         return EXIT_USAGE, str(e)
-    if isinstance(e, BackupError):
+    if _raised(e, "components.trainer.BackupError"):
         return EXIT_BACKUP, f"resume: {e}"
-    if isinstance(e, DataDiskFull):
+    if _raised(e, "components.data.DataDiskFull"):
         return EXIT_PUBLISH, f"data: {e}"
-    if isinstance(e, DataError):
+    if _raised(e, "components.data.DataError"):
         return EXIT_DATA, f"data: {e}"
-    if isinstance(e, TrainingDiverged):
+    if _raised(e, "components.trainer.TrainingDiverged"):
         return EXIT_DIVERGED, f"training: {e}; nothing was published"
-    if isinstance(e, BaselineDamaged):
+    if _raised(e, "components.infra_validator.BaselineDamaged"):
         again = f" --run-name {run_id}" if run_id else " the same --run-name"
         return EXIT_INFRA, (
             f"infra validation: {e}; nothing was published (once that folder is dealt with, "
             f"the same command with{again} goes on from where this run stopped)"
         )
-    if isinstance(e, InfraValidationError):
+    if _raised(e, "components.infra_validator.InfraValidationError"):
         again = f" --run-name {run_id}" if run_id else ""
         return EXIT_INFRA, (
             f"infra validation: {e}; nothing was published (recorded in the run's "
             f"metrics.json; the same command with{again or ' the same --run-name'} validates "
             f"again, without retraining)"
         )
-    if isinstance(e, PublishError):
+    if _raised(e, "components.exporter.PublishError"):
         cause = e.__cause__
         full = isinstance(cause, OSError) and files.disk_full(cause)
         return EXIT_PUBLISH, f"publish: {e}" + (_disk_full_hint(run_id, again) if full else "")
-    if isinstance(e, ArtifactError):
+    if _raised(e, "pipeline.stages.ArtifactError"):
         return EXIT_PUBLISH, str(e)
     if isinstance(e, OSError):  # e.g. disk full while writing the run's artifacts
         if files.disk_full(e):
@@ -518,21 +514,30 @@ def map_error(
     return _memory_or_tensorflow_file_error(e, run_id, again)
 
 
+def _raised(e: BaseException, *classes: str) -> bool:
+    """Whether `e` is an instance of one of `classes` ("module.Class"). A module not imported
+    yet raised nothing: it is not imported here (components.data and the trainer import
+    TensorFlow, 5 s, which an error found before them, a finished --run-name, need not wait)."""
+    for name in classes:
+        module, _, cls = name.rpartition(".")
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(e, getattr(loaded, cls)):
+            return True
+    return False
+
+
 def _memory_or_tensorflow_file_error(
     e: BaseException, run_id: str | None, again: str | None
 ) -> tuple[int, str] | None:
     """map_error's out-of-memory and TensorFlow file errors (which are not OSErrors)."""
+    if "tensorflow" not in sys.modules:  # (no TensorFlow error without it)
+        return _memory_error(e) if isinstance(e, MemoryError) else None
     import tensorflow as tf
 
     if isinstance(e, MemoryError) or (
         isinstance(e, tf.errors.ResourceExhaustedError) and "OOM" in (e.message or "")
     ):  # TensorFlow says "OOM when allocating tensor ..." for memory, not for a full disk
-        first = (getattr(e, "message", "") or str(e) or type(e).__name__).strip().splitlines()
-        return EXIT_MEMORY, (
-            f"out of memory: {first[0][:300] if first else type(e).__name__} (the settings ask "
-            f"for more memory than this machine has: e.g. a smaller --batch-size or "
-            f"--hidden-units); nothing was published"
-        )
+        return _memory_error(e)
     if isinstance(
         e,
         (
@@ -550,6 +555,15 @@ def _memory_or_tensorflow_file_error(
         hint = _disk_full_hint(run_id, again) if full else ""
         return EXIT_PUBLISH, f"could not write or read a file: {type(e).__name__}: {first}{hint}"
     return None
+
+
+def _memory_error(e: BaseException) -> tuple[int, str]:
+    first = (getattr(e, "message", "") or str(e) or type(e).__name__).strip().splitlines()
+    return EXIT_MEMORY, (
+        f"out of memory: {first[0][:300] if first else type(e).__name__} (the settings ask "
+        f"for more memory than this machine has: e.g. a smaller --batch-size or "
+        f"--hidden-units); nothing was published"
+    )
 
 
 def _disk_full_hint(run_id: str | None, again: str | None = None) -> str:

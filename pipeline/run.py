@@ -105,6 +105,8 @@ def train_pipeline(
 
     role = cluster_role(tf_config)
     run_id = run_id or new_run_id()
+    if role.is_chief and paths.run_dir(run_id).exists():
+        stages.check_resumable(paths.run_dir(run_id), config)  # before the import and the data
     # Started first: its TensorFlow import runs on the other core beside this one's.
     validator = infra_validator.Validator() if role.is_chief else None
     from components.tf_import import import_tensorflow

@@ -49,6 +49,28 @@ def test_bad_flags_exit_2_with_one_line(flags, python_cmd, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing in the current folder
 
 
+def test_a_finished_run_name_is_refused_without_importing_tensorflow(tmp_path):
+    """`train --run-name` of a finished run: the one line and exit 2 come before TensorFlow's
+    import (5 s here) and the data load, through the CLI's own entry point."""
+    from pipeline.config import TrainConfig
+
+    run_dir = tmp_path / "a" / "runs" / "done"
+    run_dir.mkdir(parents=True)
+    TrainConfig().to_json(run_dir / "config.json", {})
+    (run_dir / "metrics.json").write_text("{}")
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+        "print('tensorflow imported' if 'tensorflow' in sys.modules else 'no tensorflow'); "
+        "sys.exit(rc)"
+    )
+    args = ["train", "--run-name", "done", "--artifacts-dir", str(tmp_path / "a")]
+    r = run_cli([sys.executable, "-c", code, *args], tmp_path)
+    assert r.returncode == 2 and r.stdout.strip() == "no tensorflow", r.stdout + r.stderr
+    assert r.stderr.strip() == (
+        f"error: run done already finished ({run_dir}); pick another --run-name"
+    )
+
+
 def test_artifacts_path_that_is_a_file(python_cmd, tmp_path):
     (tmp_path / "f").write_text("x")
     r = run_cli(python_cmd + ["train", "--artifacts-dir", str(tmp_path / "f")], tmp_path)

@@ -232,6 +232,31 @@ def test_a_dangling_link_where_the_model_goes_stops_the_run_before_training(tmp_
     assert fits == [] and layout.model.parent.is_symlink()
 
 
+@pytest.mark.parametrize(
+    "state, message",
+    [("finished", "already finished"), ("other config", "was started with another config")],
+)
+def test_a_run_that_cannot_be_resumed_is_refused_before_the_data_load(tmp_path, state, message):
+    """`--run-name` of a finished run, or of one started with other flags: refused before the
+    data load (here there is no data at all: a later check would fail on that instead) and
+    before the validating process starts, with nothing written."""
+    from pipeline import stages
+
+    config = small_config(epochs=1)
+    run_dir = tmp_path / "runs" / "done"
+    run_dir.mkdir(parents=True)
+    config.to_json(run_dir / "config.json", {})
+    if state == "finished":
+        (run_dir / "metrics.json").write_text('{"blessed": true}')
+    else:
+        config = small_config(epochs=2)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    paths = Paths(tmp_path, tfds_data_dir=tmp_path / "no-data", tfds_manual_dir=tmp_path / "none")
+    with pytest.raises(stages.RunStateError, match=message):
+        train_pipeline(config, paths, run_id="done")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_figures_drawn_from_other_predictions_are_not_used():
     import concurrent.futures
     import hashlib
