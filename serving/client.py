@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -408,9 +409,25 @@ def assertion_text(message: str) -> str:
     text = message.split("\n\t [[", 1)[0].split(" [Op:", 1)[0]
     if "assertion failed:" in text:
         text = text.split("assertion failed:", 1)[-1]
-        return " ".join(text.replace("] [", " ").strip(" []").split())
+        return _named_figures(" ".join(text.replace("] [", " ").strip(" []").split()))
     lines = [line for line in text.splitlines() if line.strip()]  # the op's message is last
     return " ".join((lines[-1] if lines else text).split())
+
+
+def _named_figures(text: str) -> str:
+    """An assertion's "... (a, b, c): 0.1 2 3" as "... (a 0.1, b 2, c 3)": each figure the graph
+    printed after its name (floats to 3 significant digits); other text as it is."""
+    match = re.fullmatch(r"(.*)\(([^()]+)\):((?: -?[\d.e+-]+)+)", text)
+    if not match:
+        return text
+    names, values = match[2].split(", "), match[3].split()
+    if len(names) != len(values):
+        return text
+    try:
+        shown = [f"{float(v):.3g}" if any(c in v for c in ".e") else str(int(v)) for v in values]
+    except ValueError:
+        return text
+    return f"{match[1]}({', '.join(f'{n} {v}' for n, v in zip(names, shown, strict=True))})"
 
 
 def _error_text(body: bytes) -> str:

@@ -621,6 +621,8 @@ def test_cli_a_photo_without_a_digit_is_a_clear_error(exported, tmp_path, capsys
     assert client_main(["predict", str(tmp_path / "blank.jpg"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "blank.jpg: refused by the model: no digit found" in err
+    figures = r"\(contrast [-\d.e]+, ink/noise [-\d.e]+, pixels \d+, height \d+, width \d+\)$"
+    assert re.search(figures, err.strip()), err  # each figure beside its name
 
     np.save(tmp_path / "digit.npy", _digit_image())
     Image.fromarray(255 - _digit_image()).resize((140, 140)).save(tmp_path / "photo.png")
