@@ -293,7 +293,7 @@ def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | Grp
         )
         where = f"TF Serving {'gRPC' if args.grpc else 'REST'} at {args.server}"
     else:
-        raise InputError("say where the model is: --local DIR or --server HOST:PORT")
+        raise FlagError("say where the model is: --local DIR or --server HOST:PORT")
     return client, where
 
 

@@ -830,6 +830,7 @@ def test_a_gzip_idx_bomb_is_refused_from_its_header(tmp_path):
         (["--server", "ftp://x:1"], "--server: expected HOST:PORT"),
         (["--server", "local\nhost:1"], "--server: expected HOST:PORT"),
         (["--server", "http://localhost:8500", "--grpc"], "--grpc talks to HOST:PORT, not a URL"),
+        ([], "error: say where the model is: --local DIR or --server HOST:PORT"),  # (not "input")
     ],
 )
 def test_client_flags_that_cannot_work_are_refused_in_one_line(tmp_path, flags, message):
