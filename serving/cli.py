@@ -167,6 +167,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+NO_MODEL = "say where the model is: --local DIR or --server HOST:PORT"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from components import console
@@ -191,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.local is None and args.server is None:  # (before the inputs are read)
+        raise FlagError(NO_MODEL)
     if args.show is not None:
         _check_writable(args.show, args.inputs)
     if args.local is not None:  # the model runs here: TensorFlow is needed, imported fast
@@ -293,7 +298,7 @@ def _client(args: argparse.Namespace) -> tuple[LocalPredictor | RestClient | Grp
         )
         where = f"TF Serving {'gRPC' if args.grpc else 'REST'} at {args.server}"
     else:
-        raise FlagError("say where the model is: --local DIR or --server HOST:PORT")
+        raise FlagError(NO_MODEL)
     return client, where
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import re
 import socket
 import urllib.error
 import urllib.request
@@ -415,19 +414,19 @@ def assertion_text(message: str) -> str:
 
 
 def _named_figures(text: str) -> str:
-    """An assertion's "... (a, b, c): 0.1 2 3" as "... (a 0.1, b 2, c 3)": each figure the graph
-    printed after its name (floats to 3 significant digits); other text as it is."""
-    match = re.fullmatch(r"(.*)\(([^()]+)\):((?: -?[\d.e+-]+)+)", text)
-    if not match:
-        return text
-    names, values = match[2].split(", "), match[3].split()
-    if len(names) != len(values):
+    """An assertion's "... (a, b, c): 0.1 2 3" as "... (a 0.1, b 2, c 3)": each figure after its
+    name, as the graph printed it (never rounded: a value just under a floor must not read as the
+    floor); any other text as it is."""
+    head, colon, tail = text.rpartition("):")
+    names, values = head.rpartition("(")[2].split(", "), tail.split()
+    if not colon or "(" not in head or len(names) != len(values):
         return text
     try:
-        shown = [f"{float(v):.3g}" if any(c in v for c in ".e") else str(int(v)) for v in values]
+        [float(v) for v in values]
     except ValueError:
         return text
-    return f"{match[1]}({', '.join(f'{n} {v}' for n, v in zip(names, shown, strict=True))})"
+    pairs = ", ".join(f"{n} {v}" for n, v in zip(names, values, strict=True))
+    return f"{head.rpartition('(')[0]}({pairs})"
 
 
 def _error_text(body: bytes) -> str:

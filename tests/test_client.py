@@ -813,6 +813,26 @@ def test_a_gzip_idx_bomb_is_refused_from_its_header(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "printed, shown",
+    [
+        # a value just under its floor (MIN_CONTRAST 0.15) is never rounded up to it
+        (
+            "[no digit found: crop closer (contrast, ink/noise, pixels):] [0.149658203] [4] [12]",
+            "no digit found: crop closer (contrast 0.149658203, ink/noise 4, pixels 12)",
+        ),
+        ("[bounds (lo, hi):] [nan] [-1e-05]", "bounds (lo nan, hi -1e-05)"),
+        ("[bounds (lo, hi):] [1] [2] [3]", "bounds (lo, hi): 1 2 3"),  # not one value per name
+        ("[see (the docs):] [x]", "see (the docs): x"),  # not figures
+        ("[bounds (lo, hi):] " + "[-1] " * 30 + "[x]", "bounds (lo, hi): " + "-1 " * 30 + "x"),
+    ],
+)
+def test_an_assertions_figures_are_named_as_the_graph_printed_them(printed, shown):
+    from serving.client import assertion_text
+
+    assert assertion_text(f"assertion failed: {printed}\n\t [[{{{{node Assert}}}}]]") == shown
+
+
+@pytest.mark.parametrize(
     "flags, message",
     [
         (["--server", "localhost:1", "--timeout", "nan"], "--timeout: expected seconds > 0"),
@@ -831,6 +851,7 @@ def test_a_gzip_idx_bomb_is_refused_from_its_header(tmp_path):
         (["--server", "local\nhost:1"], "--server: expected HOST:PORT"),
         (["--server", "http://localhost:8500", "--grpc"], "--grpc talks to HOST:PORT, not a URL"),
         ([], "error: say where the model is: --local DIR or --server HOST:PORT"),  # (not "input")
+        (["--show", "s.png"], "error: say where the model is"),  # before the inputs are read
     ],
 )
 def test_client_flags_that_cannot_work_are_refused_in_one_line(tmp_path, flags, message):
@@ -843,6 +864,17 @@ def test_client_flags_that_cannot_work_are_refused_in_one_line(tmp_path, flags, 
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_no_model_named_is_said_before_the_inputs_are_read(tmp_path):
+    """Neither --local nor --server: that, not the state of an input (here a missing one)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "serving", "predict", str(tmp_path / "missing.png")],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr == "error: say where the model is: --local DIR or --server HOST:PORT\n"
 
 
 @pytest.mark.slow
