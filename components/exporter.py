@@ -471,9 +471,9 @@ def publish_staged(
     run_id: str,
     baseline_version: int | None,
     assets: dict[str, str | bytes] | Callable[[int], dict[str, str | bytes]],
+    remembered: Callable[[], set[int]],
     keep_versions: int = 0,
     protected: Callable[[], set[int]] | None = None,
-    remembered: Callable[[], set[int]] | None = None,
 ) -> PublishResult:
     """Copy a validated, blessed staged SavedModel in as the next version, atomically.
 
@@ -495,7 +495,7 @@ def publish_staged(
                 if latest is not None
                 else PublishError(f"baseline version {baseline_version} disappeared from {base}")
             )
-        version = _next_version(base, latest, remembered() if remembered else set())
+        version = _next_version(base, latest, remembered())
         tmp, final = base / f"{TMP_PREFIX}{run_id}", base / str(version)
         try:
             _write_version(staged, tmp, assets(version) if callable(assets) else assets)

@@ -520,8 +520,8 @@ def _raised(e: BaseException, *classes: str) -> bool:
     TensorFlow, 5 s, which an error found before them, a finished --run-name, need not wait)."""
     for name in classes:
         module, _, cls = name.rpartition(".")
-        loaded = sys.modules.get(module)
-        if loaded is not None and isinstance(e, getattr(loaded, cls)):
+        kind = getattr(sys.modules.get(module), cls, None)
+        if isinstance(kind, type) and isinstance(e, kind):
             return True
     return False
 

@@ -201,7 +201,10 @@ class TrainConfig:
         value: dict[str, Any] = {"requested": self.to_dict()}
         if effective is not None:
             value["effective"] = effective
-        Path(path).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+        from components.files import atomic_write
+
+        with atomic_write(path, "w") as f:  # (a run killed meanwhile leaves none, not half)
+            f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -244,13 +244,21 @@ def failed_validation(run_dir: Path) -> bool:
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig, effective: dict[str, Any]) -> bool:
-    """Create the run dir, or check that an existing one can be resumed. True when resuming."""
-    if not run_dir.exists():
-        run_dir.mkdir(parents=True)
+    """Create the run dir, or check that an existing one can be resumed. True when resuming.
+    An empty one (a run killed before it wrote its config) is started afresh."""
+    if not run_dir.exists() or _empty_folder(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
         config.to_json(run_dir / "config.json", effective)
         return False
     check_resumable(run_dir, config)
     return True
+
+
+def _empty_folder(path: Path) -> bool:
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False  # (an unreadable folder: said when it is read)
 
 
 def check_resumable(run_dir: Path, config: TrainConfig) -> None:
@@ -258,6 +266,8 @@ def check_resumable(run_dir: Path, config: TrainConfig) -> None:
     (or ended at a failed infra validation), started with the same settings. Reads only: the
     pipeline asks it before TensorFlow's import and the data load, so a finished run is refused
     in a moment, and again when it opens the folder."""
+    if _empty_folder(run_dir):
+        return  # (killed before it wrote its config: started afresh)
     if (run_dir / "metrics.json").exists() and not failed_validation(run_dir):
         raise RunStateError(
             f"run {run_dir.name} already finished ({run_dir}); pick another --run-name"

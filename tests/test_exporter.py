@@ -131,7 +131,7 @@ def _publish(staged, base, run_id, baseline=None, **kw):
         run_id=run_id,
         baseline_version=baseline,
         assets={"metrics.json": f'{{"run_id": "{run_id}"}}'},
-        **kw,
+        **{"remembered": set, **kw},
     )
 
 

@@ -257,6 +257,18 @@ def test_a_run_that_cannot_be_resumed_is_refused_before_the_data_load(tmp_path, 
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_a_run_folder_left_empty_is_started_afresh(tmp_path, tiny_data):
+    """A run killed between creating its folder and writing its config (atomically: there is
+    no half of one) left an empty folder: the same --run-name starts it, not "pick another"."""
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "runs" / "empty").mkdir(parents=True)
+    result = train_pipeline(
+        small_config(epochs=1), Paths(artifacts), run_id="empty", data=tiny_data
+    )
+    assert (result.run_dir / "metrics.json").exists() and result.metrics["epochs_trained"] == 1
+    assert TrainConfig.from_json(result.run_dir / "config.json").epochs == 1
+
+
 def test_figures_drawn_from_other_predictions_are_not_used():
     import concurrent.futures
     import hashlib

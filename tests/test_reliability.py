@@ -430,7 +430,7 @@ KILLED_PUBLISH = textwrap.dedent("""
         time.sleep(120)          # killed here, mid-publish
     exporter._fsync_tree = slow_fsync
     exporter.publish_staged(sys.argv[2], sys.argv[1], run_id="doomed", baseline_version=1,
-                            assets={})
+                            assets={}, remembered=set)
 """)
 
 
@@ -438,7 +438,9 @@ KILLED_PUBLISH = textwrap.dedent("""
 def test_kill_during_publish_leaves_no_version_and_the_next_run_cleans_up(tmp_path, model):
     base = tmp_path / "models" / "mnist"
     staged = exporter.export_saved_model(model, tmp_path / "staged")
-    first = exporter.publish_staged(staged, base, run_id="r1", baseline_version=None, assets={})
+    first = exporter.publish_staged(
+        staged, base, run_id="r1", baseline_version=None, assets={}, remembered=set
+    )
     before = {p: p.read_bytes() for p in first.path.rglob("*") if p.is_file()}
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_PUBLISH, str(base), str(staged)],
@@ -453,7 +455,9 @@ def test_kill_during_publish_leaves_no_version_and_the_next_run_cleans_up(tmp_pa
     proc.wait()
     assert exporter.published_versions(base) == [1]
     assert {p: p.read_bytes() for p in first.path.rglob("*") if p.is_file()} == before
-    second = exporter.publish_staged(staged, base, run_id="r2", baseline_version=1, assets={})
+    second = exporter.publish_staged(
+        staged, base, run_id="r2", baseline_version=1, assets={}, remembered=set
+    )
     assert second.version == 2 and not (base / ".tmp-doomed").exists()
 
 

@@ -82,6 +82,7 @@ def test_pruning_keeps_labelled_versions(three_versions, exported):
         assets={},
         keep_versions=1,
         protected=lambda: versions.labelled(base),
+        remembered=lambda: versions.remembered(base),
     )
     assert result.version == 4 and versions.published(base) == [1, 4]
 
