@@ -148,6 +148,8 @@ def _run_stages(run: stages.Run) -> None:
     for name in STAGES:
         try:
             stages.run_stage(run, name, getattr(stages, name), outputs[name])
+            if name == "train":
+                stages.drop_backup(run)
         except infra_validator.InfraValidationError as e:
             if not isinstance(e, infra_validator.BaselineDamaged):
                 try:
@@ -274,6 +276,7 @@ def _train_in_scratch(
     )
     stages.ingest(run)
     stages.run_stage(run, "train", stages.train, [])
+    stages.drop_backup(run)  # the scratch copy; the chief's backup is the chief's to drop
     print(f"{task}: done; the chief evaluates, publishes and reports")
     return RunResult(run_id, run.layout.root, {**run.metrics, "chief": False})
 

@@ -620,14 +620,21 @@ def train(run: Run) -> dict[str, Any]:
     }
     if run.is_chief:
         metrics["uncertainty_calibration"] = _calibrate(run)
-    # Only now, with every output of the stage written, is the backup no longer needed.
-    shutil.rmtree(run.layout.backup, ignore_errors=True)
+    # The backup stays until the stage's record is written too (`drop_backup`).
     run.metrics.update(metrics)
     return {
         "inputs": {"data": str(run.layout.statistics)},
         "metrics": metrics,
         "settings": run.effective.to_dict(),
     }
+
+
+def drop_backup(run: Run) -> None:
+    """The backup, once the train stage is recorded: its record (with the fingerprints of
+    train/model.keras and the history) is what lets a rerun skip training. Deleted earlier, a
+    run stopped between the two (a full disk at the record, a kill) would train again from
+    epoch 0; kept, the rerun resumes at the last epoch and trains nothing."""
+    shutil.rmtree(run.layout.backup, ignore_errors=True)
 
 
 def _fit(run: Run) -> Any:

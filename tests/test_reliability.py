@@ -572,6 +572,36 @@ def _small_cli_runs(tmp_path, tiny_data, monkeypatch):
     return paths
 
 
+def test_a_disk_full_at_the_train_record_does_not_train_again(tmp_path, tiny_data, monkeypatch):
+    """The disk fills as the train stage's record is written (the model and history are
+    saved, the record is not): the backup is still there, so the rerun resumes at the last
+    epoch and trains nothing, keeping the history of the epochs it trained before."""
+    from pipeline import stages
+
+    paths = Paths(tmp_path / "artifacts")
+    config = small_config(device="cpu", epochs=2)
+    real_record = stages.write_record
+
+    def full_at_train(run, name, *a, **k):
+        if name == "train":
+            raise OSError(28, "No space left on device")
+        return real_record(run, name, *a, **k)
+
+    monkeypatch.setattr(stages, "write_record", full_at_train)
+    with pytest.raises(OSError):
+        train_pipeline(config, paths, run_id="r1", data=tiny_data)
+    run_dir = paths.run_dir("r1")
+    assert not (run_dir / "stages" / "train.json").exists()
+    assert (run_dir / "backup" / trainer.WEIGHTS_FILE).is_file()
+    history = json.loads((run_dir / "train" / "history.json").read_text())
+    monkeypatch.setattr(stages, "write_record", real_record)
+    result = train_pipeline(config, paths, run_id="r1", data=tiny_data)
+    assert result.metrics["resumed_from_epoch"] == 2 and result.metrics["epoch_seconds"] == []
+    assert result.metrics["epochs_trained"] == 2 and result.metrics["published_version"] == 1
+    assert json.loads((run_dir / "train" / "history.json").read_text()) == history
+    assert not (run_dir / "backup").exists()  # dropped once the record was written
+
+
 def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, monkeypatch, capsys):
     from components import report
     from pipeline import cli
