@@ -750,7 +750,8 @@ class Validator:
         assert self.proc.stdout is not None
         wait = self.timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
         ready, _, _ = select.select([self.proc.stdout], [], [], wait)
-        if not ready:
+        if not ready:  # hung (not merely slow after this long): stopped, with any server
+            _stop_group(self.proc)
             self.close()
             raise InfraValidationError(f"infra validation timed out after {self.timeout_s:g} s")
         line = self.proc.stdout.readline()

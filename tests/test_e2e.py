@@ -75,6 +75,9 @@ def test_a_default_run_is_quiet_and_honest(tmp_path):
     # The warm run re-scored the cold run's version, in the validating process, during training.
     assert metrics["baseline_version"] == 1
     assert metrics["infra_validation"]["baseline_scored_ahead"] is True
+    # predict_image was compared with the trained model on the sample (not refused by both).
+    photo = metrics["infra_validation"]["other_signatures"]["predict_image"]
+    assert "refused" not in photo and photo["max_abs_difference_vs_trained_model"] <= 1e-5
     # test_loss is Keras's loss (val_loss's definition) on the test split, for the trained model.
     import keras
     import numpy as np

@@ -205,6 +205,42 @@ def test_a_model_server_that_does_not_start_publishes_nothing(tmp_path, tiny_dat
     )
 
 
+def test_a_validation_that_hangs_times_out_and_publishes_nothing(tmp_path, tiny_data, monkeypatch):
+    """A validating process that never answers (a hung loader) is stopped at the timeout: not
+    published, the timeout recorded, exit 8's error, and no process left behind."""
+    from components import infra_validator
+
+    started = []
+
+    def hung(self):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, "
+                "signal.SIG_IGN); time.sleep(600)",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(self.proc)
+
+    real_init = infra_validator.Validator.__init__
+    monkeypatch.setattr(infra_validator.Validator, "_start", hung)
+    monkeypatch.setattr(
+        infra_validator.Validator, "__init__", lambda self, timeout_s=0: real_init(self, 3.0)
+    )
+    with pytest.raises(InfraValidationError, match="infra validation timed out after 3 s") as e:
+        _run(tmp_path, tiny_data)
+    assert cli.map_error(e.value)[0] == cli.EXIT_INFRA == 8
+    infra = _nothing_published(tmp_path)
+    assert "timed out" in infra["reason"] and infra["seconds"] >= 3
+    (proc,) = started
+    assert proc.poll() is not None  # stopped (SIGTERM ignored: killed), not left hanging
+
+
 def _fake_docker(tmp_path, monkeypatch, image_pulled=True):
     """A `docker` on PATH whose engine answers; `run` fails as a server that cannot start
     (no Docker engine is available here); every call is logged."""
@@ -545,3 +581,24 @@ def test_a_full_disk_in_the_validating_process_is_a_full_disk_in_the_trainer(mon
     code, message = map_error(raised.value, "r1")
     assert code == EXIT_PUBLISH and "No space left on device: /a/run/evaluation/x.npz" in message
     assert "free space and run the same command again with --run-name r1" in message
+
+
+def test_the_served_model_must_match_the_trained_one_within_the_readme_tolerance():
+    """1e-5 for a model trained on the CPU, 2e-3 on a GPU (TF32/float16 arithmetic, served as
+    float32); a class may differ only where the trained model's top two are within twice it."""
+    from types import SimpleNamespace
+
+    from pipeline import stages
+
+    def tolerance(device):
+        return stages._tolerance(SimpleNamespace(effective=SimpleNamespace(device=device)))
+
+    assert tolerance("cpu") == 1e-5 and tolerance("gpu") == 2e-3
+    trained = np.array([[0.7, 0.3, 0.0], [0.500004, 0.499996, 0.0], [0.5001, 0.4999, 0.0]])
+    same = trained.copy()
+    assert stages._disagreement(same, trained, 1e-5) == (0, 0.0)
+    flipped = trained[:, [1, 0, 2]]  # every row's class changes
+    differs, gap = stages._disagreement(flipped, trained, 1e-5)
+    assert differs == 2 and gap == pytest.approx(0.4)  # the 8e-6 tie is not counted
+    assert stages._disagreement(flipped, trained, 2e-3)[0] == 1  # 2e-4 apart: a tie there
+    assert stages._disagreement(np.zeros((0, 3)), np.zeros((0, 3)), 1e-5) == (0, 0.0)
