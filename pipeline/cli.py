@@ -392,12 +392,23 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _cluster_worker() -> bool:
+    from components.strategy import DeviceError, parse_tf_config
+
+    try:
+        return parse_tf_config(os.environ.get("TF_CONFIG")) is not None
+    except DeviceError:  # a garbled TF_CONFIG: refused later, in one line, by `train`
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     # Not in a cluster worker: a worker waiting in a collective would not run a Python handler,
-    # and its supervisor stops it with SIGTERM, then SIGKILL.
-    handle = "TF_CONFIG" not in os.environ and threading.current_thread() is threading.main_thread()
+    # and its supervisor stops it with SIGTERM, then SIGKILL; left to SIGTERM's default, it ends
+    # at once (every file of a run is written atomically) and a launcher sees the signal (the
+    # local `cluster` restarts workers killed by one). A TF_CONFIG of one task is no cluster.
+    handle = not _cluster_worker() and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if handle else None
     try:
         return _command(args)

@@ -428,3 +428,34 @@ def test_a_console_whose_reader_left_does_not_stop_the_command(tmp_path, both):
     assert done.read_text() == "finished"
     if not both:  # (else stderr went to the pipe too)
         assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize(
+    "tf_config, handled",
+    [
+        (None, True),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}', True),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}', False),
+        ("{not json", True),  # refused by `train` in one line; until then, a plain process
+    ],
+)
+def test_sigterm_is_one_line_except_in_a_cluster_worker(monkeypatch, tf_config, handled):
+    """SIGTERM's one-line handler is installed for a plain process (a TF_CONFIG of one task is
+    no cluster); a cluster worker keeps the default, so it ends at once and its launcher sees
+    the signal."""
+    import signal
+
+    from pipeline import cli
+
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    seen = []
+    monkeypatch.setattr(
+        cli, "_command", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["train"]) == 0
+    assert (seen[0] is cli._terminated) is handled
+    assert signal.getsignal(signal.SIGTERM) == before
