@@ -271,3 +271,49 @@ def _drifted_data_stops_the_run_with_exit_4(artifacts):
     assert "the data drifted from what trained the published model" in r.stderr
     assert "mean pixel" in r.stderr
     assert sorted((artifacts / "runs").iterdir()) == runs_before
+
+
+@pytest.mark.slow
+def test_a_default_run_on_a_terminal_shows_a_progress_bar_counting_steps(tmp_path):
+    """`make train` on a terminal (a pty, as a person types it): the README's lines, with each
+    epoch's one line replaced by Keras's `Epoch k/5` and a progress bar that ends at the
+    epoch's train steps (1782 of 57,000 examples at batch 32), with its metrics."""
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        ["make", "-s", "--no-print-directory", "train", f"ARTIFACTS_DIR={tmp_path / 'a'}"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the pty closed: every writer has gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(primary)
+    assert proc.wait(timeout=900) == 0, out[-3000:]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.decode())
+    # What stays on the screen: each line's text after its last carriage return.
+    shown = [line.split("\r")[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    shown = [line for line in shown if line.strip()]
+    for pattern in ("ran out of data", "E0000", "W0000", "cuInit", "absl", "Traceback"):
+        assert not [line for line in shown if pattern in line], (pattern, shown)
+    epochs = [i for i, line in enumerate(shown) if re.fullmatch(r"Epoch \d/5", line)]
+    assert [shown[i] for i in epochs] == [f"Epoch {k}/5" for k in range(1, 6)], shown
+    for i in epochs:
+        assert re.match(
+            r"1782/1782 \S+ \d+s \d+ms/step - accuracy: 0\.\d+ - loss: 0\.\d+ - "
+            r"val_accuracy: 0\.\d+ - val_loss: 0\.\d+$",
+            shown[i + 1],
+        ), shown[i + 1]
+    assert len(shown) == 23, "\n".join(shown)  # the README's 19, less make's command, + 5
+    assert shown[-2].startswith("Published version 1: ")
