@@ -317,3 +317,31 @@ def test_a_default_run_on_a_terminal_shows_a_progress_bar_counting_steps(tmp_pat
         ), shown[i + 1]
     assert len(shown) == 23, "\n".join(shown)  # the README's 19, less make's command, + 5
     assert shown[-2].startswith("Published version 1: ")
+
+
+@pytest.mark.slow
+def test_a_default_run_whose_reader_left_goes_on_to_publish(tmp_path):
+    """`make train | head -3`: the reader leaves after three lines (the epochs'); the run goes
+    on, publishes and ends with its usual exit code, and says nothing of the closed pipe."""
+    artifacts = tmp_path / "a"
+    r = subprocess.run(
+        [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            f"make -s --no-print-directory train ARTIFACTS_DIR={artifacts} | head -3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]  # make's code, through pipefail
+    assert len(r.stdout.splitlines()) == 3, r.stdout
+    # stderr (the log lines, still on the terminal) says nothing of the pipe that closed.
+    for said in ("Traceback", "error", "Broken pipe", "BrokenPipe", "Exception"):
+        assert said not in r.stderr, r.stderr[-3000:]
+    assert (artifacts / "models" / "mnist" / "1" / "saved_model.pb").is_file()
+    metrics = json.loads((artifacts / "runs" / "latest" / "metrics.json").read_text())
+    assert metrics["published_version"] == 1 and len(metrics["history"]["loss"]) == 5
