@@ -602,3 +602,46 @@ def test_the_served_model_must_match_the_trained_one_within_the_readme_tolerance
     assert differs == 2 and gap == pytest.approx(0.4)  # the 8e-6 tie is not counted
     assert stages._disagreement(flipped, trained, 2e-3)[0] == 1  # 2e-4 apart: a tie there
     assert stages._disagreement(np.zeros((0, 3)), np.zeros((0, 3)), 1e-5) == (0, 0.0)
+
+
+def test_the_validating_process_imports_nothing_of_the_trainer_and_no_keras(model, tmp_path):
+    """The README's promise about the process that validates, checked in that process after a
+    whole validation (baseline included): it loaded the export as TF Serving does, building
+    no Keras model (the Keras package is there: `import tensorflow` imports it) and importing
+    no module of the trainer."""
+    candidate, baseline, examples = _two_exports(model, tmp_path)
+    request = {
+        "candidate": str(candidate),
+        "baseline": str(baseline),
+        "examples": str(examples),
+        "out": str(tmp_path / "out"),
+        "sample": 8,
+    }
+    code = (
+        "import json, sys\n"
+        "from components import infra_validator\n"
+        "infra_validator.serve_requests()\n"
+        "import gc, keras\n"  # already loaded: `import tensorflow` imports the package
+        "models = [type(o).__name__ for o in gc.get_objects() if isinstance(o, keras.Model)]\n"
+        "print(json.dumps({'modules': sorted(sys.modules), 'models': models}))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(request) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    answers = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert any(a.get("ok") for a in answers), r.stdout[-3000:] + r.stderr[-3000:]
+    modules, models = answers[-1]["modules"], answers[-1]["models"]
+    assert "tensorflow" in modules and models == []  # no Keras model object was built
+    ours = sorted(m for m in modules if m.split(".")[0] in ("components", "pipeline", "serving"))
+    # Standard library and TensorFlow only, besides the validator and its two helpers.
+    assert set(ours) <= {
+        "components",
+        "components.files",
+        "components.infra_validator",
+        "components.tf_import",
+    }, ours
