@@ -677,6 +677,21 @@ def test_ctrl_c_before_the_run_began_is_one_word(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
 
 
+def test_a_folder_named_latest_leaves_the_command_exit_0(
+    tmp_path, tiny_data, monkeypatch, capsys, caplog
+):
+    """`train` with a folder where runs/latest goes: published, exit 0, one warning."""
+    from pipeline import cli
+
+    paths = _small_cli_runs(tmp_path, tiny_data, monkeypatch)
+    (paths.runs / "latest").mkdir(parents=True)
+    assert cli.main(["train", "--artifacts-dir", str(paths.artifacts)]) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert "could not point" in caplog.text and "Traceback" not in err and "error:" not in err
+    assert (paths.runs / "latest").is_dir()
+    assert exporter.published_versions(paths.models) == [1]
+
+
 def test_a_folder_named_latest_does_not_fail_a_published_run(tmp_path, caplog):
     """runs/latest is a convenience link: a folder in its place is left alone with a warning
     (the run, already published, still ends well) and no temporary link is left behind."""
