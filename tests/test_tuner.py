@@ -3,6 +3,7 @@ split, logs hparams per trial, and feeds `train --hparams`."""
 
 import json
 import re
+import time
 
 import pytest
 import tensorflow_datasets as tfds
@@ -315,3 +316,44 @@ def test_a_temporary_copy_left_by_a_kill_is_not_called_damaged_state(tmp_path):
     assert unreadable_state_file(study) is None
     (study / "trial_0000" / "trial.json").write_text('{"half": ')
     assert unreadable_state_file(study) == study / "trial_0000" / "trial.json"
+
+
+def test_a_trial_under_way_when_the_budget_ends_finishes_first(tmp_path, train_split, monkeypatch):
+    """The budget runs out during trial 0: it completes and counts; no trial starts after."""
+    real = tuner._StudyMixin.on_trial_begin
+
+    def budget_ends_now(self, trial):
+        real(self, trial)
+        self.deadline = time.monotonic()
+
+    monkeypatch.setattr(tuner._StudyMixin, "on_trial_begin", budget_ends_now)
+    lines = []
+    result = tuner.tune(_config(max_trials=3), train_split, tmp_path / "b", out=lines.append)
+    assert len(result.trials_run) == 1
+    assert any(re.match(r"trial 0 completed: val_loss \d", line) for line in lines), lines
+    best = json.loads((tmp_path / "b" / tuner.BEST_FILE).read_text())
+    assert len(best["trials"]) == 1 and best["score"] == best["trials"][0]["score"]
+
+
+def test_an_interrupted_search_goes_on_from_its_completed_trials(
+    tmp_path, train_split, monkeypatch
+):
+    """Ctrl-C during trial 1 (trial 0 completed): the same call again keeps trial 0, does not
+    run it again, and completes the study."""
+    real = tuner._StudyMixin.on_trial_begin
+
+    def ctrl_c_in_the_second(self, trial):
+        real(self, trial)
+        if len(self.trials_run) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tuner._StudyMixin, "on_trial_begin", ctrl_c_in_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            tuner.tune(_config(max_trials=2), train_split, tmp_path / "i", out=lambda _: None)
+    lines = []
+    again = tuner.tune(_config(max_trials=2), train_split, tmp_path / "i", out=lines.append)
+    assert any(re.search(r"resuming study \S+: 1 trial\(s\)", line) for line in lines), lines
+    assert len(again.trials_run) == 1 and "0" not in again.trials_run
+    best = json.loads((tmp_path / "i" / tuner.BEST_FILE).read_text())
+    assert len([t for t in best["trials"] if t["score"] is not None]) == 2, best["trials"]
