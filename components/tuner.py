@@ -3,7 +3,9 @@ the training split (the test split is never loaded), resumable, with a time budg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -334,10 +336,16 @@ def _make_tuner(hypermodel: DenseHyperModel, config: TuneConfig, study_dir: Path
         overwrite=False,
         seed=config.seed,
     )
-    if config.algorithm == "hyperband":
-        tuner = _tuner_class("hyperband")(max_epochs=config.max_epochs, factor=3, **common)
-    else:
-        tuner = _tuner_class(config.algorithm)(max_trials=config.max_trials, **common)
+    # keras-tuner prints "Reloading Tuner from <file>" when a study goes on: `tune` says that
+    # itself, with what it means ("resuming study ...: N trial(s) already done").
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        if config.algorithm == "hyperband":
+            tuner = _tuner_class("hyperband")(max_epochs=config.max_epochs, factor=3, **common)
+        else:
+            tuner = _tuner_class(config.algorithm)(max_trials=config.max_trials, **common)
+    for line in said.getvalue().splitlines():
+        if not line.startswith("Reloading Tuner from "):
+            out(line)
     tuner._setup_study(config, out)
     # The oracle writes a trial's state file inside the trial's error handling too.
     tuner.oracle.update_trial = _fatal_on_environment(tuner.oracle.update_trial)

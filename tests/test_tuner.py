@@ -39,7 +39,7 @@ def _config(**kw):
 
 
 def test_search_writes_best_resumes_without_rerunning_and_overwrite_starts_over(
-    tmp_path, train_split
+    tmp_path, train_split, capsys
 ):
     lines = []
     first = tuner.tune(_config(), train_split, tmp_path / "s", out=lines.append)
@@ -73,6 +73,7 @@ def test_search_writes_best_resumes_without_rerunning_and_overwrite_starts_over(
 
     again = tuner.tune(_config(), train_split, tmp_path / "s", out=lines.append)
     assert again.trials_run == [] and any("resuming study s: 2 trial(s)" in l for l in lines)
+    assert "Reloading Tuner" not in capsys.readouterr().out  # keras-tuner's own, said above
     more = tuner.tune(_config(max_trials=3), train_split, tmp_path / "s", out=lines.append)
     assert len(more.trials_run) == 1 and more.trials_run[0] not in first.trials_run
 
