@@ -25,11 +25,30 @@ generated=$(dirname "$models")/models.config
 common=(--port="$GRPC_PORT" --rest_api_port="$REST_PORT" "${batching[@]}"
         --file_system_poll_wait_seconds=10 --model_config_file_poll_wait_seconds=10)
 
+# The server reads a copy of the config with this machine's base_path ($1: the copy, $2: the
+# base_path): `make models` may write another (--base-path for a cluster's mount). The copy is
+# refreshed from models.config every 2 s while the server runs, so labels set later (promote,
+# canary, rollback, or the first labels after a start without any) reach the server at its
+# next poll (10 s). The loop ends with the server: after `exec`, $$ is the server's pid.
+rewrite() {
+  sed "s#base_path: \"[^\"]*\"#base_path: \"$2\"#" "$generated" > "$1.tmp" || return 0
+  if cmp -s "$1.tmp" "$1"; then rm -f "$1.tmp"; else mv -f "$1.tmp" "$1"; fi
+}
+follow_labels() {
+  ( while kill -0 $$ 2>/dev/null; do
+      sleep 2
+      [ -f "$generated" ] && rewrite "$1" "$2"
+    done ) >/dev/null 2>&1 &
+}
+
 if command -v tensorflow_model_server >/dev/null 2>&1; then
   config=$(dirname "$models")/models.local.config
-  source_config="$here/models.config"
-  [ -f "$generated" ] && source_config="$generated"
-  sed "s#base_path: \"[^\"]*\"#base_path: \"$models\"#" "$source_config" > "$config"
+  if [ -f "$generated" ]; then
+    rewrite "$config" "$models"
+  else
+    sed "s#base_path: \"[^\"]*\"#base_path: \"$models\"#" "$here/models.config" > "$config"
+  fi
+  follow_labels "$config" "$models"
   echo "starting tensorflow_model_server on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
   exec tensorflow_model_server --model_config_file="$config" \
     --monitoring_config_file="$here/monitoring.config" \
@@ -42,9 +61,8 @@ if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   # base_path is rewritten to the container's /models/mnist.
   config_dir=$(mktemp -d)
   cp "$here"/*.config "$config_dir"/
-  if [ -f "$generated" ]; then
-    sed "s#base_path: \"[^\"]*\"#base_path: \"/models/mnist\"#" "$generated" > "$config_dir/models.config"
-  fi
+  if [ -f "$generated" ]; then rewrite "$config_dir/models.config" /models/mnist; fi
+  follow_labels "$config_dir/models.config" /models/mnist
   exec docker run --rm -p "$GRPC_PORT:8500" -p "$REST_PORT:8501" \
     -v "$models:/models/mnist:ro" -v "$config_dir:/config:ro" "$TF_SERVING_IMAGE" \
     --model_config_file=/config/models.config \

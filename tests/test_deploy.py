@@ -318,32 +318,63 @@ exit 0
 """
 
 
-def _serve(tmp_path: Path, fakes: dict[str, int]) -> tuple[object, Path]:
-    """`make serve` with only these stand-ins on PATH (name -> exit code of `name info`)."""
+# A stand-in server that stays up (up to 30 s) until its config file holds version labels,
+# keeps that config as models.config.after, and exits: what TF Serving's poll would read.
+_FOLLOWER = """#!/bin/sh
+[ "$1" = info ] && exit {info}
+printf '%s\\n' "$@" > "{out}/argv"
+config=
+for a in "$@"; do
+  case "$a" in --model_config_file=/config/*) ;; --model_config_file=*) config="${{a#*=}}" ;; esac
+  case "$a" in *:/config:ro) config="${{a%%:*}}/models.config" ;; esac
+done
+for i in $(seq 300); do
+  if grep -q version_labels "$config" 2>/dev/null; then
+    cp "$config" "{out}/models.config.after"; exit 0
+  fi
+  sleep 0.1
+done
+exit 1
+"""
+
+
+def _serve(
+    tmp_path: Path, fakes: dict[str, int], stand_in: str | None = None, then=None
+) -> tuple[object, Path]:
+    """`make serve` with only these stand-ins on PATH (name -> exit code of `name info`);
+    `then(artifacts)` runs once the stand-in has started."""
     import shutil
     import subprocess
+    import time
 
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
     out.mkdir()
     # Only what serve.sh uses, and the stand-ins: a real tensorflow_model_server or docker
     # installed on this machine (TF Serving's apt package puts one in /usr/bin) stays out.
-    for tool in ("bash", "sh", "env", "sed", "dirname", "ls", "mktemp", "cp", "cat"):
+    tools = ("bash", "sh", "env", "sed", "dirname", "ls", "mktemp", "cp", "cat", "mv", "rm")
+    for tool in (*tools, "cmp", "sleep", "seq", "grep"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
     for name, info in fakes.items():
-        (bin_dir / name).write_text(_RECORDER.format(name=name, out=out, info=info))
+        (bin_dir / name).write_text((stand_in or _RECORDER).format(name=name, out=out, info=info))
         (bin_dir / name).chmod(0o755)
     artifacts = tmp_path / "artifacts"
     (artifacts / "models" / "mnist" / "1").mkdir(parents=True)
-    r = subprocess.run(
+    proc = subprocess.Popen(
         [shutil.which("make"), "--no-print-directory", "serve", f"ARTIFACTS_DIR={artifacts}"],
         cwd=ROOT,
         env={"PATH": str(bin_dir)},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
     )
-    return r, out
+    if then is not None:
+        deadline = time.monotonic() + 30
+        while not (out / "argv").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        then(artifacts)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out
 
 
 def _model_config(path: Path):
@@ -375,6 +406,27 @@ def test_make_serve_runs_the_pinned_image_in_docker_without_the_binary(tmp_path)
     assert "--model_config_file=/config/models.config" in argv
     (config,) = _model_config(out / "models.config").model_config_list.config
     assert config.base_path == "/models/mnist"
+
+
+@pytest.mark.parametrize("server", ["tensorflow_model_server", "docker"])
+def test_labels_set_while_make_serve_runs_reach_the_server(tmp_path, server):
+    """Started with no labels (the latest version), then `make models promote` writes
+    models.config (here with another machine's base_path, as --base-path does): the config the
+    running server polls gets the labels, with this machine's (or the container's) path."""
+    from serving import versions
+
+    def promote(artifacts):
+        labels = {"stable": 1, "canary": None, "history": [1]}
+        text = versions.model_server_config(labels, "/somewhere/else/mnist")
+        (artifacts / "models" / "models.config").write_text(text)
+
+    r, out = _serve(tmp_path, {server: 0}, stand_in=_FOLLOWER, then=promote)
+    assert r.returncode == 0, r.stderr
+    (config,) = _model_config(out / "models.config.after").model_config_list.config
+    models = tmp_path / "artifacts" / "models" / "mnist"
+    assert config.base_path == (str(models) if server != "docker" else "/models/mnist")
+    assert dict(config.version_labels) == {"stable": 1}
+    assert list(config.model_version_policy.specific.versions) == [1]
 
 
 def test_make_serve_with_neither_says_how_and_fails(tmp_path):
