@@ -181,34 +181,44 @@ def test_keras_multi_step_loop_still_fails_under_mirrored_strategy():
 
 
 def test_two_replicas_take_the_same_step_as_one():
-    """One step of global batch 32 on 2 replicas (16 each, gradients all-reduced) equals one
-    step of batch 32 on one device, within float tolerance."""
+    """One step of global batch 32 through our trainer (`trainer.train`, its Keras
+    work-arounds and input path): on 2 replicas (16 each, gradients all-reduced; 1 step per
+    execution, no XLA, as the strategy sets them) it equals one step of batch 32 on one device
+    at the defaults (100 steps per execution from one dataset element, XLA), within float
+    tolerance."""
     out = run_script("""
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         split = data.validate_split(make_digits(32, seed=1))
-        weights = None
+        keras.utils.set_random_seed(0)
+        weights = [w.copy() for w in build_model().get_weights()]
         result = {}
-        for name, strat in (("one", tf.distribute.get_strategy()),
-                            ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
-            with strat.scope():
-                model = build_model(steps_per_execution=1, jit_compile=False)
-            keras.utils.set_random_seed(0)
-            if weights is None:
-                weights = [w.copy() for w in model.get_weights()]
-            model.set_weights(weights)
-            model.fit(data.make_train_dataset(split, 32, seed=0,
-                                              epoch=tf.Variable(0, dtype=tf.int64)),
-                      epochs=1, verbose=0)
-            result[name] = [w.tolist() for w in model.get_weights()]
+        for name, strat, spe, xla in (
+            ("one", tf.distribute.get_strategy(), 100, True),
+            ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 1, False),
+        ):
+            def build(spe=spe, xla=xla):
+                model = build_model(steps_per_execution=spe, jit_compile=xla)
+                model.set_weights(weights)
+                return model
+            trained = trainer.train(
+                build,
+                lambda epoch, steps: data.make_train_dataset(
+                    split, 32, seed=0, epoch=epoch, steps_per_element=steps),
+                None, batch_size=32, epochs=1, strategy=strat, tensorboard_dir=None,
+                backup_dir=None, verbose=0,
+            )
+            result[name] = [w.tolist() for w in trained.model.get_weights()]
+            result[name + "_steps"] = int(trained.model.optimizer.iterations.numpy())
             result[name + "_replicas"] = strat.num_replicas_in_sync
         diff = max(float(np.abs(np.array(a) - np.array(b)).max())
                    for a, b in zip(result["one"], result["two"]))
         moved = max(float(np.abs(np.array(a) - b).max()) for a, b in zip(result["one"], weights))
-        print(json.dumps({"diff": diff, "moved": moved, "replicas": result["two_replicas"]}))
+        print(json.dumps({"diff": diff, "moved": moved, "replicas": result["two_replicas"],
+                          "steps": [result["one_steps"], result["two_steps"]]}))
     """)
-    assert out["replicas"] == 2 and out["moved"] > 1e-4
+    assert out["replicas"] == 2 and out["steps"] == [1, 1] and out["moved"] > 1e-4
     # float32: the all-reduce sums the two halves' gradients in another order, and Adam's
     # first step divides each by its own magnitude, so tiny gradients differ by ~1e-6 (1.15e-6
     # seen on CI) out of a step of ~1e-3: two orders of magnitude under any real difference.
