@@ -63,3 +63,25 @@ def test_a_different_seed_or_validation_fraction_is_not_drift():
     reference = stats(0, 0.05)
     for seed, fraction in ((3, 0.05), (7, 0.01), (11, 0.2)):
         assert statistics.check_drift(stats(seed, fraction), reference, "version 1") == []
+
+
+@pytest.mark.parametrize(
+    "moved, brighter, drift",
+    [(19, 0.49, []), (21, 0.0, ["share moved by 0.021"]), (0, 0.51, ["mean pixel 105.1"])],
+)
+def test_the_drift_thresholds_are_where_the_contract_puts_them(moved, brighter, drift):
+    """0.02 of a class's share and 5 of 255 in mean pixel: just under passes, just over is
+    drift (1,000 examples: 19 or 21 of them relabelled, 49% or 51% of pixels 10 brighter)."""
+    labels = np.repeat(np.arange(10), 100)
+    images = np.full((1000, 28, 28), 100, np.uint8)
+    before = statistics.compute({"train": Split("train", images, labels)})
+    now_labels = labels.copy()
+    now_labels[:moved] = 1  # class 0 -> class 1
+    now_images = images.copy().reshape(1000, -1)
+    now_images[:, : round(784 * brighter)] = 110
+    now = statistics.compute(
+        {"train": Split("train", now_images.reshape(1000, 28, 28), now_labels)}
+    )
+    findings = statistics.check_drift(now, before, "version 1")
+    assert len(findings) == len(drift), findings
+    assert all(said in f for said, f in zip(drift, findings)), findings
