@@ -410,7 +410,10 @@ def _row(item: LoadedInput, signature: str, prediction: Prediction, i: int) -> d
         "input": item.source,
         "digit": c,
         "confidence": float(p[c]),
-        "top3": [{"digit": d, "probability": round(q, 6)} for d, q in prediction.top(TOP_K)[i]],
+        "top3": [  # this row's alone: Prediction.top sorts every row of the batch
+            {"digit": int(d), "probability": round(float(p[d]), 6)}
+            for d in np.argsort(-p, kind="stable")[:TOP_K]
+        ],
         "probabilities": [round(float(x), 6) for x in p],
         "signature": signature,
         "preprocessing": notes,
