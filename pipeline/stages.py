@@ -579,8 +579,26 @@ def announce(run: Run, name: str) -> None:
                 f"Published version {m['published_version']}: {m['published_path']} "
                 f"({m['gate']['reason']})"
             )
+            pinned = _pinned_by_labels(run.models)
+            if pinned and m["published_version"] not in pinned.values():
+                said = ", ".join(f"{label} {v}" for label, v in pinned.items())
+                print(
+                    f"Not served yet: the labels pin TF Serving to {said}; `make models "
+                    f'ARGS="promote {m["published_version"]}"` (or canary) serves this version'
+                )
         else:
             print(f"NOT published: {m['gate']['reason']}")
+
+
+def _pinned_by_labels(models: Path) -> dict[str, int]:
+    """The labelled versions TF Serving serves (models.config's `specific` policy), if any."""
+    from serving import versions
+
+    try:
+        labels = versions.read_labels(models)
+    except versions.VersionError:  # `make models` says what is wrong with it
+        return {}
+    return {k: labels[k] for k in versions.LABELS if labels[k] is not None}
 
 
 def train(run: Run) -> dict[str, Any]:

@@ -575,3 +575,32 @@ def test_a_zero_padded_folder_is_not_listed_as_a_version(three_versions):
 def test_models_list_before_anything_is_published(tmp_path):
     code, out, err = _models(tmp_path / "artifacts" / "models" / "mnist", "list")
     assert code == 0 and "Traceback" not in err and "warning" not in out, (out, err)
+
+
+def test_a_version_published_while_labels_pin_serving_says_it_is_not_served(three_versions, capsys):
+    """With stable (and canary) labels set, TF Serving serves those: the run that publishes
+    version 3 says it is not served yet and how to serve it; no labels, no such line."""
+    from types import SimpleNamespace
+
+    from pipeline import stages
+
+    def announce():
+        metrics = {
+            "published_version": 3,
+            "published_path": str(three_versions / "3"),
+            "gate": {"reason": "test accuracy 0.9730 >= 0.9700"},
+        }
+        stages.announce(SimpleNamespace(metrics=metrics, models=three_versions), "publish")
+        return capsys.readouterr().out.splitlines()
+
+    assert len(announce()) == 1  # no labels: the latest version is served
+    versions.promote(three_versions, 1)
+    versions.canary(three_versions, 2)
+    published, note = announce()
+    assert published.startswith("Published version 3: ")
+    assert note == (
+        "Not served yet: the labels pin TF Serving to stable 1, canary 2; "
+        '`make models ARGS="promote 3"` (or canary) serves this version'
+    )
+    versions.promote(three_versions, 3)
+    assert len(announce()) == 1
