@@ -37,6 +37,10 @@ VARIANT_NAME_gpu := GPU build (tensorflow[and-cuda] with CUDA/cuDNN wheels, $(LO
 STAMP := $(VENV)/.installed-$(VARIANT)
 
 ARTIFACTS_DIR ?= artifacts
+# `make train ARTIFACTS_DIR=` would train into ./artifacts while `make predict` looked in /models.
+ifeq ($(strip $(ARTIFACTS_DIR)),)
+  $(error ARTIFACTS_DIR is empty: give a folder, e.g. ARTIFACTS_DIR=artifacts (the default))
+endif
 ARGS ?=
 PORT ?= 6006
 # The real MNIST, read through TFDS's manual dir, when this checkout sits beside ../shared.

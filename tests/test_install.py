@@ -333,6 +333,23 @@ def test_make_refuses_a_bad_gpu_value():
 
 
 @needs_make
+@pytest.mark.parametrize("target", ["train", "predict IMAGE=d.png", "models", "clean"])
+def test_make_refuses_an_empty_artifacts_dir(target):
+    """Each target would read it its own way (train: ./artifacts, predict: /models/mnist):
+    refused by all, before anything runs."""
+    done = subprocess.run(
+        ["make", "-n", *target.split(), "ARTIFACTS_DIR= "],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "ARTIFACTS_DIR is empty: give a folder" in done.stderr
+
+
+@needs_make
 def test_make_help_lists_every_target_on_one_line():
     text = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z][a-z_-]*):(?!=)", text, flags=re.MULTILINE))
