@@ -629,7 +629,10 @@ def _list_models(base: Path, as_json: bool) -> int:
     from serving import versions
 
     rows = versions.list_versions(base)
-    print(json.dumps(rows, indent=2) if as_json else versions.format_table(rows))
+    if not rows and not as_json:  # not an error: nothing published yet
+        print(f"no published version under {base} yet: `make train` publishes one")
+    else:
+        print(json.dumps(rows, indent=2) if as_json else versions.format_table(rows))
     for line in versions.label_warnings(base, rows):
         print(line, file=sys.stderr if as_json else sys.stdout)
     return EXIT_OK

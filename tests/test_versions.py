@@ -604,3 +604,13 @@ def test_a_version_published_while_labels_pin_serving_says_it_is_not_served(thre
     )
     versions.promote(three_versions, 3)
     assert len(announce()) == 1
+
+
+def test_listing_an_empty_models_folder_says_nothing_is_published(tmp_path, capsys):
+    assert cli.main(["models", "list", "--artifacts-dir", str(tmp_path / "a")]) == 0
+    base = tmp_path / "a" / "models" / "mnist"
+    assert capsys.readouterr().out == (
+        f"no published version under {base} yet: `make train` publishes one\n"
+    )
+    assert cli.main(["models", "list", "--json", "--artifacts-dir", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out) == []
