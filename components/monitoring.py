@@ -151,7 +151,9 @@ class EpochImages(keras.callbacks.Callback):
         matrix = report.rgb_pixels(
             report.figure_confusion(confusion, f"Confusion matrix after epoch {epoch + 1}")
         )
-        with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
+        # At Keras's epoch index, the step of the epoch_* curves and the histograms (0 for the
+        # first epoch), so that every per-epoch tab shares one axis; the titles count from 1.
+        with self.writer.as_default(step=epoch), tf.summary.record_if(True):
             tf.summary.image("predictions", grid[None])
             tf.summary.image("confusion_matrix", matrix[None])
         self.writer.flush()

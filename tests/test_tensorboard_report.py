@@ -73,8 +73,9 @@ def test_tensorboard_scalars_histograms_images_text_hparams(run):
         assert len(list((tb / folder).glob("events.out.tfevents.*"))) == 1, folder
     assert any(tag.endswith("kernel/histogram") for tag in train)
     images = tensors(tb / "images")
-    assert [e.step for e in images["predictions"]] == list(range(1, EPOCHS + 1))
-    assert [e.step for e in images["confusion_matrix"]] == list(range(1, EPOCHS + 1))
+    # On the epoch_* curves' and histograms' axis: Keras's epoch index.
+    assert [e.step for e in images["predictions"]] == list(range(EPOCHS))
+    assert [e.step for e in images["confusion_matrix"]] == list(range(EPOCHS))
     for tag, events in images.items():  # what the Images tab decodes: an RGB figure, not blank
         width, height, png = events[-1].tensor_proto.string_val
         picture = np.asarray(Image.open(io.BytesIO(png)))
