@@ -23,6 +23,47 @@ STEPS_RUN = "steps"
 GRAPH_RUN = "model"
 
 
+def event_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("events.out.tfevents.*"))
+
+
+def drop_points_from(files: list[Path], first_dropped: int) -> int:
+    """Rewrite each event file without its summaries at step >= `first_dropped`: the points an
+    attempt stopped before its next backup wrote past where the resumed run starts again, which
+    the resumed run writes anew (TensorBoard would show both). Each file is replaced whole
+    (written aside, then renamed: a kill leaves it as it was); a record cut short by the kill
+    goes too. Returns how many records were dropped."""
+    import os
+
+    from tensorboard.compat.proto import event_pb2
+
+    dropped = 0
+    for path in files:
+        kept: list[bytes] = []
+        gone = 0
+        try:
+            for record in tf.data.TFRecordDataset(str(path)):
+                raw = bytes(record.numpy())
+                event = event_pb2.Event.FromString(raw)
+                if event.HasField("summary") and event.step >= first_dropped:
+                    gone += 1
+                else:
+                    kept.append(raw)
+        except tf.errors.DataLossError:  # the last record, cut short
+            gone += 1
+        if not gone:
+            continue
+        aside = path.parent / ".pruned.tmp"  # no "tfevents" in it: TensorBoard ignores it
+        with tf.io.TFRecordWriter(str(aside)) as writer:
+            for raw in kept:
+                writer.write(raw)
+        os.replace(aside, path)
+        dropped += gone
+    if dropped:
+        log.info("TensorBoard: dropped %d points of the stopped attempt past the resume", dropped)
+    return dropped
+
+
 class BatchScalars(keras.callbacks.Callback):
     """Train loss, accuracy and learning rate every `every` optimizer steps of each epoch
     (counted from the epoch's first step) and at its last step, plotted at the true step, in
@@ -40,6 +81,9 @@ class BatchScalars(keras.callbacks.Callback):
     def __init__(self, log_dir: Path, every: int):
         super().__init__()
         self.every = every
+        # A stopped attempt's files (a resumed run): pruned at the first epoch, once the step
+        # the run resumes from is known.
+        self._earlier: list[Path] | None = event_files(Path(log_dir) / STEPS_RUN)
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / STEPS_RUN))
         self._epoch_start = self._last_logged = 0
         self._unlogged: tuple[int, dict] | None = None  # the epoch's latest batch, if not logged
@@ -47,6 +91,9 @@ class BatchScalars(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_start = self._last_logged = int(self.model.optimizer.iterations.numpy())
         self._unlogged = None
+        if self._earlier:  # the last completed epoch's last point (at this step) stays
+            drop_points_from(self._earlier, self._epoch_start + 1)
+        self._earlier = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if not logs:
@@ -110,6 +157,7 @@ class EpochImages(keras.callbacks.Callback):
         from concurrent.futures import ThreadPoolExecutor
 
         self.images, self.labels = images, labels
+        self._earlier: list[Path] | None = event_files(Path(log_dir) / "images")
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-images")
         self._pending: list[Any] = []
@@ -132,6 +180,11 @@ class EpochImages(keras.callbacks.Callback):
             model = self.model
             self._forward = tf.function(lambda x: model(x, training=False), autograph=False)
         return np.asarray(self._forward(self._inputs))
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._earlier:  # a resumed run: a stopped attempt's images from this epoch on go
+            drop_points_from(self._earlier, epoch)
+        self._earlier = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         probs = self._probabilities()

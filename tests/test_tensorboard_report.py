@@ -247,3 +247,44 @@ def test_the_report_says_where_its_curves_come_from():
     none = _provenance_html({"examples": {"train": 60000, "validation": 0, "test": 10000}})
     assert "60000 training examples and no validation examples" in none
     assert "no validation curves" in none
+
+
+def test_a_resumed_run_shows_each_step_once(tmp_path):
+    """Stopped in epoch 2 after some of its step points and before its backup, then resumed:
+    the stopped attempt's points past epoch 1 are dropped from its event files, so TensorBoard
+    (its own loader, reading every file of the folder) shows each step once, the resumed
+    attempt's, as an uninterrupted run would."""
+    from components import monitoring
+    from tests.helpers import make_digits
+
+    artifacts = tmp_path / "artifacts"
+    data = (make_digits(512, seed=1), make_digits(256, seed=2, name="test"))
+    config = small_config(device="cpu", epochs=EPOCHS)
+    real = monitoring.BatchScalars._write
+
+    def stop_in_epoch_2(self, step, logs):
+        real(self, step, logs)
+        if self._epoch_start > 0 and step - self._epoch_start >= 12:  # 3 points into epoch 2
+            raise KeyboardInterrupt
+
+    monitoring.BatchScalars._write = stop_in_epoch_2
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_pipeline(config, Paths(artifacts), run_id="r", data=data)
+    finally:
+        monitoring.BatchScalars._write = real
+    tb = artifacts / "tensorboard" / "r"
+    stopped = [e.step for e in tensors(tb / "steps")["step_loss"]]
+    result = train_pipeline(config, Paths(artifacts), run_id="r", data=data)
+    assert result.metrics["resumed_from_epoch"] == 1
+    steps = [e.step for e in tensors(tb / "steps")["step_loss"]]
+    per_epoch = -(-result.metrics["examples"]["train"] // 16)
+    expected = [
+        e * per_epoch + k
+        for e in range(EPOCHS)
+        for k in sorted(set(range(4, per_epoch + 1, 4)) | {per_epoch})
+    ]
+    assert len(stopped) > len(expected) // 2 and max(stopped) > per_epoch  # into epoch 2
+    assert steps == expected, (stopped, steps)
+    assert [e.step for e in tensors(tb / "images")["predictions"]] == list(range(EPOCHS))
+    assert len(list((tb / "steps").glob("events.out.tfevents.*"))) == 2  # one per attempt
