@@ -599,6 +599,8 @@ def _models(args: argparse.Namespace) -> int:
         if args.action == "rollback":
             old, new, config = versions.rollback(base, args.base_path)
             print(f"stable: version {old} -> {new}; wrote {config}")
+            for line in versions.same_version_warning(versions.read_labels(base)):
+                print(line)
             return EXIT_OK
         if args.version is None:
             raise UsageError(
@@ -618,6 +620,8 @@ def _models(args: argparse.Namespace) -> int:
             f"wrote {config} "
             f"(TF Serving re-reads it with --model_config_file_poll_wait_seconds)"
         )
+        for line in versions.same_version_warning(labels):
+            print(line)
         return EXIT_OK
     except versions.VersionError as e:
         raise UsageError(str(e)) from None

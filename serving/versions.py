@@ -216,6 +216,7 @@ def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
             continue
         what = f"is {states[v]}" if v in states else "is not published"
         warnings.append(f"warning: label {key} -> {v}: that version {what}; {fixes[key]}")
+    warnings += same_version_warning(labels)
     versions = {str(r["version"]) for r in rows}
     for p in sorted(Path(base).iterdir()) if Path(base).is_dir() else []:
         if p.is_dir() and p.name.isascii() and p.name.isdigit() and p.name not in versions:
@@ -224,6 +225,16 @@ def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
                 f"version {int(p.name)} (and may serve it): move it out of {base}"
             )
     return warnings
+
+
+def same_version_warning(labels: dict[str, Any]) -> list[str]:
+    """A canary on the stable version (e.g. after a rollback to it) compares nothing."""
+    if labels["canary"] is None or labels["canary"] != labels["stable"]:
+        return []
+    return [
+        f"warning: canary and stable are both version {labels['stable']}: the canary compares "
+        f"nothing; `models canary N` moves it, `models canary none` clears it"
+    ]
 
 
 UNVERIFIED = "unverified: no SHA-256 manifest, never labelled"

@@ -614,3 +614,16 @@ def test_listing_an_empty_models_folder_says_nothing_is_published(tmp_path, caps
     )
     assert cli.main(["models", "list", "--json", "--artifacts-dir", str(tmp_path / "a")]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_canary_on_the_stable_version_is_warned_about(three_versions, capsys):
+    artifacts = ["--artifacts-dir", str(three_versions.parents[1])]
+    assert cli.main(["models", "promote", "1", *artifacts]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert cli.main(["models", "canary", "1", *artifacts]) == 0
+    said = "warning: canary and stable are both version 1: the canary compares nothing"
+    assert said in capsys.readouterr().out
+    assert cli.main(["models", "list", *artifacts]) == 0
+    assert said in capsys.readouterr().out
+    assert cli.main(["models", "canary", "2", *artifacts]) == 0
+    assert "warning" not in capsys.readouterr().out
