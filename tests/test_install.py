@@ -338,7 +338,7 @@ def test_make_refuses_an_empty_artifacts_dir(target):
     """Each target would read it its own way (train: ./artifacts, predict: /models/mnist):
     refused by all, before anything runs."""
     done = subprocess.run(
-        ["make", "-n", *target.split(), "ARTIFACTS_DIR= "],
+        ["make", "--no-print-directory", "-n", *target.split(), "ARTIFACTS_DIR= "],
         cwd=ROOT,
         capture_output=True,
         text=True,
