@@ -123,7 +123,7 @@ models: $(STAMP) ## published versions: ARGS="list" (default), "promote N", "can
 	$(PY) -m pipeline models $(or $(ARGS),list)
 
 serve: ## start TF Serving on the published models (binary, else Docker): gRPC 8500, REST 8501
-	serving/serve.sh $(ARTIFACTS_DIR)/models/mnist
+	serving/serve.sh "$(ARTIFACTS_DIR)/models/mnist"
 
 # IMAGE's words, each single-quoted for the shell and unexpanded by make: a name with ( ) ' $ &
 # reaches the client as it is (a space still separates two files); a word with * ? [ is

@@ -27,27 +27,35 @@ common=(--port="$GRPC_PORT" --rest_api_port="$REST_PORT" "${batching[@]}"
 
 # The server reads a copy of the config with this machine's base_path ($1: the copy, $2: the
 # base_path): `make models` may write another (--base-path for a cluster's mount). The copy is
-# refreshed from models.config every 2 s while the server runs, so labels set later (promote,
-# canary, rollback, or the first labels after a start without any) reach the server at its
-# next poll (10 s). The loop ends with the server: after `exec`, $$ is the server's pid.
+# made from models.config when it exists, else from the static serving/models.config (the
+# latest version), and refreshed every 2 s while the server runs, so labels set later (promote,
+# canary, rollback, the first labels after a start without any, or their removal) reach the
+# server at its next poll (10 s). The loop ends with the server: after `exec`, $$ is its pid.
+sed_text() { printf '%s' "$1" | sed 's/[\\&#]/\\&/g'; }  # \ & # escaped for a replacement
 rewrite() {
-  sed "s#base_path: \"[^\"]*\"#base_path: \"$2\"#" "$generated" > "$1.tmp" || return 0
-  if cmp -s "$1.tmp" "$1"; then rm -f "$1.tmp"; else mv -f "$1.tmp" "$1"; fi
+  local source="$here/models.config" tmp
+  if [ -f "$generated" ]; then source="$generated"; fi
+  tmp=$(mktemp "$1.XXXXXX") || return 1
+  if ! sed "s#base_path: \"[^\"]*\"#base_path: \"$(sed_text "$2")\"#" "$source" > "$tmp"; then
+    rm -f "$tmp"
+    return 1
+  fi
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv -f "$tmp" "$1"; fi
 }
 follow_labels() {
-  ( while kill -0 $$ 2>/dev/null; do
+  ( set +e
+    while kill -0 $$ 2>/dev/null; do
       sleep 2
-      [ -f "$generated" ] && rewrite "$1" "$2"
-    done ) >/dev/null 2>&1 &
+      rewrite "$1" "$2" || echo "serve.sh: could not refresh $1 from $generated" >&2
+    done ) >/dev/null &
+}
+first_copy() {
+  rewrite "$1" "$2" || { echo "error: could not write $1 (the server's config)" >&2; exit 1; }
 }
 
 if command -v tensorflow_model_server >/dev/null 2>&1; then
   config=$(dirname "$models")/models.local.config
-  if [ -f "$generated" ]; then
-    rewrite "$config" "$models"
-  else
-    sed "s#base_path: \"[^\"]*\"#base_path: \"$models\"#" "$here/models.config" > "$config"
-  fi
+  first_copy "$config" "$models"
   follow_labels "$config" "$models"
   echo "starting tensorflow_model_server on gRPC :$GRPC_PORT, REST :$REST_PORT ($models)"
   exec tensorflow_model_server --model_config_file="$config" \
@@ -61,7 +69,7 @@ if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   # base_path is rewritten to the container's /models/mnist.
   config_dir=$(mktemp -d)
   cp "$here"/*.config "$config_dir"/
-  if [ -f "$generated" ]; then rewrite "$config_dir/models.config" /models/mnist; fi
+  first_copy "$config_dir/models.config" /models/mnist
   follow_labels "$config_dir/models.config" /models/mnist
   exec docker run --rm -p "$GRPC_PORT:8500" -p "$REST_PORT:8501" \
     -v "$models:/models/mnist:ro" -v "$config_dir:/config:ro" "$TF_SERVING_IMAGE" \

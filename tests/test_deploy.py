@@ -339,7 +339,11 @@ exit 1
 
 
 def _serve(
-    tmp_path: Path, fakes: dict[str, int], stand_in: str | None = None, then=None
+    tmp_path: Path,
+    fakes: dict[str, int],
+    stand_in: str | None = None,
+    then=None,
+    folder: str = "artifacts",
 ) -> tuple[object, Path]:
     """`make serve` with only these stand-ins on PATH (name -> exit code of `name info`);
     `then(artifacts)` runs once the stand-in has started."""
@@ -358,7 +362,7 @@ def _serve(
     for name, info in fakes.items():
         (bin_dir / name).write_text((stand_in or _RECORDER).format(name=name, out=out, info=info))
         (bin_dir / name).chmod(0o755)
-    artifacts = tmp_path / "artifacts"
+    artifacts = tmp_path / folder
     (artifacts / "models" / "mnist" / "1").mkdir(parents=True)
     proc = subprocess.Popen(
         [shutil.which("make"), "--no-print-directory", "serve", f"ARTIFACTS_DIR={artifacts}"],
@@ -384,8 +388,9 @@ def _model_config(path: Path):
     return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
 
 
-def test_make_serve_starts_the_binary_on_the_published_models(tmp_path):
-    r, out = _serve(tmp_path, {"tensorflow_model_server": 0})
+@pytest.mark.parametrize("folder", ["artifacts", "a#b&c d"])  # characters sed would misread
+def test_make_serve_starts_the_binary_on_the_published_models(tmp_path, folder):
+    r, out = _serve(tmp_path, {"tensorflow_model_server": 0}, folder=folder)
     assert r.returncode == 0, r.stderr
     argv = (out / "argv").read_text().splitlines()
     assert {"--port=8500", "--rest_api_port=8501"} <= set(argv)
@@ -393,7 +398,11 @@ def test_make_serve_starts_the_binary_on_the_published_models(tmp_path):
     assert "--enable_batching" not in argv  # off by default (serving/batching.config says why)
     (config,) = _model_config(out / "models.config").model_config_list.config
     assert config.name == "mnist"
-    assert config.base_path == str(tmp_path / "artifacts" / "models" / "mnist")
+    assert config.base_path == str(tmp_path / folder / "models" / "mnist")
+    assert sorted(p.name for p in (tmp_path / folder / "models").iterdir()) == [
+        "mnist",
+        "models.local.config",
+    ]  # no temporary copy left
 
 
 def test_make_serve_runs_the_pinned_image_in_docker_without_the_binary(tmp_path):
