@@ -66,6 +66,13 @@ def parse_tf_config(raw: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise DeviceError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
     cluster = value.get("cluster") or {}
+    if not isinstance(cluster, dict) or not all(
+        isinstance(v, list) and all(isinstance(a, str) for a in v) for v in cluster.values()
+    ):
+        raise DeviceError(
+            "TF_CONFIG's 'cluster' must map each job to a list of \"host:port\" addresses, "
+            'e.g. {"worker": ["host1:2222", "host2:2222"]}'
+        )
     tasks = sum(len(v) for v in cluster.values())
     return value if tasks > 1 else None
 

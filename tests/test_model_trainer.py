@@ -62,6 +62,9 @@ def test_tf_config_single_task_is_not_a_cluster():
     assert parse_tf_config('{"cluster": {"chief": ["a:1"], "worker": ["b:1"]}}') is not None
     with pytest.raises(DeviceError, match="TF_CONFIG is not valid JSON"):
         parse_tf_config("{")
+    for cluster in ('["a:1", "b:2"]', '{"worker": 3}', '{"worker": "h:1"}', '{"worker": [1, 2]}'):
+        with pytest.raises(DeviceError, match="must map each job to a list"):
+            parse_tf_config(f'{{"cluster": {cluster}}}')
 
 
 def _fit(tmp_path, epochs=2, n=512, extra_callbacks=None, **kw):
