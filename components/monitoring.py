@@ -35,33 +35,45 @@ def drop_points_from(files: list[Path], first_dropped: int) -> int:
     goes too. Returns how many records were dropped."""
     import os
 
+    from google.protobuf.message import DecodeError
     from tensorboard.compat.proto import event_pb2
 
     dropped = 0
     for path in files:
-        kept: list[bytes] = []
-        gone = 0
-        try:
-            for record in tf.data.TFRecordDataset(str(path)):
-                raw = bytes(record.numpy())
-                event = event_pb2.Event.FromString(raw)
-                if event.HasField("summary") and event.step >= first_dropped:
-                    gone += 1
-                else:
-                    kept.append(raw)
-        except tf.errors.DataLossError:  # the last record, cut short
-            gone += 1
-        if not gone:
-            continue
         aside = path.parent / ".pruned.tmp"  # no "tfevents" in it: TensorBoard ignores it
-        with tf.io.TFRecordWriter(str(aside)) as writer:
-            for raw in kept:
-                writer.write(raw)
-        os.replace(aside, path)
-        dropped += gone
+        try:
+            kept, gone = _points_before(path, first_dropped, event_pb2.Event)
+            if not gone:
+                continue
+            with tf.io.TFRecordWriter(str(aside)) as writer:
+                for raw in kept:
+                    writer.write(raw)
+            os.replace(aside, path)
+            dropped += gone
+        except (OSError, tf.errors.OpError, DecodeError) as e:  # the curves, never the run
+            aside.unlink(missing_ok=True)
+            log.warning("TensorBoard: %s left as it was (%s): a step may show twice", path, e)
     if dropped:
         log.info("TensorBoard: dropped %d points of the stopped attempt past the resume", dropped)
     return dropped
+
+
+def _points_before(path: Path, first_dropped: int, event_type: Any) -> tuple[list[bytes], int]:
+    """(the file's records to keep, how many go): summaries at step >= first_dropped go, and
+    a last record cut short by a kill."""
+    kept: list[bytes] = []
+    gone = 0
+    try:
+        for record in tf.data.TFRecordDataset(str(path)):
+            raw = bytes(record.numpy())
+            event = event_type.FromString(raw)
+            if event.HasField("summary") and event.step >= first_dropped:
+                gone += 1
+            else:
+                kept.append(raw)
+    except tf.errors.DataLossError:  # the last record, cut short
+        gone += 1
+    return kept, gone
 
 
 class BatchScalars(keras.callbacks.Callback):

@@ -624,8 +624,11 @@ def _callbacks(
         timer,
         PassNumber(pass_number),
         _NanGuard(),
-        *_monitoring_callbacks(model, backup_dir, tensorboard_dir, update_freq, profile),
+        *_tensorboard_callbacks(model, tensorboard_dir, update_freq, profile),
         *(extra or []),
+        # Last: an epoch's backup is saved once its TensorBoard points are written, so a kill
+        # after the backup never loses them (the resumed run starts after that epoch).
+        *_backup_callbacks(backup_dir),
     ]
 
 
@@ -680,27 +683,32 @@ def _prepare_for_replicas(
         policy.work_around_keras_multi_worker_reduce()
 
 
-def _monitoring_callbacks(
+def _backup_callbacks(backup_dir: Path | None) -> list[keras.callbacks.Callback]:
+    """Backups, with their checksums."""
+    if backup_dir is None:
+        return []
+    return [
+        keras.callbacks.BackupAndRestore(
+            # Kept when fit ends: the caller deletes it once the train stage is recorded
+            # (pipeline.stages.drop_backup), so a stop in between resumes at the last epoch
+            # and trains nothing, instead of starting over.
+            str(backup_dir),
+            save_freq="epoch",
+            double_checkpoint=True,
+            delete_checkpoint=False,
+        ),
+        BackupChecksums(backup_dir),
+    ]
+
+
+def _tensorboard_callbacks(
     model: keras.Model,
-    backup_dir: Path | None,
     tensorboard_dir: Path | None,
     update_freq: int,
     profile: tuple[int, int] | None = None,
 ) -> list[keras.callbacks.Callback]:
-    """Backups (with their checksums) and TensorBoard logging."""
+    """TensorBoard logging."""
     callbacks: list[keras.callbacks.Callback] = []
-    if backup_dir is not None:
-        callbacks.append(
-            keras.callbacks.BackupAndRestore(
-                # Kept when fit ends: the caller deletes it once the trained model is saved, so a
-                # kill in between resumes from the last epoch instead of starting over.
-                str(backup_dir),
-                save_freq="epoch",
-                double_checkpoint=True,
-                delete_checkpoint=False,
-            )
-        )
-        callbacks.append(BackupChecksums(backup_dir))
     if tensorboard_dir is not None:
         from components.monitoring import BatchScalars, write_model_graph
 

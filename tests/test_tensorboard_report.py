@@ -288,3 +288,58 @@ def test_a_resumed_run_shows_each_step_once(tmp_path):
     assert steps == expected, (stopped, steps)
     assert [e.step for e in tensors(tb / "images")["predictions"]] == list(range(EPOCHS))
     assert len(list((tb / "steps").glob("events.out.tfevents.*"))) == 2  # one per attempt
+
+
+def test_a_run_stopped_at_an_epochs_backup_shows_that_epoch_once(tmp_path, monkeypatch):
+    """Stopped as epoch 2's backup was being saved (its step points and images written: the
+    backup comes after them), resumed at epoch 2: its points and image are dropped from the
+    stopped attempt's files and written again, once."""
+    import keras
+
+    from tests.helpers import make_digits
+
+    artifacts = tmp_path / "artifacts"
+    data = (make_digits(512, seed=1), make_digits(256, seed=2, name="test"))
+    config = small_config(device="cpu", epochs=EPOCHS)
+    real = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def stopped_at_the_second_backup(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch, logs)
+
+    with monkeypatch.context() as m:
+        m.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", stopped_at_the_second_backup)
+        with pytest.raises(KeyboardInterrupt):
+            train_pipeline(config, Paths(artifacts), run_id="r", data=data)
+    tb = artifacts / "tensorboard" / "r"
+    assert [e.step for e in tensors(tb / "images")["predictions"]] == [0, 1]  # both written
+    result = train_pipeline(config, Paths(artifacts), run_id="r", data=data)
+    assert result.metrics["resumed_from_epoch"] == 1
+    assert [e.step for e in tensors(tb / "images")["predictions"]] == [0, 1]
+    steps = [e.step for e in tensors(tb / "steps")["step_loss"]]
+    assert steps == sorted(set(steps)) and max(steps) == EPOCHS * (
+        -(-result.metrics["examples"]["train"] // 16)
+    )
+
+
+def test_pruning_drops_a_record_cut_short_and_never_fails_the_run(tmp_path, caplog):
+    import tensorflow as tf
+
+    from components import monitoring
+
+    writer = tf.summary.create_file_writer(str(tmp_path / "steps"))
+    with writer.as_default():
+        for step in range(1, 11):
+            tf.summary.scalar("step_loss", 1.0 / step, step=step)
+    writer.close()
+    (path,) = monitoring.event_files(tmp_path / "steps")
+    path.write_bytes(path.read_bytes()[:-5])  # the kill cut the last record short
+    assert monitoring.drop_points_from([path], 6) == 5  # steps 6..9, and 10 cut short
+    assert [e.step for e in tensors(tmp_path / "steps")["step_loss"]] == [1, 2, 3, 4, 5]
+    assert monitoring.drop_points_from([path], 6) == 0  # nothing left to drop: untouched
+    odd = tmp_path / "steps" / "events.out.tfevents.0.odd"
+    odd.mkdir()  # unreadable as a file: a warning, the run goes on
+    assert monitoring.drop_points_from([odd], 0) == 0
+    assert "left as it was" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == sorted([path.name, odd.name])
