@@ -386,6 +386,16 @@ def validate_with_model_server(
     }
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (the trainer stopping a validation past its timeout) unwinds through the
+    `finally` blocks, which stop a model server: a Docker container outlives its killed
+    `docker run` client and is removed there by name. (A process stuck inside a TensorFlow
+    call runs no Python handler: it is killed 10 s later, and a container it started stays.)"""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def die_with_parent() -> None:
     """In a child just forked (Popen's preexec_fn): the kernel kills it when its parent dies, so
     a trainer killed with SIGKILL leaves no validating process (or model server) holding ~700 MB
@@ -672,6 +682,7 @@ def _first_line(e: BaseException) -> str:
 def serve_requests() -> None:
     """The validating process's loop: one JSON request per stdin line, one answer per line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    stop_cleanly_on_sigterm()
     from components.tf_import import import_tensorflow
 
     import_tensorflow()  # the slow part: done before any request
@@ -731,7 +742,9 @@ class Validator:
         # No GPU for it: on a GPU machine the trainer holds the device memory, and TF Serving
         # answers the same on the CPU (the comparison's tolerance is the CPU's).
         env["CUDA_VISIBLE_DEVICES"] = ""
-        # Its own session: a model server it starts is in its group, and close() stops both.
+        # Its own session, stopped as a group by close() and at the timeout; a model server it
+        # starts has a session of its own and dies with it (PDEATHSIG), and a Docker container
+        # is removed by the validating process on SIGTERM (stop_cleanly_on_sigterm).
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "components.infra_validator"],
             stdin=subprocess.PIPE,

@@ -264,6 +264,37 @@ def _fake_docker(tmp_path, monkeypatch, image_pulled=True):
     return calls
 
 
+def test_a_validation_stopped_with_sigterm_removes_its_docker_container(tmp_path):
+    """The trainer stops a hung validation with SIGTERM: the validating process removes the
+    container it started (a container outlives its killed `docker run` client)."""
+    calls = tmp_path / "docker-calls"
+    docker = tmp_path / "docker"
+    docker.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = run ] && exec sleep 600\nexit 0\n'
+    )
+    docker.chmod(0o755)
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    (candidate / "saved_model.pb").write_bytes(b"")
+    code = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from components import infra_validator as v\n"
+        "v.stop_cleanly_on_sigterm()\n"
+        f"v.validate_with_model_server(v.ModelServer(docker={str(docker)!r}), "
+        f"Path({str(candidate)!r}), np.zeros((8, 28, 28), np.uint8), np.zeros((8, 10)))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (calls.exists() and "run" in calls.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(15)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read()[-2000:]
+    run_line, *rest = calls.read_text().splitlines()
+    name = run_line.split("--name ")[1].split()[0]
+    assert rest == [f"rm -f {name}"]
+
+
 def test_without_the_binary_the_pinned_image_runs_in_docker(tmp_path, tiny_data, monkeypatch):
     """No tensorflow_model_server, a Docker engine with the pinned TF Serving image: the staged
     model is served in a container (here one that fails to start: nothing is published), and
