@@ -648,13 +648,17 @@ def test_the_validating_process_imports_nothing_of_the_trainer_and_no_keras(mode
         "out": str(tmp_path / "out"),
         "sample": 8,
     }
-    code = (
-        "import json, sys\n"
+    code = (  # every Keras layer or model built during the validation is counted
+        "import json, sys, keras\n"  # (`import tensorflow` imports the package anyway)
+        "built, real = [], keras.layers.Layer.__init__\n"
+        "def counted(self, *a, **k):\n"
+        "    built.append(type(self).__name__)\n"
+        "    real(self, *a, **k)\n"
+        "keras.layers.Layer.__init__ = counted\n"
+        "keras.layers.Dense(3)\n"  # the count works: this one is counted
         "from components import infra_validator\n"
         "infra_validator.serve_requests()\n"
-        "import gc, keras\n"  # already loaded: `import tensorflow` imports the package
-        "models = [type(o).__name__ for o in gc.get_objects() if isinstance(o, keras.Model)]\n"
-        "print(json.dumps({'modules': sorted(sys.modules), 'models': models}))\n"
+        "print(json.dumps({'modules': sorted(sys.modules), 'models': built[1:], 'probe': built[:1]}))\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
@@ -667,7 +671,8 @@ def test_the_validating_process_imports_nothing_of_the_trainer_and_no_keras(mode
     answers = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert any(a.get("ok") for a in answers), r.stdout[-3000:] + r.stderr[-3000:]
     modules, models = answers[-1]["modules"], answers[-1]["models"]
-    assert "tensorflow" in modules and models == []  # no Keras model object was built
+    assert answers[-1]["probe"] == ["Dense"]
+    assert "tensorflow" in modules and models == []  # no Keras layer or model was built
     ours = sorted(m for m in modules if m.split(".")[0] in ("components", "pipeline", "serving"))
     # Standard library and TensorFlow only, besides the validator and its two helpers.
     assert set(ours) <= {

@@ -627,3 +627,14 @@ def test_a_canary_on_the_stable_version_is_warned_about(three_versions, capsys):
     assert said in capsys.readouterr().out
     assert cli.main(["models", "canary", "2", *artifacts]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_rollback_onto_the_canary_version_is_warned_about(three_versions, capsys):
+    artifacts = ["--artifacts-dir", str(three_versions.parents[1])]
+    for action in (["promote", "1"], ["promote", "2"], ["canary", "1"]):
+        assert cli.main(["models", *action, *artifacts]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "rollback", *artifacts]) == 0
+    out = capsys.readouterr().out
+    assert "stable: version 2 -> 1" in out
+    assert "warning: canary and stable are both version 1" in out
