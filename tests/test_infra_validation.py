@@ -658,7 +658,8 @@ def test_the_validating_process_imports_nothing_of_the_trainer_and_no_keras(mode
         "keras.layers.Dense(3)\n"  # the count works: this one is counted
         "from components import infra_validator\n"
         "infra_validator.serve_requests()\n"
-        "print(json.dumps({'modules': sorted(sys.modules), 'models': built[1:], 'probe': built[:1]}))\n"
+        "said = {'modules': sorted(sys.modules), 'models': built[1:], 'probe': built[:1]}\n"
+        "print(json.dumps(said))\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],
