@@ -602,7 +602,8 @@ def _pinned_by_labels(models: Path) -> dict[str, int]:
 
 
 def train(run: Run) -> dict[str, Any]:
-    """Fit, then save the trained model and its history; the backup goes only after that."""
+    """Fit, then save the trained model and its history; the backup stays until the stage's
+    record is written too (`drop_backup`, called by the pipeline)."""
     import keras
 
     from components import trainer
