@@ -1,5 +1,7 @@
 """Model architecture, strategy choice, and a short training run on tiny data."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -295,3 +297,32 @@ def test_the_epoch_line_counts_its_steps_in_words():
         line.on_epoch_end(0, {"loss": 0.25, "accuracy": 0.9})
         assert lines[0].startswith("epoch 1/5  loss 0.2500  accuracy 0.9000  (")
         assert lines[0].endswith(f" s, {said[1:]}"), lines
+
+
+def test_each_epochs_points_are_on_disk_before_its_backup(tmp_path):
+    """At an epoch's end, before its backup is saved (backups come last), every TensorBoard
+    point of that epoch is already in the event files (TensorFlow's writers flush as their
+    `as_default()` block ends; ours at the epoch end), so a SIGKILL after the backup loses
+    none of them. Read with TensorBoard's loader."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    seen = []
+
+    class Reader(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            counts = {}
+            for run, tag in (("train", "epoch_loss"), ("validation", "epoch_loss"),
+                             ("steps", "step_loss")):  # fmt: skip
+                acc = ea.EventAccumulator(str(tmp_path / "tb" / run), {ea.TENSORS: 0})
+                acc.Reload()
+                counts[run] = len(acc.Tensors(tag)) if tag in acc.Tags()["tensors"] else 0
+            metadata = tmp_path / "backup" / trainer.METADATA_FILE
+            backed_up = json.loads(metadata.read_text())["epoch"] if metadata.exists() else None
+            seen.append((epoch, counts, backed_up))
+
+    _fit(tmp_path, epochs=2, extra_callbacks=[Reader()])
+    assert [(e, c["train"], c["validation"], b) for e, c, b in seen] == [
+        (0, 1, 1, None),
+        (1, 2, 2, 1),  # the backup says 1 epoch done: epoch 2's is saved after this
+    ]
+    assert seen[1][1]["steps"] > seen[0][1]["steps"] > 0
