@@ -49,11 +49,6 @@ class Prediction:
         value = self.outputs.get("uncertain")
         return None if value is None else np.asarray(value, bool).reshape(-1)
 
-    def top(self, k: int = 3) -> list[list[tuple[int, float]]]:
-        """The k most probable classes of each prediction, most probable first."""
-        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
-        return [[(int(c), float(p[c])) for c in row] for row, p in zip(order, self.probabilities)]
-
     @classmethod
     def from_outputs(cls, outputs: dict[str, Any]) -> Prediction:
         arrays = {k: np.asarray(v) for k, v in outputs.items()}
