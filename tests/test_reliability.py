@@ -906,13 +906,13 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, tiny_data):
 
 
 def _stopped_after_epoch_2(config, paths, tiny_data, monkeypatch):
-    """Run "r" of `config`, interrupted (Ctrl-C) at the end of its second epoch: a backup of
-    epoch 2 is left to resume from."""
+    """Run "r" of `config`, interrupted (Ctrl-C) as its third epoch begins: a backup of epoch
+    2 is left to resume from (the backup is the last callback of an epoch's end)."""
     import keras
 
     class Crash(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
                 raise KeyboardInterrupt
 
     real = trainer.train
