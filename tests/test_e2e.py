@@ -311,7 +311,7 @@ def test_a_default_run_on_a_terminal_shows_a_progress_bar_counting_steps(tmp_pat
     assert [shown[i] for i in epochs] == [f"Epoch {k}/5" for k in range(1, 6)], shown
     for i in epochs:
         assert re.match(
-            r"1782/1782 \S+ \d+s \d+ms/step - accuracy: 0\.\d+ - loss: 0\.\d+ - "
+            r"1782/1782 \S+ \d+s \d+(?:s|ms|us)/step - accuracy: 0\.\d+ - loss: 0\.\d+ - "
             r"val_accuracy: 0\.\d+ - val_loss: 0\.\d+$",
             shown[i + 1],
         ), shown[i + 1]
