@@ -36,13 +36,12 @@ def drop_points_from(files: list[Path], first_dropped: int) -> int:
     import os
 
     from google.protobuf.message import DecodeError
-    from tensorboard.compat.proto import event_pb2
 
     dropped = 0
     for path in files:
         aside = path.parent / ".pruned.tmp"  # no "tfevents" in it: TensorBoard ignores it
         try:
-            kept, gone = _points_before(path, first_dropped, event_pb2.Event)
+            kept, gone = _points_before(path, first_dropped)
             if not gone:
                 continue
             with tf.io.TFRecordWriter(str(aside)) as writer:
@@ -58,15 +57,17 @@ def drop_points_from(files: list[Path], first_dropped: int) -> int:
     return dropped
 
 
-def _points_before(path: Path, first_dropped: int, event_type: Any) -> tuple[list[bytes], int]:
+def _points_before(path: Path, first_dropped: int) -> tuple[list[bytes], int]:
     """(the file's records to keep, how many go): summaries at step >= first_dropped go, and
     a last record cut short by a kill."""
+    from tensorboard.compat.proto import event_pb2
+
     kept: list[bytes] = []
     gone = 0
     try:
         for record in tf.data.TFRecordDataset(str(path)):
             raw = bytes(record.numpy())
-            event = event_type.FromString(raw)
+            event = event_pb2.Event.FromString(raw)
             if event.HasField("summary") and event.step >= first_dropped:
                 gone += 1
             else:

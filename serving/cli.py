@@ -410,7 +410,7 @@ def _row(item: LoadedInput, signature: str, prediction: Prediction, i: int) -> d
         "input": item.source,
         "digit": c,
         "confidence": float(p[c]),
-        "top3": [  # this row's alone: Prediction.top sorts every row of the batch
+        "top3": [  # ranked from this row alone (not the whole batch again for every row)
             {"digit": int(d), "probability": round(float(p[d]), 6)}
             for d in np.argsort(-p, kind="stable")[:TOP_K]
         ],
