@@ -345,3 +345,21 @@ def test_a_default_run_whose_reader_left_goes_on_to_publish(tmp_path):
     assert (artifacts / "models" / "mnist" / "1" / "saved_model.pb").is_file()
     metrics = json.loads((artifacts / "runs" / "latest" / "metrics.json").read_text())
     assert metrics["published_version"] == 1 and len(metrics["history"]["loss"]) == 5
+
+
+@pytest.mark.slow
+def test_mixed_precision_on_a_cpu_trains_validates_and_publishes(tmp_path):
+    """`--mixed-precision on` on this CPU, at the other defaults: float16 arithmetic, whose
+    export and trained model round differently (up to ~7e-5 here), passes infra validation
+    within the README's float16 tolerance and publishes; no epoch shows more steps than a pass."""
+    artifacts = tmp_path / "artifacts"
+    r = _make_train(artifacts, "--mixed-precision on")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "--mixed-precision on, on the CPU: float16 is emulated" in r.stdout
+    steps = [int(n) for n in re.findall(r"^epoch \d/5 .*, (\d+) steps\)$", r.stdout, re.M)]
+    assert len(steps) == 5 and all(1770 <= n <= 1782 for n in steps), steps
+    config = json.loads((artifacts / "runs" / "latest" / "config.json").read_text())
+    assert config["effective"]["mixed_precision"] is True, config["effective"]
+    metrics = json.loads((artifacts / "runs" / "latest" / "metrics.json").read_text())
+    assert metrics["infra_validation"]["passed"] is True
+    assert metrics["published_version"] == 1 and metrics["test_accuracy"] >= 0.975
