@@ -97,25 +97,30 @@ def setup(verbose: bool = False) -> None:
 class _PipeSafe:
     """A console stream that outlives its reader: once the pipe it writes to is closed (`make
     train | head -3`), its file descriptor is pointed at /dev/null and the command goes on
-    (a run's results are its files, not its console) instead of failing on BrokenPipeError."""
+    (a run's results are its files, not its console) instead of failing on BrokenPipeError.
+    A stream that cannot be written for another reason (a file on a full disk, `> /dev/full`)
+    goes the same way, and the error is kept for `output_lost` to report at the end."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Any, name: str):
         self._stream = stream
+        self._name = name
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._to_devnull()
+        except OSError as e:
+            self._to_devnull(e)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._to_devnull()
+        except OSError as e:
+            self._to_devnull(e)
 
-    def _to_devnull(self) -> None:
+    def _to_devnull(self, error: OSError) -> None:
+        if not isinstance(error, BrokenPipeError):
+            _lost.setdefault(self._name, error)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._stream.fileno())
         os.close(devnull)
@@ -132,6 +137,23 @@ class _PipeSafe:
         return getattr(self._stream, name)
 
 
+# The first write error of each console stream other than a closed pipe ("stdout", "stderr").
+_lost: dict[str, OSError] = {}
+
+
+def output_lost() -> str | None:
+    """What a command says when its standard output could not be written (e.g. `> file` on a
+    full disk): one line for stderr, or None when all of it was written. Flushes first, so
+    that an error in what is still buffered is found."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    error = _lost.get("stdout")
+    if error is None:
+        return None
+    why = error.strerror or str(error)
+    return f"standard output could not be written ({why}): what the command printed was lost"
+
+
 def _outlive_the_reader() -> None:
     """The process's own stdout and stderr (not a test's or a notebook's capture) as
     `_PipeSafe`, once; logging's handlers on stderr follow."""
@@ -139,7 +161,7 @@ def _outlive_the_reader() -> None:
         stream = getattr(sys, name)
         if isinstance(stream, _PipeSafe) or not _is_fd(stream, fd):
             continue
-        safe = _PipeSafe(stream)
+        safe = _PipeSafe(stream, name)
         setattr(sys, name, safe)
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
@@ -215,7 +237,7 @@ for raw in sys.stdin.buffer:
     try:
         out.write(raw)
         out.flush()
-    except BrokenPipeError:  # the reader has gone (`2>&1 | head`): keep draining, quietly
+    except OSError:  # the reader has gone (`2>&1 | head`), or a full disk: keep draining, quietly
         out = open("/dev/null", "wb")
 """
 
@@ -248,7 +270,7 @@ def _filter_native_stderr() -> bool:
         errors="replace",
         line_buffering=True,
     )
-    sys.stderr = real_stream = _PipeSafe(real_stream)  # type: ignore[assignment]
+    sys.stderr = real_stream = _PipeSafe(real_stream, "stderr")  # type: ignore[assignment]
     faulthandler.enable(file=real_stream)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):

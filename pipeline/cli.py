@@ -411,10 +411,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     handle = not _cluster_worker() and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if handle else None
     try:
-        return _command(args)
+        return _output_written(args, _command(args))
     finally:
         if handle:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _output_written(args: argparse.Namespace, code: int) -> int:
+    """A console that could not be written (`> file` on a full disk) stops no command; at the
+    end, one line says so. `models`' output is its answer: then exit 6 (writing failed). A
+    run's results are its files, written or refused with their own code: that code stands."""
+    from components import console
+
+    lost = console.output_lost()
+    if lost is None:
+        return code
+    if args.command == "models":
+        return _fail(code or EXIT_PUBLISH, lost)
+    print(f"warning: {lost}; the command's files are as its exit code says", file=sys.stderr)
+    return code
 
 
 def _command(args: argparse.Namespace) -> int:

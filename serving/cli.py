@@ -175,6 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from components import console
 
     console.setup(args.verbose)
+    code = _command(args)
+    lost = console.output_lost()  # the answers are the output: not written, not answered
+    if lost is None:
+        return code
+    print(f"error: {lost}", file=sys.stderr)
+    return code or EXIT_FAILED
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "predict":
             return _predict(args)

@@ -459,3 +459,33 @@ def test_sigterm_is_one_line_except_in_a_cluster_worker(monkeypatch, tf_config, 
     assert cli.main(["train"]) == 0
     assert (seen[0] is cli._terminated) is handled
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "said"),
+    [("train", 0, "warning"), ("train", 3, "warning"), ("models", 0, "error")],
+)
+def test_a_run_whose_console_is_full_goes_on_and_says_so_once(
+    monkeypatch, capsys, command, code, said
+):
+    """stdout on a full disk (here /dev/full) during a run: its prints do not raise (they did,
+    and the run ended in exit 6 blaming the artifacts' disk); at the end one line says the
+    console was lost and a run's own exit code stands; `models`' output is its answer: 6."""
+    import argparse
+
+    from components import console
+    from pipeline import cli
+
+    full = open("/dev/full", "w")  # its descriptor is redirected to /dev/null, then closed
+    monkeypatch.setattr(sys, "stdout", console._PipeSafe(full, "stdout"))
+    monkeypatch.setattr(console, "_lost", {})
+    print("epoch 1/5 ..." * 1000)  # more than the buffer: the write itself fails
+    print("Published version 1")
+    assert console._lost["stdout"].errno == 28
+    answer = cli._output_written(argparse.Namespace(command=command), code)
+    full.close()
+    assert answer == (code if command == "train" else cli.EXIT_PUBLISH)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        f"{said}: standard output could not be written (No space left on device)"
+    )

@@ -638,3 +638,39 @@ def test_a_rollback_onto_the_canary_version_is_warned_about(three_versions, caps
     out = capsys.readouterr().out
     assert "stable: version 2 -> 1" in out
     assert "warning: canary and stable are both version 1" in out
+
+
+def test_a_console_that_cannot_be_written_is_one_line_not_a_traceback(three_versions):
+    """stdout on a full disk (`> /dev/full`, as `> answers.txt` on a full disk): the list and
+    the client's answers are the commands' output, so they end in one line and a failing code;
+    run as a user runs them, in their own processes."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    artifacts = str(three_versions.parents[1])
+    from components.photo import example_photos
+
+    photo = three_versions.parents[2] / "d.jpg"
+    photo.write_bytes(example_photos()[0])  # the warmup's example photo, as the README makes one
+    commands = {
+        6: ["pipeline", "models", "list", "--artifacts-dir", artifacts],
+        1: ["serving", "predict", str(photo), "--local", str(three_versions), "--json"],
+    }
+    for code, command in commands.items():
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(
+                [sys.executable, "-m", *command],
+                cwd=ROOT,
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        assert r.returncode == code, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == (
+            "error: standard output could not be written (No space left on device): "
+            "what the command printed was lost"
+        ), r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
