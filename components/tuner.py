@@ -149,6 +149,22 @@ class NoValidationSplit(ValueError):
     """The validation fraction leaves no example to select on (or none to train on)."""
 
 
+class DamagedStudy(ValueError):
+    """A study's state file parses but is not the state keras-tuner reads back (edited by hand,
+    written by another version): keras-tuner itself fails on it with a bare KeyError or
+    TypeError deep in its code. `path` is that file, or the study's keras-tuner folder when
+    which file is not known."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(reason)
+        self.path = path
+
+
+# What keras-tuner raises on state of the wrong shape while it reloads a study; its Oracle turns
+# a KeyError into a RuntimeError. Only caught around that reload (`_StudyMixin.reload`).
+_RELOAD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError)
+
+
 def _environment_errors() -> tuple[type[BaseException], ...]:
     """What the disk, not a trial's hyperparameters, causes: Python's OSError and TensorFlow's
     file errors (a full disk, a file that cannot be read). Retrying the next trial cannot help.
@@ -183,6 +199,22 @@ class _StudyMixin:
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
         return _fatal_on_environment(super().run_trial)(trial, *args, **kwargs)  # type: ignore[misc]
+
+    def reload(self) -> None:
+        """keras-tuner's reload of a study that goes on, with its state files checked first
+        (naming the file and the key), and anything else it raises on their content as a
+        DamagedStudy naming the folder. A truncated file stays a JSONDecodeError: the CLI finds
+        and names it (`unreadable_state_file`); a disk error stays what it is."""
+        project = Path(self.project_dir)  # type: ignore[attr-defined]
+        check_state_files(project, self.oracle)
+        try:
+            super().reload()  # type: ignore[misc]
+        except json.JSONDecodeError:
+            raise
+        except _RELOAD_ERRORS as e:
+            raise DamagedStudy(
+                project, f"keras-tuner cannot reload it: {type(e).__name__}: {e}"
+            ) from e
 
     def _setup_study(self, config: TuneConfig, out: Any) -> None:
         self.study_config = config
@@ -380,6 +412,84 @@ def unreadable_state_file(study_dir: Path) -> Path | None:
         except (OSError, ValueError):
             return path
     return None
+
+
+# What keras-tuner's Trial.set_state reads from a trial.json: key -> the JSON it must hold (a
+# dict: an object with those keys; a type or types: isinstance; object: anything).
+_NUMBER = (int, float)
+TRIAL_STATE: dict[str, Any] = {
+    "trial_id": str,
+    "hyperparameters": {"space": list, "values": dict},
+    "metrics": {"metrics": dict},
+    "score": (*_NUMBER, type(None)),  # compared and formatted as a number when not null
+    "best_step": _NUMBER,
+    "status": str,
+    "message": object,
+}
+
+
+def check_state_files(project: Path, oracle: Any) -> None:
+    """Raise DamagedStudy naming the first of a study's trial.json and oracle.json files that
+    parses but lacks a key keras-tuner reads back, or holds it with the wrong type, before
+    keras-tuner reads it: its own error names neither the file nor the key."""
+    trial_ids = {_checked_trial(path) for path in sorted(project.glob("trial_*/trial.json"))}
+    path = project / "oracle.json"
+    if not path.exists():
+        return  # keras-tuner's own error says so
+    # The keys this oracle's set_state reads are those its get_state writes (values: containers).
+    state = _checked(path, json.loads(path.read_text()), _containers(oracle.get_state()))
+    for trial_id in state["ongoing_trials"].values():
+        if not isinstance(trial_id, str) or trial_id not in trial_ids:
+            raise DamagedStudy(path, f"ongoing trial {trial_id!r} has no trial.json")
+
+
+def _checked_trial(path: Path) -> str:
+    """The id of the trial in `path`, once keras-tuner can read it back."""
+    state = _checked(path, json.loads(path.read_text()), TRIAL_STATE)
+    try:  # what the shape does not reach: each hyperparameter's and metric's own config
+        kt.engine.trial.Trial.from_state(state)
+    except _RELOAD_ERRORS as e:
+        raise DamagedStudy(path, f"not a keras-tuner trial: {type(e).__name__}: {e}") from e
+    return str(state["trial_id"])
+
+
+def _containers(value: Any) -> Any:
+    """A state's shape as `_checked` takes it: objects and lists, not their scalars (a fresh
+    oracle's None is a saved study's number)."""
+    if isinstance(value, dict):
+        return {key: _containers(inner) for key, inner in value.items()}
+    return list if isinstance(value, list) else object
+
+
+def _checked(path: Path, state: Any, shape: Any, where: str = "") -> Any:
+    """`state`, if it has `shape` (see TRIAL_STATE); DamagedStudy naming the key if not."""
+    expected = dict if isinstance(shape, dict) else shape
+    if not isinstance(state, expected):
+        held = f"{where!r} is {_kind(state)}" if where else f"holds {_kind(state)}"
+        wanted = _kind(shape) if isinstance(shape, dict) else " or ".join(_kinds(shape))
+        raise DamagedStudy(path, f"{held} where keras-tuner writes {wanted}")
+    for key, inner in shape.items() if isinstance(shape, dict) else ():
+        name = f"{where}.{key}" if where else key
+        if key not in state:
+            raise DamagedStudy(path, f"no key {name!r}, which keras-tuner reads back")
+        _checked(path, state[key], inner, name)
+    return state
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, as a person reads it."""
+    return _kinds(type(value))[0]
+
+
+def _kinds(types: type | tuple[type, ...]) -> list[str]:
+    """JSON kinds of Python types, as a person reads them, each once (int and float: a number)."""
+    names = {dict: "an object", list: "a list", str: "a string", int: "a number"}
+    names |= {float: "a number", bool: "a boolean", type(None): "null"}
+    out: list[str] = []
+    for t in types if isinstance(types, tuple) else (types,):
+        name = names.get(t, t.__name__)
+        out += [name] if name not in out else []
+    return out
 
 
 def best_epoch(trial: Any) -> int | None:

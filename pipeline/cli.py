@@ -774,11 +774,14 @@ def _search_failed(e: Exception, study: str, study_dir: Path) -> int:
     from components import tuner
 
     broken = tuner.unreadable_state_file(study_dir) if isinstance(e, ValueError) else None
+    if isinstance(e, tuner.DamagedStudy):  # parses, but not the state keras-tuner reads back
+        broken = e.path
     if broken is not None:  # json.JSONDecodeError included: keras-tuner's state files
+        that = "that file" if broken.suffix == ".json" else "its state files"
         return _fail(
             EXIT_USAGE,
             f"study {study}: {broken} is corrupt ({e}); run again with --overwrite to start "
-            f"the study over, or restore that file",
+            f"the study over, or restore {that}",
         )
     mapped = map_error(e, again=TUNE_AGAIN)
     if mapped is None:

@@ -319,6 +319,92 @@ def test_a_temporary_copy_left_by_a_kill_is_not_called_damaged_state(tmp_path):
     assert unreadable_state_file(study) == study / "trial_0000" / "trial.json"
 
 
+@pytest.fixture(scope="module")
+def a_study(tmp_path_factory):
+    """One completed trial, searched once: each damage test changes a copy of it."""
+    study = tmp_path_factory.mktemp("study") / "d"
+    split = data_lib.validate_split(make_digits(400, seed=3))
+    tuner.tune(_config(max_trials=1, max_epochs=1), split, study, out=lambda line: None)
+    return study
+
+
+def _drop(key):
+    return lambda state: {k: v for k, v in state.items() if k != key}
+
+
+# file -> what is written into it, from keras-tuner's own state -> what the line says
+DAMAGES = {
+    "ids only": ("trial", lambda s: {"trial_id": "0001", "status": 7}, "no key 'hyperparameters'"),
+    "empty object": ("trial", lambda s: {}, "no key 'trial_id'"),
+    "a list": ("trial", lambda s: [], "holds a list where keras-tuner writes an object"),
+    "null hyperparameters": (
+        "trial",
+        lambda s: {**s, "hyperparameters": None},
+        "'hyperparameters' is null where keras-tuner writes an object",
+    ),
+    "status a number": ("trial", lambda s: {**s, "status": 7}, "'status' is a number"),
+    "no metric history": (
+        "trial",
+        lambda s: {**s, "metrics": {"metrics": {"val_loss": {}}}},
+        "not a keras-tuner trial: KeyError: 'direction'",
+    ),
+    "oracle without a key": ("oracle", _drop("tried_so_far"), "no key 'tried_so_far'"),
+    "oracle's nested key": (
+        "oracle",
+        lambda s: {**s, "display": {}},
+        "no key 'display.search_start'",
+    ),
+    "oracle's unknown ongoing trial": (
+        "oracle",
+        lambda s: {**s, "ongoing_trials": {"tuner0": "7"}},
+        "ongoing trial '7' has no trial.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_state_file_of_the_wrong_shape_is_one_line_with_advice(
+    tmp_path, a_study, capsys, monkeypatch, damage
+):
+    """A trial.json or oracle.json that parses but lacks what keras-tuner reads back (a key, a
+    type) is reported as a truncated one is: the file, what is wrong, --overwrite, exit 2, no
+    traceback (keras-tuner's own KeyError names neither the file nor the key)."""
+    import shutil
+
+    which, change, says = DAMAGES[damage]
+    study = tmp_path / "artifacts" / "tuning" / "d"
+    shutil.copytree(a_study, study)
+    path = next(study.rglob("oracle.json" if which == "oracle" else "trial.json"))
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    monkeypatch.setattr("components.data.load_split", lambda *a, **k: make_digits(400, seed=3))
+    code = _tune_cli(tmp_path / "artifacts")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1, err
+    assert f"{path} is corrupt (" in err[0] and says in err[0], err[0]
+    assert "run again with --overwrite" in err[0] and "restore that file" in err[0]
+
+
+def test_what_keras_tuner_raises_past_the_checks_names_the_study(
+    tmp_path, a_study, capsys, monkeypatch
+):
+    """The safety net: state the checks let through that keras-tuner still fails to reload
+    (here a start time that is not one) is one line naming the study's folder, not a
+    traceback."""
+    import shutil
+
+    study = tmp_path / "artifacts" / "tuning" / "d"
+    shutil.copytree(a_study, study)
+    oracle = study / "keras_tuner" / "oracle.json"
+    state = json.loads(oracle.read_text())
+    oracle.write_text(json.dumps({**state, "display": {**state["display"], "search_start": 5}}))
+    monkeypatch.setattr("components.data.load_split", lambda *a, **k: make_digits(400, seed=3))
+    code = _tune_cli(tmp_path / "artifacts")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1, err
+    assert f"{study / 'keras_tuner'} is corrupt (keras-tuner cannot reload it: TypeError" in err[0]
+    assert "run again with --overwrite" in err[0]
+
+
 def test_a_trial_under_way_when_the_budget_ends_finishes_first(tmp_path, train_split, monkeypatch):
     """The budget runs out during trial 0: it completes and counts; no trial starts after."""
     real = tuner._StudyMixin.on_trial_begin
