@@ -205,6 +205,7 @@ def markdown(card: dict[str, Any]) -> str:
         f"{data['examples']['train']} train, {data['examples']['validation']} validation "
         f"(held out of train with seed {card['model_parameters']['config']['seed']}), "
         f"{data['examples']['test']} test. Data fingerprint `{data.get('fingerprint')}`.",
+        *_manual_files(data),
         "",
         "## Evaluation (test split, through the exported model)",
         f"Accuracy **{q['accuracy']:.4f}** (95% interval {lo:.4f}-{hi:.4f}) on "
@@ -222,7 +223,7 @@ def markdown(card: dict[str, Any]) -> str:
         *[f"- {x}" for x in card["considerations"]["limitations"]],
         "",
         "## Lineage",
-        f"- code: `{code.get('commit')}`" + (" (uncommitted changes)" if code.get("dirty") else ""),
+        f"- code: `{code.get('commit')}`{_tree_state(code.get('dirty'))}",
         f"- baseline compared with: version {lineage['baseline_version']}"
         if lineage["baseline_version"] is not None
         else "- baseline: none (first version)",
@@ -235,3 +236,18 @@ def markdown(card: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _manual_files(data: dict[str, Any]) -> list[str]:
+    """The SHA-256 of each file TFDS prepared the data from (its manual dir), as lines."""
+    files = data.get("manual_files_sha256") or {}
+    if not files:
+        return []
+    return ["", "Prepared from (SHA-256):", *[f"- `{n}`: `{h}`" for n, h in sorted(files.items())]]
+
+
+def _tree_state(dirty: bool | None) -> str:
+    """Whether the commit is the whole code: a dirty tree trained with changes not in it."""
+    if dirty is None:
+        return " (tree state unknown)"
+    return " (uncommitted changes in the tree)" if dirty else " (clean tree)"

@@ -550,8 +550,8 @@ def announce(run: Run, name: str) -> None:
             f"model on {m['test_examples']} test images ({infra.get('seconds', 0):.1f} s)"
         )
         print(
-            f"Test accuracy: {m['test_accuracy']:.4f}  (loss {m['test_loss']:.4f}, "
-            f"{m['test_examples']} test images, exported model)"
+            f"Test accuracy: {m['test_accuracy']:.4f}  (exported model, {m['test_examples']} "
+            f"test images; loss {m['test_loss']:.4f}, Keras's, as val_loss)"
         )
         u = m.get("uncertainty") or {}
         if u.get("flagged_fraction") and u.get("accuracy_flagged") is not None:

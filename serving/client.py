@@ -69,13 +69,25 @@ def latest_version(base: Path) -> Path:
 
 
 def damaged_message(path: Path, damaged: list[str]) -> str:
-    """One line for a published version whose files differ from their recorded SHA-256."""
-    shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-    verb = "no longer matches" if len(damaged) == 1 else "no longer match"
+    """One line for a published version whose files differ from their recorded SHA-256, or
+    whose record of them (the manifest) cannot be read."""
+    from components.files import VERSION_MANIFEST
+
+    invalid = f"{VERSION_MANIFEST} (invalid: "
+    if damaged and damaged[0].startswith(invalid):
+        what = f"{VERSION_MANIFEST}, the record of its files' SHA-256, is invalid ({damaged[0][len(invalid) :]}"
+        why = "so its files cannot be checked against the model that was validated"
+    else:
+        shown = ", ".join(damaged[:3]) + (
+            f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        )
+        verb = "no longer matches" if len(damaged) == 1 else "no longer match"
+        what = f"{shown} {verb} the SHA-256 recorded when it was published"
+        why = "so it is not the model that was validated"
     return (
-        f"{path} is damaged: {shown} {verb} the SHA-256 recorded when it was published, so it "
-        f"is not the model that was validated. Delete that folder (or `python -m pipeline "
-        f"models rollback` if it is labelled) and publish again"
+        f"{path} is damaged: {what}, {why}. Delete that folder and publish again (if a label "
+        f"points at it, first move the label to another version: `python -m pipeline models "
+        f"promote N`)"
     )
 
 

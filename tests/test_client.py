@@ -941,3 +941,28 @@ def test_ctrl_c_during_a_prediction_is_one_line(exported, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "error: interrupted", err[-2000:]
+
+
+def test_a_damaged_versions_message_says_which_damage_and_what_to_do():
+    """A manifest that cannot be read is not called a mismatch; the advice works whether or
+    not a label points at the version (a rollback needs an earlier stable: it may not exist)."""
+    from pathlib import Path
+
+    from serving.client import damaged_message
+
+    invalid = damaged_message(
+        Path("m/3"), ["assets.extra/files_sha256.json (invalid: not a JSON object)"]
+    )
+    assert invalid.startswith(
+        "m/3 is damaged: assets.extra/files_sha256.json, the record of its files' SHA-256, is "
+        "invalid (not a JSON object), so its files cannot be checked"
+    )
+    changed = damaged_message(Path("m/3"), ["saved_model.pb", "variables/v.index"])
+    assert "saved_model.pb, variables/v.index no longer match the SHA-256 recorded" in changed
+    for message in (invalid, changed):
+        assert "no longer match" not in message or message is changed
+        assert message.endswith(
+            "Delete that folder and publish again (if a label points at it, first move the "
+            "label to another version: `python -m pipeline models promote N`)"
+        )
+        assert "rollback" not in message

@@ -135,7 +135,8 @@ def _the_warm_run_says_what_the_readme_shows(lines, metrics):
         ],
         r"Infra validation: the exported model loads as TF Serving loads it, replays 8 warmup "
         r"records and matches the trained model on 10000 test images",
-        r"Test accuracy: 0\.9\d\d\d  \(loss [\d.]+, 10000 test images, exported model\)$",
+        r"Test accuracy: 0\.9\d\d\d  \(exported model, 10000 test images; "
+        r"loss [\d.]+, Keras's, as val_loss\)$",
         r"Unsure: [\d.]+% of test predictions flagged \(top probability < [\d.]+, calibrated on "
         r"the validation split\)",
         r"First test image: predicted \d, true \d$",
@@ -199,6 +200,11 @@ def _what_the_run_wrote(artifacts, run, metrics):
     low, high = card["quantitative_analysis"]["accuracy_95ci"]
     assert low < metrics["test_accuracy"] < high
     assert re.fullmatch(r"[0-9a-f]{40}", card["lineage"]["code"]["commit"])
+    # The Markdown a person reads says the same: the manual files' SHA-256, the tree's state.
+    md = (extra / "model_card.md").read_text()
+    assert all(f"`{n}`: `{h}`" in md for n, h in data["manual_files_sha256"].items())
+    dirty = card["lineage"]["code"]["dirty"]
+    assert ("(uncommitted changes in the tree)" if dirty else "(clean tree)") in md
     assert card["lineage"]["baseline_version"] == 1
     # TensorBoard, read by its own loader: one event file per run folder, step points every 100
     # steps of each 1,782-step epoch and at its end, images and epoch curves per epoch.
