@@ -77,8 +77,8 @@ def read_labels(base: Path) -> dict[str, Any]:
         labels = _valid_labels(json.loads(read_regular(path)))
     except (OSError, ValueError, RecursionError) as e:
         raise VersionError(
-            f"{path} cannot be used ({e}); fix it, or delete it to serve the latest version "
-            f"again (`models promote N` then writes it anew)"
+            f"{path} cannot be used ({e}); fix it, or delete it and {CONFIG_FILE} beside it "
+            f"to serve the latest version again (`models promote N` then writes both anew)"
         ) from None
     return labels
 
@@ -217,6 +217,7 @@ def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
         what = f"is {states[v]}" if v in states else "is not published"
         warnings.append(f"warning: label {key} -> {v}: that version {what}; {fixes[key]}")
     warnings += same_version_warning(labels)
+    warnings += config_warnings(base, labels)
     versions = {str(r["version"]) for r in rows}
     for p in sorted(Path(base).iterdir()) if Path(base).is_dir() else []:
         if p.is_dir() and p.name.isascii() and p.name.isdigit() and p.name not in versions:
@@ -225,6 +226,40 @@ def label_warnings(base: Path, rows: list[dict[str, Any]]) -> list[str]:
                 f"version {int(p.name)} (and may serve it): move it out of {base}"
             )
     return warnings
+
+
+def config_warnings(base: Path, labels: dict[str, Any]) -> list[str]:
+    """A line when the generated models.config, which TF Serving follows (`make serve`), does
+    not parse or does not serve what labels.json says (one of them deleted or edited by hand)."""
+    path = Path(base).parent / CONFIG_FILE
+    if not path.is_file():
+        return []
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    redo = f"`models promote N` writes it anew, or delete it and {LABELS_FILE} to serve the latest"
+    try:
+        config = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+        [model] = config.model_config_list.config
+    except (OSError, ValueError, text_format.ParseError) as e:
+        return [f"warning: {path} is not a config TF Serving can use ({e}); {redo}"]
+    policy = model.model_version_policy
+    says = (sorted(policy.specific.versions), dict(model.version_labels))
+    want = {k: labels[k] for k in LABELS if isinstance(labels[k], int)}
+    if says == (sorted(set(want.values())), want):
+        return []
+    shown = ", ".join(f"{k} -> {v}" for k, v in sorted(says[1].items(), key=_label_order))
+    shown = shown or "no labels"
+    serves = f"versions {says[0]}" if says[0] else "the latest version"
+    return [
+        f"warning: {path} has TF Serving serve {serves} ({shown}), not what {LABELS_FILE} "
+        f"says; {redo}"
+    ]
+
+
+def _label_order(item: tuple[str, int]) -> tuple[int, str]:
+    """stable, canary, then any other label a hand put there."""
+    return (LABELS.index(item[0]) if item[0] in LABELS else len(LABELS), item[0])
 
 
 def same_version_warning(labels: dict[str, Any]) -> list[str]:

@@ -674,3 +674,39 @@ def test_a_console_that_cannot_be_written_is_one_line_not_a_traceback(three_vers
             "what the command printed was lost"
         ), r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+def test_list_warns_when_models_config_does_not_serve_what_the_labels_say(three_versions, capsys):
+    """TF Serving follows models.config, the product labels.json: deleting one (as an error's
+    advice once said), or editing one, must not leave them disagreeing unnoticed."""
+    base = three_versions
+    artifacts = ["--artifacts-dir", str(base.parents[1])]
+    config, labels = base.parent / versions.CONFIG_FILE, base.parent / versions.LABELS_FILE
+    assert cli.main(["models", "promote", "2", *artifacts]) == 0
+    assert cli.main(["models", "canary", "3", *artifacts]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "list", *artifacts]) == 0
+    assert "warning" not in capsys.readouterr().out  # written together: they agree
+    labels.unlink()
+    assert cli.main(["models", "list", *artifacts]) == 0
+    [line] = _warnings(capsys.readouterr().out)
+    assert line == (
+        f"warning: {config} has TF Serving serve versions [2, 3] (stable -> 2, canary -> 3), not "
+        f"what labels.json says; `models promote N` writes it anew, or delete it and labels.json "
+        f"to serve the latest"
+    )
+    config.write_text("model_config_list { config { name: 'mnist' ")
+    assert cli.main(["models", "list", *artifacts]) == 0
+    [line] = _warnings(capsys.readouterr().out)
+    assert line.startswith(f"warning: {config} is not a config TF Serving can use (")
+    config.unlink()  # both gone: the latest version is served, nothing to say
+    assert cli.main(["models", "list", *artifacts]) == 0
+    assert _warnings(capsys.readouterr().out) == []
+    labels.write_text("{")
+    assert cli.main(["models", "list", *artifacts]) == 2
+    assert f"delete it and {versions.CONFIG_FILE} beside it" in capsys.readouterr().err
+
+
+def _warnings(out):
+    """The warning lines of `models list` (under its table, on stdout)."""
+    return [line for line in out.splitlines() if line.startswith("warning")]
