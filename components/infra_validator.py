@@ -24,6 +24,7 @@ was checked until then and how long it took.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import json
@@ -77,11 +78,11 @@ class _Served:
             meta = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], str(export_dir))
         # (TF2 SavedModels also carry "__saved_model_init_op", which is not a serving signature)
         self.signatures = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
-        try:  # the calibrated threshold the `uncertain` output must follow
+        # The calibrated threshold the `uncertain` output must follow (None: no readable record)
+        self.threshold: float | None = None
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             extra = Path(export_dir) / "assets.extra" / "uncertainty.json"
             self.threshold = float(json.loads(extra.read_text())["threshold"])
-        except (OSError, ValueError, KeyError, TypeError):
-            self.threshold = 0.0
 
     def run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sig = self.signatures[signature]
@@ -163,7 +164,10 @@ def _replay_warmup(
     return result
 
 
-def _probabilities(served: _Served, images: np.ndarray) -> np.ndarray:
+def _probabilities(served: _Served, images: np.ndarray, judge_flags: bool = True) -> np.ndarray:
+    """serving_default's probabilities of `images`, its other outputs checked against them.
+    `judge_flags` False: the baseline's, whose `uncertain` flags the gate does not use (a
+    version published by hand, without its assets.extra, is still compared with)."""
     out = []
     for i in range(0, len(images), BATCH):
         result = served.run("serving_default", {"images": images[i : i + BATCH]})
@@ -178,15 +182,23 @@ def _probabilities(served: _Served, images: np.ndarray) -> np.ndarray:
             raise InfraValidationError(
                 "serving_default's class_ids disagree with its probabilities"
             )
-        if "uncertain" in result and not np.array_equal(
-            np.asarray(result["uncertain"]), probs.max(1) < served.threshold
-        ):
-            raise InfraValidationError(
-                "serving_default's uncertain flags disagree with its probabilities and the "
-                "calibrated threshold"
-            )
+        if "uncertain" in result and judge_flags:
+            _check_flags(served, probs, np.asarray(result["uncertain"]))
         out.append(probs)
     return np.concatenate(out)
+
+
+def _check_flags(served: _Served, probs: np.ndarray, flags: np.ndarray) -> None:
+    if served.threshold is None:
+        raise InfraValidationError(
+            "assets.extra/uncertainty.json (the calibrated threshold) is missing or unreadable: "
+            "the `uncertain` output cannot be checked"
+        )
+    if not np.array_equal(flags, probs.max(1) < served.threshold):
+        raise InfraValidationError(
+            "serving_default's uncertain flags disagree with its probabilities and the "
+            "calibrated threshold"
+        )
 
 
 def _encode_pngs(images: np.ndarray) -> np.ndarray:
@@ -656,7 +668,7 @@ def _baseline_probabilities(baseline: str | None, images: np.ndarray) -> np.ndar
     try:
         served = _Served(Path(baseline))
         try:
-            return _probabilities(served, images)
+            return _probabilities(served, images, judge_flags=False)
         finally:
             served.close()
     except Exception as e:

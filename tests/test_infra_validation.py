@@ -4,6 +4,7 @@ model, a failing warmup record, a model server that does not start) publishes no
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -346,11 +347,12 @@ def test_a_later_run_has_its_baseline_scored_while_it_trains(tmp_path, tiny_data
     assert infra["baseline_scored_ahead"] is True
     assert second.metrics["baseline_version"] == 1
     served = np.load(second.run_dir / "evaluation" / "baseline_probabilities.npy")
-    np.testing.assert_array_equal(
+    np.testing.assert_allclose(
         served,
         _served_probabilities(
             Path(infra["baseline"]), second.run_dir / "evaluation" / "test_examples.npz"
         ),
+        **SAME_MODEL,
     )
 
 
@@ -448,6 +450,13 @@ def test_the_validating_process_runs_below_the_trainers_priority():
 # The baseline scored ahead (while the trainer trains), and the warmup replayed on a thread
 
 
+# The baseline's probabilities from the validating process against the same SavedModel run in
+# this one: the same model, but the two processes' TensorFlow thread pools differ (a run in this
+# process sets one thread), so sums may round differently (2.4e-7 seen); another model's
+# probabilities differ by far more.
+SAME_MODEL = {"rtol": 0, "atol": 1e-6}
+
+
 def _two_exports(model, tmp_path):
     """A candidate and a baseline (the same model with other weights), and test examples."""
     from tests.helpers import make_digits
@@ -526,9 +535,10 @@ def test_the_validating_process_scores_the_baseline_ahead_without_answering(mode
         validator.close()
     assert record["examples"] == 64 and record["baseline"] == str(baseline.resolve())
     assert record["baseline_scored_ahead"] is True
-    np.testing.assert_array_equal(
+    np.testing.assert_allclose(
         np.load(tmp_path / "out" / "baseline_probabilities.npy"),
         _served_probabilities(baseline, examples),
+        **SAME_MODEL,
     )
 
 
@@ -684,3 +694,27 @@ def test_the_validating_process_imports_nothing_of_the_trainer_and_no_keras(mode
         "components.infra_validator",
         "components.tf_import",
     }, ours
+
+
+def test_a_baseline_without_its_assets_extra_is_still_compared_with(model, tmp_path):
+    """A version whose assets.extra is gone (listed as unverified) is still the gate's baseline
+    (its probabilities are all the gate needs); it was refused after training, its missing
+    threshold read as 0 and its `uncertain` flags called wrong. A candidate without its
+    threshold is refused, naming the file."""
+    from components import infra_validator
+
+    candidate, baseline, examples = _two_exports(model, tmp_path)
+    calibration = {"threshold": 0.9, "calibrated": True}
+    baseline = exporter.export_saved_model(model, tmp_path / "b2", uncertainty=calibration)
+    shutil.rmtree(baseline / "assets.extra")
+    images = np.load(examples)["images"]
+    probs = infra_validator._baseline_probabilities(str(baseline), images)
+    assert probs.shape == (64, 10)
+    np.testing.assert_allclose(probs, _served_probabilities(candidate, examples), atol=1e-5)
+    served = infra_validator._Served(baseline)
+    try:
+        with pytest.raises(infra_validator.InfraValidationError) as raised:
+            infra_validator._probabilities(served, images)
+    finally:
+        served.close()
+    assert str(raised.value).startswith("assets.extra/uncertainty.json (the calibrated threshold)")
