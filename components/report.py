@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +398,7 @@ def _headline_html(metrics: dict[str, Any], per_class: list[tuple[str, Any]]) ->
     off = confusion - np.diag(np.diag(confusion))
     r, c = np.unravel_index(off.argmax(), off.shape)
     blessed = metrics.get("blessed")
-    gate = metrics.get("gate", {}).get("reason", "")
+    gate = (metrics.get("gate") or {}).get("reason", "")
     status = (
         "published as version " + str(metrics.get("published_version"))
         if blessed
@@ -516,3 +519,219 @@ def threshold_origin(uncertainty: dict[str, Any]) -> str:
     if uncertainty.get("calibrated", True):
         return "calibrated on the validation split"
     return "a fixed threshold: no validation split to calibrate on"
+
+
+class MetricsError(ValueError):
+    """A field of a run's metrics that the report reads is missing, of the wrong type or out
+    of range. Python's json reads any JSON (null, "0.9", true, NaN): unchecked, such a value is
+    a traceback deep in the drawing, or a figure drawn from it (a string as a tick label)."""
+
+
+CLASSES = [str(c) for c in range(10)]  # the keys of per_class, the rows of the confusion matrix
+_ABSENT = object()  # a field the metrics do not hold
+Check = Callable[[Any, str], object]
+
+
+def check_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Check every field of a run's metrics (read from `path`) that the report reads, before
+    anything is drawn: a MetricsError naming the file, the field and what was expected, so
+    `make report` says so in one line and leaves the previous report as it was."""
+    try:
+        _fields(metrics, "", _RESULTS, required=True)
+        _check_per_class(metrics.get("per_class", _ABSENT))
+        _check_confusion(metrics.get("confusion_matrix", _ABSENT), metrics["test_examples"])
+        _fields(metrics, "", _RUN, required=False)
+        gate = _section(metrics, "gate")
+        _fields(gate, "gate.", _GATE, required=False)
+        if gate.get("baseline_version") is not None:  # the comparison is shown, every figure
+            _fields(gate, "gate.", _VERSUS_BASELINE, required=True)
+        _fields(_section(metrics, "examples"), "examples.", _EXAMPLES, required=False)
+        _fields(_section(metrics, "infra_validation"), "infra_validation.", _INFRA, required=False)
+        uncertainty = _section(metrics, "uncertainty")
+        _fields(uncertainty, "uncertainty.", _UNCERTAINTY, required=False)
+        if uncertainty.get("accuracy_flagged") is not None:  # shown, with its threshold
+            _fields(uncertainty, "uncertainty.", _FLAGGED, required=True)
+        _check_history(_section(metrics, "history"))
+    except MetricsError as e:
+        raise MetricsError(f"{path}: {e}") from None
+
+
+def _bad(field: str, value: Any, expected: str) -> MetricsError:
+    """The error for one field, its value as JSON spells it (null, "x", true, NaN), cut short."""
+    if value is _ABSENT:
+        return MetricsError(f"{field} is missing, expected {expected}")
+    try:
+        shown = json.dumps(value, default=repr)
+    except RecursionError:
+        shown = f"a nested {type(value).__name__}"
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return MetricsError(f"{field} is {shown}, expected {expected}")
+
+
+def _fields(section: dict[str, Any], prefix: str, spec: dict[str, Check], required: bool) -> None:
+    """Check the fields of `spec` in `section`. Not `required`: one it lacks is fine (the
+    report shows a default), one it holds is drawn, so must be what it claims to be."""
+    for key, check in spec.items():
+        if required or key in section:
+            check(section.get(key, _ABSENT), prefix + key)
+
+
+def _section(metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    """An optional part of the metrics (the gate's decision, the history): absent or null is
+    none (the report leaves it out); anything else must be a JSON object."""
+    value = metrics.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(key, value, "an object or null")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number: not a bool (true is no accuracy), not NaN or Infinity (which
+    Python's json reads). A whole number too big for a float is finite all the same."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _number(value: Any, field: str, low: float = -math.inf, high: float = math.inf) -> object:
+    if not (_is_number(value) and low <= value <= high):
+        bounds = f" in [{low:g}, {high:g}]" if high < math.inf else f" >= {low:g}"
+        raise _bad(field, value, "a number" + (bounds if low > -math.inf else ""))
+    return value
+
+
+def _count(value: Any, field: str, low: int = 0) -> object:
+    """A whole number >= low (examples, a confusion cell): 2.0 and true are no counts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(field, value, f"a whole number >= {low}")
+    return value
+
+
+def _text(value: Any, field: str) -> object:
+    if not isinstance(value, str):
+        raise _bad(field, value, "a string")
+    return value
+
+
+def _flag(value: Any, field: str) -> object:
+    if not isinstance(value, bool):
+        raise _bad(field, value, "true or false")
+    return value
+
+
+def _texts(value: Any, field: str) -> object:
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise _bad(field, value, "a list of strings")
+    return value
+
+
+def _or_null(check: Check) -> Check:
+    """`check`, with null allowed: the report reads it as none (no baseline, not published)."""
+    return lambda value, field: None if value is None else check(value, field)
+
+
+def _check_per_class(per_class: Any) -> None:
+    """One row per class, "0" to "9": precision, recall and F1 in [0, 1], support a count."""
+    expected = 'an object with the classes "0" to "9"'
+    if not isinstance(per_class, dict):
+        raise _bad("per_class", per_class, expected)
+    if sorted(per_class) != CLASSES:
+        raise MetricsError(f"per_class holds the classes {sorted(per_class)}, expected {expected}")
+    for c in CLASSES:
+        row = per_class[c]
+        if not isinstance(row, dict):
+            raise _bad(f"per_class.{c}", row, "an object with precision, recall, f1, support")
+        _fields(row, f"per_class.{c}.", _CLASS_ROW, required=True)
+
+
+def _check_confusion(confusion: Any, examples: int) -> None:
+    """10 rows of 10 counts (true class by predicted class) that add up to test_examples: the
+    headline's errors and most common confusion are read from both."""
+    if not (isinstance(confusion, list) and len(confusion) == len(CLASSES)):
+        raise _bad("confusion_matrix", confusion, "10 rows of 10 counts")
+    for r, row in enumerate(confusion):
+        if not (isinstance(row, list) and len(row) == len(CLASSES)):
+            raise _bad(f"confusion_matrix[{r}]", row, "a row of 10 counts")
+        for c, value in enumerate(row):
+            _count(value, f"confusion_matrix[{r}][{c}]")
+    total = sum(map(sum, confusion))
+    if total != examples:
+        raise MetricsError(
+            f"confusion_matrix counts {total} examples, expected test_examples ({examples})"
+        )
+
+
+def _check_history(history: dict[str, Any]) -> None:
+    """Each log a list of per-epoch numbers (null: an epoch whose logs were lost with a damaged
+    backup), all of one length: they are drawn against the same epochs."""
+    lengths = {}
+    for key, values in history.items():
+        if not isinstance(values, list):
+            raise _bad(f"history.{key}", values, "a list of numbers, one per epoch")
+        for i, value in enumerate(values):
+            if value is not None and not _is_number(value):
+                raise _bad(f"history.{key}[{i}]", value, "a number, or null for a lost epoch")
+        lengths[key] = len(values)
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{k} {n}" for k, n in lengths.items())
+        raise MetricsError(
+            f"history holds logs of different lengths ({shown}), expected one "
+            f"value per epoch in each"
+        )
+
+
+_FRACTION = functools.partial(_number, low=0.0, high=1.0)
+_NON_NEGATIVE = functools.partial(_number, low=0.0)
+_VERSION = functools.partial(_count, low=1)
+_RESULTS: dict[str, Check] = {
+    "test_accuracy": _FRACTION,
+    "test_loss": _NON_NEGATIVE,
+    "test_examples": functools.partial(_count, low=1),
+}
+_CLASS_ROW: dict[str, Check] = {
+    "precision": _FRACTION,
+    "recall": _FRACTION,
+    "f1": _FRACTION,
+    "support": _count,
+}
+_RUN: dict[str, Check] = {
+    "macro_f1": _FRACTION,
+    "run_id": _text,
+    "device": _text,
+    "blessed": _or_null(_flag),
+    "published_version": _or_null(_VERSION),
+    "published_path": _or_null(_text),
+}
+_VERSUS_BASELINE: dict[str, Check] = {
+    "baseline_accuracy": _FRACTION,
+    "candidate_only_wrong": _count,
+    "baseline_only_wrong": _count,
+    "p_value": _FRACTION,
+}
+_GATE: dict[str, Check] = {
+    "reason": _text,
+    "baseline_version": _or_null(_VERSION),
+    "test_examples": _count,
+    "accuracy": _FRACTION,
+    "significance": _FRACTION,
+    **{k: _or_null(check) for k, check in _VERSUS_BASELINE.items()},
+}
+_EXAMPLES: dict[str, Check] = {"train": _count, "validation": _count, "test": _count}
+_INFRA: dict[str, Check] = {
+    "passed": _flag,
+    "reason": _text,
+    "warmup_records_replayed": _count,
+    "signatures": _texts,
+    "max_abs_difference_vs_trained_model": _NON_NEGATIVE,
+    "seconds": _NON_NEGATIVE,
+}
+_FLAGGED: dict[str, Check] = {"threshold": _FRACTION, "flagged_fraction": _FRACTION}
+_UNCERTAINTY: dict[str, Check] = {
+    **_FLAGGED,
+    "accuracy_flagged": _or_null(_FRACTION),
+    "accuracy_unflagged": _or_null(_FRACTION),
+    "mistakes_flagged": _or_null(_FRACTION),
+    "calibrated": _flag,
+}

@@ -323,6 +323,8 @@ def _read_json_object(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is damaged (not JSON: {e})") from None
+    except RecursionError:  # ([[[...]]] thousands deep: JSON, but not a run's)
+        raise ValueError(f"{path} is damaged (nested too deeply to be a run's)") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} is damaged (not a JSON object)")
     return value
@@ -333,7 +335,9 @@ class NoReport(ValueError):
 
 
 def rebuild_report(run_dir: Path) -> list[Path]:
-    """Redraw an earlier run's report from its saved evaluation outputs."""
+    """Redraw an earlier run's report from its saved evaluation outputs. Every input is
+    checked before anything is drawn (metrics.json field by field: it parses whatever a hand
+    or a tool wrote into it): a bad one is a ValueError naming it, the old report left as is."""
     from components import report
 
     run_dir = Path(run_dir)
@@ -345,6 +349,7 @@ def rebuild_report(run_dir: Path) -> list[Path]:
             f"nothing was served, so there is no report"
         )
     predictions = report.load_predictions(run_dir / report.PREDICTIONS_FILE)
+    report.check_metrics(run_dir / "metrics.json", metrics)
     config = _read_json_object(run_dir / "config.json")
     settings = config.get("requested", config)
     if not isinstance(settings, dict) or "epochs" not in settings:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -187,6 +188,110 @@ def test_a_damaged_report_input_is_one_line_and_exit_4(tmp_path, damage, capsys)
     err = capsys.readouterr().err
     assert "predictions.npz" in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "report").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One real run (every section of metrics.json a run writes: gate, uncertainty, infra
+    validation, history), copied by each test that damages it."""
+    from tests.helpers import make_digits
+
+    data = make_digits(512, seed=1), make_digits(128, seed=2, name="test")
+    artifacts = tmp_path_factory.mktemp("finished") / "artifacts"
+    return train_pipeline(small_config(device="cpu"), Paths(artifacts), data=data).run_dir
+
+
+def _edit_metrics(run, edit):
+    metrics = json.loads((run / "metrics.json").read_text())
+    edit(metrics)
+    (run / "metrics.json").write_text(json.dumps(metrics))  # (NaN and Infinity as Python writes)
+
+
+def _put(key, value):
+    def edit(metrics):
+        *parents, last = key.split(".")
+        section = metrics
+        for k in parents:
+            section = section[k]
+        section[last] = value
+
+    return edit
+
+
+BAD_METRICS = {
+    "test_accuracy null": (_put("test_accuracy", None), "test_accuracy is null"),
+    "test_accuracy a string": (_put("test_accuracy", "0.98"), 'test_accuracy is "0.98"'),
+    "test_accuracy a bool": (_put("test_accuracy", True), "test_accuracy is true"),
+    "test_accuracy NaN": (_put("test_accuracy", float("nan")), "test_accuracy is NaN"),
+    "test_accuracy above 1": (_put("test_accuracy", 1.5), "test_accuracy is 1.5"),
+    "test_loss Infinity": (_put("test_loss", float("inf")), "test_loss is Infinity"),
+    "test_examples 0": (_put("test_examples", 0), "test_examples is 0"),
+    "test_examples a bool": (_put("test_examples", True), "test_examples is true"),
+    "per_class null": (_put("per_class", None), "per_class is null"),
+    "f1 a string": (_put("per_class.3.f1", "x"), 'per_class.3.f1 is "x"'),
+    "negative support": (_put("per_class.3.support", -1), "per_class.3.support is -1"),
+    "negative count": (
+        lambda m: m["confusion_matrix"][2].__setitem__(5, -1),
+        "confusion_matrix[2][5] is -1",
+    ),
+    "history a string": (_put("history", {"loss": "x"}), 'history.loss is "x"'),
+    "history with a string": (
+        lambda m: m["history"]["loss"].__setitem__(0, "x"),
+        'history.loss[0] is "x"',
+    ),
+    "history ragged": (lambda m: m["history"]["loss"].append(0.1), "history holds logs"),
+    "gate a string": (_put("gate", "x"), 'gate is "x"'),
+    "gate reason null": (_put("gate.reason", None), "gate.reason is null"),
+    "threshold a string": (_put("uncertainty.threshold", "0.9"), 'uncertainty.threshold is "0.9"'),
+    "signatures a string": (
+        _put("infra_validation.signatures", "x"),
+        "infra_validation.signatures",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_METRICS)
+def test_a_wrong_field_in_metrics_is_one_line_and_exit_4(
+    finished_run, tmp_path, name, capsys, recwarn
+):
+    """`make report` on a metrics.json that parses but holds a field of the wrong type or out of
+    range: one line naming the file and the field, exit 4 as for a damaged file, no traceback,
+    no warning, and the previous report as it was (nothing drawn from the bad value)."""
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    before = {p.name: p.read_bytes() for p in (run / "report").iterdir()}
+    edit, said = BAD_METRICS[name]
+    _edit_metrics(run, edit)
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 4
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{run / 'metrics.json'}: {said}" in err and ", expected " in err, err
+    assert {p.name: p.read_bytes() for p in (run / "report").iterdir()} == before
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+GOOD_METRICS = {
+    "as written": lambda m: None,
+    "a lost epoch": lambda m: m["history"]["loss"].__setitem__(0, None),
+    "optional parts null": lambda m: m.update(gate=None, uncertainty=None, history=None),
+    "optional parts absent": lambda m: [m.pop(k) for k in ("gate", "examples", "macro_f1")],
+}
+
+
+@pytest.mark.parametrize("name", GOOD_METRICS)
+def test_a_correct_metrics_json_still_rebuilds(finished_run, tmp_path, name, capsys):
+    """What the report can do without (null: no baseline, a lost epoch; absent sections) is
+    no error: the checks refuse only what would be drawn wrong."""
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    _edit_metrics(run, GOOD_METRICS[name])
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    assert (run / "report" / "index.html").is_file()
 
 
 def test_a_file_where_the_report_goes_is_one_line_and_exit_6(tmp_path, capsys):
