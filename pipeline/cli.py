@@ -473,7 +473,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to go on, if the run began
         if paths.run_dir(run_id).is_dir():
-            again = "" if args.run_name else f" with --run-name {run_id}"
+            again = "" if args.run_name else f" with {run_name_flag(run_id)}"
             e.add_note(f"the same command{again} resumes the run where it stopped")
         raise
     except Exception as e:
@@ -513,13 +513,13 @@ def map_error(
     if _raised(e, "components.trainer.TrainingDiverged"):
         return EXIT_DIVERGED, f"training: {e}; nothing was published"
     if _raised(e, "components.infra_validator.BaselineDamaged"):
-        again = f" --run-name {run_id}" if run_id else " the same --run-name"
+        again = f" {run_name_flag(run_id)}" if run_id else " the same --run-name"
         return EXIT_INFRA, (
             f"infra validation: {e}; nothing was published (once that folder is dealt with, "
             f"the same command with{again} goes on from where this run stopped)"
         )
     if _raised(e, "components.infra_validator.InfraValidationError"):
-        again = f" --run-name {run_id}" if run_id else ""
+        again = f" {run_name_flag(run_id)}" if run_id else ""
         return EXIT_INFRA, (
             f"infra validation: {e}; nothing was published (recorded in the run's "
             f"metrics.json; the same command with{again or ' the same --run-name'} validates "
@@ -592,9 +592,16 @@ def _memory_error(e: BaseException) -> tuple[int, str]:
     )
 
 
+def run_name_flag(run_id: str) -> str:
+    """The flag that goes on with a run, as the user gives it: under make (which sets MAKELEVEL
+    for its commands) flags go in ARGS."""
+    flag = f"--run-name {run_id}"
+    return f'ARGS="{flag}"' if os.environ.get("MAKELEVEL") else flag
+
+
 def _disk_full_hint(run_id: str | None, again: str | None = None) -> str:
     if again is None:
-        name = f"--run-name {run_id}" if run_id else "the same --run-name"
+        name = run_name_flag(run_id) if run_id else "the same --run-name"
         again = f"run the same command again with {name}: it goes on"
     return f" (disk full? free space and {again})"
 
