@@ -239,13 +239,29 @@ def _predict(args: argparse.Namespace) -> int:
         if result and not isinstance(result, Refused)
     ]
     rows = [_row(inputs[k], *result) for k, result in answered]
+    show_failed = None
     if args.show and seen is not None and rows:
-        _write_sheet(args.show, [_shown(seen[k]) for k, _ in answered], rows)
-        for r in rows:
-            r["seen"] = str(args.show)
+        try:
+            _write_sheet(args.show, [_shown(seen[k]) for k, _ in answered], rows)
+        except ServerError as e:  # the answers are given all the same, then this error
+            show_failed = e
+        else:
+            for r in rows:
+                r["seen"] = str(args.show)
+    _print_answers(args, where, rows, refused)
+    code = _report_refused(refused)
+    if show_failed is None:
+        return code
+    print(f"error: {show_failed}", file=sys.stderr)
+    return code or EXIT_FAILED
+
+
+def _print_answers(
+    args: argparse.Namespace, where: str, rows: list[dict[str, Any]], refused: list[str]
+) -> None:
     if args.json:
         print(json.dumps({"model": where, "predictions": rows, "refused": refused}, indent=2))
-        return _report_refused(refused)
+        return
     print(f"model: {where}")
     for r in rows:
         flag = "  UNCERTAIN" if r.get("uncertain") else ""
@@ -258,9 +274,8 @@ def _predict(args: argparse.Namespace) -> int:
         )
         probs = " ".join(f"{d}:{p:.3f}" for d, p in enumerate(r["probabilities"]))
         print(f"  probabilities: {probs}")
-    if args.show and rows:
+    if rows and "seen" in rows[0]:
         print(f"what the model saw: {args.show}")
-    return _report_refused(refused)
 
 
 def _report_refused(refused: list[str]) -> int:
@@ -461,10 +476,9 @@ def _write_sheet(path: Path, seen: list[np.ndarray], rows: list[dict[str, Any]])
             draw.text((pad * 2 + cell, top + 4 + 18 * j), line, fill=(255, 255, 255))
     tmp = path.with_name(f".tmp-{path.name}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         sheet.save(tmp, format="PNG")
         os.replace(tmp, path)
-    except OSError as e:  # a full disk: the predictions were printed; the picture is not
+    except OSError as e:  # a full disk: the predictions are printed; the picture is not
         tmp.unlink(missing_ok=True)
         raise ServerError(f"could not write --show {path}: {e.strerror or e}") from None
 
@@ -485,7 +499,7 @@ def _check_writable(path: Path, inputs: list[str]) -> None:
     if path.suffix.lower() != ".png":
         raise FlagError(f"--show {path}: the picture is a PNG, name it *.png")
     folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    if not folder.exists():  # (a typo would otherwise leave folders behind it)
+        raise FlagError(f"--show {path}: there is no folder {folder}; create it first")
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise FlagError(f"--show {path}: {folder} is not a writable folder")

@@ -542,7 +542,7 @@ def test_cli_can_normalise_here_for_an_older_model(exported, tmp_path, capsys, s
 def test_cli_show_writes_what_the_model_saw(exported, tmp_path, capsys):
     _photo(tmp_path / "a.jpg")
     np.save(tmp_path / "b.npy", _digit_image())
-    sheet = tmp_path / "out" / "seen.png"
+    sheet = tmp_path / "seen.png"
     assert (
         client_main(
             [
@@ -575,9 +575,17 @@ def test_cli_show_to_a_place_that_cannot_be_written_is_one_line(exported, tmp_pa
     blocked.write_text("")
     assert client_main([*common, str(blocked / "seen.png")]) == 2
     assert "not a writable folder" in capsys.readouterr().err
+    missing = tmp_path / "no" / "such" / "seen.png"  # a typo: no folders made behind it
+    assert client_main([*common, str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --show {missing}: there is no folder {missing.parent}; create it first\n"
+    )
+    assert not (tmp_path / "no").exists()
     assert client_main([*common, "/proc/seen.png"]) == 1  # the write itself fails
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.startswith("error: could not write --show") and len(err.splitlines()) == 1, err
+    # The answer is given all the same (the picture is extra), without claiming the picture.
+    assert "b.npy: digit " in out and "what the model saw" not in out
 
 
 def test_cli_show_never_overwrites_an_input(exported, tmp_path, capsys):
