@@ -142,7 +142,7 @@ class TrainConfig:
     profile_executions: int = setting(
         0,
         "write a TensorBoard profile (Profile tab; `pip install -e '.[profile]'`) of N host "
-        "round-trips early in epoch 2 (0: none)",
+        "round-trips early in epoch 2 (in epoch 1 for a one-epoch run; 0: none)",
         minimum=0,
         maximum=10_000,
         group="monitoring",

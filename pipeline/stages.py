@@ -715,11 +715,14 @@ def _calibrate(run: Run) -> dict[str, Any]:
 
 def _profile_window(run: Run, fit_split: Any) -> tuple[int, int]:
     """Keras's profile_batch counts batches as `on_train_batch_begin` sees them (one per host
-    round-trip) from the start of training: a few round-trips into epoch 2."""
+    round-trip) from the start of training: a few round-trips into epoch 2, past the first
+    epoch's tracing and compiling (a one-epoch run: into epoch 1), to the end of training at
+    most."""
     steps = -(-len(fit_split) // run.config.batch_size)
     per_epoch = -(-steps // run.effective.steps_per_execution)
-    start = per_epoch + min(2, per_epoch - 1) + 1
-    return start, start + run.config.profile_executions - 1
+    first = per_epoch if run.config.epochs > 1 else 0
+    start = first + min(2, per_epoch - 1) + 1
+    return start, min(start + run.config.profile_executions - 1, per_epoch * run.config.epochs)
 
 
 def export(run: Run) -> dict[str, Any]:

@@ -589,12 +589,16 @@ def test_a_version_published_meanwhile_is_the_new_baseline(tmp_path, tiny_data, 
 
 
 @pytest.mark.slow
-def test_profile_executions_writes_a_profile_early_in_epoch_2(tmp_path):
+@pytest.mark.parametrize(("epochs", "executions"), [(2, 2), (1, 50)])
+def test_profile_executions_writes_a_profile_early_in_epoch_2(tmp_path, epochs, executions):
     """`--profile-executions 2` at the default 100 steps per execution: a TensorBoard profile
-    (the Profile tab's files) under the run's train/plugins/profile/."""
+    (the Profile tab's files) under the run's train/plugins/profile/; a one-epoch run is
+    profiled in its epoch, up to its end (a window past it wrote nothing)."""
     from tests.helpers import make_digits
 
-    config = TrainConfig(device="cpu", epochs=2, profile_executions=2, min_accuracy=0.0)
+    config = TrainConfig(
+        device="cpu", epochs=epochs, profile_executions=executions, min_accuracy=0.0
+    )
     data = (make_digits(8000, seed=1), make_digits(256, seed=2, name="test"))
     artifacts = tmp_path / "artifacts"
     result = train_pipeline(config, Paths(artifacts), data=data)
