@@ -126,7 +126,7 @@ def figure_grid(
         ax.text(
             left + pad + cell / 2,
             top + 1,
-            f"pred {pred} ({probabilities[i, pred]:.0%})  true {true}",
+            f"pred {pred} ({percent(float(probabilities[i, pred]))})  true {true}",
             ha="center",
             va="bottom",
             fontsize=8,
@@ -735,3 +735,11 @@ _UNCERTAINTY: dict[str, Check] = {
     "mistakes_flagged": _or_null(_FRACTION),
     "calibrated": _flag,
 }
+
+
+def percent(p: float) -> str:
+    """A probability as a whole percentage that never rounds up to a certainty it is not:
+    0.99996 is ">99%", not "100%" (a confident mistake must not read as certain)."""
+    if 0.995 <= p < 1.0:
+        return ">99%"
+    return f"{p:.0%}"

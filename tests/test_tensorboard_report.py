@@ -343,3 +343,16 @@ def test_pruning_drops_a_record_cut_short_and_never_fails_the_run(tmp_path, capl
     assert monitoring.drop_points_from([odd], 0) == 0
     assert "left as it was" in caplog.text
     assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == sorted([path.name, odd.name])
+
+
+def test_a_probability_short_of_one_is_never_shown_as_100_percent():
+    from components.report import percent
+
+    assert [percent(p) for p in (1.0, 0.99996, 0.995, 0.994, 0.5, 0.0)] == [
+        "100%",
+        ">99%",
+        ">99%",
+        "99%",
+        "50%",
+        "0%",
+    ]
