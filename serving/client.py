@@ -75,7 +75,8 @@ def damaged_message(path: Path, damaged: list[str]) -> str:
 
     invalid = f"{VERSION_MANIFEST} (invalid: "
     if damaged and damaged[0].startswith(invalid):
-        what = f"{VERSION_MANIFEST}, the record of its files' SHA-256, is invalid ({damaged[0][len(invalid) :]}"
+        reason = damaged[0][len(invalid) :]  # (its closing parenthesis included)
+        what = f"{VERSION_MANIFEST}, the record of its files' SHA-256, is invalid ({reason}"
         why = "so its files cannot be checked against the model that was validated"
     else:
         shown = ", ".join(damaged[:3]) + (
