@@ -389,7 +389,7 @@ def train(
     update_freq: int = 100,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | None = None,
-    profile: tuple[int, int] | None = None,
+    profile: Callable[[int], tuple[int, int]] | None = None,
     compile_cache: Path | None = None,
 ) -> TrainResult:
     """Fit a model built by `build_model` inside `strategy`'s scope.
@@ -414,8 +414,10 @@ def train(
         build_model, make_train_ds, strategy, batch_size, start_epoch
     )
     build_seconds = time.perf_counter() - building
+    # Keras counts the profile's round-trips from this fit's start: a resumed run's, not epoch 0
+    window = profile(start_epoch) if profile is not None else None
     timer, callbacks = _callbacks(
-        model, pass_number, backup_dir, tensorboard_dir, update_freq, profile, extra_callbacks
+        model, pass_number, backup_dir, tensorboard_dir, update_freq, window, extra_callbacks
     )
 
     def epoch_steps() -> int:  # for a progress bar: the one-batch dataset's (never iterated)

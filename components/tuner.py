@@ -422,7 +422,7 @@ TRIAL_STATE: dict[str, Any] = {
     "hyperparameters": {"space": list, "values": dict},
     "metrics": {"metrics": dict},
     "score": (*_NUMBER, type(None)),  # compared and formatted as a number when not null
-    "best_step": _NUMBER,
+    "best_step": (*_NUMBER, type(None)),  # null for a trial whose every val_loss was NaN
     "status": str,
     "message": object,
 }
@@ -496,7 +496,7 @@ def best_epoch(trial: Any) -> int | None:
     """Epochs a trial's model had trained when it reached its best score. keras-tuner counts
     `best_step` from the start of the trial's own `fit`, and a Hyperband trial that continues an
     earlier one starts at `tuner/initial_epoch`: both are added."""
-    if trial.score is None:
+    if trial.score is None or trial.best_step is None:  # (None: every val_loss was NaN)
         return None
     return int(trial.hyperparameters.values.get("tuner/initial_epoch", 0)) + trial.best_step + 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import shutil
@@ -689,7 +690,9 @@ def _fit(run: Run) -> Any:
         update_freq=config.tensorboard_update_freq,
         verbose=None if run.is_chief else 0,
         # Keras counts host round-trips here; start a few into epoch 2 (past tracing).
-        profile=_profile_window(run, fit_split) if config.profile_executions else None,
+        profile=functools.partial(_profile_window, run, fit_split)
+        if config.profile_executions
+        else None,
         extra_callbacks=[
             monitoring.EpochImages(run.tensorboard, val_split.images, val_split.labels)
         ]
@@ -713,16 +716,17 @@ def _calibrate(run: Run) -> dict[str, Any]:
     return calibration
 
 
-def _profile_window(run: Run, fit_split: Any) -> tuple[int, int]:
+def _profile_window(run: Run, fit_split: Any, start_epoch: int) -> tuple[int, int]:
     """Keras's profile_batch counts batches as `on_train_batch_begin` sees them (one per host
-    round-trip) from the start of training: a few round-trips into epoch 2, past the first
-    epoch's tracing and compiling (a one-epoch run: into epoch 1), to the end of training at
-    most."""
+    round-trip) from the start of this `fit` (a resumed run's at `start_epoch`): a few
+    round-trips into its second epoch, past the first one's tracing and compiling (with one
+    epoch left: into that one), to the end of training at most."""
     steps = -(-len(fit_split) // run.config.batch_size)
     per_epoch = -(-steps // run.effective.steps_per_execution)
-    first = per_epoch if run.config.epochs > 1 else 0
+    epochs = max(run.config.epochs - start_epoch, 1)
+    first = per_epoch if epochs > 1 else 0
     start = first + min(2, per_epoch - 1) + 1
-    return start, min(start + run.config.profile_executions - 1, per_epoch * run.config.epochs)
+    return start, min(start + run.config.profile_executions - 1, per_epoch * epochs)
 
 
 def export(run: Run) -> dict[str, Any]:

@@ -588,6 +588,27 @@ def test_a_version_published_meanwhile_is_the_new_baseline(tmp_path, tiny_data, 
     assert card["lineage"]["baseline_version"] == 2
 
 
+def test_the_profile_window_counts_from_the_fits_start_resumed_or_not():
+    """Keras counts round-trips from each `fit`'s start: a run resumed for its last epoch is
+    profiled in that epoch (its window in the second epoch was never reached); the window ends
+    with training. 57,000 examples at batch 32 and 100 steps per execution: 18 round-trips."""
+    from types import SimpleNamespace
+
+    from pipeline import stages
+
+    def window(epochs, executions, start_epoch):
+        run = SimpleNamespace(
+            config=SimpleNamespace(batch_size=32, epochs=epochs, profile_executions=executions),
+            effective=SimpleNamespace(steps_per_execution=100),
+        )
+        return stages._profile_window(run, range(57_000), start_epoch)
+
+    assert window(5, 2, 0) == (21, 22)  # 3 round-trips into epoch 2
+    assert window(5, 2, 3) == (21, 22)  # resumed at 3: into the fit's second epoch, the 5th
+    assert window(2, 5, 1) == (3, 7)  # resumed for the last epoch: in it
+    assert window(1, 50, 0) == (3, 18)  # to the end of training at most
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("epochs", "executions"), [(2, 2), (1, 50)])
 def test_profile_executions_writes_a_profile_early_in_epoch_2(tmp_path, epochs, executions):

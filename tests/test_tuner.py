@@ -384,6 +384,29 @@ def test_a_state_file_of_the_wrong_shape_is_one_line_with_advice(
     assert "run again with --overwrite" in err[0] and "restore that file" in err[0]
 
 
+@pytest.mark.parametrize("score", [None, float("nan")])
+def test_a_trial_whose_every_val_loss_was_nan_is_valid_state(
+    tmp_path, a_study, capsys, monkeypatch, score
+):
+    """keras-tuner saves such a trial as INVALID with best_step null (its best of NaNs is
+    none) and a null or NaN score: the study goes on; it is not called corrupt."""
+    import shutil
+
+    study = tmp_path / "artifacts" / "tuning" / "d"
+    shutil.copytree(a_study, study)
+    path = next(study.rglob("trial.json"))
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "best_step": None, "score": score, "status": "INVALID"}))
+    tuner._checked_trial(path)  # (raises DamagedStudy if not)
+    monkeypatch.setattr("components.data.load_split", lambda *a, **k: make_digits(400, seed=3))
+    code = _tune_cli(tmp_path / "artifacts")
+    err = capsys.readouterr().err
+    assert code == 0 and "corrupt" not in err, err
+    best = json.loads((study / "best_hparams.json").read_text())
+    [nan_trial] = [t for t in best["trials"] if t["trial_id"] == state["trial_id"]]
+    assert nan_trial["best_epoch"] is None  # (it was a TypeError while writing the table)
+
+
 def test_what_keras_tuner_raises_past_the_checks_names_the_study(
     tmp_path, a_study, capsys, monkeypatch
 ):
