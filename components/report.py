@@ -462,7 +462,7 @@ def _provenance_html(metrics: dict[str, Any]) -> str:
             f"{u['threshold']:.3f}, {how}, stored in the exported model): "
             f"{u['flagged_fraction']:.1%} of test predictions are flagged; "
             f"accuracy {u['accuracy_flagged']:.3f} on the flagged, {others}; "
-            f"{(u.get('mistakes_flagged') or 0):.0%} of the mistakes are flagged.</li>"
+            f"{percent(u.get('mistakes_flagged') or 0)} of the mistakes are flagged.</li>"
         )
     if gate.get("baseline_version") is not None:
         parts.append(

@@ -419,14 +419,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _output_written(args: argparse.Namespace, code: int) -> int:
     """A console that could not be written (`> file` on a full disk) stops no command; at the
-    end, one line says so. `models`' output is its answer: then exit 6 (writing failed). A
-    run's results are its files, written or refused with their own code: that code stands."""
+    end, one line says so. `models list`'s output is its answer: then exit 6 (writing failed).
+    A run's results are its files, and a label's change its two files, written or refused with
+    their own code: that code stands."""
     from components import console
 
     lost = console.output_lost()
     if lost is None:
         return code
-    if args.command == "models":
+    if args.command == "models" and args.action == "list":
         return _fail(code or EXIT_PUBLISH, lost)
     print(f"warning: {lost}; the command's files are as its exit code says", file=sys.stderr)
     return code

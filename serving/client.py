@@ -87,8 +87,8 @@ def damaged_message(path: Path, damaged: list[str]) -> str:
         why = "so it is not the model that was validated"
     return (
         f"{path} is damaged: {what}, {why}. Delete that folder and publish again (if a label "
-        f"points at it, first move the label to another version: `python -m pipeline models "
-        f"promote N`)"
+        f"points at it, first move it: `python -m pipeline models promote N` for stable, "
+        f"`models canary N` or `models canary none` for canary)"
     )
 
 

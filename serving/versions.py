@@ -232,8 +232,14 @@ def config_warnings(base: Path, labels: dict[str, Any]) -> list[str]:
     """A line when the generated models.config, which TF Serving follows (`make serve`), does
     not parse or does not serve what labels.json says (one of them deleted or edited by hand)."""
     path = Path(base).parent / CONFIG_FILE
+    want = {k: labels[k] for k in LABELS if isinstance(labels[k], int)}
     if not path.is_file():
-        return []
+        if not want or path.exists():  # (a folder there: `make models` refuses it itself)
+            return []
+        return [
+            f"warning: there is no {path}: `make serve` serves the latest version, not the "
+            f"labels; `models promote N` writes it anew"
+        ]
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -245,7 +251,6 @@ def config_warnings(base: Path, labels: dict[str, Any]) -> list[str]:
         return [f"warning: {path} is not a config TF Serving can use ({e}); {redo}"]
     policy = model.model_version_policy
     says = (sorted(policy.specific.versions), dict(model.version_labels))
-    want = {k: labels[k] for k in LABELS if isinstance(labels[k], int)}
     if says == (sorted(set(want.values())), want):
         return []
     shown = ", ".join(f"{k} -> {v}" for k, v in sorted(says[1].items(), key=_label_order))

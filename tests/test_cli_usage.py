@@ -463,14 +463,19 @@ def test_sigterm_is_one_line_except_in_a_cluster_worker(monkeypatch, tf_config, 
 
 @pytest.mark.parametrize(
     ("command", "code", "said"),
-    [("train", 0, "warning"), ("train", 3, "warning"), ("models", 0, "error")],
+    [
+        ("train", 0, "warning"),
+        ("train", 3, "warning"),
+        ("models list", 0, "error"),
+        ("models promote", 0, "warning"),  # the labels changed: its code says so
+    ],
 )
 def test_a_run_whose_console_is_full_goes_on_and_says_so_once(
     monkeypatch, capsys, command, code, said
 ):
     """stdout on a full disk (here /dev/full) during a run: its prints do not raise (they did,
     and the run ended in exit 6 blaming the artifacts' disk); at the end one line says the
-    console was lost and a run's own exit code stands; `models`' output is its answer: 6."""
+    console was lost and a run's own exit code stands; `models list`'s output is its answer: 6."""
     import argparse
 
     from components import console
@@ -482,9 +487,10 @@ def test_a_run_whose_console_is_full_goes_on_and_says_so_once(
     print("epoch 1/5 ..." * 1000)  # more than the buffer: the write itself fails
     print("Published version 1")
     assert console._lost["stdout"].errno == 28
-    answer = cli._output_written(argparse.Namespace(command=command), code)
+    name, action = (command.split() + [None])[:2]
+    answer = cli._output_written(argparse.Namespace(command=name, action=action), code)
     full.close()
-    assert answer == (code if command == "train" else cli.EXIT_PUBLISH)
+    assert answer == (cli.EXIT_PUBLISH if command == "models list" else code)
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(
         f"{said}: standard output could not be written (No space left on device)"

@@ -970,7 +970,8 @@ def test_a_damaged_versions_message_says_which_damage_and_what_to_do():
     for message in (invalid, changed):
         assert "no longer match" not in message or message is changed
         assert message.endswith(
-            "Delete that folder and publish again (if a label points at it, first move the "
-            "label to another version: `python -m pipeline models promote N`)"
+            "Delete that folder and publish again (if a label points at it, first move it: "
+            "`python -m pipeline models promote N` for stable, `models canary N` or `models "
+            "canary none` for canary)"
         )
         assert "rollback" not in message

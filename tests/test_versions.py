@@ -687,6 +687,15 @@ def test_list_warns_when_models_config_does_not_serve_what_the_labels_say(three_
     capsys.readouterr()
     assert cli.main(["models", "list", *artifacts]) == 0
     assert "warning" not in capsys.readouterr().out  # written together: they agree
+    written = config.read_text()
+    config.unlink()  # labels set, TF Serving would serve the latest version
+    assert cli.main(["models", "list", *artifacts]) == 0
+    [line] = _warnings(capsys.readouterr().out)
+    assert line == (
+        f"warning: there is no {config}: `make serve` serves the latest version, not the "
+        f"labels; `models promote N` writes it anew"
+    )
+    config.write_text(written)
     labels.unlink()
     assert cli.main(["models", "list", *artifacts]) == 0
     [line] = _warnings(capsys.readouterr().out)
