@@ -89,6 +89,8 @@ lock: ## regenerate requirements.lock and requirements-gpu.lock (all packages, h
 	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --extra dev --extra gpu $(LOCK_FLAGS) \
 	  -c $(LOCK_cpu) -o $(LOCK_gpu)
 
+# The CLI's hints then say that a flag such as --run-name goes in ARGS.
+train train-cluster: export MNIST_FLAGS_IN_ARGS = 1
 train: $(STAMP) ## train, evaluate, gate, publish and report the documented model (ARGS=... for flags)
 	$(PY) -m pipeline train $(ARGS)
 

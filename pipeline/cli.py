@@ -594,10 +594,10 @@ def _memory_error(e: BaseException) -> tuple[int, str]:
 
 
 def run_name_flag(run_id: str) -> str:
-    """The flag that goes on with a run, as the user gives it: under make (which sets MAKELEVEL
-    for its commands) flags go in ARGS."""
+    """The flag that goes on with a run, as the user gives it: under `make train` (which sets
+    MNIST_FLAGS_IN_ARGS) flags go in ARGS, beside the ones given there."""
     flag = f"--run-name {run_id}"
-    return f'ARGS="{flag}"' if os.environ.get("MAKELEVEL") else flag
+    return f"{flag} added to ARGS" if os.environ.get("MNIST_FLAGS_IN_ARGS") else flag
 
 
 def _disk_full_hint(run_id: str | None, again: str | None = None) -> str:

@@ -9,10 +9,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# `make test` runs pytest under make, which sets MAKELEVEL; the CLI reads it to phrase a flag
-# for make (`ARGS="--run-name X"`). The tests call the CLI as a user does, not under make
-# (those that run make get it from make again).
-os.environ.pop("MAKELEVEL", None)
 
 from tests.helpers import make_digits
 

@@ -635,7 +635,8 @@ def test_disk_full_while_writing_the_run_is_a_clear_error(tmp_path, tiny_data, m
 def test_ctrl_c_says_how_to_resume_the_run(tmp_path, tiny_data, monkeypatch, capsys, named, make):
     """An interrupt after the run began names what resumes it: the generated run id for an
     unnamed run (the user never saw a --run-name), the same command for a named one; the rerun
-    with it then goes on without retraining. Under make, the flag goes in ARGS."""
+    with it then goes on without retraining. Under `make train`, the flag goes in ARGS, beside
+    the flags given there."""
     from components import report
     from pipeline import cli
     from pipeline import run as pipeline_run
@@ -652,13 +653,13 @@ def test_ctrl_c_says_how_to_resume_the_run(tmp_path, tiny_data, monkeypatch, cap
     with monkeypatch.context() as m:
         m.setattr(report, "write_report", ctrl_c)  # the last stage: training is done
         if make:
-            m.setenv("MAKELEVEL", "1")  # as make sets it for `make train`
+            m.setenv("MNIST_FLAGS_IN_ARGS", "1")  # as `make train` sets it
         name = ["--run-name", "mine"] if named else []
         code = cli.main(["train", "--artifacts-dir", str(paths.artifacts), *name])
     assert code == cli.EXIT_INTERRUPTED == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     run_id = "mine" if named else ids[0]
-    flag = f'ARGS="--run-name {run_id}"' if make else f"--run-name {run_id}"
+    flag = f"--run-name {run_id}" + (" added to ARGS" if make else "")
     again = "" if named else f" with {flag}"
     assert last == f"error: interrupted; the same command{again} resumes the run where it stopped"
     trained = (paths.runs / run_id / "train" / "model.keras").read_bytes()
